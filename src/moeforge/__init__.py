@@ -1,0 +1,18 @@
+"""moeforge: train and serve dropless Mixture-of-Experts transformers with PyTorch."""
+
+from moeforge.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "MoE",
+    "MoEConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "Transformer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""`moeforge` command line: parse, call into the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moeforge.config import ConfigError, available_presets, iter_options, load_config
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args.handler(args, rest)
+    except USER_ERRORS as err:
+        print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except _runtime_errors() as err:
+        print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _runtime_errors() -> tuple[type[Exception], ...]:
+    from moeforge.train.checkpoint import CheckpointError
+    from moeforge.train.trainer import TrainingDiverged
+
+    return (CheckpointError, TrainingDiverged)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeforge", description="Train and serve dropless Mixture-of-Experts models.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (no arguments: the tiny default on the embedded corpus)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_options_help(),
+    )
+    train.add_argument("--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel] tables")
+    train.add_argument("--preset", help=f"start from a preset: {', '.join(available_presets())} (default: tiny)")
+    train.add_argument("--out", default="runs/tiny", help="run directory; rerunning with it resumes (default: runs/tiny)")
+    train.set_defaults(handler=run_train)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained model")
+    gen.add_argument("--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint")
+    gen.add_argument("--prompt", default="The ", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(handler=run_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks; each prints ratios against a baseline timed in the same run")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    moe = benches.add_parser("moe", help="one MoE layer forward+backward per expert backend vs a dense matmul")
+    moe.add_argument("--dim", type=int, default=512)
+    moe.add_argument("--ffn-dim", type=int, default=256)
+    moe.add_argument("--experts", type=int, default=32)
+    moe.add_argument("--top-k", type=int, default=4)
+    moe.add_argument("--tokens", type=int, default=4096)
+    moe.add_argument("--backends", default="grouped,loop", help="comma-separated: grouped, loop")
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--device", default="cpu")
+    moe.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    moe.add_argument("--json", action="store_true")
+    moe.set_defaults(handler=run_bench_moe)
+    return parser
+
+
+def _options_help() -> str:
+    lines = ["configuration options (--section.field-name VALUE; default shown is before any preset):"]
+    for dotted, default, doc in iter_options():
+        lines.append(f"  --{dotted} {default!r}\n      {doc}")
+    return "\n".join(lines)
+
+
+def parse_overrides(rest: list[str]) -> dict[str, str]:
+    """['--train.steps', '200', '--model.moe.top-k=4'] -> {'train.steps': '200', 'model.moe.top-k': '4'}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
+            raise ConfigError(f"{token}: unrecognised argument; options look like --section.field-name VALUE")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{token}: missing a value")
+            key, value = token[2:], rest[i + 1]
+            i += 2
+        overrides[key] = value
+    return overrides
+
+
+def run_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from moeforge.train.trainer import Trainer
+
+    cfg = load_config(args.preset, args.config, parse_overrides(rest))
+    result = Trainer(cfg, Path(args.out)).fit()
+    state = "interrupted" if result.interrupted else "done"
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.infer import SamplingConfig, generate, load_model
+
+    loaded = load_model(args.checkpoint, args.device)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    prompt = loaded.tokenizer.encode(args.prompt)
+    result = generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id)
+    text = loaded.tokenizer.decode(result.new_tokens)
+    report = {
+        "text": text,
+        "prompt": args.prompt,
+        "new_tokens": len(result.new_tokens),
+        "tokens_per_s": result.tokens_per_s,
+        "prefill_s": result.prefill_s,
+        "bytes_per_token": result.bytes_per_token,
+        "bandwidth_gb_s": result.bandwidth_gb_s,
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(args.prompt + text)
+        print(
+            f"\n[{report['new_tokens']} tokens, {result.tokens_per_s:.1f} tokens/s, "
+            f"{result.bytes_per_token / 1e6:.2f} MB read/token -> {result.bandwidth_gb_s:.3f} GB/s; "
+            f"checkpoint step {loaded.step}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.bench.moe import format_table, run_moe_bench
+
+    result = run_moe_bench(
+        dim=args.dim,
+        ffn_dim=args.ffn_dim,
+        n_experts=args.experts,
+        top_k=args.top_k,
+        tokens=args.tokens,
+        backends=tuple(b for b in args.backends.split(",") if b),
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _reject_extra(rest: list[str]) -> None:
+    if rest:
+        raise ConfigError(f"{rest[0]}: unrecognised argument")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

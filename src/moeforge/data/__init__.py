@@ -1,0 +1,52 @@
+"""Data: the embedded corpus or user files -> tokens -> packed, sharded, resumable batches."""
+
+from __future__ import annotations
+
+import torch
+
+from moeforge.config import ConfigError, DataConfig
+from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
+from moeforge.data.loader import PackedLoader, count_windows, split_train_val, validation_batches
+from moeforge.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    document_separator,
+    encode_documents,
+)
+
+__all__ = [
+    "ByteTokenizer",
+    "HFTokenizer",
+    "PackedLoader",
+    "Tokenizer",
+    "build_datasets",
+    "build_tokenizer",
+    "count_windows",
+    "document_separator",
+    "embedded_corpus",
+    "encode_documents",
+    "load_documents",
+    "read_documents",
+    "split_train_val",
+    "validation_batches",
+]
+
+
+def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """(tokenizer, train tokens, val tokens) for a run, checked to hold at least one window each."""
+    tokenizer = build_tokenizer(data_cfg)
+    tokens = encode_documents(tokenizer, load_documents(data_cfg))
+    train, val = split_train_val(tokens, data_cfg.val_fraction)
+    if count_windows(len(train), seq_len) == 0:
+        raise ConfigError(
+            f"train.seq-len: got {seq_len}; allowed: at most {len(train) - 1} "
+            f"(the training split of the corpus has {len(train)} tokens)"
+        )
+    if count_windows(len(val), seq_len) == 0:
+        raise ConfigError(
+            f"data.val-fraction: got {data_cfg.val_fraction}; allowed: a fraction leaving at least "
+            f"train.seq-len+1={seq_len + 1} of the corpus's {len(tokens)} tokens for validation"
+        )
+    return tokenizer, train, val

@@ -1,0 +1,162 @@
+"""Packed, shuffled, sharded and resumable batches from a 1-D token stream.
+
+The stream is cut into non-overlapping windows of seq_len+1 tokens; a window gives one training
+sequence (inputs = window[:-1], targets = window[1:]). Sequences cross document boundaries, with
+the separator token in between, so no token is spent on padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from moeforge.config import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_train_val(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val): the last `val_fraction` of the stream is held out.
+
+    A contiguous tail rather than random windows: no validation window shares a document, or a
+    neighbouring window's context, with training data, and the split does not depend on seq_len or
+    the seed. The stream's document order is fixed (sorted topics or files) rather than by time, so
+    the tail is the same kind of text as the rest.
+    """
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"data.val-fraction: got {val_fraction!r}; allowed: a number in (0, 1)")
+    n_val = int(len(tokens) * val_fraction)
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+
+
+def count_windows(n_tokens: int, seq_len: int) -> int:
+    """Training sequences of `seq_len` tokens (windows of seq_len+1) that `n_tokens` make."""
+    return n_tokens // (seq_len + 1)
+
+
+def _windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[n_windows, seq_len+1] view of the stream; the tail shorter than a window is left out."""
+    n = count_windows(len(tokens), seq_len)
+    return tokens[: n * (seq_len + 1)].long().view(n, seq_len + 1)
+
+
+def _as_batch(windows: torch.Tensor) -> Batch:
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit generator seed for (seed, epoch), stable across processes and Python versions."""
+    digest = hashlib.sha256(f"moeforge-data/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class PackedLoader:
+    """Global batches of `global_batch_size` sequences, each rank getting its contiguous slice.
+
+    Epoch e visits every window once, in the order `randperm` gives with a generator seeded by
+    (seed, e). Batches are consecutive runs of `global_batch_size` entries of the concatenated
+    epoch orders, so a batch may span two epochs. The only state is how many sequences the whole
+    world has consumed, so a run resumes on any world size that divides the global batch, with
+    exactly the global batches it would have seen.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if global_batch_size % world_size:
+            raise ConfigError(
+                f"train.global-batch-size: got {global_batch_size}; allowed: a multiple of the "
+                f"data-parallel world size {world_size}"
+            )
+        if count_windows(len(tokens), seq_len) == 0:
+            raise ConfigError(
+                f"train.seq-len: got {seq_len}; allowed: at most {len(tokens) - 1} "
+                f"(the training split has {len(tokens)} tokens)"
+            )
+        assert 0 <= rank < world_size, f"rank {rank} outside world size {world_size}"
+        self.seq_len = seq_len
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.local_batch_size = global_batch_size // world_size
+        self.windows = _windows(tokens, seq_len)
+        self.n_windows = len(self.windows)
+        self.sequences_consumed = 0
+        self._order_epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+
+    @property
+    def epoch(self) -> float:
+        """Fractional passes over the training windows so far."""
+        return self.sequences_consumed / self.n_windows
+
+    def next_batch(self) -> Batch:
+        """This rank's (inputs, targets) of the next global batch, each [local_batch_size, seq_len]."""
+        start = self.sequences_consumed + self.rank * self.local_batch_size
+        ids = self._window_ids(start, self.local_batch_size)
+        self.sequences_consumed += self.global_batch_size
+        return _as_batch(self.windows[ids])
+
+    def _window_ids(self, position: int, count: int) -> torch.Tensor:
+        """Window indices at global positions [position, position+count) of the epoch orders."""
+        parts = []
+        while count:
+            epoch, offset = divmod(position, self.n_windows)
+            take = min(count, self.n_windows - offset)
+            parts.append(self._epoch_order(epoch)[offset : offset + take])
+            position += take
+            count -= take
+        return torch.cat(parts)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._order = torch.randperm(self.n_windows, generator=generator)
+            self._order_epoch = epoch
+        return self._order
+
+    def state_dict(self) -> dict[str, Any]:
+        """World-size-free state; seed, seq_len and n_windows are kept to catch a changed setup."""
+        return {
+            "sequences_consumed": self.sequences_consumed,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "n_windows": self.n_windows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, where in (("seed", "train.seed"), ("seq_len", "train.seq-len"), ("n_windows", "data.path")):
+            if state[key] != getattr(self, key):
+                raise ConfigError(
+                    f"{where}: the checkpoint's data order was built with {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}; resuming needs the same data, tokenizer, val-fraction, seq-len and seed"
+                )
+        self.sequences_consumed = int(state["sequences_consumed"])
+
+
+def validation_batches(
+    val_tokens: torch.Tensor, batch_size: int, seq_len: int, n_batches: int
+) -> Iterator[Batch]:
+    """Up to `n_batches` batches of consecutive windows from the start of the validation split.
+
+    Always the same batches, in the same order, on every rank. With fewer windows than
+    batch_size*n_batches there are fewer batches and the last may be smaller than `batch_size`.
+    """
+    windows = _windows(val_tokens, seq_len)
+    if len(windows) == 0:
+        raise ConfigError(
+            f"data.val-fraction: leaves {len(val_tokens)} validation tokens; allowed: a fraction leaving "
+            f"at least train.seq-len+1={seq_len + 1}"
+        )
+    stop = min(len(windows), batch_size * n_batches)
+    return (_as_batch(windows[i : i + batch_size]) for i in range(0, stop, batch_size))

@@ -1,0 +1,35 @@
+"""Rebuild a trained model, its config and its tokenizer from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeforge.config import Config, config_from_dict
+from moeforge.data.tokenizer import Tokenizer
+from moeforge.model.transformer import Transformer
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.trainer import tokenizer_for_run
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: Config
+    tokenizer: Tokenizer
+    checkpoint: Path
+    step: int
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
+    """`path` is a run directory (its newest checkpoint is used) or one checkpoint directory."""
+    checkpoint = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(checkpoint)
+    cfg = config_from_dict(meta.config)
+    model = Transformer(cfg.model).to(device)
+    ckpt.load_checkpoint(checkpoint, model)
+    run_dir = checkpoint.parent.parent
+    return LoadedModel(model.eval(), cfg, tokenizer_for_run(run_dir, cfg), checkpoint, meta.step)
+

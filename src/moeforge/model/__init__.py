@@ -1,0 +1,1 @@
+"""Model code: plain single-device modules; parallelism is applied from outside."""

@@ -1,0 +1,166 @@
+"""Routed SwiGLU experts computed as one grouped GEMM over variable-sized token groups (dropless).
+
+Weights are 3-D, one slice per expert, laid out [in, out] so a group computes `x @ w[e]`:
+`w13` [E, dim, 2*hidden] fuses the gate (columns [:hidden]) and up (columns [hidden:]) projections,
+`w2` [E, hidden, dim] is the down projection. Measured on a 2-core CPU (dim 512, hidden 256,
+32 experts, 16k rows, fwd+bwd): [in, out] with fused gate/up runs ~10 % faster than separate
+[out, in] weights used transposed, whose weight gradients come out transposed and must be copied.
+
+Backends:
+- 'grouped': `torch._grouped_mm`, one call per projection with `offs` = int32 cumulative counts.
+- 'loop': a plain matmul per expert; the reference, and the fallback when grouped is unavailable.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from moeforge.model.mlp import swiglu
+
+BACKENDS = ("grouped", "loop")
+
+# CUDA grouped GEMM kernels want every group to start on a multiple of 16 rows.
+CUDA_ROW_ALIGN = 16
+
+
+class RoutedExperts(nn.Module):
+    """`RoutedExperts(E, dim, hidden)(x_sorted [N, dim], tokens_per_expert [E]) -> [N, dim]`.
+
+    Rows of `x_sorted` are grouped by expert in expert order: the first `tokens_per_expert[0]` rows
+    go to expert 0, and so on. Any count may be zero.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, backend: str = "grouped"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: got {backend!r}; allowed: {' | '.join(map(repr, BACKENDS))}")
+        self.backend = backend
+        self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def init_weights(self, std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if self.backend == "grouped":
+            reason = grouped_mm_unsupported_reason(x_sorted, self.w13, self.w2)
+            if reason is None:
+                row_align = CUDA_ROW_ALIGN if x_sorted.is_cuda else 1
+                return grouped_swiglu(x_sorted, self.w13, self.w2, tokens_per_expert, row_align)
+            warnings.warn(f"grouped experts fall back to the loop backend: {reason}", stacklevel=2)
+        return looped_swiglu(x_sorted, self.w13, self.w2, tokens_per_expert)
+
+
+def grouped_mm_unsupported_reason(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    """Why `torch._grouped_mm` cannot run these operands here, or None when it can.
+
+    Its kernels need every stride to be a multiple of 16 bytes (so dim and hidden must be multiples
+    of 16 / element size), and on CUDA they take bf16 only (plain or autocast).
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    dtype = compute_dtype(x)
+    per_16_bytes = 16 // dtype.itemsize
+    dim, hidden = w2.shape[2], w2.shape[1]
+    if dim % per_16_bytes or hidden % per_16_bytes:
+        return f"dim={dim} and hidden={hidden} must be multiples of {per_16_bytes} for {dtype}"
+    if x.is_cuda and dtype != torch.bfloat16:
+        return f"on CUDA it needs bf16 (run under bf16 autocast), got {dtype}"
+    return None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's own dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouped_swiglu(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    row_align: int = 1,
+) -> torch.Tensor:
+    """SwiGLU of each group of rows with its expert's weights, as two grouped GEMMs, [N, dim].
+
+    With `row_align` > 1 (CUDA) each group is first copied into a zero-padded buffer in which it
+    starts on a multiple of `row_align` rows; the buffer size is a static upper bound so that no
+    device-to-host sync is needed, and the last group absorbs the slack rows (zeros).
+    """
+    dtype = compute_dtype(x)
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    if row_align > 1:
+        padded_rows, ends = aligned_group_layout(tokens_per_expert, x.shape[0], row_align)
+        x_padded = x.new_zeros(padded_capacity(x.shape[0], ends.shape[0], row_align), x.shape[1])
+        x_padded = x_padded.index_copy(0, padded_rows, x)
+        return _grouped_swiglu(x_padded, w13, w2, ends.to(torch.int32)).index_select(0, padded_rows)
+    offs = tokens_per_expert.cumsum(0).to(torch.int32)
+    return _grouped_swiglu(x, w13, w2, offs)
+
+
+def _grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    hidden = torch._grouped_mm(x, w13, offs=offs)
+    out = torch._grouped_mm(swiglu(hidden), w2, offs=offs)
+    return contiguous_grad(out)
+
+
+def aligned_group_layout(
+    tokens_per_expert: torch.Tensor, n_rows: int, row_align: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each input row in the padded buffer [N], group ends in that buffer [E]).
+
+    Group e starts at the sum of the earlier counts each rounded up to `row_align`; the last group
+    ends at `padded_capacity`, the same for every routing.
+    """
+    counts = tokens_per_expert.long()
+    n_experts = counts.shape[0]
+    padded_counts = (counts + row_align - 1) // row_align * row_align
+    padded_starts = padded_counts.cumsum(0) - padded_counts
+    starts = counts.cumsum(0) - counts
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(n_experts, device=counts.device), counts, output_size=n_rows
+    )
+    rank_in_group = torch.arange(n_rows, device=counts.device) - starts[expert_of_row]
+    padded_rows = padded_starts[expert_of_row] + rank_in_group
+    ends = padded_starts + padded_counts
+    ends[-1] = padded_capacity(n_rows, n_experts, row_align)
+    return padded_rows, ends
+
+
+def padded_capacity(n_rows: int, n_experts: int, row_align: int) -> int:
+    """round_up(N + E*(row_align-1), row_align): the most rows any routing of N rows pads to."""
+    return -(-(n_rows + n_experts * (row_align - 1)) // row_align) * row_align
+
+
+def looped_swiglu(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """The reference: one plain SwiGLU per expert on its slice of rows, [N, dim]."""
+    groups = x.split(tokens_per_expert.tolist())
+    outs = [swiglu(group @ w13_e) @ w2_e for group, w13_e, w2_e in zip(groups, w13.unbind(0), w2.unbind(0))]
+    return torch.cat(outs)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    `torch._grouped_mm`'s backward rejects stride-0 (expanded) gradients such as the one
+    `out.sum().backward()` sends.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(x)

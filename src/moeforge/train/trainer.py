@@ -1,0 +1,321 @@
+"""The training loop: batches in, optimizer steps out, with everything a long run needs around it
+(resume, periodic checkpoints, SIGTERM/SIGINT, validation, metrics, load balancing)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moeforge.config import Config, ConfigError
+from moeforge.data import PackedLoader, build_datasets, validation_batches
+from moeforge.data.tokenizer import Tokenizer
+from moeforge.model.flops import peak_flops, training_flops_per_token
+from moeforge.model.moe.balance import update_biases_and_collect_load
+from moeforge.model.transformer import Transformer
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.metrics import MetricsLogger, ProgressBar, truncate_metrics
+from moeforge.train.optim import build_optimizer, build_scheduler
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_loss: float
+    val_loss: float | None
+    checkpoint: Path | None
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: got 'cuda' but no CUDA device is available; allowed: 'cpu' | 'auto'")
+    return torch.device(name)
+
+
+def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; fp32 on CPU, where bf16 backward is many times slower."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
+    """A run may change its training knobs on resume, never its model."""
+    now = _dotted(dataclasses.asdict(current.model), "model.")
+    was = _dotted(saved["model"], "model.")
+    differing = sorted(k for k in now if now[k] != was.get(k))
+    if differing:
+        key = differing[0]
+        raise ckpt.CheckpointError(
+            f"checkpoint {str(path)!r} is from another model: {key} was {was.get(key)!r}, now {now[key]!r} "
+            "(use a new --out)"
+        )
+
+
+def _dotted(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """{'moe': {'n_experts': 8}} -> {'model.moe.n-experts': 8}"""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = prefix + key.replace("_", "-")
+        if isinstance(value, dict):
+            flat.update(_dotted(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path | str):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.train.device)
+        tcfg = cfg.train
+
+        self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
+        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        torch.manual_seed(tcfg.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg)
+        self.loader = PackedLoader(
+            train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, self.rank, self.world_size
+        )
+        self.local_batch = tcfg.global_batch_size // self.world_size
+        self.micro_batch = tcfg.micro_batch_size or self.local_batch
+        if self.local_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.micro-batch-size: got {self.micro_batch}; allowed: a divisor of the per-rank batch "
+                f"{self.local_batch}"
+            )
+        self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
+        self.peak_flops = peak_flops(self.device)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Resume and checkpoints
+
+    def resume_if_possible(self) -> bool:
+        path = ckpt.latest_checkpoint(self.out_dir)
+        if path is None:
+            return False
+        check_resume_compatible(ckpt.read_meta(path).config, self.cfg, path)
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = meta.step
+        self.loader.load_state_dict(meta.extra["data"])
+        self.scheduler.load_state_dict(meta.extra["scheduler"])
+        self.last_checkpoint = path
+        if self.is_main:
+            truncate_metrics(self.out_dir, self.step)
+        return True
+
+    def save(self) -> Path:
+        extra = {"data": self.loader.state_dict(), "scheduler": self.scheduler.state_dict()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.cfg.to_dict(),
+            extra,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        return self.last_checkpoint
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        if self.cfg.data.tokenizer != "byte":
+            shutil.copyfile(self.cfg.data.tokenizer, self.out_dir / TOKENIZER_FILE)
+
+    # ------------------------------------------------------------------------------------------
+    # One optimizer step
+
+    def train_step(self) -> dict[str, Any]:
+        """Forward/backward over the micro-batches of one global batch, then clip, step, rebalance."""
+        self.model.train()
+        inputs, targets = self.loader.next_batch()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        n_micro = self.local_batch // self.micro_batch
+        lm_total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device)
+        aux_parts: dict[str, float] = {}
+        for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
+            with autocast_context(self.cfg.train.dtype, self.device):
+                logits = self.model(inp)
+            lm = lm_loss(logits, tgt)
+            aux = self.model.aux_loss().to(lm.device)
+            ((lm + aux) / n_micro).backward()
+            lm_total += lm.detach() / n_micro
+            aux_total += aux.detach() / n_micro
+            for layer in self.model.moe_layers():
+                for name, value in layer.aux_losses.items():
+                    aux_parts[name] = aux_parts.get(name, 0.0) + float(value) / n_micro
+        lm_value = float(lm_total)
+        if not math.isfinite(lm_value):
+            raise TrainingDiverged(
+                f"loss is {lm_value} at step {self.step + 1}; the last good checkpoint "
+                f"{self.last_checkpoint or '(none yet)'} is intact — lower train.lr or raise train.warmup-steps"
+            )
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        load = update_biases_and_collect_load(self.model, self._bias_rate())
+        return {
+            "loss": lm_value + float(aux_total),
+            "lm_loss": lm_value,
+            "aux_loss": float(aux_total),
+            "aux": aux_parts,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "load": load,
+        }
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _bias_rate(self) -> float:
+        until = self.cfg.train.bias_update_until * self.cfg.train.steps
+        return self.cfg.model.moe.bias_update_rate if self.step <= until else 0.0
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        batches = validation_batches(
+            self.val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
+        )
+        total, count = 0.0, 0
+        for inputs, targets in batches:
+            with autocast_context(self.cfg.train.dtype, self.device):
+                logits = self.model(inputs.to(self.device))
+            total += float(lm_loss(logits, targets.to(self.device))) * targets.numel()
+            count += targets.numel()
+        self.model.train()
+        return total / count
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self, until_step: int | None = None) -> TrainResult:
+        """Train to train.steps (or stop early at `until_step`, with a checkpoint), resuming if possible."""
+        tcfg = self.cfg.train
+        stop_at = tcfg.steps if until_step is None else min(until_step, tcfg.steps)
+        if self.step == 0:
+            self.resume_if_possible()
+        self._write_run_files()
+        logger = MetricsLogger(self.out_dir, enabled=self.is_main)
+        bar = ProgressBar(tcfg.steps, self.step, enabled=self.is_main and tcfg.progress)
+        tokens_per_step = tcfg.global_batch_size * tcfg.seq_len
+        previous_handlers = self._install_signal_handlers()
+        metrics: dict[str, Any] = {"loss": float("nan")}
+        val_loss = None
+        try:
+            while self.step < stop_at and self._stop_signal is None:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - started
+                tokens_per_s = tokens_per_step / elapsed
+                imbalance = _mean_violation(metrics["load"])
+                bar.update(metrics["loss"], tokens_per_s, imbalance)
+                is_last = self.step == tcfg.steps
+                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or is_last:
+                    val_loss = self.validation_loss()
+                    metrics["val_loss"] = val_loss
+                if self.step % tcfg.log_every == 0 or is_last or "val_loss" in metrics:
+                    logger.log(self._record(metrics, tokens_per_s))
+                if self.step % tcfg.checkpoint_every == 0 or is_last:
+                    self.save()
+            interrupted = self._stop_signal is not None
+            if self.step != _checkpoint_step(self.last_checkpoint):
+                self.save()
+            if interrupted:
+                bar.write(f"{self._stop_signal}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            bar.close()
+            logger.close()
+        return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted)
+
+    def _record(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        achieved = tokens_per_s * self.flops_per_token
+        record = {
+            "step": self.step,
+            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
+            "tokens_per_s": tokens_per_s,
+            "model_tflops": achieved / 1e12,
+            "mfu": achieved / self.peak_flops if self.peak_flops else None,
+        }
+        record.update({k: v for k, v in metrics.items()})
+        return record
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT finish the current step, save a checkpoint and return cleanly."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _mean_violation(load: list[dict[str, Any]]) -> float | None:
+    if not load:
+        return None
+    return sum(layer["max_violation"] for layer in load) / len(load)
+
+
+def _checkpoint_step(path: Path | None) -> int | None:
+    return None if path is None else ckpt.read_meta(path).step
+
+
+def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:
+    """The tokenizer a run trained with: its copied tokenizer.json, or the byte tokenizer."""
+    from moeforge.data.tokenizer import build_tokenizer
+
+    copied = run_dir / TOKENIZER_FILE
+    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied.is_file() else "byte")
+    return build_tokenizer(data_cfg)

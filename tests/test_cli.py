@@ -1,0 +1,99 @@
+"""The command line, end to end in subprocesses: train, resume, SIGTERM, generate, bench, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SMALL
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.metrics import read_metrics
+
+
+def moeforge(*args, check=True, **kw):
+    result = subprocess.run(
+        [sys.executable, "-m", "moeforge", *args], capture_output=True, text=True, timeout=300, **kw
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def small_args(**extra):
+    values = dict(SMALL)
+    values.update(extra)
+    return [part for key, value in values.items() for part in (f"--{key}", value)]
+
+
+def test_train_then_rerun_resumes_then_generate(tmp_path):
+    out = str(tmp_path / "run")
+    moeforge("train", "--out", out, *small_args(**{"train.steps": "4"}))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    moeforge("train", "--out", out, *small_args(**{"train.steps": "6"}))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert ckpt.latest_checkpoint(out).name == "step_000006"
+
+    gen = moeforge("generate", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--json")
+    report = json.loads(gen.stdout)
+    assert report["new_tokens"] == 8 and isinstance(report["text"], str)
+    assert report["tokens_per_s"] > 0 and report["bandwidth_gb_s"] > 0 and report["step"] == 6
+    again = moeforge("generate", "--checkpoint", str(ckpt.latest_checkpoint(out)), "--prompt", "def ",
+                     "--max-new-tokens", "8", "--temperature", "0", "--json")
+    assert json.loads(again.stdout)["text"] == report["text"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeforge", "train", "--out", str(out),
+         *small_args(**{"train.steps": "100000", "train.checkpoint-every": "100000"})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    saved = ckpt.latest_checkpoint(out)
+    assert saved is not None and "SIGTERM" in stderr + stdout
+    assert ckpt.read_meta(saved).step >= 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model.moe.top-k", "99"], "model.moe.top-k: got 99; allowed: an integer in [1, n-experts=16]"),
+        (["train", "--data.path", "/nowhere/corpus.txt"], "data.path: got '/nowhere/corpus.txt'"),
+        (["train", "--train.bogus", "1"], "--train.bogus: unknown option"),
+        (["generate", "--checkpoint", "/nowhere"], "--checkpoint: no complete checkpoint in '/nowhere'"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, message):
+    result = moeforge(*args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_dotted_options():
+    result = moeforge("train", "--help")
+    assert "--model.moe.n-experts" in result.stdout and "--train.global-batch-size" in result.stdout
+
+
+def test_bench_moe_json(tmp_path):
+    result = moeforge("bench", "moe", "--dim", "64", "--ffn-dim", "32", "--experts", "8", "--top-k", "2",
+                      "--tokens", "256", "--repeats", "1", "--json")
+    report = json.loads(result.stdout)
+    assert report  # structure is checked in tests/test_bench_moe.py
+
+
+def test_python_dash_m_and_no_args_prints_help():
+    result = moeforge(check=False, env={**os.environ})
+    assert result.returncode == 2 and "train" in result.stdout

@@ -1,0 +1,96 @@
+"""Config loading, overrides and one-line validation errors."""
+
+import pytest
+
+from moeforge.cli import parse_overrides
+from moeforge.config import Config, ConfigError, MoEConfig, config_from_dict, iter_options, load_config
+
+
+def test_default_is_tiny_preset_and_valid():
+    cfg = load_config()
+    assert cfg.model.moe.n_experts == 16 and cfg.model.dim == 128
+    assert cfg.train.steps == 300
+
+
+def test_dotted_overrides_with_dashes_and_nested_sections():
+    cfg = load_config(overrides={"model.moe.n-experts": "32", "train.steps": "7", "train.lr": "1e-4"})
+    assert cfg.model.moe.n_experts == 32
+    assert cfg.train.steps == 7
+    assert cfg.train.lr == pytest.approx(1e-4)
+
+
+def test_cli_override_parsing_both_spellings():
+    assert parse_overrides(["--train.steps", "5", "--model.moe.top-k=3"]) == {"train.steps": "5", "model.moe.top-k": "3"}
+    with pytest.raises(ConfigError, match="--train.steps: missing a value"):
+        parse_overrides(["--train.steps"])
+    with pytest.raises(ConfigError, match="unrecognised"):
+        parse_overrides(["steps"])
+
+
+def test_toml_file_overrides_preset(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nsteps = 11\n[model.moe]\ntop-k = 1\n")
+    cfg = load_config(preset="tiny", config_file=path)
+    assert cfg.train.steps == 11 and cfg.model.moe.top_k == 1
+    assert cfg.model.dim == 128  # from the preset
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.moe.top-k": "99"}, r"^model\.moe\.top-k: got 99; allowed: an integer in \[1, n-experts=16\]$"),
+        ({"model.moe.n-groups": "5"}, r"^model\.moe\.n-groups: got 5; allowed: a divisor of n-experts=16$"),
+        ({"model.moe.score-func": "relu"}, r"^model\.moe\.score-func: got 'relu'; allowed: 'sigmoid' \| 'softmax'$"),
+        ({"model.n-kv-heads": "3"}, r"^model\.n-kv-heads: got 3; allowed: a divisor of n-heads=4$"),
+        ({"train.steps": "ten"}, r"^train\.steps: 'ten' is not a valid int$"),
+        ({"train.schedule": "linear"}, r"^train\.schedule: got 'linear'"),
+        ({"train.seq-len": "4096"}, r"^train\.seq-len: got 4096; allowed: at most model\.max-seq-len=512$"),
+        ({"parallel.ep": "3"}, r"^parallel\.ep: got 3; allowed: a divisor of dp-shard=1$"),
+        ({"data.path": "/no/such/file.txt"}, r"^data\.path: got '/no/such/file\.txt'"),
+        ({"train.stepz": "1"}, r"^--train\.stepz: unknown option; allowed here: steps, global-batch-size"),
+        ({"model.moe": "1"}, r"^--model\.moe: is a section"),
+    ],
+)
+def test_errors_are_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_mesh_product_must_match_world_size():
+    with pytest.raises(ConfigError, match="parallel.dp-shard: got 3; allowed: a value with dp-replicate"):
+        load_config(overrides={"parallel.dp-shard": "3"}, world_size=4)
+    cfg = load_config(overrides={"parallel.dp-replicate": "2", "parallel.ep": "2", "model.moe.n-experts": "8"}, world_size=4)
+    assert cfg.parallel.resolved_dp_shard(4) == 2
+
+
+def test_experts_must_divide_by_ep():
+    with pytest.raises(ConfigError, match="parallel.ep: got 3; allowed: a divisor of model.moe.n-experts=16"):
+        load_config(overrides={"parallel.ep": "3"}, world_size=3)
+
+
+def test_unknown_preset_and_missing_file():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; allowed: .*tiny"):
+        load_config(preset="huge")
+    with pytest.raises(ConfigError, match="--config: file"):
+        load_config(config_file="/no/such.toml")
+
+
+def test_standalone_moe_config_validation():
+    MoEConfig(dim=64).validate()
+    with pytest.raises(ConfigError, match="moe.top-k"):
+        MoEConfig(dim=64, n_experts=8, n_groups=4, topk_groups=1, top_k=3).validate()
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(overrides={"model.moe.n-experts": "8", "train.seed": "3"})
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert isinstance(again, Config)
+
+
+def test_every_option_has_help_text():
+    options = list(iter_options())
+    assert any(dotted == "model.moe.n-experts" for dotted, _, _ in options)
+    missing = [dotted for dotted, _, doc in options if not doc]
+    assert not missing

@@ -1,0 +1,111 @@
+"""The trainer: schedules, a falling loss, bit-exact resume, atomic checkpoints, clean failures."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import small_config
+from moeforge.config import TrainConfig
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.metrics import read_metrics
+from moeforge.train.optim import lr_factor
+from moeforge.train.trainer import Trainer, TrainingDiverged
+
+
+def test_cosine_schedule_endpoints():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_is_flat_then_linear():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(50, cfg) == 1.0 and lr_factor(79, cfg) == 1.0
+    assert lr_factor(90, cfg) == pytest.approx(0.5)
+    assert lr_factor(100, cfg) == pytest.approx(0.0)
+
+
+def test_loss_falls_well_below_start_on_embedded_corpus(tmp_path):
+    cfg = small_config(train__steps="60", train__lr="3e-3", train__global_batch_size="8")
+    result = Trainer(cfg, tmp_path).fit()
+    records = read_metrics(tmp_path)
+    first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
+    assert first > 5.0  # ~ln(256): an untrained byte model
+    assert last < 0.62 * first
+    assert result.val_loss is not None and result.val_loss < 0.7 * first
+    needed = {"step", "loss", "lm_loss", "tokens_per_s", "load", "aux_loss", "lr", "model_tflops"}
+    assert needed <= set(records[-1])
+    layer0 = records[-1]["load"][0]
+    assert sum(layer0["tokens_per_expert"]) == 8 * 32 * 2  # dropless: every token reaches top-k experts
+    assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+
+
+def _final_state(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    def cfg():
+        return small_config(train__steps="8", train__checkpoint_every="100", model__moe__jitter="0.1")
+
+    straight = Trainer(cfg(), tmp_path / "straight")
+    straight.fit()
+    first_half = Trainer(cfg(), tmp_path / "resumed")
+    first_half.fit(until_step=4)
+    assert ckpt.latest_checkpoint(tmp_path / "resumed").name == "step_000004"
+    second_half = Trainer(cfg(), tmp_path / "resumed")
+    second_half.fit()
+    assert second_half.step == 8
+    losses = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == losses
+    a, b = _final_state(straight), _final_state(second_half)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    biases = [k for k in a if k.endswith("expert_bias")]
+    assert biases and any(a[k].abs().sum() > 0 for k in biases)
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    cfg = small_config(train__steps="6", train__checkpoint_every="2", train__keep_checkpoints="2")
+    Trainer(cfg, tmp_path).fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step_000004", "step_000006"]
+    leftover = ckpt.checkpoint_dir(tmp_path) / "step_000008.tmp"
+    leftover.mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000006"
+    meta = json.loads((ckpt.latest_checkpoint(tmp_path) / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["extra"]["data"]["sequences_consumed"] == 6 * 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = small_config(train__steps="6", train__checkpoint_every="2")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit(until_step=2)
+    with torch.no_grad():
+        trainer.model.tok_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3; the last good checkpoint .*step_000002"):
+        trainer.fit()
+    resumed = Trainer(small_config(train__steps="6", train__checkpoint_every="2"), tmp_path)
+    assert resumed.resume_if_possible() and resumed.step == 2
+    assert torch.isfinite(resumed.model.tok_embeddings.weight).all()
+
+
+def test_resuming_a_different_model_is_refused(tmp_path):
+    Trainer(small_config(train__steps="2"), tmp_path).fit()
+    other = Trainer(small_config(train__steps="4", model__moe__n_experts="4", model__moe__n_groups="2"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.moe\.n-experts was 8, now 4"):
+        other.fit()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    whole = Trainer(small_config(train__steps="3"), tmp_path / "a")
+    whole.fit()
+    split = Trainer(small_config(train__steps="3", train__micro_batch_size="1"), tmp_path / "b")
+    split.fit()
+    a, b = _final_state(whole), _final_state(split)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

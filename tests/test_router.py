@@ -46,13 +46,13 @@ def make_router(cfg, seed=0):
 
 
 CASES = [
-    dict(score_func="sigmoid", route_norm=True, route_scale=1.0),
-    dict(score_func="sigmoid", route_norm=True, route_scale=2.5),
-    dict(score_func="sigmoid", route_norm=False, route_scale=1.0),
-    dict(score_func="softmax", route_norm=False, route_scale=1.0),
-    dict(score_func="softmax", route_norm=True, route_scale=1.0),
-    dict(score_func="sigmoid", route_norm=True, route_scale=2.5, n_groups=4, topk_groups=2),
-    dict(score_func="softmax", route_norm=False, route_scale=1.0, n_groups=2, topk_groups=1),
+    {"score_func": "sigmoid", "route_norm": True, "route_scale": 1.0},
+    {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.5},
+    {"score_func": "sigmoid", "route_norm": False, "route_scale": 1.0},
+    {"score_func": "softmax", "route_norm": False, "route_scale": 1.0},
+    {"score_func": "softmax", "route_norm": True, "route_scale": 1.0},
+    {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.5, "n_groups": 4, "topk_groups": 2},
+    {"score_func": "softmax", "route_norm": False, "route_scale": 1.0, "n_groups": 2, "topk_groups": 1},
 ]
 
 

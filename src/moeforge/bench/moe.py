@@ -49,7 +49,9 @@ def run_moe_bench(
     torch_device = torch.device(device)
     check_bench_sizes(tokens=tokens, repeats=repeats, backends=len(backends))
     configs = {
-        b: MoEConfig(dim=dim, n_experts=n_experts, top_k=top_k, expert_ffn_dim=ffn_dim, n_shared_experts=0, backend=b)
+        b: MoEConfig(
+            dim=dim, n_experts=n_experts, top_k=top_k, expert_ffn_dim=ffn_dim, n_shared_experts=0, backend=b
+        )
         for b in backends
     }
     rows = tokens * top_k
@@ -61,7 +63,9 @@ def run_moe_bench(
     any_layer = next(iter(layers.values()))
     with torch.no_grad():
         routing = any_layer.router(x.view(tokens, dim))
-        x_sorted, tokens_per_expert, _ = any_layer.dispatcher.dispatch(x.view(tokens, dim), routing.expert_indices)
+        x_sorted, tokens_per_expert, _ = any_layer.dispatcher.dispatch(
+            x.view(tokens, dim), routing.expert_indices
+        )
     dense = SwiGLU(dim, ffn_dim).to(torch_device, torch_dtype)
     dense.init_weights(0.02)
 
@@ -90,7 +94,9 @@ def run_moe_bench(
         },
         "expert_gflop": flops / 1e9,
         "routing_load": load_stats(tokens_per_expert),
-        "grouped_fallback": grouped_mm_unsupported_reason(x_sorted, any_layer.experts.w13, any_layer.experts.w2),
+        "grouped_fallback": grouped_mm_unsupported_reason(
+            x_sorted, any_layer.experts.w13, any_layer.experts.w2
+        ),
         "cases": cases,
     }
     if "grouped" in layers and "loop" in layers:
@@ -179,10 +185,14 @@ def format_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     load = result["routing_load"]
     lines = [
-        f"MoE forward+backward: {cfg['tokens']} tokens, top-{cfg['top_k']} of {cfg['n_experts']} experts, "
-        f"dim {cfg['dim']}, ffn {cfg['ffn_dim']}, {cfg['dtype']} on {cfg['device']} ({cfg['threads']} threads)",
-        f"expert FLOPs {result['expert_gflop']:.1f} GFLOP per step; routing max/mean {load['max_over_mean']:.2f}, "
-        f"best of {cfg['repeats']} repeats",
+        (
+            f"MoE forward+backward: {cfg['tokens']} tokens, top-{cfg['top_k']} of {cfg['n_experts']} experts, "
+            f"dim {cfg['dim']}, ffn {cfg['ffn_dim']}, {cfg['dtype']} on {cfg['device']} ({cfg['threads']} threads)"
+        ),
+        (
+            f"expert FLOPs {result['expert_gflop']:.1f} GFLOP per step; routing max/mean {load['max_over_mean']:.2f}, "
+            f"best of {cfg['repeats']} repeats"
+        ),
         "",
         f"{'case':<18}{'best ms':>10}{'median ms':>12}{'GFLOP/s':>10}{'vs dense':>10}",
     ]

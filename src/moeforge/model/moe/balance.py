@@ -74,12 +74,12 @@ def load_stats(counts: torch.Tensor) -> dict[str, Any]:
     """
     values = counts.detach().to(torch.float64).cpu()
     mean = values.mean().item()
-    balanced = mean > 0
+    has_tokens = mean > 0
     return {
         "tokens_per_expert": [int(c) for c in values.tolist()],
-        "max_over_mean": values.max().item() / mean if balanced else 0.0,
-        "max_violation": values.max().item() / mean - 1.0 if balanced else 0.0,
-        "cv": values.std(correction=0).item() / mean if balanced else 0.0,
+        "max_over_mean": values.max().item() / mean if has_tokens else 0.0,
+        "max_violation": values.max().item() / mean - 1.0 if has_tokens else 0.0,
+        "cv": values.std(correction=0).item() / mean if has_tokens else 0.0,
         "dead_experts": int((values == 0).sum().item()),
     }
 

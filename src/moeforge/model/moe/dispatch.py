@@ -88,7 +88,9 @@ class _GatherAssignments(torch.autograd.Function):
         return x.index_select(0, flat_of_sorted // top_k)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         (sorted_of_flat,) = ctx.saved_tensors
         rows_of_slot = sorted_of_flat.view(-1, ctx.top_k)
         grad_x = grad.index_select(0, rows_of_slot[:, 0])
@@ -112,6 +114,8 @@ class _PermuteRows(torch.autograd.Function):
         return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None

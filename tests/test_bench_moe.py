@@ -1,0 +1,60 @@
+"""The MoE benchmark on a tiny shape: structure, FLOP count and ratios."""
+
+import json
+
+import pytest
+
+from moeforge.bench.moe import format_table, run_moe_bench, swiglu_expert_flops
+from moeforge.config import ConfigError
+
+
+def test_swiglu_expert_flops_hand_count():
+    # 3 matmuls of 2*rows*dim*ffn FLOPs forward, x3 for forward+backward
+    assert swiglu_expert_flops(rows=2, dim=3, ffn_dim=4) == 3 * 3 * 2 * 2 * 3 * 4
+
+
+def test_run_moe_bench_tiny():
+    result = run_moe_bench(dim=16, ffn_dim=8, n_experts=4, top_k=2, tokens=32, repeats=2, warmup=1)
+    json.dumps(result)
+    assert set(result["cases"]) == {"dense", "experts/grouped", "experts/loop", "layer/grouped", "layer/loop"}
+    assert result["config"]["rows"] == 64
+    assert result["expert_gflop"] == pytest.approx(swiglu_expert_flops(64, 16, 8) / 1e9)
+    assert result["cases"]["dense"]["vs_dense"] == pytest.approx(1.0)
+    for figures in result["cases"].values():
+        assert figures["best_ms"] > 0 and figures["median_ms"] >= figures["best_ms"]
+        assert figures["expert_gflops"] > 0
+    grouped = result["cases"]["experts/grouped"]
+    assert grouped["expert_gflops"] == pytest.approx(result["expert_gflop"] / (grouped["best_ms"] / 1e3))
+    assert result["grouped_vs_loop"]["experts"] > 0
+    assert sum(result["routing_load"]["tokens_per_expert"]) == 64
+    assert result["grouped_fallback"] is None
+    table = format_table(result)
+    assert "experts/grouped" in table and "grouped vs loop" in table
+
+
+def test_run_moe_bench_single_backend_has_no_ratio():
+    result = run_moe_bench(
+        dim=16, ffn_dim=8, n_experts=4, top_k=1, tokens=8, backends=("loop",), repeats=1, warmup=0
+    )
+    assert "grouped_vs_loop" not in result
+    assert "grouped vs loop" not in format_table(result)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dtype": "fp16"}, {"top_k": 9}, {"backends": ("triton",)}, {"backends": ()}, {"tokens": 0}],
+)
+def test_run_moe_bench_rejects_bad_arguments(kwargs):
+    with pytest.raises(ConfigError):
+        run_moe_bench(
+            **{
+                "dim": 16,
+                "ffn_dim": 8,
+                "n_experts": 4,
+                "top_k": 2,
+                "tokens": 8,
+                "repeats": 1,
+                "warmup": 0,
+                **kwargs,
+            }
+        )

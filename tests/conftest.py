@@ -23,15 +23,16 @@ SMALL = {
     "train.eval-every": "0",
     "train.eval-batches": "1",
     "train.progress": "false",
+    "train.report": "false",
 }
 
 
-def small_config(**overrides: str) -> Config:
+def small_config(world_size: int = 1, **overrides: str) -> Config:
     """The tiny preset shrunk for tests; keyword overrides use underscores for dots and dashes:
     small_config(train__steps="4") sets train.steps."""
     values = dict(SMALL)
     values.update({key.replace("__", ".").replace("_", "-"): value for key, value in overrides.items()})
-    return load_config(overrides=values)
+    return load_config(overrides=values, world_size=world_size)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from moeforge.config import Config, ConfigError, MoEConfig, config_from_dict, it
 def test_default_is_tiny_preset_and_valid():
     cfg = load_config()
     assert cfg.model.moe.n_experts == 16 and cfg.model.dim == 128
-    assert cfg.train.steps == 300
+    assert cfg.train.steps == 500
 
 
 def test_dotted_overrides_with_dashes_and_nested_sections():

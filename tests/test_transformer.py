@@ -82,16 +82,26 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
 
 
+MLA_SHAPES = {
+    "attention": "mla", "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6,
+}
+
+
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("n_dense", [0, 1, 3])
-def test_parameter_counter_matches_the_built_model(tie, n_dense):
-    cfg = tiny_model_config(tie_embeddings=tie, n_dense_layers=n_dense)
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("mtp_depth", [0, 2])
+def test_parameter_counter_matches_the_built_model(tie, n_dense, mla, mtp_depth):
+    cfg = tiny_model_config(tie_embeddings=tie, n_dense_layers=n_dense, mtp_depth=mtp_depth, **(MLA_SHAPES if mla else {}))
     model = Transformer(cfg)
     counts = parameter_counts(cfg)
-    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.total + counts.mtp_total == sum(p.numel() for p in model.parameters())
+    assert counts.mtp_total == sum(p.numel() for p in model.mtp.parameters())
     moe_layers = cfg.n_layers - n_dense
-    inactive = moe_layers * (cfg.moe.n_experts - cfg.moe.top_k) * 3 * cfg.dim * cfg.moe.expert_ffn_dim
-    assert counts.total - counts.active == inactive
+    expert = 3 * cfg.dim * cfg.moe.expert_ffn_dim
+    assert counts.total - counts.active == moe_layers * (cfg.moe.n_experts - cfg.moe.top_k) * expert
+    mtp_moe = mtp_depth if cfg.is_moe_layer(cfg.n_layers - 1) else 0
+    assert counts.mtp_total - counts.mtp_active == mtp_moe * (cfg.moe.n_experts - cfg.moe.top_k) * expert
 
 
 def test_initialisation_is_reproducible_and_scaled():

@@ -1,6 +1,7 @@
 """moeforge: train and serve dropless Mixture-of-Experts transformers with PyTorch."""
 
 from moeforge.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
+from moeforge.interop import from_hf, to_hf
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
 
@@ -14,5 +15,7 @@ __all__ = [
     "ParallelConfig",
     "TrainConfig",
     "Transformer",
+    "from_hf",
+    "to_hf",
 ]
 __version__ = "0.1.0"

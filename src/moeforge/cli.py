@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from moeforge.config import ConfigError, available_presets, iter_options, load_config
+from moeforge.runtime import keep_freed_memory
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
@@ -19,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args, rest = parser.parse_known_args(argv)
+    keep_freed_memory()
     try:
         return args.handler(args, rest)
     except USER_ERRORS as err:
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel] tables")
     train.add_argument("--preset", help=f"start from a preset: {', '.join(available_presets())} (default: tiny)")
     train.add_argument("--out", default="runs/tiny", help="run directory; rerunning with it resumes (default: runs/tiny)")
+    train.add_argument(
+        "--init-from-hf", metavar="DIR", help="start from a local Hugging Face model (= --train.init-from-hf DIR)"
+    )
     train.set_defaults(handler=run_train)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained model")
@@ -61,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument(
+        "--speculative",
+        action="store_true",
+        help="draft with the model's MTP modules, verify with one forward per round; plain decoding is "
+        "timed too, for the speed-up",
+    )
     gen.set_defaults(handler=run_generate)
 
     bench = commands.add_parser("bench", help="benchmarks; each prints ratios against a baseline timed in the same run")
@@ -77,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     moe.add_argument("--json", action="store_true")
     moe.set_defaults(handler=run_bench_moe)
+
+    convert = commands.add_parser("convert", help="Hugging Face safetensors <-> moeforge checkpoints")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="a local Hugging Face model directory (config.json, *.safetensors)")
+    source.add_argument("--to-hf", metavar="CKPT", help="a moeforge run directory (newest checkpoint) or one checkpoint")
+    convert.add_argument("--out", required=True, help="the new run directory (--from-hf) or HF directory (--to-hf)")
+    convert.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="--to-hf precision (default: as imported, else fp32)"
+    )
+    convert.set_defaults(handler=run_convert)
+
+    report = commands.add_parser("report", help="PNG plots of a run: losses, expert load heatmaps, max violation")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
+    report.add_argument("--out", help="where the PNGs go (default: RUN_DIR/report)")
+    report.set_defaults(handler=run_report)
     return parser
 
 
@@ -110,7 +137,11 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 def run_train(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.train.trainer import Trainer
 
-    cfg = load_config(args.preset, args.config, parse_overrides(rest))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = parse_overrides(rest)
+    if args.init_from_hf:
+        overrides["train.init-from-hf"] = args.init_from_hf
+    cfg = load_config(args.preset, args.config, overrides, world_size=world_size)
     result = Trainer(cfg, Path(args.out)).fit()
     state = "interrupted" if result.interrupted else "done"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
@@ -121,12 +152,14 @@ def run_train(args: argparse.Namespace, rest: list[str]) -> int:
 def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
     from moeforge.infer import SamplingConfig, generate, load_model
+    from moeforge.model.flops import kv_cache_comparison
 
     loaded = load_model(args.checkpoint, args.device)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     prompt = loaded.tokenizer.encode(args.prompt)
     result = generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id)
     text = loaded.tokenizer.decode(result.new_tokens)
+    element_size = loaded.model.tok_embeddings.weight.element_size()
     report = {
         "text": text,
         "prompt": args.prompt,
@@ -135,13 +168,23 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
         "prefill_s": result.prefill_s,
         "bytes_per_token": result.bytes_per_token,
         "bandwidth_gb_s": result.bandwidth_gb_s,
+        "kv_bytes_per_token": result.kv_bytes_per_token,
+        "kv_bytes_per_token_by_attention": kv_cache_comparison(loaded.model.cfg, element_size),
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
     }
+    if args.speculative:
+        report.update(_speculative_report(args, loaded, prompt, sampling, result))
     if args.json:
         print(json.dumps(report))
     else:
-        print(args.prompt + text)
+        print(args.prompt + report["text"])
+        if args.speculative:
+            print(
+                f"\n[speculative: {report['tokens_per_s']:.1f} tokens/s vs plain {report['plain_tokens_per_s']:.1f}"
+                f" ({report['speedup']:.2f}x), acceptance {report['acceptance_rate']:.1%}]",
+                file=sys.stderr,
+            )
         print(
             f"\n[{report['new_tokens']} tokens, {result.tokens_per_s:.1f} tokens/s, "
             f"{result.bytes_per_token / 1e6:.2f} MB read/token -> {result.bandwidth_gb_s:.3f} GB/s; "
@@ -149,6 +192,16 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _speculative_report(args, loaded, prompt, sampling, plain) -> dict:
+    """The speculative run's text and figures, compared with the plain run `plain` of the same request."""
+    from moeforge.infer.speculative import comparison_with_plain, speculative_generate
+
+    eos = loaded.tokenizer.eos_id
+    spec = speculative_generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, eos)
+    figures = comparison_with_plain(spec, plain, greedy=sampling.temperature == 0)
+    return {"text": loaded.tokenizer.decode(spec.new_tokens), "new_tokens": len(spec.new_tokens), **figures}
 
 
 def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
@@ -167,6 +220,33 @@ def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
         dtype=args.dtype,
     )
     print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    import torch
+
+    from moeforge.interop.convert import checkpoint_to_hf, hf_to_checkpoint
+
+    if args.from_hf:
+        if args.dtype:
+            raise ConfigError("--dtype: applies to --to-hf only (imported weights are kept in fp32)")
+        checkpoint = hf_to_checkpoint(args.from_hf, args.out)
+        print(f"wrote {checkpoint}; try: moeforge generate --checkpoint {args.out}")
+        return 0
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    path = checkpoint_to_hf(args.to_hf, args.out, dtypes.get(args.dtype))
+    print(f"wrote Hugging Face checkpoint {path}")
+    return 0
+
+
+def run_report(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.report import write_report
+
+    for path in write_report(args.run_dir, args.out):
+        print(path)
     return 0
 
 

@@ -129,7 +129,19 @@ class ModelConfig:
     ffn_dim: int = 384
     """hidden width of the dense SwiGLU MLP"""
     attention: str = "gqa"
-    """attention type: 'gqa' (grouped-query attention via SDPA)"""
+    """attention type: 'gqa' (grouped-query attention via SDPA) or 'mla' (DeepSeek multi-head latent)"""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3); 'gqa' attention only"""
+    q_lora_rank: int = 0
+    """'mla': rank of the compressed query latent (DeepSeek-V3: 1536); 0 = queries projected directly"""
+    kv_lora_rank: int = 64
+    """'mla': rank of the compressed key/value latent, what the KV cache stores (DeepSeek-V3: 512)"""
+    qk_nope_head_dim: int = 32
+    """'mla': per-head query/key width without RoPE, expanded from the latent (DeepSeek-V3: 128)"""
+    qk_rope_head_dim: int = 16
+    """'mla': per-head query width with RoPE, and of the one shared RoPE key (DeepSeek-V3: 64)"""
+    v_head_dim: int = 32
+    """'mla': per-head value width (DeepSeek-V3: 128)"""
     max_seq_len: int = 2048
     """longest sequence RoPE and the KV cache are sized for"""
     rope_theta: float = 10000.0
@@ -141,12 +153,17 @@ class ModelConfig:
     init_std: float = 0.02
     """std of the normal init of weights"""
     mtp_depth: int = 0
-    """multi-token prediction modules (DeepSeek-V3: 1); not available yet, must be 0"""
+    """multi-token prediction modules D, each predicting one token further ahead (DeepSeek-V3: 1); 0 = off"""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Width RoPE rotates: the decoupled rope part with MLA, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
 
     def moe_layer_config(self) -> MoEConfig:
         """The MoE config of one layer, with the width filled in from the model."""
@@ -179,11 +196,15 @@ class ModelConfig:
                 f"a divisor of dim={self.dim} (or set model.head-dim)",
             )
         _check(self.resolved_head_dim % 2 == 0, "model.head-dim", self.resolved_head_dim, "an even integer")
-        _check_choice(self.attention, "model.attention", ("gqa",))
+        _check_choice(self.attention, "model.attention", ("gqa", "mla"))
+        self.validate_mla()
+        _check(
+            not self.qk_norm or self.attention == "gqa", "model.qk-norm", self.qk_norm, "false unless attention is 'gqa'"
+        )
         _check(self.rope_theta > 0, "model.rope-theta", self.rope_theta, "a number > 0")
         _check(self.norm_eps > 0, "model.norm-eps", self.norm_eps, "a number > 0")
         _check(self.init_std > 0, "model.init-std", self.init_std, "a number > 0")
-        _check(self.mtp_depth == 0, "model.mtp-depth", self.mtp_depth, "0 (multi-token prediction is not built yet)")
+        _check(self.mtp_depth >= 0, "model.mtp-depth", self.mtp_depth, "an integer >= 0")
         _check(
             self.moe.dim in (0, self.dim),
             "model.moe.dim",
@@ -191,6 +212,14 @@ class ModelConfig:
             f"0 or model.dim={self.dim}",
         )
         self.moe.validate("model.moe")
+
+    def validate_mla(self) -> None:
+        _check(self.q_lora_rank >= 0, "model.q-lora-rank", self.q_lora_rank, "an integer >= 0 (0 = no compression)")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{_flag(name)}", value, "an integer >= 1")
+        rope = self.qk_rope_head_dim
+        _check(rope >= 2 and rope % 2 == 0, "model.qk-rope-head-dim", rope, "an even integer >= 2")
 
 
 @dataclass
@@ -225,8 +254,16 @@ class TrainConfig:
     """clip the global gradient norm to this; 0 = off"""
     bias_update_until: float = 1.0
     """fraction of training after which the aux-loss-free bias is frozen (DeepSeek-V3 stops it late)"""
+    mtp_lambda: float = 0.3
+    """weight lambda of the multi-token prediction loss lambda/D * sum_k CE_k (DeepSeek-V3: 0.3)"""
+    mtp_lambda_late: float = 0.1
+    """lambda after train.mtp-lambda-switch (DeepSeek-V3: 0.1 for the last third of its tokens)"""
+    mtp_lambda_switch: float = 0.7
+    """fraction of training after which lambda drops from mtp-lambda to mtp-lambda-late"""
     seed: int = 0
     """seed for weights, data order and router jitter"""
+    init_from_hf: str = ""
+    """a Hugging Face model directory to start from; its model and tokenizer replace the preset's; '' = off"""
     dtype: str = "auto"
     """compute precision: 'fp32', 'bf16' (autocast) or 'auto' (bf16 on CUDA, fp32 on CPU)"""
     device: str = "auto"
@@ -243,6 +280,8 @@ class TrainConfig:
     """newest checkpoints kept on disk"""
     progress: bool = True
     """show a progress bar"""
+    report: bool = True
+    """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -269,8 +308,16 @@ class TrainConfig:
         _check(
             0 <= self.bias_update_until <= 1, "train.bias-update-until", self.bias_update_until, "a number in [0, 1]"
         )
+        for name in ("mtp_lambda", "mtp_lambda_late"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{_flag(name)}", value, "a number >= 0")
+        switch = self.mtp_lambda_switch
+        _check(0 <= switch <= 1, "train.mtp-lambda-switch", switch, "a number in [0, 1]")
         _check_choice(self.dtype, "train.dtype", ("auto", "fp32", "bf16"))
         _check_choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        if self.init_from_hf:
+            hf_config = Path(self.init_from_hf) / "config.json"
+            _check(hf_config.is_file(), "train.init-from-hf", self.init_from_hf, "a directory with a config.json")
 
 
 @dataclass
@@ -358,6 +405,12 @@ class Config:
             self.train.seq_len,
             f"at most model.max-seq-len={self.model.max_seq_len}",
         )
+        _check(
+            self.train.seq_len > self.model.mtp_depth,
+            "train.seq-len",
+            self.train.seq_len,
+            f"more than model.mtp-depth={self.model.mtp_depth} (each MTP depth predicts one token further)",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -378,23 +431,48 @@ def load_config(
     overrides: dict[str, str] | None = None,
     world_size: int = 1,
 ) -> Config:
-    """Defaults <- preset (default 'tiny' when no file is given) <- TOML file <- dotted overrides."""
-    cfg = Config()
+    """Defaults <- preset (default 'tiny' when no file is given) <- TOML file <- dotted overrides.
+
+    With `train.init-from-hf` set (anywhere), the Hugging Face model replaces the preset's model and
+    tokenizer: defaults <- preset <- HF model <- TOML file <- dotted overrides.
+    """
     if preset is None and config_file is None:
         preset = DEFAULT_PRESET
+    cfg = _layered_config(preset, config_file, overrides or {})
+    if cfg.train.init_from_hf:
+        cfg.train.validate()
+        cfg = _layered_config(preset, config_file, overrides or {}, hf_dir=cfg.train.init_from_hf)
+    return cfg.validate(world_size)
+
+
+def _layered_config(
+    preset: str | None, config_file: str | Path | None, overrides: dict[str, str], hf_dir: str | None = None
+) -> Config:
+    cfg = Config()
     if preset is not None:
         path = PRESETS_DIR / f"{preset}.toml"
         if not path.is_file():
             raise ConfigError(f"--preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}")
         apply_mapping(cfg, _read_toml(path))
+    if hf_dir is not None:
+        _apply_hf_model(cfg, Path(hf_dir))
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"--config: file {str(path)!r} does not exist")
         apply_mapping(cfg, _read_toml(path))
-    for dotted, text in (overrides or {}).items():
+    for dotted, text in overrides.items():
         set_dotted(cfg, dotted, text)
-    return cfg.validate(world_size)
+    return cfg
+
+
+def _apply_hf_model(cfg: Config, hf_dir: Path) -> None:
+    """The model of a Hugging Face directory, and its tokenizer.json when it has one."""
+    from moeforge.interop.hf import TOKENIZER_FILE, hf_model_config
+
+    cfg.model = hf_model_config(hf_dir)
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        cfg.data.tokenizer = str(hf_dir / TOKENIZER_FILE)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -93,6 +93,26 @@ def active_weight_bytes(model: Transformer) -> int:
     return (counts.active - counts.embedding + model.cfg.dim) * element
 
 
+def check_request(
+    model: Transformer, prompt_tokens: list[int], max_new_tokens: int, sampling: SamplingConfig, lookahead: int = 0
+) -> int:
+    """Validate a generation request; returns the cache length it needs (`lookahead` positions more
+    than prompt + new tokens, for the drafts speculative decoding verifies past the end)."""
+    sampling.validate()
+    if not prompt_tokens:
+        raise ValueError("--prompt: got an empty prompt; allowed: at least one token of text")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: got {max_new_tokens}; allowed: an integer >= 1")
+    total = len(prompt_tokens) + max_new_tokens + lookahead
+    if total > model.cfg.max_seq_len:
+        drafts = f" + {lookahead} drafted" if lookahead else ""
+        raise ValueError(
+            f"--max-new-tokens: prompt ({len(prompt_tokens)}) + {max_new_tokens} new tokens{drafts} exceed "
+            f"model.max-seq-len={model.cfg.max_seq_len}"
+        )
+    return total
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -103,17 +123,7 @@ def generate(
     eos_id: int | None = None,
 ) -> GenerationResult:
     """Continue `prompt_tokens` by up to `max_new_tokens` tokens (stops early at `eos_id`)."""
-    sampling.validate()
-    if not prompt_tokens:
-        raise ValueError("--prompt: got an empty prompt; allowed: at least one token of text")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: got {max_new_tokens}; allowed: an integer >= 1")
-    total = len(prompt_tokens) + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(
-            f"--max-new-tokens: prompt ({len(prompt_tokens)}) + {max_new_tokens} new tokens exceed "
-            f"model.max-seq-len={model.cfg.max_seq_len}"
-        )
+    total = check_request(model, prompt_tokens, max_new_tokens, sampling)
     model.eval()
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Attention: rotary position embeddings, a KV cache, and grouped-query attention via SDPA."""
+"""Attention: rotary position embeddings, KV caches, grouped-query attention via SDPA, and multi-head
+latent attention (MLA) with its compressed cache."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ class GroupedQueryAttention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -71,6 +74,8 @@ class GroupedQueryAttention(nn.Module):
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
@@ -90,7 +95,122 @@ class GroupedQueryAttention(nn.Module):
         return self.cache
 
 
+class LatentCache(nn.Module):
+    """MLA's cache: per token only the normalised KV latent c^KV [B, max_len, kv_lora_rank] and the one
+    RoPE'd key shared by all heads, k^R [B, max_len, qk_rope_head_dim] (DeepSeek-V2 §2.1.2)."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.register_buffer(
+            "latent", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "rope_key", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device), persistent=False
+        )
+
+    def update(
+        self, start_pos: int, latent: torch.Tensor, rope_key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [B, S, .] latents and rope keys at [start_pos, start_pos + S); return everything up to there."""
+        end = start_pos + latent.shape[1]
+        self.latent[:, start_pos:end] = latent
+        self.rope_key[:, start_pos:end] = rope_key
+        return self.latent[:, :end], self.rope_key[:, :end]
+
+    def bytes_per_token(self) -> int:
+        """Bytes this layer's cache holds for one token of one sequence."""
+        return (self.latent.shape[2] + self.rope_key.shape[2]) * self.latent.element_size()
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1; DeepSeek-V3 eqs. 1-11).
+
+    Keys and values are expanded per head from one low-rank latent c^KV = RMSNorm(W^DKV x) (eqs. 1, 2, 5);
+    position enters through a decoupled RoPE key k^R = RoPE(W^KR x) shared by all heads (eq. 3), so the
+    latent stays position-free. Queries: c^Q = RMSNorm(W^DQ x) when q_lora_rank > 0 (eq. 6), then per
+    head [q^C; RoPE(q^R)] (eqs. 7-9). Scores are scaled by 1/sqrt(qk_nope + qk_rope) (eq. 10).
+
+    Without a cache (training) the latent is expanded into per-head keys and values for SDPA. With a
+    cache only c^KV and k^R are kept, and attention runs in latent space: the key up-projection is
+    absorbed into the queries and the value up-projection applied after the weighted sum (DeepSeek-V2
+    §2.1.2), the same numbers without expanding the whole cache at every step.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+        q_width = cfg.n_heads * (self.nope_dim + self.rope_dim)
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, q_width, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, q_width, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.cache: LatentCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q_nope, q_rope = self.queries(x)
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent, rope_key = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)
+        rope_key = apply_rope(rope_key.unsqueeze(1), cos, sin).squeeze(1)
+        if self.cache is None:
+            out = self._attend_expanded(q_nope, q_rope, latent, rope_key)
+        else:
+            latent, rope_key = self.cache.update(start_pos, latent, rope_key)
+            out = self._attend_latent(q_nope, q_rope, latent, rope_key)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query parts without and with RoPE (not yet applied), [B, H, S, nope] and [B, H, S, rope]."""
+        batch, seq, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.view(batch, seq, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def _attend_expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal attention over the whole sequence with per-head keys/values expanded from the latent."""
+        batch, seq, _ = latent.shape
+        kv = self.wkv_b(latent).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, rope_key.unsqueeze(1).expand(-1, self.n_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+
+    def _attend_latent(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of the newest queries over the cached latents, with W^UK and W^UV absorbed, [B, H, S, v]."""
+        w_uk, w_uv = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
+            [self.nope_dim, self.v_dim], dim=1
+        )
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        scores = torch.einsum("bhsr,btr->bhst", q_latent, latent) + torch.einsum("bhsd,btd->bhst", q_rope, rope_key)
+        mask = causal_mask(q_nope.shape[2], latent.shape[1], latent.device)
+        probs = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhst,btr,hvr->bhsv", probs, latent, w_uv)
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
+        self.cache = LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+        return self.cache
+
+
 def build_attention(cfg: ModelConfig) -> nn.Module:
     if cfg.attention == "gqa":
         return GroupedQueryAttention(cfg)
+    if cfg.attention == "mla":
+        return MultiHeadLatentAttention(cfg)
     raise ValueError(f"unknown attention type {cfg.attention!r}")  # config validation rejects it first

@@ -1,4 +1,5 @@
-"""The decoder-only transformer: embedding, pre-norm blocks (dense SwiGLU first, MoE after), head.
+"""The decoder-only transformer: embedding, pre-norm blocks (dense SwiGLU first, MoE after), head,
+and the optional multi-token prediction modules (`model/mtp.py`).
 
 Plain single-device `nn.Module` code; parallelism is applied from outside (DESIGN.md).
 """
@@ -15,6 +16,7 @@ from moeforge.config import ModelConfig
 from moeforge.model.attention import build_attention, rope_tables
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe import MoE
+from moeforge.model.mtp import MTPModule, mtp_inputs_and_labels, token_cross_entropy
 
 
 class Block(nn.Module):
@@ -34,11 +36,21 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
         return x + self.ffn(self.ffn_norm(x))
 
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal(0, std) on the projections, Normal(0, out_std) on the residual outputs, ones on norms."""
+        for proj in self.attention.modules():
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=out_std if proj is self.attention.wo else std)
+        self.ffn.init_weights(std, out_std)
+        for norm in (m for m in self.modules() if isinstance(m, nn.RMSNorm)):
+            nn.init.ones_(norm.weight)
+
 
 class Transformer(nn.Module):
     """`Transformer(cfg)(tokens [B, S]) -> logits [B, S, vocab]`.
 
     With KV caches set up (`setup_caches`), `start_pos` gives the position of tokens[:, 0].
+    `mtp` holds `cfg.mtp_depth` multi-token prediction modules; `forward` never uses them.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -50,7 +62,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        last_block = cfg.n_layers - 1  # MTP blocks are dense or MoE like the main model's last one
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, last_block)) for _ in range(cfg.mtp_depth)
+        )
+        cos, sin = rope_tables(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -63,17 +79,18 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
         for layer in self.layers:
-            attn = layer.attention
-            for proj in (attn.wq, attn.wk, attn.wv):
-                nn.init.normal_(proj.weight, std=std)
-            nn.init.normal_(attn.wo.weight, std=out_std)
-            layer.ffn.init_weights(std, out_std)
-            for norm in (layer.attention_norm, layer.ffn_norm):
-                nn.init.ones_(norm.weight)
+            layer.init_weights(std, out_std)
         nn.init.ones_(self.norm.weight)
+        for module in self.mtp:
+            module.init_weights(std, out_std)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.output(self.norm(self.hidden_states(tokens, start_pos)))
+        return self.forward_with_hidden(tokens, start_pos)[0]
+
+    def forward_with_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, S, vocab] and the normalised final hidden state the head reads [B, S, dim] (MTP's h^0)."""
+        hidden = self.norm(self.hidden_states(tokens, start_pos))
+        return self.output(hidden), hidden
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """The last block's output before the final norm, [B, S, dim]."""
@@ -85,6 +102,28 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, start_pos)
         return h
 
+    def mtp_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each MTP depth k = 1..D, [B, S-k, vocab], over positions i = 0..S-k-1 (eqs. 21-23).
+
+        `hidden` is h^0 from `forward_with_hidden`, `targets` the next-token targets [B, S]; depth k
+        reads the first S-k positions of depth k-1 and the embeddings of t_{i+k}.
+        """
+        logits = []
+        for depth, module in enumerate(self.mtp, start=1):
+            embed_tokens, _ = mtp_inputs_and_labels(targets, depth)
+            seq = embed_tokens.shape[1]
+            embedded = self.tok_embeddings(embed_tokens)
+            hidden = module(hidden[:, :seq], embedded, self.rope_cos[:seq], self.rope_sin[:seq])
+            logits.append(self.output(hidden))
+        return logits
+
+    def mtp_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """CE_k of each MTP depth (eq. 24); L_MTP is lambda times their mean (eq. 25). Call it before
+        `aux_loss()`, which then includes the balance losses of MoE blocks inside the MTP modules."""
+        depth_logits = self.mtp_logits(hidden, targets)
+        labels = [mtp_inputs_and_labels(targets, depth)[1] for depth in range(1, len(depth_logits) + 1)]
+        return [token_cross_entropy(logits, label) for logits, label in zip(depth_logits, labels)]
+
     def moe_layers(self) -> Iterator[MoE]:
         for module in self.modules():
             if isinstance(module, MoE):
@@ -95,15 +134,21 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers()]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
-    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> int:
-        """Give every attention layer a KV cache; returns the cache bytes per token (all layers)."""
+    def setup_caches(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, with_mtp: bool = False
+    ) -> int:
+        """Give every attention layer a KV cache (the MTP modules' blocks too with `with_mtp`, for
+        drafting); returns the main model's cache bytes per token (all its layers)."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds model.max-seq-len={self.cfg.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
         caches = [layer.attention.setup_cache(batch, max_len, dtype, device) for layer in self.layers]
+        if with_mtp:
+            for module in self.mtp:
+                module.block.attention.setup_cache(batch, max_len, dtype, device)
         return sum(c.bytes_per_token() for c in caches)
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.cache = None
+        for block in [*self.layers, *(module.block for module in self.mtp)]:
+            block.attention.cache = None

@@ -110,12 +110,16 @@ def save_checkpoint(
     run_dir: Path | str,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     config: dict[str, Any],
     extra: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically and keep only the newest `keep` complete ones.
+
+    With `optimizer` None only the model is saved (an imported model): it loads for generation and
+    export, and a training run can start from its weights but not resume its optimizer.
+    """
     final = step_path(run_dir, step)
     tmp = final.with_suffix(".tmp")
     if _is_rank0():

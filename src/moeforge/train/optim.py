@@ -52,5 +52,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
+def mtp_lambda(step: int, cfg: TrainConfig) -> float:
+    """Weight of the multi-token prediction loss at optimizer step `step` (0-based): mtp_lambda, then
+    mtp_lambda_late from mtp_lambda_switch x steps on (DeepSeek-V3 §4.2: 0.3, then 0.1)."""
+    return cfg.mtp_lambda if step < cfg.mtp_lambda_switch * cfg.steps else cfg.mtp_lambda_late
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -18,15 +18,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moeforge.config import Config, ConfigError
+from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
 from moeforge.data.tokenizer import Tokenizer
+from moeforge.interop.hf import load_hf_weights
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import update_biases_and_collect_load
+from moeforge.model.mtp import weighted_mtp_loss
 from moeforge.model.transformer import Transformer
+from moeforge.parallel import (
+    World,
+    average_across_ranks,
+    build_mesh,
+    clip_grad_norm_,
+    init_distributed,
+    launched_distributed,
+    parallelize,
+)
+from moeforge.report import report_after_training
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.metrics import MetricsLogger, ProgressBar, truncate_metrics
-from moeforge.train.optim import build_optimizer, build_scheduler
+from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -65,9 +77,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
-    """A run may change its training knobs on resume, never its model."""
+    """A run may change its training knobs on resume, never its model. Fields a saved config lacks
+    (added to moeforge after it was written) take their defaults, which keep the old behaviour."""
     now = _dotted(dataclasses.asdict(current.model), "model.")
-    was = _dotted(saved["model"], "model.")
+    was = _dotted(dataclasses.asdict(config_from_dict(saved).model), "model.")
     differing = sorted(k for k in now if now[k] != was.get(k))
     if differing:
         key = differing[0]
@@ -93,10 +106,11 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: Path | str):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.is_main = self.rank == 0
-        self.device = resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
+        self.world = init_distributed(device.type) if launched_distributed() else World(0, 1, 0, device)
+        self.rank, self.world_size, self.is_main = self.world.rank, self.world.world_size, self.world.is_main
+        self.device = self.world.device
+        cfg.validate(self.world_size)
         tcfg = cfg.train
 
         self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
@@ -104,6 +118,11 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        if tcfg.init_from_hf:
+            load_hf_weights(self.model, tcfg.init_from_hf, progress=self.is_main and tcfg.progress)
+        self.mesh = build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
+        if self.mesh is not None:
+            parallelize(self.model, self.mesh)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = PackedLoader(
@@ -172,18 +191,28 @@ class Trainer:
         lm_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
         aux_parts: dict[str, float] = {}
+        mtp_total = torch.zeros((), device=self.device)
+        mtp_parts: dict[str, float] = {}
+        mtp_weight = mtp_lambda(self.step, self.cfg.train)
         for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
             with autocast_context(self.cfg.train.dtype, self.device):
-                logits = self.model(inp)
+                logits, hidden = self.model.forward_with_hidden(inp)
+                depth_losses = self.model.mtp_losses(hidden, tgt)
             lm = lm_loss(logits, tgt)
             aux = self.model.aux_loss().to(lm.device)
-            ((lm + aux) / n_micro).backward()
+            mtp = weighted_mtp_loss(depth_losses, mtp_weight).to(lm.device)
+            ((lm + aux + mtp) / n_micro).backward()
             lm_total += lm.detach() / n_micro
             aux_total += aux.detach() / n_micro
+            mtp_total += mtp.detach() / n_micro
+            for depth, loss in enumerate(depth_losses, start=1):
+                mtp_parts[f"mtp/{depth}"] = mtp_parts.get(f"mtp/{depth}", 0.0) + float(loss.detach()) / n_micro
             for layer in self.model.moe_layers():
                 for name, value in layer.aux_losses.items():
                     aux_parts[name] = aux_parts.get(name, 0.0) + float(value) / n_micro
-        lm_value = float(lm_total)
+        lm_value = float(average_across_ranks(lm_total))
+        aux_value = float(average_across_ranks(aux_total))
+        mtp_value = float(average_across_ranks(mtp_total))
         if not math.isfinite(lm_value):
             raise TrainingDiverged(
                 f"loss is {lm_value} at step {self.step + 1}; the last good checkpoint "
@@ -195,20 +224,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         load = update_biases_and_collect_load(self.model, self._bias_rate())
-        return {
-            "loss": lm_value + float(aux_total),
+        metrics = {
+            "loss": lm_value + aux_value + mtp_value,
             "lm_loss": lm_value,
-            "aux_loss": float(aux_total),
+            "aux_loss": aux_value,
             "aux": aux_parts,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "load": load,
         }
+        if mtp_parts:
+            metrics.update({"mtp_loss": mtp_value, "mtp_lambda": mtp_weight, **mtp_parts})
+        return metrics
 
     def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.train.grad_clip or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm))
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps
@@ -270,6 +301,8 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
             bar.close()
             logger.close()
+        if self.is_main and tcfg.report and not interrupted:  # a signalled run exits promptly
+            report_after_training(self.out_dir)
         return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted)
 
     def _record(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:

@@ -40,16 +40,22 @@ def assignment_counts_per_sequence(expert_indices: torch.Tensor, batch: int, n_e
     return counts.view(batch, n_experts)
 
 
-def batch_aux_loss(logits: torch.Tensor, expert_indices: torch.Tensor, alpha: float) -> torch.Tensor:
+def batch_aux_loss(
+    logits: torch.Tensor, expert_indices: torch.Tensor, alpha: float, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """alpha * E * sum_i f_i * P_i over the whole batch (Switch Transformer eq. 4, GShard).
 
     f_i is the fraction of the N*k assignments that went to expert i, so a perfectly balanced
     router scores exactly alpha. P_i is the mean over tokens of softmax(logits)_i: the loss needs a
     probability over experts, which sigmoid scores are not, so softmax is used whatever the score
-    function.
+    function. Under data parallelism pass the dp `group`: f then counts the global batch (it carries
+    no gradient), and averaging the ranks' gradients of the local P gives the global loss's gradient.
     """
     n_experts = logits.shape[1]
-    f = torch.bincount(expert_indices.reshape(-1), minlength=n_experts).float() / expert_indices.numel()
+    counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts).float()
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+    f = counts / counts.sum()
     p = logits.float().softmax(dim=-1).mean(dim=0)
     return alpha * n_experts * (f * p).sum()
 

@@ -8,6 +8,7 @@ the module after each forward, for the trainer to read.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moeforge.config import ConfigError, MoEConfig
@@ -44,6 +45,8 @@ class MoE(nn.Module):
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_ffn_dim) if cfg.n_shared_experts else None
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_experts)
+        self.load_group: dist.ProcessGroup | None = None
+        """the data-parallel group whose global batch the batch aux loss counts (set by `parallelize`)"""
         self.register_buffer(
             "tokens_per_expert_accum", torch.zeros(cfg.n_experts, dtype=torch.int64), persistent=False
         )
@@ -95,7 +98,9 @@ class MoE(nn.Module):
                 routing.scores, routing.expert_indices, batch, seq, cfg.seq_aux_coef
             )
         if cfg.aux_coef > 0:
-            losses["batch_aux"] = batch_aux_loss(routing.logits, routing.expert_indices, cfg.aux_coef)
+            losses["batch_aux"] = batch_aux_loss(
+                routing.logits, routing.expert_indices, cfg.aux_coef, self.load_group
+            )
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = router_z_loss(routing.logits, cfg.z_loss_coef)
         return losses

@@ -1,0 +1,78 @@
+"""`moeforge convert`: Hugging Face checkpoint directories <-> moeforge run directories.
+
+A converted model is a run directory like a training run's (config.json, tokenizer.json when the
+model has one, checkpoints/step_000000/ with the weights only), so `moeforge generate --checkpoint`
+and `moeforge convert --to-hf` read it like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moeforge.config import Config
+from moeforge.interop.hf import (
+    DTYPE_NAMES,
+    TOKENIZER_FILE,
+    HFInteropError,
+    from_hf,
+    to_hf,
+    weight_files,
+)
+from moeforge.train import checkpoint as ckpt
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+HF_DTYPE_KEY = "hf_dtype"
+
+
+def hf_to_checkpoint(hf_dir: Path | str, out: Path | str, progress: bool = True) -> Path:
+    """Import a Hugging Face model into a new run directory `out`; returns its checkpoint.
+
+    The weights are kept in fp32 (what training and generation use); the precision the model was
+    stored in is remembered in the checkpoint, and `checkpoint_to_hf` writes it back in it.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    if ckpt.latest_checkpoint(out) is not None:
+        raise HFInteropError(f"--out: {out} already holds checkpoints; choose a new directory")
+    model = from_hf(hf_dir, progress)
+    cfg = Config(model=model.cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(hf_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    extra = {"hf_source": str(hf_dir.resolve()), HF_DTYPE_KEY: DTYPE_NAMES[stored_dtype(hf_dir)]}
+    return ckpt.save_checkpoint(out, 0, model, None, cfg.to_dict(), extra, keep=1)
+
+
+def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype | None = None) -> Path:
+    """Export a moeforge checkpoint (or a run directory's newest) as a Hugging Face directory `out`.
+
+    `dtype` defaults to the precision the model was imported from, fp32 for a model trained here.
+    """
+    from moeforge.infer.loading import load_model
+
+    loaded = load_model(checkpoint)
+    if dtype is None:
+        name = ckpt.read_meta(loaded.checkpoint).extra.get(HF_DTYPE_KEY, "float32")
+        dtype = {v: k for k, v in DTYPE_NAMES.items()}[name]
+    path = to_hf(loaded.model, out, dtype)
+    tokenizer = loaded.checkpoint.parent.parent / TOKENIZER_FILE
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
+    return path
+
+
+def stored_dtype(hf_dir: Path) -> torch.dtype:
+    """The precision of a checkpoint's token embedding, taken as the precision of the checkpoint."""
+    for file in weight_files(hf_dir):
+        with safe_open(str(file), framework="pt") as shard:
+            if "model.embed_tokens.weight" in shard.keys():  # noqa: SIM118 -- safe_open is not a mapping
+                name = shard.get_slice("model.embed_tokens.weight").get_dtype()
+                if name not in SAFETENSORS_DTYPES:
+                    raise HFInteropError(f"{file.name}: weights stored as {name}; allowed: F32, BF16, F16")
+                return SAFETENSORS_DTYPES[name]
+    raise HFInteropError(f"{hf_dir}: no tensor 'model.embed_tokens.weight' in any shard")

@@ -1,0 +1,75 @@
+"""Multi-token prediction (DeepSeek-V3 §2.2): D sequential modules after the main model.
+
+Module k (k = 1..D) at position i combines the previous depth's representation h^{k-1}_i (h^0 is the
+main model's normalised final hidden state, the one its output head reads) with the embedding of
+token t_{i+k}, runs one transformer block and predicts t_{i+k+1} through the *shared* output head:
+
+    h'^k_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]        (eq. 21)
+    h^k_{1:T-k} = TRM_k(h'^k_{1:T-k})                                 (eq. 22)
+    P^k_{i+k+1} = OutHead(h^k_i)                                      (eq. 23)
+    L_MTP = (lambda / D) * sum_k CE_k                                  (eqs. 24-25)
+
+Each depth sees one position fewer than the one before. The main model never reads these modules:
+dropping them leaves its logits unchanged, and at inference they draft tokens for speculative
+decoding (`moeforge.infer.speculative`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MTPModule(nn.Module):
+    """One depth: input norms, the projection M_k, one transformer block, and the norm before the head.
+
+    `block` is built by the caller (dense or MoE like the main model's last block), so this module
+    does not depend on the transformer's code. The final RMSNorm plays the role of the main model's
+    final norm, so that h^k is what the shared head reads (the released DeepSeek-V3 checkpoint calls
+    it `shared_head.norm`; its `eh_proj` takes [emb; h], the halves of M_k in the other order).
+    """
+
+    def __init__(self, dim: int, norm_eps: float, block: nn.Module):
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.embed_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = block
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        embedded: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22)."""
+        merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(embedded)], dim=-1))
+        return self.norm(self.block(merged, cos, sin, start_pos))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.proj.weight, std=std)
+        self.block.init_weights(std, out_std)
+        for norm in (self.hidden_norm, self.embed_norm, self.norm):
+            nn.init.ones_(norm.weight)
+
+
+def mtp_inputs_and_labels(targets: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For next-token targets [B, S] (t_1..t_S of inputs t_0..t_{S-1}) and depth k: the tokens t_{i+k}
+    embedded at positions i = 0..S-k-1 and the labels t_{i+k+1} they predict, each [B, S-k]."""
+    return targets[:, depth - 1 : -1], targets[:, depth:]
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, S, V] against labels [B, S], in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def weighted_mtp_loss(depth_losses: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """L_MTP = (lambda / D) * sum_k CE_k (eq. 25); a zero scalar without MTP modules."""
+    if not depth_losses:
+        return torch.zeros(())
+    return weight * torch.stack(depth_losses).mean()

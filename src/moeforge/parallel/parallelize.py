@@ -1,0 +1,92 @@
+"""Apply expert parallelism and FSDP2/HSDP to a plain `Transformer`, from outside (the torchtitan way).
+
+- Experts: `w13`, `w2` become DTensors `Shard(0)` over "ep" (each rank keeps E/ep experts), the MoE
+  layer's dispatcher becomes the all-to-all one, and FSDP shards them over ("dp_replicate", "efsdp")
+  (HSDP: replicated across dp_replicate, sharded over efsdp).
+- Everything else: FSDP over ("dp_replicate", "dp_shard"), one unit per block plus the root.
+
+Gradient scale: an expert's gradient on its owner already sums the contributions of every ep rank's
+tokens (through the all-to-all backward), and FSDP then reduces it over R x efsdp ranks. Dividing that
+by R x efsdp (FSDP's default) would leave it ep times too large, so the experts scale their weight
+gradients by 1/ep (`RoutedExperts.grad_scale`), which makes every gradient the mean over the global
+batch. (FSDP's `set_gradient_divide_factor` would do the same with a PREMUL_SUM reduction, which
+gloo does not support.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Block, Transformer
+from moeforge.parallel.expert_parallel import AllToAllDispatcher
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
+    """Shard `model` in place over `mesh` (see `build_mesh`) and return it."""
+    ep_mesh = mesh["ep"]
+    if ep_mesh.size() > 1:
+        for layer in model.moe_layers():
+            apply_expert_parallel(layer, ep_mesh)
+    for layer in model.moe_layers():
+        layer.load_group = mesh["dp"].get_group()
+    apply_fsdp(model, mesh)
+    return model
+
+
+def apply_expert_parallel(layer: MoE, ep_mesh: DeviceMesh) -> None:
+    """Keep this rank's contiguous block of experts (DTensor Shard(0)) and route tokens by all-to-all."""
+    experts = layer.experts
+    for name, param in list(experts.named_parameters(recurse=False)):
+        sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+        experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    experts.grad_scale = 1.0 / ep_mesh.size()
+    layer.dispatcher = AllToAllDispatcher(layer.cfg.n_experts, ep_mesh.get_group())
+
+
+def apply_fsdp(model: Transformer, mesh: DeviceMesh) -> None:
+    """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then the root.
+
+    The trainer calls the root through `forward_with_hidden` and `mtp_losses` as well as `forward`,
+    so those are registered for FSDP's unshard/reshard hooks too."""
+    dp_mesh = mesh["dp_replicate", "dp_shard"]
+    expert_mesh = mesh["dp_replicate", "efsdp"]
+    expert_parallel = mesh["ep"].size() > 1
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        if expert_parallel and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.experts, mesh=expert_mesh)
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    for method in ("forward_with_hidden", "mtp_losses"):
+        register_fsdp_forward_method(model, method)
+
+
+def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm over parameters that may be DTensors on different meshes
+    (experts on the ep mesh, the rest on the dp mesh), or plain tensors. Returns the norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = []
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm != float("inf"):
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(scale)
+    return total
+
+
+def average_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over all ranks (the identity in one process), for logging and agreement."""
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()

@@ -1,0 +1,270 @@
+"""Hugging Face interop: tiny random `transformers` models are imported, compared logit for logit,
+exported bit for bit, converted through the CLI and fine-tuned; unsupported configs are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moeforge.cli import main as cli_main
+from moeforge.config import load_config
+from moeforge.interop import HFInteropError, from_hf, hf_model_config, to_hf
+from moeforge.interop.hf import weight_files
+from moeforge.model.transformer import Transformer
+from moeforge.train.trainer import Trainer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256  # the byte tokenizer's, so that the embedded corpus can fine-tune these models
+
+
+QWEN3 = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [0], "max_position_embeddings": 128,
+    "rope_theta": 5000.0, "rms_norm_eps": 1e-6, "initializer_range": 0.1,
+}  # fmt: skip
+MIXTRAL = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
+    "rope_theta": 1e6, "initializer_range": 0.1,
+}  # fmt: skip
+DEEPSEEK_V3 = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "n_routed_experts": 8, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "q_lora_rank": 16,
+    "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 2.5,
+    "max_position_embeddings": 128, "initializer_range": 0.1,
+}  # fmt: skip
+
+
+def qwen3_config(**overrides):
+    return transformers.Qwen3MoeConfig(**{**QWEN3, **overrides})
+
+
+def mixtral_config(**overrides):
+    return transformers.MixtralConfig(**{**MIXTRAL, **overrides})
+
+
+def deepseek_v3_config(**overrides):
+    return transformers.DeepseekV3Config(**{**DEEPSEEK_V3, **overrides})
+
+
+CASES = {
+    "qwen3_moe": lambda: qwen3_config(),
+    "qwen3_moe-unnormalised-tied": lambda: qwen3_config(norm_topk_prob=False, tie_word_embeddings=True),
+    "mixtral": lambda: mixtral_config(),
+    "deepseek_v3": lambda: deepseek_v3_config(),
+    "deepseek_v3-no-q-lora-ungrouped": lambda: deepseek_v3_config(
+        q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False
+    ),
+}
+
+
+def save_hf_model(config, path, dtype=torch.float32, **save_kwargs):
+    """A random model with random DeepSeek correction biases (zero at init), so that they matter."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.uniform_(-0.1, 0.1)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+def hf_logits(path_or_model, tokens):
+    model = path_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def tokens(seq=24, batch=2):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def read_tensors(path):
+    tensors = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as shard:
+            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
+    return tensors
+
+
+def assert_same_tensors(expected_dir, actual_dir):
+    expected, actual = read_tensors(expected_dir), read_tensors(actual_dir)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_import_matches_transformers_and_export_round_trips_bit_for_bit(tmp_path, case):
+    hf_model = save_hf_model(CASES[case](), tmp_path / "hf")
+    ids = tokens()
+    expected = hf_logits(hf_model, ids)
+    assert expected.abs().max() > 1  # routing and attention do matter at this init scale
+
+    model = from_hf(tmp_path / "hf", progress=False)
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (2, 24, VOCAB)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5)
+
+    to_hf(model, tmp_path / "out", progress=False)
+    assert_same_tensors(tmp_path / "hf", tmp_path / "out")
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_deepseek_rope_without_interleave_imports_and_exports_the_same_model(tmp_path):
+    """Export writes DeepSeek's interleaved RoPE layout: other tensors, the same logits."""
+    hf_model = save_hf_model(deepseek_v3_config(rope_interleave=False), tmp_path / "hf")
+    ids = tokens()
+    expected = hf_logits(hf_model, ids)
+    model = from_hf(tmp_path / "hf", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=2e-5)
+    to_hf(model, tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_interleave"] is True
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped_with_a_notice(tmp_path):
+    from safetensors.torch import save_file
+
+    hf_model = save_hf_model(deepseek_v3_config(num_nextn_predict_layers=1), tmp_path)
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(32, 64)}, str(tmp_path / "mtp.safetensors"))
+    with pytest.warns(UserWarning, match="skipped the 1 tensors of the multi-token-prediction"):
+        model = from_hf(tmp_path, progress=False)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), rtol=1e-5, atol=2e-5)
+
+
+def test_config_mapping_of_deepseek_v3(tmp_path):
+    save_hf_model(deepseek_v3_config(), tmp_path)
+    cfg = hf_model_config(tmp_path)
+    assert (cfg.attention, cfg.n_dense_layers, cfg.q_lora_rank, cfg.kv_lora_rank) == ("mla", 1, 16, 16)
+    assert (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (8, 8, 8)
+    moe = cfg.moe
+    assert (moe.score_func, moe.n_shared_experts, moe.n_groups, moe.topk_groups) == ("sigmoid", 1, 4, 2)
+    assert (moe.route_norm, moe.route_scale, moe.bias_update_rate) == (True, 2.5, 1e-3)
+
+
+def test_config_mapping_of_qwen3(tmp_path):
+    save_hf_model(qwen3_config(), tmp_path)
+    cfg = hf_model_config(tmp_path)
+    assert (cfg.n_layers, cfg.n_dense_layers, cfg.dim, cfg.head_dim, cfg.qk_norm) == (3, 1, 32, 16, True)
+    assert (cfg.rope_theta, cfg.ffn_dim, cfg.tie_embeddings) == (5000.0, 48, False)
+    moe = cfg.moe
+    assert (moe.n_experts, moe.top_k, moe.expert_ffn_dim, moe.n_shared_experts) == (8, 2, 16, 0)
+    assert (moe.score_func, moe.route_norm, moe.bias_update_rate) == ("softmax", True, 0.0)
+
+
+def test_sharded_checkpoints_and_bf16_round_trip(tmp_path):
+    save_hf_model(mixtral_config(), tmp_path / "hf", dtype=torch.bfloat16, max_shard_size="40KB")
+    assert len(weight_files(tmp_path / "hf")) > 1
+    model = from_hf(tmp_path / "hf", progress=False)
+    assert model.tok_embeddings.weight.dtype == torch.float32
+    to_hf(model, tmp_path / "out", dtype=torch.bfloat16, max_shard_bytes=40_000, progress=False)
+    assert len(weight_files(tmp_path / "out")) > 1
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert_same_tensors(tmp_path / "hf", tmp_path / "out")
+
+
+def edit_config(path, **changes):
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    config.update(changes)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("make_config", "changes", "named"),
+    [
+        (mixtral_config, {"sliding_window": 16}, "sliding_window"),
+        (mixtral_config, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        (qwen3_config, {"attention_bias": True}, "attention_bias"),
+        (qwen3_config, {"use_sliding_window": True}, "use_sliding_window"),
+        (qwen3_config, {"mlp_only_layers": [1]}, "mlp_only_layers"),
+        (qwen3_config, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
+        (qwen3_config, {"hidden_act": "gelu"}, "hidden_act"),
+        (qwen3_config, {"some_new_feature": 1}, "some_new_feature"),
+        (qwen3_config, {"model_type": "llama"}, "model_type"),
+        (deepseek_v3_config, {"scoring_func": "softmax"}, "scoring_func"),
+        (deepseek_v3_config, {"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+        (deepseek_v3_config, {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ],
+)
+def test_unsupported_config_is_a_one_line_error_naming_the_field(tmp_path, make_config, changes, named):
+    make_config().save_pretrained(tmp_path)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(HFInteropError, match=named) as err:
+        hf_model_config(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_field_is_named(tmp_path):
+    qwen3_config().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["moe_intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFInteropError, match=r"config.json: missing field 'moe_intermediate_size'"):
+        hf_model_config(tmp_path)
+
+
+def test_checkpoint_with_a_foreign_tensor_or_a_missing_one_is_refused(tmp_path):
+    save_hf_model(mixtral_config(), tmp_path)
+    edit_config(tmp_path, num_hidden_layers=1)
+    with pytest.raises(HFInteropError, match="model.layers.1.* has no place"):
+        from_hf(tmp_path, progress=False)
+    edit_config(tmp_path, num_hidden_layers=3)
+    with pytest.raises(HFInteropError, match="missing"):
+        from_hf(tmp_path, progress=False)
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path, small_cfg):
+    with pytest.raises(HFInteropError, match="score-func"):
+        to_hf(Transformer(small_cfg.model), tmp_path / "a", progress=False)
+    save_hf_model(qwen3_config(), tmp_path / "hf")
+    model = from_hf(tmp_path / "hf", progress=False)
+    next(model.moe_layers()).router.expert_bias.fill_(0.01)
+    with pytest.raises(HFInteropError, match="expert_bias"):
+        to_hf(model, tmp_path / "b", progress=False)
+
+
+@pytest.mark.slow
+def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
+    save_hf_model(qwen3_config(), tmp_path / "hf", dtype=torch.bfloat16)
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["new_tokens"] == 4
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    assert_same_tensors(tmp_path / "hf", tmp_path / "back")  # bf16 again: the imported precision is remembered
+    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fine_tune_from_an_imported_model_then_export(tmp_path):
+    save_hf_model(qwen3_config(), tmp_path / "hf")
+    train = {"train.steps": "3", "train.seq-len": "32", "train.global-batch-size": "2", "train.log-every": "1",
+             "train.eval-every": "0", "train.eval-batches": "1", "train.progress": "false", "train.report": "false"}
+    cfg = load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf")})
+    assert cfg.model == hf_model_config(tmp_path / "hf")
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = from_hf(tmp_path / "hf", progress=False).state_dict()
+    assert all(torch.equal(trainer.model.state_dict()[name], t) for name, t in imported.items())
+    result = trainer.fit()
+    assert result.step == 3 and result.final_loss == result.final_loss
+    to_hf(trainer.model, tmp_path / "tuned", progress=False)
+    tuned = read_tensors(tmp_path / "tuned")
+    assert not torch.equal(tuned["model.embed_tokens.weight"], read_tensors(tmp_path / "hf")["model.embed_tokens.weight"])
+
+    with pytest.raises(HFInteropError, match="does not fit this model"):
+        Trainer(load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf"), "model.dim": "64"}),
+                tmp_path / "other")

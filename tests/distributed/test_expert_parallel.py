@@ -1,0 +1,78 @@
+"""The all-to-all dispatcher against the local one: same outputs and gradients, however uneven."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from launch import free_port, run_on_processes
+from moeforge.config import MoEConfig
+from moeforge.model.moe import MoE
+from moeforge.parallel.parallelize import apply_expert_parallel
+from moeforge.train import checkpoint as ckpt
+
+CFG = MoEConfig(dim=16, n_experts=8, top_k=2, expert_ffn_dim=8, n_shared_experts=1, n_groups=1, topk_groups=1)
+
+
+def reference_layer(skew: bool) -> MoE:
+    torch.manual_seed(0)
+    layer = MoE(CFG)
+    if skew:  # every token picks experts 0 and 1, which both live on rank 0
+        layer.router.expert_bias.copy_(torch.tensor([10.0, 10.0, 0, 0, 0, 0, 0, 0]))
+    return layer
+
+
+def compare_with_local(rank: int, world_size: int, skew: bool) -> None:
+    torch.manual_seed(1)
+    x_global = torch.randn(world_size * 6, 5, CFG.dim)
+    reference = reference_layer(skew)
+    x_ref = x_global.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    out_ref.square().sum().backward()
+
+    layer = reference_layer(skew)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))["ep"])
+    rows = slice(rank * 6, (rank + 1) * 6)
+    x_local = x_global[rows].clone().requires_grad_(True)
+    out = layer(x_local)
+    out.square().sum().backward()
+
+    torch.testing.assert_close(out, out_ref[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[rows], rtol=1e-5, atol=1e-6)
+    # the owner of each expert holds the gradient over every rank's tokens (x ep scale 1/ep)
+    local = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    grad_w2 = layer.experts.w2.grad.to_local() * world_size
+    torch.testing.assert_close(grad_w2, reference.experts.w2.grad[local], rtol=1e-4, atol=1e-6)
+    if skew:
+        assert layer.last_load[2:].sum() == 0
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["balanced", "all-to-rank0"])
+def test_all_to_all_dispatch_equals_local(skew):
+    run_on_processes(2, compare_with_local, 2, skew)
+
+
+@pytest.mark.slow
+def test_torchrun_launch_writes_one_run(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "moeforge", "train", "--out", str(out), "--parallel.ep", "2", "--train.steps", "3",
+        "--model.dim", "64", "--model.n-layers", "2", "--train.seq-len", "32", "--train.global-batch-size", "4",
+        "--model.moe.expert-ffn-dim", "32", "--train.progress", "false", "--train.eval-batches", "1", "--train.log-every", "1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ckpt.latest_checkpoint(out).name == "step_000003"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by rank 0
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)

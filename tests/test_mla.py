@@ -95,7 +95,7 @@ def test_mla_cache_holds_only_the_latent_and_the_shared_rope_key():
     model = Transformer(cfg)
     per_token = model.setup_caches(batch=1, max_len=8)
     cache = model.layers[0].attention.cache
-    assert cache.latent.shape == (1, 8, cfg.kv_lora_rank) and cache.rope_key.shape == (1, 8, cfg.qk_rope_head_dim)
+    assert cache.kv.shape == (1, 8, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     assert per_token == cfg.n_layers * (16 + 4) * 4 == kv_cache_bytes_per_token(cfg, element_size=4)
     gqa = tiny_model_config()
     assert Transformer(gqa).setup_caches(batch=1, max_len=8) == kv_cache_bytes_per_token(gqa, element_size=4)

@@ -123,7 +123,7 @@ class ModelConfig:
     n_heads: int = 4
     """attention query heads"""
     n_kv_heads: int = 2
-    """key/value heads for grouped-query attention (divides n-heads)"""
+    """key/value heads for grouped-query attention (divides n-heads); 'mla': the GQA point of the KV-cache report"""
     head_dim: int = 0
     """per-head width; 0 = dim / n-heads"""
     ffn_dim: int = 384

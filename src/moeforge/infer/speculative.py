@@ -105,23 +105,10 @@ class MTPDrafter:
     ) -> tuple[list[int], torch.Tensor | None]:
         """D drafts following `tokens` (h^0 recorded up to the second-to-last), and their draft
         distributions [D, vocab] when sampling (None when greedy)."""
-        model, n = self.model, len(tokens) - 1
         sequence = list(tokens)
         draft_probs = []
-        for depth, module in enumerate(model.mtp, start=1):
-            start = self.first_unsettled[depth - 1]
-            embed_tokens = torch.tensor([sequence[start + depth : n + depth]], device=self.hidden.device)
-            hidden = module(
-                self.hidden[depth - 1, start:n].unsqueeze(0),
-                model.tok_embeddings(embed_tokens),
-                model.rope_cos[start:n],
-                model.rope_sin[start:n],
-                start_pos=start,
-            )[0]
-            if depth < len(model.mtp):
-                self.hidden[depth, start:n] = hidden
-            self.first_unsettled[depth - 1] = max(0, n - depth + 1)
-            logits = model.output(hidden[-1:])
+        for depth in range(1, len(self.model.mtp) + 1):
+            logits = self._advance(depth, sequence, len(tokens) - 1)
             if sampling.temperature == 0:
                 sequence.append(int(logits.argmax()))
             else:
@@ -129,6 +116,24 @@ class MTPDrafter:
                 sequence.append(int(torch.multinomial(probs, 1, generator=generator)))
                 draft_probs.append(probs[0])
         return sequence[len(tokens) :], torch.stack(draft_probs) if draft_probs else None
+
+    def _advance(self, depth: int, sequence: list[int], n: int) -> torch.Tensor:
+        """Run MTP module `depth` over its positions from the first unsettled one to n-1 (overwriting
+        their cache entries); returns the logits [1, vocab] of its draft for t_{n+depth}."""
+        model, module = self.model, self.model.mtp[depth - 1]
+        start = self.first_unsettled[depth - 1]
+        embed_tokens = torch.tensor([sequence[start + depth : n + depth]], device=self.hidden.device)
+        hidden = module(
+            self.hidden[depth - 1, start:n].unsqueeze(0),
+            model.tok_embeddings(embed_tokens),
+            model.rope_cos[start:n],
+            model.rope_sin[start:n],
+            start_pos=start,
+        )[0]
+        if depth < len(model.mtp):
+            self.hidden[depth, start:n] = hidden
+        self.first_unsettled[depth - 1] = max(0, n - depth + 1)
+        return model.output(hidden[-1:])
 
 
 def accept_greedy(drafts: list[int], target_choices: list[int]) -> list[int]:
@@ -205,7 +210,7 @@ def speculative_generate(
         tokens = [*prompt_tokens, int(sample_next(logits[:, -1], sampling, generator))]
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
-        while len(tokens) - len(prompt_tokens) < max_new_tokens and tokens[-1] != eos_id:
+        while len(tokens) - len(prompt_tokens) < max_new_tokens and eos_id not in tokens[len(prompt_tokens) :]:
             drafts, draft_probs = drafter.draft(tokens, sampling, generator)
             new_tokens, hidden = verify(model, tokens, drafts, draft_probs, sampling, generator)
             drafter.record_main_hidden(len(tokens) - 1, hidden[: len(new_tokens)])

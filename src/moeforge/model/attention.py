@@ -96,30 +96,22 @@ class GroupedQueryAttention(nn.Module):
 
 
 class LatentCache(nn.Module):
-    """MLA's cache: per token only the normalised KV latent c^KV [B, max_len, kv_lora_rank] and the one
-    RoPE'd key shared by all heads, k^R [B, max_len, qk_rope_head_dim] (DeepSeek-V2 §2.1.2)."""
+    """MLA's cache: per token only the normalised KV latent c^KV and the one RoPE'd key k^R shared by
+    all heads, side by side: `kv` [B, max_len, kv_lora_rank + qk_rope_head_dim] (DeepSeek-V2 §2.1.2)."""
 
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype, device=None):
+    def __init__(self, batch: int, max_len: int, width: int, dtype: torch.dtype, device=None):
         super().__init__()
-        self.register_buffer(
-            "latent", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device), persistent=False
-        )
-        self.register_buffer(
-            "rope_key", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device), persistent=False
-        )
+        self.register_buffer("kv", torch.zeros(batch, max_len, width, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self, start_pos: int, latent: torch.Tensor, rope_key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store [B, S, .] latents and rope keys at [start_pos, start_pos + S); return everything up to there."""
-        end = start_pos + latent.shape[1]
-        self.latent[:, start_pos:end] = latent
-        self.rope_key[:, start_pos:end] = rope_key
-        return self.latent[:, :end], self.rope_key[:, :end]
+    def update(self, start_pos: int, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
+        """Store [B, S, width] at positions [start_pos, start_pos + S); return everything up to there."""
+        end = start_pos + latent_and_rope_key.shape[1]
+        self.kv[:, start_pos:end] = latent_and_rope_key
+        return self.kv[:, :end]
 
     def bytes_per_token(self) -> int:
         """Bytes this layer's cache holds for one token of one sequence."""
-        return (self.latent.shape[2] + self.rope_key.shape[2]) * self.latent.element_size()
+        return self.kv.shape[2] * self.kv.element_size()
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -131,9 +123,10 @@ class MultiHeadLatentAttention(nn.Module):
     head [q^C; RoPE(q^R)] (eqs. 7-9). Scores are scaled by 1/sqrt(qk_nope + qk_rope) (eq. 10).
 
     Without a cache (training) the latent is expanded into per-head keys and values for SDPA. With a
-    cache only c^KV and k^R are kept, and attention runs in latent space: the key up-projection is
+    cache only [c^KV; k^R] is kept, and attention runs in latent space: the key up-projection is
     absorbed into the queries and the value up-projection applied after the weighted sum (DeepSeek-V2
-    §2.1.2), the same numbers without expanding the whole cache at every step.
+    §2.1.2), which makes it multi-query attention with one key [c^KV; k^R] and one value c^KV for all
+    heads: the same numbers, without expanding the whole cache at every step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -168,8 +161,8 @@ class MultiHeadLatentAttention(nn.Module):
         if self.cache is None:
             out = self._attend_expanded(q_nope, q_rope, latent, rope_key)
         else:
-            latent, rope_key = self.cache.update(start_pos, latent, rope_key)
-            out = self._attend_latent(q_nope, q_rope, latent, rope_key)
+            cached = self.cache.update(start_pos, torch.cat([latent, rope_key], dim=-1))
+            out = self._attend_latent(q_nope, q_rope, cached)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,21 +183,24 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def _attend_latent(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention of the newest queries over the cached latents, with W^UK and W^UV absorbed, [B, H, S, v]."""
+    def _attend_latent(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """The newest queries over the cached [c^KV; k^R] [B, T, r + rope], W^UK and W^UV absorbed, [B, H, S, v]."""
         w_uk, w_uv = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
             [self.nope_dim, self.v_dim], dim=1
         )
-        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-        scores = torch.einsum("bhsr,btr->bhst", q_latent, latent) + torch.einsum("bhsd,btd->bhst", q_rope, rope_key)
-        mask = causal_mask(q_nope.shape[2], latent.shape[1], latent.device)
-        probs = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhst,btr,hvr->bhsv", probs, latent, w_uv)
+        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)
+        keys = cached.unsqueeze(1)
+        values = keys[..., : self.kv_lora_rank]
+        q_len, kv_len = q.shape[2], keys.shape[2]
+        if q_len == kv_len:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            mask = causal_mask(q_len, kv_len, q.device)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out @ w_uv.transpose(1, 2)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
-        self.cache = LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+        self.cache = LatentCache(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype, device)
         return self.cache
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_transformer import tiny_model_config
+from test_transformer import assert_cached_decoding_equals_full_forward, tiny_model_config
 
 from moeforge.config import ConfigError, load_config
 from moeforge.model.attention import MultiHeadLatentAttention, apply_rope
@@ -80,14 +80,7 @@ def test_mla_matches_naive_per_head_reference_outputs_and_gradients(q_lora_rank,
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
 def test_mla_cached_incremental_decoding_equals_full_forward(q_lora_rank):
     torch.manual_seed(0)
-    model = Transformer(mla_config(q_lora_rank)).eval()
-    tokens = torch.randint(0, 50, (2, 16))
-    full = model(tokens)
-    model.setup_caches(batch=2, max_len=16)
-    pieces = [model(tokens[:, :5], start_pos=0), model(tokens[:, 5:9], start_pos=5)]
-    pieces += [model(tokens[:, i : i + 1], start_pos=i) for i in range(9, 16)]
-    model.clear_caches()
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+    assert_cached_decoding_equals_full_forward(Transformer(mla_config(q_lora_rank)).eval())
 
 
 def test_mla_cache_holds_only_the_latent_and_the_shared_rope_key():

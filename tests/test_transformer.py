@@ -72,7 +72,11 @@ def test_future_tokens_do_not_change_past_logits():
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
     torch.manual_seed(0)
-    model = Transformer(tiny_model_config(n_kv_heads=n_kv_heads)).eval()
+    assert_cached_decoding_equals_full_forward(Transformer(tiny_model_config(n_kv_heads=n_kv_heads)).eval())
+
+
+def assert_cached_decoding_equals_full_forward(model: Transformer) -> None:
+    """Prefill 5 tokens, then a chunk of 4, then one token at a time: logits equal one full forward."""
     tokens = torch.randint(0, 50, (2, 16))
     full = model(tokens)
     model.setup_caches(batch=2, max_len=16)

@@ -1,15 +1,20 @@
 """Expert parallelism: experts live on different ranks of the `ep` mesh dim and tokens travel to them.
 
 `AllToAllDispatcher` has the interface of `LocalDispatcher` (model/moe/dispatch.py), so the MoE layer
-does not know whether its experts are local:
+does not know whether its experts are local. A token goes to each rank that owns one of its top-k
+experts *once*, however many of its experts live there (DeepSeek-V3 §3.2.2 sends a token once per
+node, then fans it out): with node-limited routing a token's experts sit on at most M nodes, so it
+crosses at most M node boundaries instead of up to k.
 
-    dispatch:  sort the N*k assignments by global expert (LocalDispatcher)
-               -> exchange per-expert counts (one small all-to-all; the only host sync: split sizes)
-               -> all-to-all the rows: each rank receives the rows of its own E/ep experts
-               -> regroup the received rows, which arrive ordered (source rank, expert), by expert
-    combine:   the exact reverse, then LocalDispatcher's gate-weighted combine.
+    dispatch:  rows to send = (token, destination rank) pairs, ordered by rank then token
+               -> exchange counts (one small all-to-all; the only host sync: split sizes)
+               -> all-to-all the rows and, for each row, which local experts it serves
+               -> on the receiver, copy each row once per local expert it serves, grouped by expert
+    combine:   all-to-all the gates of the rows' slots; the receiver sums each row's gate-weighted
+               expert outputs, sends one row back per (token, rank); the sender adds a token's rows.
 
-Dropless: any rank may receive any number of rows, zero included, from any rank.
+Dropless: any rank may receive any number of rows, zero included, from any rank. Every gather with
+repeated rows has a slot-ordered backward (no atomics), so a run stays bit-reproducible.
 """
 
 from __future__ import annotations
@@ -20,20 +25,26 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moeforge.model.moe.dispatch import LocalDispatch, LocalDispatcher, _PermuteRows, inverse_permutation
+from moeforge.model.moe.dispatch import _FanInRows, _FanOutRows
 
 
 class ExpertParallelDispatch(NamedTuple):
-    local: LocalDispatch
-    """how this rank's own assignments were sorted by global expert"""
+    token_of_sent: torch.Tensor
+    """[S] the token of each sent row (rows ordered by destination rank, then token)"""
+    sent_of_token: torch.Tensor
+    """[N, ep] the sent row of (token, rank), or S where the token does not go to that rank"""
+    slot_served: torch.Tensor
+    """[S, k] bool: the slots of the row's token whose expert lives on the row's destination"""
     send_splits: list[int]
     """rows sent to each ep rank"""
     recv_splits: list[int]
     """rows received from each ep rank"""
-    expert_of_received: torch.Tensor
-    """[R] permutation putting the received rows (source-major) in local-expert order"""
-    received_of_expert: torch.Tensor
-    """[R] its inverse"""
+    received_of_sorted: torch.Tensor
+    """[A] the received row behind each expert-sorted assignment on this rank"""
+    sorted_of_slot: torch.Tensor
+    """[M, k] the expert-sorted assignment of each received row's slot, A where it is served elsewhere"""
+    slot_of_sorted: torch.Tensor
+    """[A] the flat slot (row * k + slot) of each expert-sorted assignment"""
 
 
 class AllToAllDispatcher:
@@ -45,36 +56,69 @@ class AllToAllDispatcher:
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
-        self._local = LocalDispatcher(n_experts)
+        self.last_send_splits: list[int] = []
+        """rows this rank sent to each ep rank by the last dispatch (for traffic figures)"""
 
     def dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
-        x_sorted, tokens_per_expert, local = self._local.dispatch(x, expert_indices)
-        send_counts = tokens_per_expert.view(self.ep, self.local_experts)
+        n_tokens, top_k = expert_indices.shape
+        rank_of_slot = torch.div(expert_indices, self.local_experts, rounding_mode="floor")
+        goes_to = torch.zeros(n_tokens, self.ep, dtype=torch.bool, device=x.device)
+        goes_to.scatter_(1, rank_of_slot, True)
+        assignments = torch.bincount(expert_indices.reshape(-1), minlength=self.n_experts)
+        send_counts = torch.cat([goes_to.sum(0).unsqueeze(1), assignments.view(self.ep, self.local_experts)], 1)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
-        send_splits, recv_splits = splits[0], splits[1]
-        received = all_to_all_single_autograd(x_sorted, recv_splits, send_splits, self.group)
-        expert_of_received = _source_major_to_expert_major(recv_counts)
-        received_of_expert = inverse_permutation(expert_of_received)
-        by_expert = _PermuteRows.apply(received, expert_of_received, received_of_expert)
-        state = ExpertParallelDispatch(local, send_splits, recv_splits, expert_of_received, received_of_expert)
-        return by_expert, recv_counts.sum(0), state
+        tokens_per_expert = recv_counts[:, 1:].sum(0)
+        sizes = torch.cat([send_counts[:, 0], recv_counts[:, 0], tokens_per_expert.sum(0, keepdim=True)]).tolist()
+        send_splits, recv_splits, n_assignments = sizes[: self.ep], sizes[self.ep : 2 * self.ep], sizes[-1]
+        self.last_send_splits = send_splits
+
+        token_of_sent, sent_of_token, slot_served, local_expert = self._rows_to_send(
+            goes_to, expert_indices, rank_of_slot, sum(send_splits)
+        )
+        x_sent = _FanOutRows.apply(x, token_of_sent, sent_of_token, True)
+        received = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
+        received_expert = local_expert.new_empty(sum(recv_splits), top_k)
+        dist.all_to_all_single(received_expert, local_expert, recv_splits, send_splits, group=self.group)
+
+        sort_key = torch.where(received_expert >= 0, received_expert, self.local_experts).reshape(-1)
+        slot_of_sorted = torch.argsort(sort_key, stable=True)[:n_assignments]
+        sorted_of_slot = torch.full_like(sort_key, n_assignments)
+        sorted_of_slot[slot_of_sorted] = torch.arange(n_assignments, device=x.device)
+        sorted_of_slot = sorted_of_slot.view(-1, top_k)
+        received_of_sorted = torch.div(slot_of_sorted, top_k, rounding_mode="floor")
+        by_expert = _FanOutRows.apply(received, received_of_sorted, sorted_of_slot, True)
+        state = ExpertParallelDispatch(
+            token_of_sent, sent_of_token, slot_served, send_splits, recv_splits,
+            received_of_sorted, sorted_of_slot, slot_of_sorted,
+        )
+        return by_expert, tokens_per_expert, state
+
+    def _rows_to_send(
+        self, goes_to: torch.Tensor, expert_indices: torch.Tensor, rank_of_slot: torch.Tensor, n_sent: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (token, rank) rows, ordered by rank then token: (token of each row [S], row of each
+        (token, rank) [N, ep] (S = not sent), slots each row serves [S, k], their local expert or -1)."""
+        n_tokens = goes_to.shape[0]
+        not_sent = (~goes_to).t().reshape(-1).to(torch.uint8)
+        flat = torch.argsort(not_sent, stable=True)[:n_sent]
+        rank_of_sent = torch.div(flat, n_tokens, rounding_mode="floor")
+        token_of_sent = flat - rank_of_sent * n_tokens
+        sent_of_token = torch.full((n_tokens, self.ep), n_sent, dtype=torch.long, device=goes_to.device)
+        sent_of_token[token_of_sent, rank_of_sent] = torch.arange(n_sent, device=goes_to.device)
+        slot_served = rank_of_slot.index_select(0, token_of_sent) == rank_of_sent.unsqueeze(1)
+        first_local = rank_of_sent.unsqueeze(1) * self.local_experts
+        local_expert = torch.where(slot_served, expert_indices.index_select(0, token_of_sent) - first_local, -1)
+        return token_of_sent, sent_of_token, slot_served, local_expert
 
     def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        source_major = _PermuteRows.apply(expert_out, state.received_of_expert, state.expert_of_received)
-        returned = all_to_all_single_autograd(source_major, state.send_splits, state.recv_splits, self.group)
-        return self._local.combine(returned, gates, state.local)
-
-
-def _source_major_to_expert_major(recv_counts: torch.Tensor) -> torch.Tensor:
-    """The permutation that reorders rows laid out (source rank, local expert) as (local expert, source).
-
-    recv_counts [ep, E_local] is the number of rows each source sent to each local expert.
-    """
-    ep, local_experts = recv_counts.shape
-    expert_ids = torch.arange(local_experts, device=recv_counts.device).repeat(ep)
-    expert_of_row = torch.repeat_interleave(expert_ids, recv_counts.reshape(-1))
-    return torch.argsort(expert_of_row, stable=True)
+        gates_sent = _FanOutRows.apply(gates, state.token_of_sent, state.sent_of_token, True)
+        gates_sent = gates_sent * state.slot_served
+        gates_received = all_to_all_single_autograd(gates_sent, state.recv_splits, state.send_splits, self.group)
+        gate_of_sorted = gates_received.reshape(-1).index_select(0, state.slot_of_sorted)
+        weighted = expert_out * gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
+        per_received = _FanInRows.apply(weighted, state.sorted_of_slot, state.received_of_sorted)
+        returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
+        return _FanInRows.apply(returned, state.sent_of_token, state.token_of_sent)

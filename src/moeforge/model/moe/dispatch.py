@@ -51,7 +51,8 @@ class LocalDispatcher:
         flat_of_sorted = torch.argsort(flat_experts, stable=True)
         sorted_of_flat = inverse_permutation(flat_of_sorted)
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.n_experts)
-        x_sorted = _GatherAssignments.apply(x, flat_of_sorted, sorted_of_flat, expert_indices.shape[1])
+        top_k = expert_indices.shape[1]
+        x_sorted = _FanOutRows.apply(x, flat_of_sorted // top_k, sorted_of_flat.view(-1, top_k), False)
         return x_sorted, tokens_per_expert, LocalDispatch(flat_of_sorted, sorted_of_flat)
 
     def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: LocalDispatch) -> torch.Tensor:
@@ -68,35 +69,65 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-class _GatherAssignments(torch.autograd.Function):
-    """Row `flat_of_sorted[r] // k` of x for each sorted row r, [N*k, D].
+class _FanOutRows(torch.autograd.Function):
+    """x[rows] [R, D], where a row of x may be copied to several output rows.
 
-    The default backward of such a gather is an index_add_ with k writers per token row, which uses
-    atomics on CUDA; this one gathers each token's k gradient rows and adds them in slot order.
+    `slot_table` [N, C] lists, for each row n of x, the output rows it was copied to; entries equal
+    to R are empty slots (when `padded`). The default backward of such a gather is an index_add_
+    with several writers per row of x, which uses atomics on CUDA; this one gathers each row's C
+    gradient rows and adds them in slot order, so it is deterministic.
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
-        flat_of_sorted: torch.Tensor,
-        sorted_of_flat: torch.Tensor,
-        top_k: int,
+        rows: torch.Tensor,
+        slot_table: torch.Tensor,
+        padded: bool,
     ) -> torch.Tensor:
-        ctx.save_for_backward(sorted_of_flat)
-        ctx.top_k = top_k
-        return x.index_select(0, flat_of_sorted // top_k)
+        ctx.save_for_backward(slot_table)
+        ctx.padded = padded
+        return x.index_select(0, rows)
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        (sorted_of_flat,) = ctx.saved_tensors
-        rows_of_slot = sorted_of_flat.view(-1, ctx.top_k)
-        grad_x = grad.index_select(0, rows_of_slot[:, 0])
-        for slot in range(1, ctx.top_k):
-            grad_x += grad.index_select(0, rows_of_slot[:, slot])
-        return grad_x, None, None, None
+        (slot_table,) = ctx.saved_tensors
+        if ctx.padded:
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])
+        return _sum_slots(grad, slot_table), None, None, None
+
+
+class _FanInRows(torch.autograd.Function):
+    """out[n] = sum over c of y[slot_table[n, c]] (entries equal to len(y) are empty), [N, D].
+
+    The transpose of `_FanOutRows`: every row of y belongs to exactly one output row, `row_owner[r]`,
+    so the backward is a plain gather. Sums run in slot order: deterministic.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor, slot_table: torch.Tensor, row_owner: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(row_owner)
+        return _sum_slots(torch.cat([y, y.new_zeros(1, y.shape[1])]), slot_table)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (row_owner,) = ctx.saved_tensors
+        return grad.index_select(0, row_owner), None, None
+
+
+def _sum_slots(rows: torch.Tensor, slot_table: torch.Tensor) -> torch.Tensor:
+    """sum over c of rows[slot_table[:, c]], [N, D], added in slot order."""
+    total = rows.index_select(0, slot_table[:, 0])
+    for slot in range(1, slot_table.shape[1]):
+        total += rows.index_select(0, slot_table[:, slot])
+    return total
 
 
 class _PermuteRows(torch.autograd.Function):

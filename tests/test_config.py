@@ -94,3 +94,13 @@ def test_every_option_has_help_text():
     assert any(dotted == "model.moe.n-experts" for dotted, _, _ in options)
     missing = [dotted for dotted, _, doc in options if not doc]
     assert not missing
+
+
+def test_ep_nodes_must_divide_ep_and_hold_whole_expert_groups():
+    with pytest.raises(ConfigError, match=r"^parallel\.ep-nodes: got 3; allowed: a divisor of ep=4$"):
+        load_config(overrides={"parallel.ep": "4", "parallel.ep-nodes": "3"}, world_size=4)
+    groups_across_nodes = {"parallel.ep": "4", "parallel.ep-nodes": "4", "model.moe.n-groups": "2"}
+    with pytest.raises(ConfigError, match=r"^model\.moe\.n-groups: got 2; allowed: a multiple of parallel\.ep-nodes=4"):
+        load_config(overrides=groups_across_nodes, world_size=4)
+    cfg = load_config(overrides={**groups_across_nodes, "model.moe.n-groups": "8", "model.moe.topk-groups": "2"}, world_size=4)
+    assert cfg.parallel.ep_nodes == 4

@@ -157,3 +157,26 @@ def test_expert_bias_is_a_persistent_fp32_zero_buffer():
     assert state["expert_bias"].dtype == torch.float32
     assert torch.equal(state["expert_bias"], torch.zeros(8))
     assert not router.expert_bias.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("n_experts", "top_k", "n_groups", "topk_groups", "ep", "ep_nodes"),
+    [(32, 8, 8, 4, 8, 8), (32, 8, 8, 2, 8, 4), (16, 4, 4, 1, 4, 2), (64, 8, 16, 4, 8, 4)],
+)
+def test_node_limited_routing_reaches_at_most_m_nodes(n_experts, top_k, n_groups, topk_groups, ep, ep_nodes):
+    """With groups tied to the ep mesh's nodes (parallel.ep-nodes), a token's experts, placed
+    contiguously on ep ranks and ranks contiguously on nodes, come from at most topk-groups nodes,
+    whatever the scores and balancing biases."""
+    cfg = MoEConfig(dim=16, n_experts=n_experts, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups)
+    router = make_router(cfg)
+    experts_per_rank = n_experts // ep
+    ranks_per_node = ep // ep_nodes
+    for seed in range(4):
+        torch.manual_seed(seed)
+        router.expert_bias.copy_(torch.randn(n_experts) * 0.1 * seed)
+        experts = router(torch.randn(512, 16)).expert_indices
+        node = experts // experts_per_rank // ranks_per_node
+        nodes_per_token = torch.zeros(512, ep_nodes, dtype=torch.bool).scatter_(1, node, True).sum(1)
+        assert nodes_per_token.max() <= min(topk_groups, ep_nodes)
+        if n_groups // ep_nodes == 1 and topk_groups < ep_nodes:  # the limit binds: some token uses M nodes
+            assert nodes_per_token.max() == topk_groups

@@ -356,6 +356,10 @@ class ParallelConfig:
     """FSDP shard group size; -1 = whatever the world size leaves"""
     ep: int = 1
     """expert-parallel degree, borrowed from dp-shard (divides it and n-experts)"""
+    ep_nodes: int = 1
+    """nodes the ep group spans (contiguous blocks of ep ranks); > 1 ties group-limited routing to
+    them: model.moe.n-groups must be a multiple, so a token's experts, and the all-to-all rows it
+    sends, reach at most model.moe.topk-groups nodes (DeepSeek-V3 node-limited routing)"""
     pp: int = 1
     """pipeline stages; only 1 until pipelining lands"""
 
@@ -363,6 +367,12 @@ class ParallelConfig:
         _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")
         _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp-shard", self.dp_shard, "-1 or an integer >= 1")
         _check(self.ep >= 1, "parallel.ep", self.ep, "an integer >= 1")
+        _check(
+            self.ep_nodes >= 1 and self.ep % self.ep_nodes == 0,
+            "parallel.ep-nodes",
+            self.ep_nodes,
+            f"a divisor of ep={self.ep}",
+        )
         _check(self.pp == 1, "parallel.pp", self.pp, "1 (pipeline parallelism is not built yet)")
         shard = self.resolved_dp_shard(world_size)
         _check(
@@ -398,6 +408,12 @@ class Config:
             "parallel.ep",
             self.parallel.ep,
             f"a divisor of model.moe.n-experts={self.model.moe.n_experts}",
+        )
+        _check(
+            self.model.moe.n_groups % self.parallel.ep_nodes == 0,
+            "model.moe.n-groups",
+            self.model.moe.n_groups,
+            f"a multiple of parallel.ep-nodes={self.parallel.ep_nodes}, so that every expert group lives on one node",
         )
         _check(
             self.train.seq_len <= self.model.max_seq_len,
@@ -576,7 +592,7 @@ def field_docs(cls: type) -> dict[str, str]:
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = nxt.value.value  # type: ignore[union-attr]
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
     return docs
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from launch import free_port, run_on_processes
@@ -17,25 +17,28 @@ from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.train import checkpoint as ckpt
 
 CFG = MoEConfig(dim=16, n_experts=8, top_k=2, expert_ffn_dim=8, n_shared_experts=1, n_groups=1, topk_groups=1)
+NODE_LIMITED = dataclasses.replace(CFG, top_k=3, n_groups=2, topk_groups=1)
+"""with ep = ep-nodes = 2 each rank is a node: every token's 3 experts live on one rank"""
+TOKENS_PER_RANK = 30
 
 
-def reference_layer(skew: bool) -> MoE:
+def reference_layer(skew: bool, cfg: MoEConfig = CFG) -> MoE:
     torch.manual_seed(0)
-    layer = MoE(CFG)
+    layer = MoE(cfg)
     if skew:  # every token picks experts 0 and 1, which both live on rank 0
         layer.router.expert_bias.copy_(torch.tensor([10.0, 10.0, 0, 0, 0, 0, 0, 0]))
     return layer
 
 
-def compare_with_local(rank: int, world_size: int, skew: bool) -> None:
+def compare_with_local(rank: int, world_size: int, skew: bool, cfg: MoEConfig = CFG) -> None:
     torch.manual_seed(1)
-    x_global = torch.randn(world_size * 6, 5, CFG.dim)
-    reference = reference_layer(skew)
+    x_global = torch.randn(world_size * 6, TOKENS_PER_RANK // 6, cfg.dim)
+    reference = reference_layer(skew, cfg)
     x_ref = x_global.clone().requires_grad_(True)
     out_ref = reference(x_ref)
     out_ref.square().sum().backward()
 
-    layer = reference_layer(skew)
+    layer = reference_layer(skew, cfg)
     apply_expert_parallel(layer, init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))["ep"])
     rows = slice(rank * 6, (rank + 1) * 6)
     x_local = x_global[rows].clone().requires_grad_(True)
@@ -48,13 +51,23 @@ def compare_with_local(rank: int, world_size: int, skew: bool) -> None:
     local = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     grad_w2 = layer.experts.w2.grad.to_local() * world_size
     torch.testing.assert_close(grad_w2, reference.experts.w2.grad[local], rtol=1e-4, atol=1e-6)
+    rows_sent = sum(layer.dispatcher.last_send_splits)
     if skew:
         assert layer.last_load[2:].sum() == 0
+        assert rows_sent == TOKENS_PER_RANK  # once to rank 0, although both experts live there
+    if cfg is NODE_LIMITED:
+        assert rows_sent == TOKENS_PER_RANK * cfg.topk_groups  # each token to one node, not top_k=3 rows
+    else:
+        assert TOKENS_PER_RANK <= rows_sent <= TOKENS_PER_RANK * cfg.top_k
 
 
 @pytest.mark.parametrize("skew", [False, True], ids=["balanced", "all-to-rank0"])
 def test_all_to_all_dispatch_equals_local(skew):
     run_on_processes(2, compare_with_local, 2, skew)
+
+
+def test_node_limited_routing_sends_each_token_to_at_most_m_nodes():
+    run_on_processes(2, compare_with_local, 2, False, NODE_LIMITED)
 
 
 @pytest.mark.slow

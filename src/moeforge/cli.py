@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     moe.add_argument("--json", action="store_true")
     moe.set_defaults(handler=run_bench_moe)
+    ep = benches.add_parser(
+        "ep",
+        help="one MoE layer with all experts on every rank (ep=1) vs spread over ep ranks: dispatch / experts / "
+        "combine times and off-node traffic, on spawned gloo processes (or the ranks of a torchrun launch)",
+    )
+    ep.add_argument("--ep", type=int, default=2, help="expert-parallel ranks (processes)")
+    ep.add_argument("--ep-nodes", type=int, default=0, help="nodes the ranks are split into; 0 = one per rank")
+    ep.add_argument("--topk-nodes", type=int, default=0, help="M, nodes a token's experts may come from; 0 = half")
+    ep.add_argument("--dim", type=int, default=512)
+    ep.add_argument("--ffn-dim", type=int, default=256)
+    ep.add_argument("--experts", type=int, default=32)
+    ep.add_argument("--top-k", type=int, default=4)
+    ep.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    ep.add_argument("--repeats", type=int, default=5)
+    ep.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ep.add_argument("--json", action="store_true")
+    ep.set_defaults(handler=run_bench_ep)
 
     convert = commands.add_parser("convert", help="Hugging Face safetensors <-> moeforge checkpoints")
     source = convert.add_mutually_exclusive_group(required=True)
@@ -220,6 +237,28 @@ def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
         dtype=args.dtype,
     )
     print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def run_bench_ep(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.bench.ep import EpBenchSettings, format_table, run_ep_bench
+
+    settings = EpBenchSettings(
+        ep=args.ep,
+        ep_nodes=args.ep_nodes,
+        topk_nodes=args.topk_nodes,
+        dim=args.dim,
+        ffn_dim=args.ffn_dim,
+        n_experts=args.experts,
+        top_k=args.top_k,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        dtype=args.dtype,
+    )
+    result = run_ep_bench(settings)
+    if result is not None:
+        print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 

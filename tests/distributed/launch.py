@@ -1,34 +1,5 @@
-"""Run a function on N gloo processes on this CPU, as torchrun would (env:// rendezvous on loopback)."""
+"""The tests' name for the library's process launcher (kept so test files import it as `launch`)."""
 
-from __future__ import annotations
+from moeforge.parallel.spawn import free_port, run_on_processes
 
-import os
-import socket
-from collections.abc import Callable
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_processes(world_size: int, fn: Callable, *args) -> None:
-    """Call fn(rank, *args) on `world_size` spawned processes; raises if any of them fails."""
-    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")
+__all__ = ["free_port", "run_on_processes"]

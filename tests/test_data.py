@@ -329,9 +329,10 @@ def test_build_datasets_on_embedded_corpus():
 
 def test_build_datasets_errors_name_the_fields(tmp_path):
     (tmp_path / "small.txt").write_text("x" * 100)
-    cfg = DataConfig(path=str(tmp_path / "small.txt"), val_fraction=0.5)
-    with pytest.raises(ConfigError, match=r"^train\.seq-len: "):
-        build_datasets(cfg, seq_len=60)
+    cfg = DataConfig(path=str(tmp_path / "small.txt"), val_fraction=0.9)
+    _, train, _ = build_datasets(cfg, seq_len=20)  # validation holds a window; training, read by the loader, not
+    with pytest.raises(ConfigError, match=r"^train\.seq-len: got 20; allowed: at most \d+ \(the training split"):
+        PackedLoader(train, 20, global_batch_size=1)
     cfg.val_fraction = 0.05
     with pytest.raises(ConfigError, match=r"^data\.val-fraction: "):
         build_datasets(cfg, seq_len=20)

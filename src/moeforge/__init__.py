@@ -4,6 +4,7 @@ from moeforge.config import Config, ConfigError, DataConfig, ModelConfig, MoECon
 from moeforge.interop import from_hf, to_hf
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
+from moeforge.parallel import parallelize
 
 __all__ = [
     "Config",
@@ -16,6 +17,7 @@ __all__ = [
     "TrainConfig",
     "Transformer",
     "from_hf",
+    "parallelize",
     "to_hf",
 ]
 __version__ = "0.1.0"

@@ -383,6 +383,16 @@ class ParallelConfig:
         )
         _check(shard % self.ep == 0, "parallel.ep", self.ep, f"a divisor of dp-shard={shard}")
 
+    def validate_for(self, moe: MoEConfig) -> None:
+        """The checks that tie the layout to a model's experts and routing groups."""
+        _check(moe.n_experts % self.ep == 0, "parallel.ep", self.ep, f"a divisor of model.moe.n-experts={moe.n_experts}")
+        _check(
+            moe.n_groups % self.ep_nodes == 0,
+            "model.moe.n-groups",
+            moe.n_groups,
+            f"a multiple of parallel.ep-nodes={self.ep_nodes}, so that every expert group lives on one node",
+        )
+
     def resolved_dp_shard(self, world_size: int) -> int:
         if self.dp_shard != -1:
             return self.dp_shard
@@ -403,18 +413,7 @@ class Config:
         self.train.validate()
         self.data.validate()
         self.parallel.validate(world_size)
-        _check(
-            self.model.moe.n_experts % self.parallel.ep == 0,
-            "parallel.ep",
-            self.parallel.ep,
-            f"a divisor of model.moe.n-experts={self.model.moe.n_experts}",
-        )
-        _check(
-            self.model.moe.n_groups % self.parallel.ep_nodes == 0,
-            "model.moe.n-groups",
-            self.model.moe.n_groups,
-            f"a multiple of parallel.ep-nodes={self.parallel.ep_nodes}, so that every expert group lives on one node",
-        )
+        self.parallel.validate_for(self.model.moe)
         _check(
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq-len",

@@ -22,14 +22,24 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from moeforge.config import ConfigError, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.expert_parallel import AllToAllDispatcher
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
-    """Shard `model` in place over `mesh` (see `build_mesh`) and return it."""
+def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig | None = None) -> Transformer:
+    """Shard `model` in place over `mesh` (see `build_mesh`) and return it.
+
+    With the `cfg` the mesh was built from, the layout is first checked against the mesh and the
+    model: experts divisible by ep, routing groups whole on each of the ep-nodes (node-limited
+    routing), with one-line errors."""
     ep_mesh = mesh["ep"]
+    if cfg is not None:
+        cfg.validate(mesh.size())
+        cfg.validate_for(model.cfg.moe)
+        if ep_mesh.size() != cfg.ep:
+            raise ConfigError(f"parallel.ep: got {cfg.ep}; allowed: the mesh's ep size {ep_mesh.size()}")
     if ep_mesh.size() > 1:
         for layer in model.moe_layers():
             apply_expert_parallel(layer, ep_mesh)

@@ -11,8 +11,10 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from launch import free_port, run_on_processes
-from moeforge.config import MoEConfig
+from moeforge.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+from moeforge.parallel import build_mesh, parallelize
 from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.train import checkpoint as ckpt
 
@@ -89,3 +91,17 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def parallelize_checks_layout(rank: int) -> None:
+    model = Transformer(ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, moe=CFG))
+    layout = ParallelConfig(ep=2, ep_nodes=2)
+    mesh = build_mesh(ParallelConfig(ep=2), 2, "cpu")
+    with pytest.raises(ConfigError, match=r"^model\.moe\.n-groups: got 1; allowed: a multiple of parallel\.ep-nodes=2"):
+        parallelize(model, mesh, layout)
+    with pytest.raises(ConfigError, match=r"^parallel\.ep: got 1; allowed: the mesh's ep size 2$"):
+        parallelize(model, mesh, ParallelConfig(ep=1))
+
+
+def test_parallelize_checks_the_layout_against_mesh_and_model():
+    run_on_processes(2, parallelize_checks_layout)

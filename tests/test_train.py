@@ -7,6 +7,7 @@ import torch
 
 from conftest import small_config
 from moeforge.config import TrainConfig
+from moeforge.model.transformer import Transformer
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.metrics import read_metrics
 from moeforge.train.optim import lr_factor
@@ -99,6 +100,13 @@ def test_resuming_a_different_model_is_refused(tmp_path):
     other = Trainer(small_config(train__steps="4", model__moe__n_experts="4", model__moe__n_groups="2"), tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r"model\.moe\.n-experts was 8, now 4"):
         other.fit()
+
+
+def test_loading_into_a_model_it_does_not_fit_is_a_one_line_error(tmp_path):
+    Trainer(small_config(train__steps="1"), tmp_path).fit()
+    other = Transformer(small_config(model__dim="32").model)
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit this model: Size mismatch .*tok_embeddings"):
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), other)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

@@ -35,18 +35,24 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)]
 
 
+# The two runs below are built once per session, in fixed directories of the session's temp dir:
+# test_checkpoint_replica_read.py uses them too, and a module-scoped fixture would run them again.
+
+
 @pytest.fixture(scope="module")
 def saved_on_four_processes(tmp_path_factory):
     """Steps 1-3 on 4 processes (dp_replicate=2, dp_shard=2, ep=2): checkpoint step_000003."""
-    out = tmp_path_factory.mktemp("four")
-    run_on_processes(4, train, 4, parallel_options(dp_replicate="2", dp_shard="2", ep="2"), str(out), 3)
+    out = tmp_path_factory.getbasetemp() / "saved_on_four_processes"
+    if ckpt.latest_checkpoint(out) is None:
+        run_on_processes(4, train, 4, parallel_options(dp_replicate="2", dp_shard="2", ep="2"), str(out), 3)
     return out
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    Trainer(small_config(**BASE), out).fit()
+    out = tmp_path_factory.getbasetemp() / "uninterrupted"
+    if not out.is_dir() or len(losses(out)) != int(BASE["train__steps"]):
+        Trainer(small_config(**BASE), out).fit()
     return losses(out)
 
 

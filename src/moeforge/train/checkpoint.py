@@ -15,9 +15,11 @@ is always complete and a killed run resumes from the newest one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 META_FILE = "meta.json"
 PREFIX = "step_"
@@ -36,11 +41,37 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, or from an incompatible model."""
 
 
+@dataclass(frozen=True)
+class LoadStats:
+    """Bytes of tensor data (not file sizes) that loading a checkpoint moved on one rank, or summed
+    over all ranks: read from storage, and received over the network from another replica."""
+
+    read_bytes: int = 0
+    received_bytes: int = 0
+    replicas: int = 1
+
+    def summed_over_ranks(self, device: torch.device) -> LoadStats:
+        """The totals over every rank (a collective: call it on all of them; `device` suits the backend)."""
+        if not dist.is_initialized():
+            return self
+        totals = torch.tensor([self.read_bytes, self.received_bytes], dtype=torch.int64, device=device)
+        dist.all_reduce(totals)
+        return LoadStats(int(totals[0]), int(totals[1]), self.replicas)
+
+    def describe(self) -> str:
+        """'read 12.3 MB from storage (replica 0 of 2), 12.3 MB sent to the other replicas'."""
+        read = f"read {self.read_bytes / 1e6:.1f} MB from storage"
+        if self.replicas == 1:
+            return read
+        return f"{read} (replica 0 of {self.replicas}), {self.received_bytes / 1e6:.1f} MB sent to the other replicas"
+
+
 @dataclass
 class CheckpointMeta:
     step: int
     config: dict[str, Any]
     extra: dict[str, Any]
+    load_stats: LoadStats | None = None  # set by load_checkpoint; None when only meta.json was read
 
 
 def checkpoint_dir(run_dir: Path | str) -> Path:
@@ -140,18 +171,99 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> CheckpointMeta:
-    """Load a checkpoint into `model` (and `optimizer`, RNG) in place; returns its metadata."""
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh: DeviceMesh | None = None
+) -> CheckpointMeta:
+    """Load a checkpoint into `model` (and `optimizer`, RNG) in place; returns its metadata, whose
+    `load_stats` says how many bytes of tensor data this rank read from storage or received.
+
+    With a `mesh` whose dp_replicate > 1 (HSDP), rank (r, s) holds the same shards as rank (0, s), so
+    only replica 0 reads, its dp_shard ranks coordinating among themselves, and sends the shards to the
+    other replicas over dp_replicate: storage serves the checkpoint once instead of R times.
+    """
     state = _tensor_state(model, optimizer)
-    try:
-        with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except (RuntimeError, KeyError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {first_line}") from None
+    if mesh is None or mesh["dp_replicate"].size() == 1:
+        _raise_unless_fits(path, _read_from_storage(state, path, process_group=None))
+        stats = LoadStats(read_bytes=_nbytes(state))
+    else:
+        stats = _read_on_first_replica_and_broadcast(state, path, mesh)
     if optimizer is None:
         set_state_dict(model, optimizers=[], model_state_dict=state["model"], optim_state_dict={})
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         torch.set_rng_state(state["rng"]["cpu"])
-    return read_meta(path)
+    return dataclasses.replace(read_meta(path), load_stats=stats)
+
+
+def _read_from_storage(state: dict[str, Any], path: Path, process_group: dist.ProcessGroup | None) -> str | None:
+    """Fill `state` in place with DCP; None, or the first line of why the checkpoint does not fit."""
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # DCP wraps each rank's failure
+        return _first_line(next(iter(err.failures.values()))[0])
+    except (RuntimeError, KeyError, ValueError) as err:
+        return _first_line(err)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _raise_unless_fits(path: Path, error: str | None) -> None:
+    if error is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {error}")
+
+
+def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: DeviceMesh) -> LoadStats:
+    """Replica 0 fills `state` from storage; every other replica copies it from its replica-0 peer.
+
+    The small leaves travel first, pickled, with replica 0's verdict, so that a checkpoint that does not
+    fit raises the same CheckpointError on every rank instead of leaving the other replicas waiting for
+    tensors that never come. They are the non-tensors (optimizer hyper-parameters) and the tensors that
+    are not on the mesh's device (optimizer step counts and RNG state on the CPU next to a CUDA model,
+    which an NCCL group cannot broadcast); all others are broadcast in place, shard by shard."""
+    replicate = mesh["dp_replicate"]
+    group = replicate.get_group()
+    on_first_replica = replicate.get_local_rank() == 0
+    error = _read_from_storage(state, path, mesh["dp_shard"].get_group()) if on_first_replica else None
+    slots = list(_leaf_slots(state))
+    pickled = [(c, k) for c, k in slots if not _on_device(c[k], mesh.device_type)]
+    verdict_and_pickled = [error, [c[k] for c, k in pickled]]
+    dist.broadcast_object_list(verdict_and_pickled, group=group, group_src=0)
+    error, values = verdict_and_pickled
+    _raise_unless_fits(path, error)
+    for (container, key), value in zip(pickled, values, strict=True):
+        container[key] = value
+    shards = [_local(c[k]) for c, k in slots if _on_device(c[k], mesh.device_type)]
+    for work in [dist.broadcast(shard, group=group, group_src=0, async_op=True) for shard in shards]:
+        work.wait()
+    nbytes = _nbytes(state)
+    if on_first_replica:
+        return LoadStats(read_bytes=nbytes, replicas=replicate.size())
+    return LoadStats(received_bytes=nbytes, replicas=replicate.size())
+
+
+def _leaf_slots(tree: dict | list) -> Iterator[tuple[dict | list, Any]]:
+    """(container, key) of every leaf of a nested dict/list state dict, in the same order on every rank."""
+    for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
+        if isinstance(value, dict | list):
+            yield from _leaf_slots(value)
+        else:
+            yield tree, key
+
+
+def _on_device(value: Any, device_type: str) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == device_type
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (its storage itself), a plain tensor."""
+    with torch.no_grad():  # to_local() then returns the local shard, not an autograd view of it
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _nbytes(state: dict[str, Any]) -> int:
+    """Bytes of this rank's part of every tensor in `state`."""
+    return sum(_local(c[k]).nbytes for c, k in _leaf_slots(state) if isinstance(c[k], torch.Tensor))

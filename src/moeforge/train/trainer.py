@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeforge.config import Config, ConfigError, config_from_dict
@@ -149,13 +148,15 @@ class Trainer:
         if path is None:
             return False
         check_resume_compatible(ckpt.read_meta(path).config, self.cfg, path)
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh)
         self.step = meta.step
         self.loader.load_state_dict(meta.extra["data"])
         self.scheduler.load_state_dict(meta.extra["scheduler"])
         self.last_checkpoint = path
+        loaded = meta.load_stats.summed_over_ranks(self.device)
         if self.is_main:
             truncate_metrics(self.out_dir, self.step)
+            print(f"resumed from step {self.step}: {loaded.describe()}", flush=True)
         return True
 
     def save(self) -> Path:

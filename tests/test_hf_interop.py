@@ -5,51 +5,26 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+import torch.nn.functional as F
+from hf_models import (
+    VOCAB,
+    deepseek_v3_config,
+    edit_config,
+    mixtral_config,
+    qwen3_config,
+    read_tensors,
+    save_deepseek_with_mtp,
+    save_hf_model,
+    transformers,
+)
+from safetensors.torch import save_file
 
 from moeforge.cli import main as cli_main
 from moeforge.config import load_config
-from moeforge.interop import HFInteropError, from_hf, hf_model_config, to_hf
+from moeforge.interop import HFInteropError, from_hf, hf_model_config, load_hf_weights, to_hf
 from moeforge.interop.hf import weight_files
 from moeforge.model.transformer import Transformer
 from moeforge.train.trainer import Trainer
-
-transformers = pytest.importorskip("transformers")
-
-VOCAB = 256  # the byte tokenizer's, so that the embedded corpus can fine-tune these models
-
-
-QWEN3 = {
-    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8,
-    "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [0], "max_position_embeddings": 128,
-    "rope_theta": 5000.0, "rms_norm_eps": 1e-6, "initializer_range": 0.1,
-}  # fmt: skip
-MIXTRAL = {
-    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
-    "rope_theta": 1e6, "initializer_range": 0.1,
-}  # fmt: skip
-DEEPSEEK_V3 = {
-    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "n_routed_experts": 8, "n_shared_experts": 1,
-    "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "q_lora_rank": 16,
-    "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 2.5,
-    "max_position_embeddings": 128, "initializer_range": 0.1,
-}  # fmt: skip
-
-
-def qwen3_config(**overrides):
-    return transformers.Qwen3MoeConfig(**{**QWEN3, **overrides})
-
-
-def mixtral_config(**overrides):
-    return transformers.MixtralConfig(**{**MIXTRAL, **overrides})
-
-
-def deepseek_v3_config(**overrides):
-    return transformers.DeepseekV3Config(**{**DEEPSEEK_V3, **overrides})
-
 
 CASES = {
     "qwen3_moe": lambda: qwen3_config(),
@@ -62,18 +37,6 @@ CASES = {
 }
 
 
-def save_hf_model(config, path, dtype=torch.float32, **save_kwargs):
-    """A random model with random DeepSeek correction biases (zero at init), so that they matter."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.uniform_(-0.1, 0.1)
-    model.save_pretrained(path, **save_kwargs)
-    return model
-
-
 def hf_logits(path_or_model, tokens):
     model = path_or_model
     if not isinstance(model, torch.nn.Module):
@@ -84,14 +47,6 @@ def hf_logits(path_or_model, tokens):
 
 def tokens(seq=24, batch=2):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-def read_tensors(path):
-    tensors = {}
-    for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as shard:
-            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
-    return tensors
 
 
 def assert_same_tensors(expected_dir, actual_dir):
@@ -133,16 +88,84 @@ def test_deepseek_rope_without_interleave_imports_and_exports_the_same_model(tmp
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), expected, rtol=1e-5, atol=2e-5)
 
 
-def test_deepseek_multi_token_prediction_layers_are_skipped_with_a_notice(tmp_path):
-    from safetensors.torch import save_file
+def rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
-    hf_model = save_hf_model(deepseek_v3_config(num_nextn_predict_layers=1), tmp_path)
-    save_file({"model.layers.3.eh_proj.weight": torch.zeros(32, 64)}, str(tmp_path / "mtp.safetensors"))
-    with pytest.warns(UserWarning, match="skipped the 1 tensors of the multi-token-prediction"):
-        model = from_hf(tmp_path, progress=False)
+
+def deepseek_mtp_reference_logits(deeper, mtp, main_hidden, next_ids):
+    """DeepSeek's MTP layer as vLLM runs it (`deepseek_mtp.py`), with `transformers`' decoder layer as
+    the block: shared_head.head(shared_head.norm(block(eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)]))))."""
+    n = deeper.config.num_hidden_layers - 1
+    weight = {name.removeprefix(f"model.layers.{n}."): tensor for name, tensor in mtp.items()}
+    embedded = rms_norm(deeper.model.embed_tokens(next_ids), weight["enorm.weight"])
+    merged = F.linear(torch.cat([embedded, rms_norm(main_hidden, weight["hnorm.weight"])], -1), weight["eh_proj.weight"])
+    seq = merged.shape[1]
+    positions = torch.arange(seq)[None]
+    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+    rope = deeper.model.rotary_emb(merged, positions)
+    hidden = deeper.model.layers[n](merged, attention_mask=causal, position_ids=positions, position_embeddings=rope)
+    return F.linear(rms_norm(hidden, weight["shared_head.norm.weight"]), weight["shared_head.head.weight"])
+
+
+def test_deepseek_mtp_layer_becomes_the_mtp_module_and_round_trips_bit_for_bit(tmp_path):
+    deeper, mtp = save_deepseek_with_mtp(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf", progress=False)
+    assert model.cfg.mtp_depth == 1
+    module, stored = model.mtp[0], read_tensors(tmp_path / "hf")
+    eh_proj = stored["model.layers.3.eh_proj.weight"]  # takes [emb; h], moeforge's proj [h; emb]
+    assert torch.equal(module.proj.weight, torch.cat([eh_proj[:, 32:], eh_proj[:, :32]], dim=1))
+    assert torch.equal(module.hidden_norm.weight, stored["model.layers.3.hnorm.weight"])
+    assert torch.equal(module.embed_norm.weight, stored["model.layers.3.enorm.weight"])
+    assert torch.equal(module.norm.weight, stored["model.layers.3.shared_head.norm.weight"])
+    assert torch.equal(module.block.ffn.experts.w2[5], stored["model.layers.3.mlp.experts.5.down_proj.weight"].T)
+    assert torch.equal(module.block.ffn.router.expert_bias, stored["model.layers.3.mlp.gate.e_score_correction_bias"])
+
+    ids = tokens()
+    main = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = main(ids).logits  # transformers leaves layer 3 out
+        main_hidden = main.model(ids).last_hidden_state
+        expected_mtp = deepseek_mtp_reference_logits(deeper, mtp, main_hidden[:, :-1], ids[:, 1:])
+        logits, hidden = model.forward_with_hidden(ids)
+        (mtp_logits,) = model.mtp_logits(hidden, ids.roll(-1, dims=1))  # next-token targets
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(mtp_logits, expected_mtp, rtol=1e-5, atol=2e-5)
+
+    to_hf(model, tmp_path / "out", progress=False)
+    assert_same_tensors(tmp_path / "hf", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_deepseek_mtp_layer_is_skipped_with_a_notice_by_a_model_without_mtp(tmp_path):
+    save_deepseek_with_mtp(tmp_path)
+    cfg = hf_model_config(tmp_path)
+    cfg.mtp_depth = 0
+    model = Transformer(cfg).eval()
+    with pytest.warns(UserWarning, match=r"skipped the \d+ tensors of the multi-token-prediction layer"):
+        load_hf_weights(model, tmp_path, progress=False)
     ids = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(model(ids), hf_logits(tmp_path, ids), rtol=1e-5, atol=2e-5)
+
+
+def test_deepseek_mtp_layers_moeforge_cannot_represent_are_refused(tmp_path):
+    _, mtp = save_deepseek_with_mtp(tmp_path / "other-head")
+    mtp["model.layers.3.shared_head.head.weight"] += 1
+    save_file(mtp, str(tmp_path / "other-head" / "mtp.safetensors"))
+    with pytest.raises(HFInteropError, match=r"'model.layers.3.shared_head.head.weight' differs from the output"):
+        from_hf(tmp_path / "other-head", progress=False)
+
+    save_deepseek_with_mtp(tmp_path / "two")
+    layer_3 = {k: v for k, v in read_tensors(tmp_path / "two").items() if k.startswith("model.layers.3.")}
+    save_file({k.replace(".3.", ".4.", 1): v for k, v in layer_3.items()}, str(tmp_path / "two" / "mtp2.safetensors"))
+    edit_config(tmp_path / "two", num_nextn_predict_layers=2)
+    with pytest.raises(HFInteropError, match="num_nextn_predict_layers=2"):
+        hf_model_config(tmp_path / "two")
+
+    save_hf_model(deepseek_v3_config(), tmp_path / "partial")
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(32, 64)}, str(tmp_path / "partial" / "mtp.safetensors"))
+    with pytest.raises(HFInteropError, match="missing from the checkpoint"):
+        from_hf(tmp_path / "partial", progress=False)
 
 
 def test_config_mapping_of_deepseek_v3(tmp_path):
@@ -153,6 +176,7 @@ def test_config_mapping_of_deepseek_v3(tmp_path):
     moe = cfg.moe
     assert (moe.score_func, moe.n_shared_experts, moe.n_groups, moe.topk_groups) == ("sigmoid", 1, 4, 2)
     assert (moe.route_norm, moe.route_scale, moe.bias_update_rate) == (True, 2.5, 1e-3)
+    assert cfg.mtp_depth == 0  # the config declares one MTP layer; transformers saves none
 
 
 def test_config_mapping_of_qwen3(tmp_path):
@@ -174,13 +198,6 @@ def test_sharded_checkpoints_and_bf16_round_trip(tmp_path):
     assert len(weight_files(tmp_path / "out")) > 1
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert_same_tensors(tmp_path / "hf", tmp_path / "out")
-
-
-def edit_config(path, **changes):
-    file = path / "config.json"
-    config = json.loads(file.read_text())
-    config.update(changes)
-    file.write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -235,6 +252,11 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path, small_cfg):
     next(model.moe_layers()).router.expert_bias.fill_(0.01)
     with pytest.raises(HFInteropError, match="expert_bias"):
         to_hf(model, tmp_path / "b", progress=False)
+    save_hf_model(deepseek_v3_config(), tmp_path / "deepseek")
+    cfg = hf_model_config(tmp_path / "deepseek")
+    cfg.mtp_depth = 2
+    with pytest.raises(HFInteropError, match="mtp-depth=2"):
+        to_hf(Transformer(cfg), tmp_path / "c", progress=False)
 
 
 @pytest.mark.slow

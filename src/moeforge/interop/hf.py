@@ -21,16 +21,21 @@ tensor) and written shard by shard. Where a Hugging Face tensor sits inside a mo
 
 Mixtral names the MoE block `block_sparse_moe` and its expert projections w1 (gate), w3 (up), w2
 (down). RoPE is the rotate-half layout on both sides, except DeepSeek's interleaved RoPE rows, which
-are permuted on import (`_mla_layout`). Import then export reproduces every tensor bit for bit
-(`to_hf(..., dtype=)` the stored dtype). DeepSeek's multi-token-prediction layers are skipped, as
-`transformers` skips them.
+are permuted on import (`_mla_layout`). DeepSeek-V3's multi-token-prediction layer, stored as layer
+`num_hidden_layers`, becomes moeforge's MTP module (`_mtp_layout`). Import then export reproduces
+every tensor bit for bit (`to_hf(..., dtype=)` the stored dtype).
+
+An expert-parallel (or FSDP) run loads after `parallelize`: each process reads only the slices of
+the tensors that land in its own shards, so a rank never reads the experts of another
+(`load_hf_weights`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from tqdm import tqdm
 
 from moeforge.config import ConfigError, ModelConfig, MoEConfig
@@ -125,6 +132,7 @@ def hf_model_config(path: Path | str) -> ModelConfig:
         if problems:
             raise HFInteropError(f"unsupported: {'; '.join(problems)}")
         cfg = arch.to_model(values)
+        cfg.mtp_depth = _imported_mtp_depth(Path(path), values, cfg.n_layers)
     except HFInteropError as err:
         raise HFInteropError(f"{where}: {err}") from None
     try:
@@ -132,6 +140,30 @@ def hf_model_config(path: Path | str) -> ModelConfig:
     except ConfigError as err:
         raise HFInteropError(f"{where}: gives an invalid moeforge model: {err}") from None
     return cfg
+
+
+def _imported_mtp_depth(path: Path, values: dict[str, Any], n_layers: int) -> int:
+    """The multi-token-prediction layers a checkpoint declares, or 0 when it stores none of them
+    (`transformers` saves DeepSeek-V3 without them, keeping num_nextn_predict_layers, default 1).
+
+    One layer only: DeepSeek-V3 has one, and how a second would read the first's output (before or
+    after its shared_head.norm) is not defined by the format; moeforge's modules pass it normalised.
+    """
+    declared = _declared_mtp_layers(values)
+    stored = _stored_mtp_layers(_stored_tensor_names(path), n_layers, declared) if declared else 0
+    if stored > 1:
+        raise HFInteropError(
+            f"unsupported: num_nextn_predict_layers={declared} (one multi-token-prediction layer only)"
+        )
+    return stored
+
+
+def _stored_tensor_names(path: Path) -> set[str]:
+    """The tensor names of a checkpoint, from its index or its shards' headers (none for a bare config)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    return {name for file in sorted(path.glob("*.safetensors")) for name in _tensor_names(file)}
 
 
 def architecture_of(hf: dict[str, Any], where: Path | str) -> Architecture:
@@ -471,7 +503,7 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "aux_loss_alpha": moe.aux_coef or moe.seq_aux_coef,
         "scoring_func": "sigmoid",
         "topk_method": "noaux_tc",
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": cfg.mtp_depth,
     }
 
 
@@ -484,8 +516,10 @@ def _deepseek_misfits(cfg: ModelConfig) -> list[str]:
         problems.append("moe.n-shared-experts=0 (needs >= 1)")
     if cfg.norm_eps != _DEEPSEEK_LATENT_NORM_EPS:
         problems.append(f"norm-eps={cfg.norm_eps} (needs 1e-6)")
-    if cfg.mtp_depth:
-        problems.append(f"mtp-depth={cfg.mtp_depth} (multi-token prediction modules are not exported)")
+    if cfg.mtp_depth > 1:
+        problems.append(f"mtp-depth={cfg.mtp_depth} (needs 0 or 1: one multi-token-prediction layer)")
+    if cfg.mtp_depth and cfg.n_dense_layers >= cfg.n_layers:
+        problems.append(f"n-dense-layers={cfg.n_dense_layers} with mtp-depth (DeepSeek's MTP layer is MoE)")
     return problems
 
 
@@ -548,22 +582,61 @@ class Slot:
     transpose: bool = False
     rows: tuple[int, ...] | None = None
     """moeforge row r holds Hugging Face row rows[r] (a permutation: DeepSeek's interleaved RoPE)"""
+    columns: tuple[int, ...] | None = None
+    """moeforge column c holds Hugging Face column columns[c] (DeepSeek's MTP projection)"""
     fp32: bool = False
     """stored in fp32 whatever the checkpoint's precision (`transformers` keeps the correction bias so)"""
+    duplicate: bool = False
+    """a copy of a tensor another slot places (DeepSeek's MTP layer repeats the shared embedding and
+    head): checked equal on import, written again on export"""
+
+    def order(self, dim: int) -> tuple[int, ...] | None:
+        """The permutation along `dim` of the Hugging Face layout, if any."""
+        return (self.rows, self.columns)[dim] if dim < 2 else None
 
 
-def tensor_layout(cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any]) -> dict[str, Slot]:
-    """Every tensor of the Hugging Face checkpoint of `cfg`, by name, with its place in moeforge."""
+def tensor_layout(
+    cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any], mtp_layers: int
+) -> dict[str, Slot]:
+    """Every tensor of the Hugging Face checkpoint of `cfg` with its first `mtp_layers` multi-token
+    prediction layers, by name, with its place in moeforge."""
     layout = {"model.embed_tokens.weight": Slot("tok_embeddings.weight"), "model.norm.weight": Slot("norm.weight")}
     if not cfg.tie_embeddings:
         layout["lm_head.weight"] = Slot("output.weight")
     for i in range(cfg.n_layers):
-        layout.update(_layer_layout(cfg, arch, hf_config, i))
+        moe = cfg.is_moe_layer(i)
+        layout.update(_block_layout(cfg, arch, hf_config, f"model.layers.{i}.", f"layers.{i}.", moe))
+    for depth in range(mtp_layers):
+        layout.update(_mtp_layout(cfg, arch, hf_config, depth))
     return layout
 
 
-def _layer_layout(cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any], i: int) -> dict[str, Slot]:
-    hf, ours = f"model.layers.{i}.", f"layers.{i}."
+def _mtp_layout(
+    cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any], depth: int
+) -> dict[str, Slot]:
+    """DeepSeek's MTP layer `n_layers + depth` (vLLM and SGLang run it as: shared_head.norm of the block
+    of eh_proj [enorm(emb); hnorm(h)], read by the shared head). moeforge's projection takes [h; emb],
+    so the halves of eh_proj's columns swap; shared_head.norm is the module's final norm; the layer's
+    embed_tokens and shared_head.head repeat the main model's, which moeforge shares."""
+    hf, ours = f"model.layers.{cfg.n_layers + depth}.", f"mtp.{depth}."
+    halves_swapped = (*range(cfg.dim, 2 * cfg.dim), *range(cfg.dim))
+    layout = {
+        f"{hf}enorm.weight": Slot(f"{ours}embed_norm.weight"),
+        f"{hf}hnorm.weight": Slot(f"{ours}hidden_norm.weight"),
+        f"{hf}eh_proj.weight": Slot(f"{ours}proj.weight", columns=halves_swapped),
+        f"{hf}shared_head.norm.weight": Slot(f"{ours}norm.weight"),
+        f"{hf}embed_tokens.weight": Slot("tok_embeddings.weight", duplicate=True),
+        f"{hf}shared_head.head.weight": Slot("output.weight", duplicate=True),
+    }
+    moe = cfg.is_moe_layer(cfg.n_layers - 1)  # moeforge's MTP block is built like the last block
+    layout.update(_block_layout(cfg, arch, hf_config, hf, f"{ours}block.", moe))
+    return layout
+
+
+def _block_layout(
+    cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any], hf: str, ours: str, moe: bool
+) -> dict[str, Slot]:
+    """One decoder layer `hf` (HF prefix) = the moeforge `Block` at `ours`."""
     layout = {
         f"{hf}input_layernorm.weight": Slot(f"{ours}attention_norm.weight"),
         f"{hf}post_attention_layernorm.weight": Slot(f"{ours}ffn_norm.weight"),
@@ -573,7 +646,7 @@ def _layer_layout(cfg: ModelConfig, arch: Architecture, hf_config: dict[str, Any
         layout.update(_mla_layout(cfg, f"{hf}self_attn.", f"{ours}attention.", interleaved))
     else:
         layout.update(_attention_layout(cfg, f"{hf}self_attn.", f"{ours}attention."))
-    if cfg.is_moe_layer(i):
+    if moe:
         layout.update(_moe_layout(cfg, arch, f"{hf}{arch.moe_block}.", f"{ours}ffn."))
     else:
         layout.update(_swiglu_layout(f"{hf}mlp.", f"{ours}ffn.", cfg.ffn_dim))
@@ -663,44 +736,92 @@ def from_hf(path: Path | str, progress: bool = True) -> Transformer:
 
 
 @torch.no_grad()
-def load_hf_weights(model: Transformer, path: Path | str, progress: bool = True) -> None:
-    """Copy the tensors of a Hugging Face checkpoint into `model`, one tensor at a time.
+def load_hf_weights(model: Transformer, path: Path | str, progress: bool = True) -> dict[str, int]:
+    """Copy a Hugging Face checkpoint into `model`, whole or sharded by `parallelize`, in place.
+
+    Each process reads from the memory-mapped shards, one tensor at a time, only the slices that land
+    in its own part of each parameter (`local_part`). A plain model is all local: every tensor is read
+    whole. After `parallelize`, a process reads of the routed experts only the E/ep it owns (of those,
+    the ones FSDP gives it over efsdp) and never touches the others; of every other parameter, the
+    rows FSDP gives it; buffers (the router's correction bias) in full. Memory beyond the model's own
+    shards: one tensor's slice (plus, for DeepSeek's permuted RoPE rows, the rows around it). This is
+    what loading costs; a caller that builds the whole model on every rank before `parallelize` (as
+    the trainer does) still holds it whole until then.
 
     `model.cfg` must have the checkpoint's shapes (e.g. built from `hf_model_config(path)`); every
-    tensor of the checkpoint must find its place and every place must be filled.
+    tensor of the checkpoint must find its place and every place must be filled, except that DeepSeek's
+    multi-token-prediction layers beyond `model.cfg.mtp_depth` are skipped with a warning, and MTP
+    modules the checkpoint stores no layer for keep their initialisation.
+
+    Returns the bytes this process read from each tensor it read any part of.
     """
     path = Path(path)
+    cfg = model.cfg
     hf_config = read_hf_config(path)
     arch = architecture_of(hf_config, path / CONFIG_FILE)
-    layout = tensor_layout(model.cfg, arch, hf_config)
-    state = model.state_dict(keep_vars=True)
-    seen: set[str] = set()
-    skipped_mtp = 0
+    names = {file: _tensor_names(file) for file in weight_files(path)}
+    declared = _declared_mtp_layers(hf_config)
+    stored_mtp = _stored_mtp_layers(itertools.chain(*names.values()), cfg.n_layers, declared)
+    mtp_layers = min(cfg.mtp_depth, stored_mtp)
+    layout = tensor_layout(cfg, arch, hf_config, mtp_layers)
+    skipped_layers = range(cfg.n_layers + mtp_layers, cfg.n_layers + declared)
+    located = _locate(path, names, layout, cfg, arch, skipped_layers)
+    parts = {name: local_part(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
+    read: dict[str, int] = {}
+    in_order = sorted(located, key=lambda name: layout[name].duplicate)  # copies after what they repeat
     with tqdm(total=len(layout), desc="import", unit="tensor", disable=not progress) as bar:
-        for file in weight_files(path):
+        for file, group in itertools.groupby(in_order, key=located.__getitem__):
             with safe_open(str(file), framework="pt") as shard:
-                for name in shard.keys():  # noqa: SIM118 -- safe_open is not a mapping
-                    if _is_mtp_tensor(name, model.cfg, hf_config):
-                        skipped_mtp += 1
-                        continue
-                    if _skippable(name, model.cfg):
-                        continue
-                    if name not in layout:
-                        raise HFInteropError(f"{file.name}: tensor {name!r} has no place in this {arch.model_type} model")
-                    if name in seen:
-                        raise HFInteropError(f"{file.name}: tensor {name!r} appears in more than one shard")
-                    _place(state, layout[name], name, shard.get_tensor(name))
-                    seen.add(name)
+                for name in group:
+                    slot = layout[name]
+                    nbytes = _load_tensor(shard.get_slice(name), name, slot, parts[slot.param])
+                    if nbytes:
+                        read[name] = nbytes
                     bar.update(1)
-    missing = [name for name in layout if name not in seen]
+    return read
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as shard:
+        return list(shard.keys())  # noqa: SIM118 -- safe_open is not a mapping
+
+
+def _locate(
+    path: Path,
+    names: dict[Path, list[str]],
+    layout: dict[str, Slot],
+    cfg: ModelConfig,
+    arch: Architecture,
+    skipped_layers: range,
+) -> dict[str, Path]:
+    """The file of every tensor in `layout`, checked from the shards' headers before any data is read:
+    no tensor without a place, none twice, none missing; MTP layers in `skipped_layers` are skipped."""
+    located: dict[str, Path] = {}
+    skipped = 0
+    for file, file_names in names.items():
+        for name in file_names:
+            if _layer_index(name) in skipped_layers:
+                skipped += 1
+            elif _skippable(name, cfg):
+                continue
+            elif name not in layout:
+                raise HFInteropError(
+                    f"{file.name}: tensor {name!r} has no place in this {arch.model_type} model"
+                )
+            elif name in located:
+                raise HFInteropError(f"{file.name}: tensor {name!r} appears in more than one shard")
+            else:
+                located[name] = file
+    missing = [name for name in layout if name not in located]
     if missing:
         raise HFInteropError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r}")
-    if skipped_mtp:
+    if skipped:
         warnings.warn(
-            f"skipped the {skipped_mtp} tensors of the multi-token-prediction layer(s) "
-            f"model.layers.{model.cfg.n_layers}.* (as transformers does): the main model is imported",
-            stacklevel=2,
+            f"skipped the {skipped} tensors of the multi-token-prediction layer(s) from "
+            f"model.layers.{skipped_layers.start} on (model.mtp-depth={cfg.mtp_depth}): the rest is imported",
+            stacklevel=3,
         )
+    return located
 
 
 def _skippable(name: str, cfg: ModelConfig) -> bool:
@@ -708,23 +829,118 @@ def _skippable(name: str, cfg: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
-def _is_mtp_tensor(name: str, cfg: ModelConfig, hf_config: dict[str, Any]) -> bool:
-    """A tensor of DeepSeek's multi-token-prediction layers, stored as layers after the last one."""
-    n_mtp = hf_config.get("num_nextn_predict_layers") or hf_config.get("num_mtp_layers") or 0
+def _layer_index(name: str) -> int | None:
+    """i of a tensor `model.layers.{i}.*`, else None."""
     prefix = "model.layers."
-    if not n_mtp or not name.startswith(prefix):
-        return False
-    layer = int(name[len(prefix) :].split(".", 1)[0])
-    return cfg.n_layers <= layer < cfg.n_layers + n_mtp
+    return int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else None
 
 
-def _place(state: dict[str, torch.Tensor], slot: Slot, name: str, value: torch.Tensor) -> None:
-    target = _view(state, slot)
-    if value.shape != target.shape:
+def _declared_mtp_layers(hf_config: dict[str, Any]) -> int:
+    return hf_config.get("num_nextn_predict_layers") or hf_config.get("num_mtp_layers") or 0
+
+
+def _stored_mtp_layers(names: Iterable[str], n_layers: int, declared: int) -> int:
+    """How many of the `declared` MTP layers (stored as layers n_layers, n_layers + 1, ...) have tensors."""
+    return len({_layer_index(name) for name in names} & set(range(n_layers, n_layers + declared)))
+
+
+@dataclass(frozen=True)
+class LocalPart:
+    """The block of a tensor this process holds: `tensor` is full[o0 : o0 + n0, o1 : o1 + n1, ...]
+    for (o0, o1, ...) = `offset` and (n0, n1, ...) = `tensor.shape`."""
+
+    tensor: torch.Tensor
+    offset: tuple[int, ...]
+    full_shape: tuple[int, ...]
+
+
+def local_part(tensor: torch.Tensor) -> LocalPart:
+    """All of a plain tensor; of a DTensor (experts `Shard(0)` over ep, FSDP2 shards, HSDP replicas)
+    the one block its placements give this rank, located as torch.distributed.checkpoint locates it."""
+    if not isinstance(tensor, DTensor):
+        return LocalPart(tensor, (0,) * tensor.dim(), tuple(tensor.shape))
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return LocalPart(tensor.to_local(), tuple(offset), tuple(tensor.shape))
+
+
+def _load_tensor(stored: Any, name: str, slot: Slot, part: LocalPart) -> int:
+    """Copy the slice of one stored tensor that lands in `part` (for a duplicate: check it equals what
+    is there); the bytes read, 0 when none of it lands there."""
+    box = _slot_box(slot, part.full_shape)
+    expected = [stop - start for start, stop, kept in box if kept]
+    expected = expected[::-1] if slot.transpose else expected
+    if list(stored.get_shape()) != expected:
         raise HFInteropError(
-            f"tensor {name!r}: shape {list(value.shape)} does not fit this model (expected {list(target.shape)})"
+            f"tensor {name!r}: shape {list(stored.get_shape())} does not fit this model (expected {expected})"
         )
-    target.copy_(value[list(slot.rows)] if slot.rows is not None else value)
+    overlap = _overlap(box, part)
+    if overlap is None:
+        return 0
+    local_index, ranges = overlap
+    target = part.tensor[local_index]
+    if slot.transpose:
+        target, ranges = target.T, ranges[::-1]
+    value, nbytes = _read_ranges(stored, ranges, slot)
+    if not slot.duplicate:
+        target.copy_(value)
+    elif not torch.equal(target, value.to(target)):
+        raise HFInteropError(
+            f"tensor {name!r} differs from the {slot.param} it repeats (moeforge shares one copy)"
+        )
+    return nbytes
+
+
+def _slot_box(slot: Slot, shape: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """[start, stop) of `slot` in each dim of its moeforge tensor, and whether the Hugging Face tensor
+    has that dim (an integer index, e.g. one expert, drops it)."""
+    index = (*slot.index, *[slice(None)] * (len(shape) - len(slot.index)))
+    box = []
+    for i, size in zip(index, shape):
+        if isinstance(i, int):
+            box.append((i, i + 1, False))
+        else:
+            start, stop, _ = i.indices(size)
+            box.append((start, stop, True))
+    return box
+
+
+def _overlap(
+    box: list[tuple[int, int, bool]], part: LocalPart
+) -> tuple[tuple[Any, ...], list[tuple[int, int]]] | None:
+    """Where a slot's box meets this process's part: the index into the local tensor, and the
+    [start, stop) ranges of the slot's dims that land there; None when they do not meet."""
+    local_index: list[Any] = []
+    ranges = []
+    for (start, stop, kept), offset, size in zip(box, part.offset, part.tensor.shape):
+        low, high = max(start, offset), min(stop, offset + size)
+        if low >= high:
+            return None
+        local_index.append(slice(low - offset, high - offset) if kept else low - offset)
+        if kept:
+            ranges.append((low - start, high - start))
+    return tuple(local_index), ranges
+
+
+def _read_ranges(stored: Any, ranges: list[tuple[int, int]], slot: Slot) -> tuple[torch.Tensor, int]:
+    """The part of a stored tensor at `ranges` (its dims, with permuted rows/columns in moeforge's
+    order) and the bytes read: along a permuted dim the covering slice is read, then reordered."""
+    slices, picks = [], []
+    for dim, (start, stop) in enumerate(ranges):
+        order = slot.order(dim)
+        if order is None:
+            slices.append(slice(start, stop))
+            picks.append(None)
+        else:
+            wanted = torch.tensor(order[start:stop])
+            first = int(wanted.min())
+            slices.append(slice(first, int(wanted.max()) + 1))
+            picks.append(wanted - first)
+    block = stored[tuple(slices)]
+    nbytes = block.numel() * block.element_size()
+    for dim, pick in enumerate(picks):
+        if pick is not None:
+            block = block.index_select(dim, pick)
+    return block, nbytes
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -770,7 +986,7 @@ def to_hf(
     if path.is_dir() and any(path.glob("*.safetensors")):
         raise HFInteropError(f"to_hf: {path} already holds *.safetensors files; choose an empty directory")
     hf_config = {**arch.to_hf(cfg), "torch_dtype": DTYPE_NAMES[dtype]}
-    layout = tensor_layout(cfg, arch, hf_config)
+    layout = tensor_layout(cfg, arch, hf_config, cfg.mtp_depth)
     state = model.state_dict(keep_vars=True)
     _check_nothing_dropped(state, layout, cfg, arch)
     path.mkdir(parents=True, exist_ok=True)
@@ -796,6 +1012,8 @@ def _hf_tensor(state: dict[str, torch.Tensor], slot: Slot, dtype: torch.dtype) -
     tensor = _view(state, slot)
     if slot.rows is not None:
         tensor = tensor[torch.tensor(slot.rows).argsort()]
+    if slot.columns is not None:
+        tensor = tensor[:, torch.tensor(slot.columns).argsort()]
     return tensor.to(_slot_dtype(slot, dtype), memory_format=torch.contiguous_format, copy=True)
 
 

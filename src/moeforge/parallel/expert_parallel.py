@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moeforge.model.moe.dispatch import _FanInRows, _FanOutRows
+from moeforge.model.moe.dispatch import fan_in_rows, fan_out_rows
 
 
 class ExpertParallelDispatch(NamedTuple):
@@ -78,7 +78,7 @@ class AllToAllDispatcher:
         token_of_sent, sent_of_token, slot_served, local_expert = self._rows_to_send(
             goes_to, expert_indices, rank_of_slot, sum(send_splits)
         )
-        x_sent = _FanOutRows.apply(x, token_of_sent, sent_of_token, True)
+        x_sent = fan_out_rows(x, token_of_sent, sent_of_token, padded=True)
         received = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
         received_expert = local_expert.new_empty(sum(recv_splits), top_k)
         dist.all_to_all_single(received_expert, local_expert, recv_splits, send_splits, group=self.group)
@@ -89,7 +89,7 @@ class AllToAllDispatcher:
         sorted_of_slot[slot_of_sorted] = torch.arange(n_assignments, device=x.device)
         sorted_of_slot = sorted_of_slot.view(-1, top_k)
         received_of_sorted = torch.div(slot_of_sorted, top_k, rounding_mode="floor")
-        by_expert = _FanOutRows.apply(received, received_of_sorted, sorted_of_slot, True)
+        by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
         state = ExpertParallelDispatch(
             token_of_sent, sent_of_token, slot_served, send_splits, recv_splits,
             received_of_sorted, sorted_of_slot, slot_of_sorted,
@@ -114,11 +114,11 @@ class AllToAllDispatcher:
         return token_of_sent, sent_of_token, slot_served, local_expert
 
     def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        gates_sent = _FanOutRows.apply(gates, state.token_of_sent, state.sent_of_token, True)
+        gates_sent = fan_out_rows(gates, state.token_of_sent, state.sent_of_token, padded=True)
         gates_sent = gates_sent * state.slot_served
         gates_received = all_to_all_single_autograd(gates_sent, state.recv_splits, state.send_splits, self.group)
         gate_of_sorted = gates_received.reshape(-1).index_select(0, state.slot_of_sorted)
         weighted = expert_out * gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
-        per_received = _FanInRows.apply(weighted, state.sorted_of_slot, state.received_of_sorted)
+        per_received = fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
         returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
-        return _FanInRows.apply(returned, state.sent_of_token, state.token_of_sent)
+        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)

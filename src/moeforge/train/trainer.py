@@ -117,11 +117,11 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        if tcfg.init_from_hf:
-            load_hf_weights(self.model, tcfg.init_from_hf, progress=self.is_main and tcfg.progress)
         self.mesh = build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
         if self.mesh is not None:
-            parallelize(self.model, self.mesh)
+            parallelize(self.model, self.mesh, cfg.parallel)
+        if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
+            load_hf_weights(self.model, tcfg.init_from_hf, progress=self.is_main and tcfg.progress)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = PackedLoader(

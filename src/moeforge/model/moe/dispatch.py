@@ -52,7 +52,7 @@ class LocalDispatcher:
         sorted_of_flat = inverse_permutation(flat_of_sorted)
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.n_experts)
         top_k = expert_indices.shape[1]
-        x_sorted = _FanOutRows.apply(x, flat_of_sorted // top_k, sorted_of_flat.view(-1, top_k), False)
+        x_sorted = fan_out_rows(x, flat_of_sorted // top_k, sorted_of_flat.view(-1, top_k), padded=False)
         return x_sorted, tokens_per_expert, LocalDispatch(flat_of_sorted, sorted_of_flat)
 
     def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: LocalDispatch) -> torch.Tensor:
@@ -67,6 +67,18 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return inverse
+
+
+def fan_out_rows(x: torch.Tensor, rows: torch.Tensor, slot_table: torch.Tensor, padded: bool) -> torch.Tensor:
+    """x[rows], where a row of x may be copied several times; the backward adds each row's copies in
+    `slot_table` order (see `_FanOutRows`)."""
+    return _FanOutRows.apply(x, rows, slot_table, padded)
+
+
+def fan_in_rows(y: torch.Tensor, slot_table: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum of y[slot_table[n, c]] over c (entries len(y) are empty); the transpose of
+    `fan_out_rows` (see `_FanInRows`)."""
+    return _FanInRows.apply(y, slot_table, row_owner)
 
 
 class _FanOutRows(torch.autograd.Function):

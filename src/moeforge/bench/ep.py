@@ -141,7 +141,7 @@ def measure(settings: EpBenchSettings, device: torch.device) -> dict[str, Any]:
         "cases_ms": figures,
         "traffic": traffic,
         "node_limited_vs_unlimited": _ratio(traffic, "bytes_off_node_per_token"),
-        "per_node_vs_per_expert": {
+        "per_rank_vs_per_expert": {
             label: t["per_expert_bytes_off_node_per_token"] / max(t["bytes_off_node_per_token"], 1e-12)
             for label, t in traffic.items()
         },
@@ -267,19 +267,19 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<8}" + "".join(f"{fig[p]:>12.1f}" for p in PHASES) + f"{fig['vs_ep1']:>9.2f}")
     lines += [
         "",
-        f"traffic per token, off-node = to another of {cfg['ep_nodes']} nodes, dispatch + combine:",
-        f"{'routing':<20}{'rows, per expert':>18}{'rows, per node':>16}{'KB, per expert':>16}{'KB, per node':>14}",
+        f"traffic per token leaving its node (one of {cfg['ep_nodes']}), dispatch + combine, mean over every rank's tokens:",
+        f"{'routing':<20}{'rows, per expert':>18}{'rows, per rank':>16}{'KB, per expert':>16}{'KB, per rank':>14}",
     ]
     for label, t in result["traffic"].items():
         lines.append(
             f"{label:<20}{t['per_expert_rows_off_node_per_token']:>18.2f}{t['rows_off_node_per_token']:>16.2f}"
             f"{t['per_expert_bytes_off_node_per_token'] / 1e3:>16.2f}{t['bytes_off_node_per_token'] / 1e3:>14.2f}"
         )
-    per_node = result["per_node_vs_per_expert"]
+    per_rank = result["per_rank_vs_per_expert"]
     lines += [
         "",
         f"node-limited routing sends {result['node_limited_vs_unlimited']:.2f}x fewer bytes off-node than unlimited;",
-        "one row per (token, node) instead of per (token, expert): "
-        + ", ".join(f"{ratio:.2f}x fewer ({label})" for label, ratio in per_node.items()),
+        "one row per (token, destination rank) instead of per (token, expert): "
+        + ", ".join(f"{ratio:.2f}x fewer ({label})" for label, ratio in per_rank.items()),
     ]
     return "\n".join(lines)

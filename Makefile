@@ -23,6 +23,7 @@ test-quick: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) -m moeforge bench moe
+	$(PY) -m moeforge bench ep
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests

@@ -173,21 +173,13 @@ def looped_swiglu(
     return torch.cat(outs)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    `torch._grouped_mm`'s backward rejects stride-0 (expanded) gradients such as the one
-    `out.sum().backward()` sends.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(x)
+    """`x` itself, whose incoming gradient is made contiguous: `torch._grouped_mm`'s backward rejects
+    stride-0 (expanded) gradients such as the one `out.sum().backward()` sends.
+
+    A tensor hook rather than an identity autograd.Function, whose output would be a view: FSDP warns
+    that an in-place op on a module's view output would skip its pre-backward hook.
+    """
+    if x.requires_grad:
+        x.register_hook(torch.Tensor.contiguous)
+    return x

@@ -1,9 +1,10 @@
 """Scale-out: the DeviceMesh, expert parallelism and FSDP2/HSDP applied from outside the model."""
 
-from moeforge.parallel.mesh import World, build_mesh, init_distributed, launched_distributed
+from moeforge.parallel.mesh import ParallelMesh, World, build_mesh, init_distributed, launched_distributed
 from moeforge.parallel.parallelize import average_across_ranks, clip_grad_norm_, parallelize
 
 __all__ = [
+    "ParallelMesh",
     "World",
     "average_across_ranks",
     "build_mesh",

@@ -26,9 +26,10 @@ from moeforge.config import ConfigError, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.expert_parallel import AllToAllDispatcher
+from moeforge.parallel.mesh import ParallelMesh
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig | None = None) -> Transformer:
+def parallelize(model: Transformer, mesh: ParallelMesh, cfg: ParallelConfig | None = None) -> Transformer:
     """Shard `model` in place over `mesh` (see `build_mesh`) and return it.
 
     With the `cfg` the mesh was built from, the layout is first checked against the mesh and the
@@ -59,7 +60,7 @@ def apply_expert_parallel(layer: MoE, ep_mesh: DeviceMesh) -> None:
     layer.dispatcher = AllToAllDispatcher(layer.cfg.n_experts, ep_mesh.get_group())
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh) -> None:
+def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
     """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then the root.
 
     The trainer calls the root through `forward_with_hidden` and `mtp_losses` as well as `forward`,

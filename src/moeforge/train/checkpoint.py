@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from moeforge.parallel.mesh import ParallelMesh
 
 META_FILE = "meta.json"
 PREFIX = "step_"
@@ -172,7 +174,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh: DeviceMesh | None = None
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh: ParallelMesh | None = None
 ) -> CheckpointMeta:
     """Load a checkpoint into `model` (and `optimizer`, RNG) in place; returns its metadata, whose
     `load_stats` says how many bytes of tensor data this rank read from storage or received.
@@ -216,7 +218,7 @@ def _raise_unless_fits(path: Path, error: str | None) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {error}")
 
 
-def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: DeviceMesh) -> LoadStats:
+def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: ParallelMesh) -> LoadStats:
     """Replica 0 fills `state` from storage; every other replica copies it from its replica-0 peer.
 
     The small leaves travel first, pickled, with replica 0's verdict, so that a checkpoint that does not

@@ -159,7 +159,10 @@ def run_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.init_from_hf:
         overrides["train.init-from-hf"] = args.init_from_hf
     cfg = load_config(args.preset, args.config, overrides, world_size=world_size)
-    result = Trainer(cfg, Path(args.out)).fit()
+    trainer = Trainer(cfg, Path(args.out))
+    result = trainer.fit()
+    if not trainer.is_main:  # under torchrun the summary is printed once, by rank 0
+        return 0
     state = "interrupted" if result.interrupted else "done"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}")

@@ -8,13 +8,15 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from launch import free_port, run_on_processes
 from moeforge.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
-from moeforge.parallel import build_mesh, parallelize
+from moeforge.parallel import build_mesh, clip_grad_norm_, parallelize
 from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.train import checkpoint as ckpt
 
@@ -105,3 +107,27 @@ def parallelize_checks_layout(rank: int) -> None:
 
 def test_parallelize_checks_the_layout_against_mesh_and_model():
     run_on_processes(2, parallelize_checks_layout)
+
+
+def clip_norm_is_global_and_identical_on_every_rank(rank: int) -> None:
+    layout = ParallelConfig(dp_replicate=2, ep=2)
+    mesh = build_mesh(layout, 4, "cpu")
+    torch.manual_seed(0)
+    model = parallelize(Transformer(ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, moe=CFG)), mesh)
+    torch.manual_seed(1 + rank % 2)  # the two replicas see the same batch pair, as after HSDP's reduction
+    model(torch.randint(0, 256, (2, 8))).square().mean().backward()
+    params = list(model.parameters())
+    full = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in full]))
+    norm = clip_grad_norm_(params, max_norm=1e-3, shard_group=mesh["dp_shard"].get_group())
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    norms = [torch.empty_like(norm) for _ in range(4)]
+    dist.all_gather(norms, norm)
+    assert all(torch.equal(n, norms[0]) for n in norms), norms  # the same bits: replicas stay identical
+    clipped = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in clipped]))
+    torch.testing.assert_close(total, torch.tensor(1e-3, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_clip_grad_norm_over_hsdp_and_expert_shards():
+    run_on_processes(4, clip_norm_is_global_and_identical_on_every_rank)

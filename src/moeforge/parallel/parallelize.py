@@ -78,20 +78,41 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
         register_fsdp_forward_method(model, method)
 
 
-def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip to a global gradient norm over parameters that may be DTensors on different meshes
-    (experts on the ep mesh, the rest on the dp mesh), or plain tensors. Returns the norm."""
+def clip_grad_norm_(
+    parameters: list[nn.Parameter], max_norm: float, shard_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Clip to the global gradient norm and return it.
+
+    The parameters are plain tensors (one process), or DTensors whose local shards, over the ranks
+    of `shard_group` (dp_shard: experts split over efsdp x ep, the rest over dp_shard), are disjoint
+    parts of the whole; replicas (dp_replicate) hold the same gradients. Each rank adds its shards'
+    squares and one all-reduce over the group gives every rank the same bits, so replicated
+    parameters stay identical (a DTensor's full_tensor() would reduce mesh dim by mesh dim, in an
+    order that can differ between ranks)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norms = []
-    for grad in grads:
-        norm = torch.linalg.vector_norm(grad)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    if not grads:
+        return torch.zeros(())
+    squares = torch.stack([_local_square_sum(grad) for grad in grads]).sum()
+    if shard_group is not None:
+        dist.all_reduce(squares, group=shard_group)
+    total = squares.sqrt()
     if max_norm != float("inf"):
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad in grads:
             grad.mul_(scale)
     return total
+
+
+def _local_square_sum(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of this rank's part of `grad`, divided by the copies of it that the shard group
+    holds (a DTensor replicated over a mesh dim other than dp_replicate)."""
+    if not isinstance(grad, DTensor):
+        return grad.float().square().sum()
+    mesh, copies = grad.device_mesh, 1
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_replicate() and mesh.mesh_dim_names[dim] != "dp_replicate":
+            copies *= mesh.size(dim)
+    return grad.to_local().float().square().sum() / copies
 
 
 def average_across_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -240,7 +240,8 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.train.grad_clip or float("inf")
-        return float(clip_grad_norm_(list(self.model.parameters()), max_norm))
+        shard_group = self.mesh["dp_shard"].get_group() if self.mesh is not None else None
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm, shard_group))
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps

@@ -204,7 +204,7 @@ def test_invalid_config_raises_config_error(overrides, field):
 def test_local_dispatch_groups_rows_by_expert_stably():
     x = torch.arange(4.0).unsqueeze(1).repeat(1, 4)  # row t holds the value t
     experts = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
-    x_sorted, counts, _ = LocalDispatcher(3).dispatch(x, experts)
+    x_sorted, counts, _ = LocalDispatcher(3).dispatch(x, experts, torch.ones(4, 2))
     assert counts.tolist() == [3, 2, 3]
     # expert 0 gets tokens 0,1,3; expert 1 gets 1,2; expert 2 gets 0,2,3 (token order kept)
     assert x_sorted[:, 0].tolist() == [0, 1, 3, 1, 2, 0, 2, 3]
@@ -216,10 +216,10 @@ def test_local_combine_is_gated_sum_with_gradients():
     x = torch.randn(7, 8, requires_grad=True)
     experts = torch.rand(7, 5).topk(3, dim=-1).indices
     gates = torch.rand(7, 3, requires_grad=True)
-    x_sorted, _, state = dispatcher.dispatch(x, experts)
+    x_sorted, _, state = dispatcher.dispatch(x, experts, gates)
     scale = torch.arange(1.0, 6.0)  # "expert e" multiplies its rows by e + 1
     expert_of_row = experts.reshape(-1).sort(stable=True).values
-    out = dispatcher.combine(x_sorted * scale[expert_of_row].unsqueeze(1), gates, state)
+    out = dispatcher.combine(x_sorted * scale[expert_of_row].unsqueeze(1), state)
     expected = (gates.unsqueeze(-1) * scale[experts].unsqueeze(-1) * x.unsqueeze(1)).sum(1)
     torch.testing.assert_close(out, expected)
     grad = torch.randn(7, 8)

@@ -186,11 +186,11 @@ def forward_phases(layer: MoE, tokens: torch.Tensor, device: torch.device) -> li
 
     routing = layer.router(tokens)
     mark()
-    x_sorted, tokens_per_expert, state = layer.dispatcher.dispatch(tokens, routing.expert_indices)
+    x_sorted, tokens_per_expert, state = layer.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
     mark()
     expert_out = layer.experts(x_sorted, tokens_per_expert)
     mark()
-    layer.dispatcher.combine(expert_out, routing.gates, state)
+    layer.dispatcher.combine(expert_out, state)
     mark()
     phases = [b - a for a, b in zip(marks, marks[1:])]
     return [*phases, marks[-1] - marks[0]]
@@ -211,8 +211,9 @@ def count_traffic(
     apply_expert_parallel(layer, ep_mesh)
     tokens = x.view(-1, x.shape[-1])
     with torch.no_grad():
-        expert_indices = layer.router(tokens).expert_indices
-        layer.dispatcher.dispatch(tokens, expert_indices)
+        routing = layer.router(tokens)
+        layer.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
+    expert_indices = routing.expert_indices
     rank, ep = dist.get_rank(), dist.get_world_size()
     ranks_per_node = ep // settings.ep_nodes
     splits = layer.dispatcher.last_send_splits
@@ -231,7 +232,7 @@ def count_traffic(
     dist.all_reduce(counts)
     n_tokens, off_rank, off_node, per_expert_off_rank, per_expert_off_node = counts.tolist()
     row_bytes = 2 * settings.dim * dtype.itemsize  # the row out (dispatch) and back (combine)
-    routing_bytes = settings.top_k * (8 + 4)  # each row's local expert ids (int64) and gates (fp32)
+    routing_bytes = settings.top_k * (4 + 4)  # each row's gates and local expert ids, both fp32
     return {
         "rows_off_rank_per_token": off_rank / n_tokens,
         "rows_off_node_per_token": off_node / n_tokens,

@@ -64,7 +64,7 @@ def run_moe_bench(
     with torch.no_grad():
         routing = any_layer.router(x.view(tokens, dim))
         x_sorted, tokens_per_expert, _ = any_layer.dispatcher.dispatch(
-            x.view(tokens, dim), routing.expert_indices
+            x.view(tokens, dim), routing.expert_indices, routing.gates
         )
     dense = SwiGLU(dim, ffn_dim).to(torch_device, torch_dtype)
     dense.init_weights(0.02)

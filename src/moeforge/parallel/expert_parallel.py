@@ -8,10 +8,11 @@ crosses at most M node boundaries instead of up to k.
 
     dispatch:  rows to send = (token, destination rank) pairs, ordered by rank then token
                -> exchange counts (one small all-to-all; the only host sync: split sizes)
-               -> all-to-all the rows and, for each row, which local experts it serves
+               -> all-to-all the rows, and in a second one each row's k gates and local experts
+                  (-1 / gate 0 for slots served elsewhere)
                -> on the receiver, copy each row once per local expert it serves, grouped by expert
-    combine:   all-to-all the gates of the rows' slots; the receiver sums each row's gate-weighted
-               expert outputs, sends one row back per (token, rank); the sender adds a token's rows.
+    combine:   the receiver sums each row's gate-weighted expert outputs and sends one row back per
+               (token, rank); the sender adds a token's rows.
 
 Dropless: any rank may receive any number of rows, zero included, from any rank. Every gather with
 repeated rows has a slot-ordered backward (no atomics), so a run stays bit-reproducible.
@@ -33,8 +34,6 @@ class ExpertParallelDispatch(NamedTuple):
     """[S] the token of each sent row (rows ordered by destination rank, then token)"""
     sent_of_token: torch.Tensor
     """[N, ep] the sent row of (token, rank), or S where the token does not go to that rank"""
-    slot_served: torch.Tensor
-    """[S, k] bool: the slots of the row's token whose expert lives on the row's destination"""
     send_splits: list[int]
     """rows sent to each ep rank"""
     recv_splits: list[int]
@@ -43,8 +42,8 @@ class ExpertParallelDispatch(NamedTuple):
     """[A] the received row behind each expert-sorted assignment on this rank"""
     sorted_of_slot: torch.Tensor
     """[M, k] the expert-sorted assignment of each received row's slot, A where it is served elsewhere"""
-    slot_of_sorted: torch.Tensor
-    """[A] the flat slot (row * k + slot) of each expert-sorted assignment"""
+    gate_of_sorted: torch.Tensor
+    """[A] the gate of each expert-sorted assignment"""
 
 
 class AllToAllDispatcher:
@@ -60,7 +59,7 @@ class AllToAllDispatcher:
         """rows this rank sent to each ep rank by the last dispatch (for traffic figures)"""
 
     def dispatch(
-        self, x: torch.Tensor, expert_indices: torch.Tensor
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
         n_tokens, top_k = expert_indices.shape
         rank_of_slot = torch.div(expert_indices, self.local_experts, rounding_mode="floor")
@@ -80,8 +79,12 @@ class AllToAllDispatcher:
         )
         x_sent = fan_out_rows(x, token_of_sent, sent_of_token, padded=True)
         received = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
-        received_expert = local_expert.new_empty(sum(recv_splits), top_k)
-        dist.all_to_all_single(received_expert, local_expert, recv_splits, send_splits, group=self.group)
+        gates_sent = fan_out_rows(gates.float(), token_of_sent, sent_of_token, padded=True) * slot_served
+        # one exchange for both: expert ids are exact in fp32, and only the gates carry a gradient
+        routing_sent = torch.cat([gates_sent, local_expert.float()], dim=1)
+        routing_received = all_to_all_single_autograd(routing_sent, recv_splits, send_splits, self.group)
+        gates_received, received_expert = routing_received.split(top_k, dim=1)
+        received_expert = received_expert.detach().long()
 
         sort_key = torch.where(received_expert >= 0, received_expert, self.local_experts).reshape(-1)
         slot_of_sorted = torch.argsort(sort_key, stable=True)[:n_assignments]
@@ -90,9 +93,9 @@ class AllToAllDispatcher:
         sorted_of_slot = sorted_of_slot.view(-1, top_k)
         received_of_sorted = torch.div(slot_of_sorted, top_k, rounding_mode="floor")
         by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
+        gate_of_sorted = gates_received.reshape(-1).index_select(0, slot_of_sorted)
         state = ExpertParallelDispatch(
-            token_of_sent, sent_of_token, slot_served, send_splits, recv_splits,
-            received_of_sorted, sorted_of_slot, slot_of_sorted,
+            token_of_sent, sent_of_token, send_splits, recv_splits, received_of_sorted, sorted_of_slot, gate_of_sorted
         )
         return by_expert, tokens_per_expert, state
 
@@ -113,12 +116,8 @@ class AllToAllDispatcher:
         local_expert = torch.where(slot_served, expert_indices.index_select(0, token_of_sent) - first_local, -1)
         return token_of_sent, sent_of_token, slot_served, local_expert
 
-    def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        gates_sent = fan_out_rows(gates, state.token_of_sent, state.sent_of_token, padded=True)
-        gates_sent = gates_sent * state.slot_served
-        gates_received = all_to_all_single_autograd(gates_sent, state.recv_splits, state.send_splits, self.group)
-        gate_of_sorted = gates_received.reshape(-1).index_select(0, state.slot_of_sorted)
-        weighted = expert_out * gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
+    def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
+        weighted = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
         per_received = fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
         returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
         return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)

@@ -19,12 +19,15 @@ import torch
 
 class TokenDispatcher(Protocol):
     def dispatch(
-        self, x: torch.Tensor, expert_indices: torch.Tensor
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(rows grouped by expert [R, D], rows per local expert [E_local], state for `combine`)."""
+        """(rows grouped by expert [R, D], rows per local expert [E_local], state for `combine`).
+
+        The gates [N, k] travel with the tokens: an expert-parallel dispatcher sends them in the same
+        exchange, so that the receiver can sum a token's expert outputs before sending them back."""
         ...
 
-    def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: Any) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, state: Any) -> torch.Tensor:
         """Gate-weighted sum over each token's k expert outputs, [N, D] in the original token order."""
         ...
 
@@ -36,6 +39,8 @@ class LocalDispatch(NamedTuple):
     """[N*k] the flat assignment each sorted row came from"""
     sorted_of_flat: torch.Tensor
     """[N*k] the sorted row of each flat assignment (inverse permutation)"""
+    gates: torch.Tensor
+    """[N, k] the gate of each assignment"""
 
 
 class LocalDispatcher:
@@ -45,7 +50,7 @@ class LocalDispatcher:
         self.n_experts = n_experts
 
     def dispatch(
-        self, x: torch.Tensor, expert_indices: torch.Tensor
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, LocalDispatch]:
         flat_experts = expert_indices.reshape(-1)
         flat_of_sorted = torch.argsort(flat_experts, stable=True)
@@ -53,9 +58,10 @@ class LocalDispatcher:
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.n_experts)
         top_k = expert_indices.shape[1]
         x_sorted = fan_out_rows(x, flat_of_sorted // top_k, sorted_of_flat.view(-1, top_k), padded=False)
-        return x_sorted, tokens_per_expert, LocalDispatch(flat_of_sorted, sorted_of_flat)
+        return x_sorted, tokens_per_expert, LocalDispatch(flat_of_sorted, sorted_of_flat, gates)
 
-    def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: LocalDispatch) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, state: LocalDispatch) -> torch.Tensor:
+        gates = state.gates
         n_tokens, top_k = gates.shape
         per_token = _PermuteRows.apply(expert_out, state.sorted_of_flat, state.flat_of_sorted)
         per_token = per_token.view(n_tokens, top_k, -1)

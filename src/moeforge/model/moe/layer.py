@@ -69,9 +69,9 @@ class MoE(nn.Module):
         tokens = x.reshape(batch * seq, dim)
         routing = self.router(tokens)
         self.record_load(routing.expert_indices)
-        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routing.expert_indices)
+        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
         expert_out = self.experts(x_sorted, tokens_per_expert)
-        out = self.dispatcher.combine(expert_out, routing.gates, state)
+        out = self.dispatcher.combine(expert_out, state)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         self.set_aux_losses(routing, batch, seq)

@@ -51,13 +51,16 @@ def load_into_shards(rank: int, world_size: int, parallel: dict, hf_dir: str, re
     model = Transformer(cfg)
     mesh = build_mesh(ParallelConfig(**parallel), world_size, "cpu")
     parallelize(model, mesh)
-    read = load_hf_weights(model, hf_dir, progress=False)
+    read = load_hf_weights(model, hf_dir, progress=False, mesh=mesh)
 
-    experts_read = [int(match.group(1)) for name in read if (match := EXPERT_TENSOR.search(name))]
-    mine = own_experts(cfg.moe.n_experts, mesh)
-    moe_layers = sum(1 for _ in model.moe_layers())
-    assert set(experts_read) == mine
-    assert len(experts_read) == moe_layers * len(mine) * 3  # gate, up and down of each, nothing else
+    if mesh["dp_replicate"].get_local_rank() > 0:
+        assert read == {}  # HSDP: replica 0 reads, the others receive their shards from it
+    else:
+        experts_read = [int(match.group(1)) for name in read if (match := EXPERT_TENSOR.search(name))]
+        mine = own_experts(cfg.moe.n_experts, mesh)
+        moe_layers = sum(1 for _ in model.moe_layers())
+        assert set(experts_read) == mine
+        assert len(experts_read) == moe_layers * len(mine) * 3  # gate, up and down of each, nothing else
     assert_equals_reference(model, reference)
     with torch.no_grad():
         logits = model.eval()(reference["tokens"])
@@ -93,4 +96,17 @@ def test_deepseek_with_mtp_loads_into_fsdp_and_expert_shards(tmp_path):
     save_reference(tmp_path / "hf", tmp_path / "reference.pt")
     run_on_processes(
         4, load_into_shards, 4, {"dp_shard": 4, "ep": 2}, str(tmp_path / "hf"), str(tmp_path / "reference.pt")
+    )
+
+
+@pytest.mark.slow
+def test_hsdp_replica_0_reads_and_the_other_replica_receives(tmp_path):
+    """Four processes, dp_replicate=2 x ep=2: replica 1 reads nothing from disk and still holds exactly
+    the single-process import."""
+    from hf_models import qwen3_config, save_hf_model
+
+    save_hf_model(qwen3_config(), tmp_path / "hf")
+    save_reference(tmp_path / "hf", tmp_path / "reference.pt")
+    run_on_processes(
+        4, load_into_shards, 4, {"dp_replicate": 2, "ep": 2}, str(tmp_path / "hf"), str(tmp_path / "reference.pt")
     )

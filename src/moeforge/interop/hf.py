@@ -49,6 +49,8 @@ from tqdm import tqdm
 
 from moeforge.config import ConfigError, ModelConfig, MoEConfig
 from moeforge.model.transformer import Transformer
+from moeforge.parallel.mesh import ParallelMesh
+from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, replicated
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -736,7 +738,9 @@ def from_hf(path: Path | str, progress: bool = True) -> Transformer:
 
 
 @torch.no_grad()
-def load_hf_weights(model: Transformer, path: Path | str, progress: bool = True) -> dict[str, int]:
+def load_hf_weights(
+    model: Transformer, path: Path | str, progress: bool = True, mesh: ParallelMesh | None = None
+) -> dict[str, int]:
     """Copy a Hugging Face checkpoint into `model`, whole or sharded by `parallelize`, in place.
 
     Each process reads from the memory-mapped shards, one tensor at a time, only the slices that land
@@ -753,6 +757,9 @@ def load_hf_weights(model: Transformer, path: Path | str, progress: bool = True)
     multi-token-prediction layers beyond `model.cfg.mtp_depth` are skipped with a warning, and MTP
     modules the checkpoint stores no layer for keep their initialisation.
 
+    With the `mesh` of an HSDP run (dp_replicate > 1), only replica 0 reads; the other replicas
+    receive their shards from it (parallel/replicas.py).
+
     Returns the bytes this process read from each tensor it read any part of.
     """
     path = Path(path)
@@ -766,7 +773,28 @@ def load_hf_weights(model: Transformer, path: Path | str, progress: bool = True)
     layout = tensor_layout(cfg, arch, hf_config, mtp_layers)
     skipped_layers = range(cfg.n_layers + mtp_layers, cfg.n_layers + declared)
     located = _locate(path, names, layout, cfg, arch, skipped_layers)
-    parts = {name: local_part(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    if not replicated(mesh):
+        return _read_local_parts(state, located, layout, progress)
+    read, error = {}, None
+    if is_first_replica(mesh):
+        try:
+            read = _read_local_parts(state, located, layout, progress)
+        except HFInteropError as err:
+            error = str(err)
+    error, _ = broadcast_verdict(mesh, error, [])
+    if error is not None:
+        raise HFInteropError(error)
+    broadcast_shards(mesh, state.values())
+    return read
+
+
+def _read_local_parts(
+    state: dict[str, torch.Tensor], located: dict[str, Path], layout: dict[str, Slot], progress: bool
+) -> dict[str, int]:
+    """Copy into each tensor of `state` the slices of the located tensors that land in its local part;
+    the bytes read per tensor."""
+    parts = {name: local_part(tensor) for name, tensor in state.items()}
     read: dict[str, int] = {}
     in_order = sorted(located, key=lambda name: layout[name].duplicate)  # copies after what they repeat
     with tqdm(total=len(layout), desc="import", unit="tensor", disable=not progress) as bar:

@@ -30,7 +30,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
+
+from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, local_shard, replicated
 
 if TYPE_CHECKING:
     from moeforge.parallel.mesh import ParallelMesh
@@ -184,7 +185,7 @@ def load_checkpoint(
     other replicas over dp_replicate: storage serves the checkpoint once instead of R times.
     """
     state = _tensor_state(model, optimizer)
-    if mesh is None or mesh["dp_replicate"].size() == 1:
+    if not replicated(mesh):
         _raise_unless_fits(path, _read_from_storage(state, path, process_group=None))
         stats = LoadStats(read_bytes=_nbytes(state))
     else:
@@ -219,32 +220,25 @@ def _raise_unless_fits(path: Path, error: str | None) -> None:
 
 
 def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: ParallelMesh) -> LoadStats:
-    """Replica 0 fills `state` from storage; every other replica copies it from its replica-0 peer.
+    """Replica 0 fills `state` from storage; every other replica copies it from its replica-0 peer
+    (parallel/replicas.py).
 
-    The small leaves travel first, pickled, with replica 0's verdict, so that a checkpoint that does not
-    fit raises the same CheckpointError on every rank instead of leaving the other replicas waiting for
-    tensors that never come. They are the non-tensors (optimizer hyper-parameters) and the tensors that
-    are not on the mesh's device (optimizer step counts and RNG state on the CPU next to a CUDA model,
-    which an NCCL group cannot broadcast); all others are broadcast in place, shard by shard."""
-    replicate = mesh["dp_replicate"]
-    group = replicate.get_group()
-    on_first_replica = replicate.get_local_rank() == 0
-    error = _read_from_storage(state, path, mesh["dp_shard"].get_group()) if on_first_replica else None
+    The small leaves travel with replica 0's verdict, pickled: the non-tensors (optimizer
+    hyper-parameters) and the tensors not on the mesh's device (optimizer step counts and RNG state
+    on the CPU next to a CUDA model, which an NCCL group cannot broadcast); all others are broadcast
+    in place, shard by shard."""
+    first = is_first_replica(mesh)
+    error = _read_from_storage(state, path, mesh["dp_shard"].get_group()) if first else None
     slots = list(_leaf_slots(state))
     pickled = [(c, k) for c, k in slots if not _on_device(c[k], mesh.device_type)]
-    verdict_and_pickled = [error, [c[k] for c, k in pickled]]
-    dist.broadcast_object_list(verdict_and_pickled, group=group, group_src=0)
-    error, values = verdict_and_pickled
+    error, values = broadcast_verdict(mesh, error, [c[k] for c, k in pickled])
     _raise_unless_fits(path, error)
     for (container, key), value in zip(pickled, values, strict=True):
         container[key] = value
-    shards = [_local(c[k]) for c, k in slots if _on_device(c[k], mesh.device_type)]
-    for work in [dist.broadcast(shard, group=group, group_src=0, async_op=True) for shard in shards]:
-        work.wait()
+    broadcast_shards(mesh, [c[k] for c, k in slots if _on_device(c[k], mesh.device_type)])
     nbytes = _nbytes(state)
-    if on_first_replica:
-        return LoadStats(read_bytes=nbytes, replicas=replicate.size())
-    return LoadStats(received_bytes=nbytes, replicas=replicate.size())
+    replicas = mesh["dp_replicate"].size()
+    return LoadStats(read_bytes=nbytes, replicas=replicas) if first else LoadStats(received_bytes=nbytes, replicas=replicas)
 
 
 def _leaf_slots(tree: dict | list) -> Iterator[tuple[dict | list, Any]]:
@@ -260,12 +254,6 @@ def _on_device(value: Any, device_type: str) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == device_type
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: a DTensor's local shard (its storage itself), a plain tensor."""
-    with torch.no_grad():  # to_local() then returns the local shard, not an autograd view of it
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _nbytes(state: dict[str, Any]) -> int:
     """Bytes of this rank's part of every tensor in `state`."""
-    return sum(_local(c[k]).nbytes for c, k in _leaf_slots(state) if isinstance(c[k], torch.Tensor))
+    return sum(local_shard(c[k]).nbytes for c, k in _leaf_slots(state) if isinstance(c[k], torch.Tensor))

@@ -121,7 +121,7 @@ class Trainer:
         if self.mesh is not None:
             parallelize(self.model, self.mesh, cfg.parallel)
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
-            load_hf_weights(self.model, tcfg.init_from_hf, progress=self.is_main and tcfg.progress)
+            load_hf_weights(self.model, tcfg.init_from_hf, self.is_main and tcfg.progress, self.mesh)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = PackedLoader(

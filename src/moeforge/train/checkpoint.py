@@ -31,7 +31,13 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, local_shard, replicated
+from moeforge.parallel.replicas import (
+    broadcast_shards,
+    broadcast_verdict,
+    is_first_replica,
+    local_shard,
+    replicated,
+)
 
 if TYPE_CHECKING:
     from moeforge.parallel.mesh import ParallelMesh
@@ -238,7 +244,9 @@ def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh
     broadcast_shards(mesh, [c[k] for c, k in slots if _on_device(c[k], mesh.device_type)])
     nbytes = _nbytes(state)
     replicas = mesh["dp_replicate"].size()
-    return LoadStats(read_bytes=nbytes, replicas=replicas) if first else LoadStats(received_bytes=nbytes, replicas=replicas)
+    if first:
+        return LoadStats(read_bytes=nbytes, replicas=replicas)
+    return LoadStats(received_bytes=nbytes, replicas=replicas)
 
 
 def _leaf_slots(tree: dict | list) -> Iterator[tuple[dict | list, Any]]:

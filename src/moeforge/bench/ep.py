@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moeforge.bench.moe import check_bench_sizes, forward_backward_step, resolve_dtype, seeded_layer, synchronize
+from moeforge.bench.moe import (
+    check_bench_sizes,
+    forward_backward_step,
+    resolve_dtype,
+    seeded_layer,
+    synchronize,
+)
 from moeforge.config import ConfigError, MoEConfig
 from moeforge.model.moe.layer import MoE
 from moeforge.parallel.mesh import init_distributed, launched_distributed
@@ -63,11 +69,15 @@ class EpBenchSettings:
         check_bench_sizes(tokens=self.tokens, repeats=self.repeats)
         resolve_dtype(self.dtype)
         if self.ep < 2 or self.n_experts % self.ep:
-            raise ConfigError(f"--ep: got {self.ep}; allowed: an integer >= 2 dividing --experts={self.n_experts}")
+            raise ConfigError(
+                f"--ep: got {self.ep}; allowed: an integer >= 2 dividing --experts={self.n_experts}"
+            )
         if self.ep % self.ep_nodes:
             raise ConfigError(f"--ep-nodes: got {self.ep_nodes}; allowed: a divisor of --ep={self.ep}")
         if not 1 <= self.topk_nodes <= self.ep_nodes:
-            raise ConfigError(f"--topk-nodes: got {self.topk_nodes}; allowed: an integer in [1, {self.ep_nodes}]")
+            raise ConfigError(
+                f"--topk-nodes: got {self.topk_nodes}; allowed: an integer in [1, {self.ep_nodes}]"
+            )
         self.routing(limited=True).validate(prefix="bench")
 
     def routing(self, limited: bool) -> MoEConfig:
@@ -125,7 +135,9 @@ def measure(settings: EpBenchSettings, device: torch.device) -> dict[str, Any]:
     cases = {"ep=1": replicated, f"ep={ep}": spread}
     times = time_cases(cases, x, settings.repeats, settings.warmup, device)
     baseline = times["ep=1"]["forward_backward"]
-    figures = {name: {**phases, "vs_ep1": baseline / phases["forward_backward"]} for name, phases in times.items()}
+    figures = {
+        name: {**phases, "vs_ep1": baseline / phases["forward_backward"]} for name, phases in times.items()
+    }
     traffic = {
         label: count_traffic(settings, settings.routing(limited), x, ep_mesh, device, dtype)
         for label, limited in (("unlimited", False), (f"node-limited M={settings.topk_nodes}", True))
@@ -186,7 +198,9 @@ def forward_phases(layer: MoE, tokens: torch.Tensor, device: torch.device) -> li
 
     routing = layer.router(tokens)
     mark()
-    x_sorted, tokens_per_expert, state = layer.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
+    x_sorted, tokens_per_expert, state = layer.dispatcher.dispatch(
+        tokens, routing.expert_indices, routing.gates
+    )
     mark()
     expert_out = layer.experts(x_sorted, tokens_per_expert)
     mark()
@@ -261,7 +275,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"slowest rank, best of {cfg['repeats']} repeats"
         ),
         "",
-        f"{'case':<8}" + "".join(f"{h:>12}" for h in ("router ms", "dispatch ms", "experts ms", "combine ms"))
+        f"{'case':<8}"
+        + "".join(f"{h:>12}" for h in ("router ms", "dispatch ms", "experts ms", "combine ms"))
         + f"{'forward ms':>12}{'fwd+bwd ms':>12}{'vs ep=1':>9}",
     ]
     for name, fig in result["cases_ms"].items():

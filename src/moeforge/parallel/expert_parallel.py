@@ -66,11 +66,15 @@ class AllToAllDispatcher:
         goes_to = torch.zeros(n_tokens, self.ep, dtype=torch.bool, device=x.device)
         goes_to.scatter_(1, rank_of_slot, True)
         assignments = torch.bincount(expert_indices.reshape(-1), minlength=self.n_experts)
-        send_counts = torch.cat([goes_to.sum(0).unsqueeze(1), assignments.view(self.ep, self.local_experts)], 1)
+        send_counts = torch.cat(
+            [goes_to.sum(0).unsqueeze(1), assignments.view(self.ep, self.local_experts)], 1
+        )
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         tokens_per_expert = recv_counts[:, 1:].sum(0)
-        sizes = torch.cat([send_counts[:, 0], recv_counts[:, 0], tokens_per_expert.sum(0, keepdim=True)]).tolist()
+        sizes = torch.cat(
+            [send_counts[:, 0], recv_counts[:, 0], tokens_per_expert.sum(0, keepdim=True)]
+        ).tolist()
         send_splits, recv_splits, n_assignments = sizes[: self.ep], sizes[self.ep : 2 * self.ep], sizes[-1]
         self.last_send_splits = send_splits
 
@@ -95,7 +99,13 @@ class AllToAllDispatcher:
         by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
         gate_of_sorted = gates_received.reshape(-1).index_select(0, slot_of_sorted)
         state = ExpertParallelDispatch(
-            token_of_sent, sent_of_token, send_splits, recv_splits, received_of_sorted, sorted_of_slot, gate_of_sorted
+            token_of_sent,
+            sent_of_token,
+            send_splits,
+            recv_splits,
+            received_of_sorted,
+            sorted_of_slot,
+            gate_of_sorted,
         )
         return by_expert, tokens_per_expert, state
 
@@ -113,7 +123,9 @@ class AllToAllDispatcher:
         sent_of_token[token_of_sent, rank_of_sent] = torch.arange(n_sent, device=goes_to.device)
         slot_served = rank_of_slot.index_select(0, token_of_sent) == rank_of_sent.unsqueeze(1)
         first_local = rank_of_sent.unsqueeze(1) * self.local_experts
-        local_expert = torch.where(slot_served, expert_indices.index_select(0, token_of_sent) - first_local, -1)
+        local_expert = torch.where(
+            slot_served, expert_indices.index_select(0, token_of_sent) - first_local, -1
+        )
         return token_of_sent, sent_of_token, slot_served, local_expert
 
     def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:

@@ -30,7 +30,9 @@ def is_first_replica(mesh: ParallelMesh) -> bool:
     return mesh["dp_replicate"].get_local_rank() == 0
 
 
-def broadcast_verdict(mesh: ParallelMesh, error: str | None, objects: list[Any]) -> tuple[str | None, list[Any]]:
+def broadcast_verdict(
+    mesh: ParallelMesh, error: str | None, objects: list[Any]
+) -> tuple[str | None, list[Any]]:
     """Replica 0's (error, objects) on every rank, pickled over dp_replicate."""
     payload = [error, objects]
     dist.broadcast_object_list(payload, group=mesh["dp_replicate"].get_group(), group_src=0)

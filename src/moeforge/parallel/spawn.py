@@ -20,7 +20,11 @@ def free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(threads)
     dist.init_process_group("gloo")

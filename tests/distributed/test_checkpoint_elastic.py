@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import small_config
-from launch import run_on_processes
+from moeforge.parallel.spawn import run_on_processes
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.metrics import read_metrics
 from moeforge.train.trainer import Trainer

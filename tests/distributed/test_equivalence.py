@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from conftest import small_config
-from launch import run_on_processes
+from moeforge.parallel.spawn import run_on_processes
 from moeforge.train.metrics import read_metrics
 from moeforge.train.trainer import Trainer
 

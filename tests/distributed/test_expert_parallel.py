@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from launch import free_port, run_on_processes
+from moeforge.parallel.spawn import free_port, run_on_processes
 from moeforge.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer

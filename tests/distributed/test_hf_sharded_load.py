@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from launch import run_on_processes
+from moeforge.parallel.spawn import run_on_processes
 from moeforge.config import ParallelConfig, load_config
 from moeforge.interop import from_hf, hf_model_config, load_hf_weights
 from moeforge.model.transformer import Transformer

@@ -118,8 +118,11 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.mesh = build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
+        self.shard_group = None
+        """the dp_shard group the gradient norm is reduced over (None in one process)"""
         if self.mesh is not None:
             parallelize(self.model, self.mesh, cfg.parallel)
+            self.shard_group = self.mesh["dp_shard"].get_group()
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
             load_hf_weights(self.model, tcfg.init_from_hf, self.is_main and tcfg.progress, self.mesh)
         self.optimizer = build_optimizer(self.model, tcfg)
@@ -240,8 +243,7 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.train.grad_clip or float("inf")
-        shard_group = self.mesh["dp_shard"].get_group() if self.mesh is not None else None
-        return float(clip_grad_norm_(list(self.model.parameters()), max_norm, shard_group))
+        return float(clip_grad_norm_(list(self.model.parameters()), max_norm, self.shard_group))
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps

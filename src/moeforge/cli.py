@@ -23,13 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     keep_freed_memory()
     try:
-        return args.handler(args, rest)
+        code = args.handler(args, rest)
     except USER_ERRORS as err:
         print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except _runtime_errors() as err:
         print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        code = 1
+    if _joined_process_group():  # under torchrun: leave so that no peer, and no exit, can fail
+        from moeforge.parallel import leave_process_group
+
+        leave_process_group(code)
+    return code
+
+
+def _joined_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _runtime_errors() -> tuple[type[Exception], ...]:

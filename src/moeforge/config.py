@@ -362,6 +362,9 @@ class ParallelConfig:
     sends, reach at most model.moe.topk-groups nodes (DeepSeek-V3 node-limited routing)"""
     pp: int = 1
     """pipeline stages; only 1 until pipelining lands"""
+    timeout_s: float = 300.0
+    """seconds any rank waits for a peer (the first rendezvous, each collective, a checkpoint's
+    barriers) before it stops with an error naming what it waited for, instead of hanging"""
 
     def validate(self, world_size: int = 1) -> None:
         _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")
@@ -373,6 +376,7 @@ class ParallelConfig:
             self.ep_nodes,
             f"a divisor of ep={self.ep}",
         )
+        _check(self.timeout_s > 0, "parallel.timeout-s", self.timeout_s, "a number of seconds > 0")
         _check(self.pp == 1, "parallel.pp", self.pp, "1 (pipeline parallelism is not built yet)")
         shard = self.resolved_dp_shard(world_size)
         _check(

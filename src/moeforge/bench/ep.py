@@ -36,7 +36,7 @@ from moeforge.bench.moe import (
 )
 from moeforge.config import ConfigError, MoEConfig
 from moeforge.model.moe.layer import MoE
-from moeforge.parallel.mesh import init_distributed, launched_distributed
+from moeforge.parallel.process_group import init_distributed, launched_distributed
 from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.parallel.spawn import run_on_processes
 

@@ -1,6 +1,7 @@
 """Scale-out: the DeviceMesh, expert parallelism and FSDP2/HSDP applied from outside the model."""
 
-from moeforge.parallel.mesh import ParallelMesh, World, build_mesh, init_distributed, launched_distributed
+from moeforge.parallel.mesh import ParallelMesh, build_mesh
+from moeforge.parallel.process_group import World, init_distributed, launched_distributed, leave_process_group
 from moeforge.parallel.parallelize import average_across_ranks, clip_grad_norm_, parallelize
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "clip_grad_norm_",
     "init_distributed",
     "launched_distributed",
+    "leave_process_group",
     "parallelize",
 ]

@@ -1,4 +1,4 @@
-"""The process world and its DeviceMesh.
+"""The DeviceMesh of a world of processes (joining that world: process_group.py).
 
 Expert parallelism borrows its ranks from dp_shard (as in torchtitan and the PyTorch/Databricks MoE
 recipe): dp_shard = efsdp x ep. One world of processes is seen through three views of one root mesh:
@@ -14,45 +14,11 @@ builds them (flatten, then unflatten), since slicing a flattened dim out of a ro
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moeforge.config import ParallelConfig
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launched_distributed() -> bool:
-    """True under torchrun (or any launcher setting WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init_distributed(device_type: str) -> World:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,11 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         device = resolve_device(cfg.train.device)
-        self.world = init_distributed(device.type) if launched_distributed() else World(0, 1, 0, device)
+        self.world = (
+            init_distributed(device.type, cfg.parallel.timeout_s)
+            if launched_distributed()
+            else World(0, 1, 0, device)
+        )
         self.rank, self.world_size, self.is_main = self.world.rank, self.world.world_size, self.world.is_main
         self.device = self.world.device
         cfg.validate(self.world_size)

@@ -1,0 +1,146 @@
+"""Joining and leaving the group of processes: the two moments where a distributed run is most
+fragile, made deterministic.
+
+Joining (`init_distributed`). torchrun's agent keeps one TCPStore for the whole job, across
+restarts, so a restarted group that reads the keys of the attempt before it connects to dead
+addresses (gloo: connection refused, or a silent hang in `init_process_group`). Each attempt
+therefore works under a key prefix of its own: a generation number that rank 0 draws from the
+store and hands to every other rank (`agree_on_generation`). Per-node restart counts would not do:
+each node's agent counts its own restarts. Every wait, the first rendezvous included, is bounded by
+the timeout.
+
+Leaving (`leave_process_group`). torch keeps process groups alive after `destroy_process_group()`
+(DTensor's sharding cache holds DeviceMeshes, and a DeviceMesh holds its groups), so gloo's worker
+threads live on into interpreter shutdown. A worker that drops the last reference to a finished
+collective frees Python-owned tensors, which needs the GIL; during finalisation that ends in
+`std::terminate`, a SIGABRT after a run that succeeded. A process that joined therefore leaves
+without finalising: a barrier (no peer still waits on it), destroy, flush, `os._exit`; and the rank
+that may host the store (rank 0 outside torchrun) goes last, once every other rank has left it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+
+from moeforge.config import ParallelConfig
+
+_POLL_S = 0.005
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_distributed() -> bool:
+    """True under torchrun (or any launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_type: str, timeout_s: float = ParallelConfig.timeout_s) -> World:
+    """Join the process group the environment describes (torchrun's, or `spawn`'s): NCCL on CUDA,
+    gloo on CPU, under this attempt's own key prefix, every wait bounded by `timeout_s`."""
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        generation = agree_on_generation(store, rank, world_size, timeout_s)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        attempt_store = dist.PrefixStore(f"moeforge/generation_{generation}/", store)
+        dist.init_process_group(
+            backend, store=attempt_store, rank=rank, world_size=world_size, timeout=timeout
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> int:
+    """A number every rank of this attempt agrees on and no earlier attempt on `store` used.
+
+    Each rank other than 0 announces itself under a nonce of its own and waits for rank 0's answer
+    to that nonce; rank 0 draws the next generation and answers every announcement it finds until
+    each rank has acknowledged. An announcement left by a dead process of an earlier attempt is
+    answered too, but never acknowledged, so it cannot end the wait."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"moeforge/hello/{rank}", nonce)
+        store.wait([f"moeforge/welcome/{nonce}"], timedelta(seconds=timeout_s))
+        generation = int(store.get(f"moeforge/welcome/{nonce}"))
+        store.set(f"moeforge/ack/{nonce}", "1")
+        return generation
+    generation = store.add("moeforge/generation", 1)
+    answered: dict[int, set[str]] = {peer: set() for peer in range(1, world_size)}
+    deadline = time.monotonic() + timeout_s
+    while answered:
+        for peer, nonces in list(answered.items()):
+            if store.check([f"moeforge/hello/{peer}"]):
+                nonce = store.get(f"moeforge/hello/{peer}").decode()
+                if nonce not in nonces:
+                    store.set(f"moeforge/welcome/{nonce}", str(generation))
+                    nonces.add(nonce)
+            if any(store.check([f"moeforge/ack/{nonce}"]) for nonce in nonces):
+                del answered[peer]
+        if answered and time.monotonic() > deadline:
+            missing = ", ".join(str(peer) for peer in sorted(answered))
+            raise TimeoutError(
+                f"rank 0: ranks {missing} did not join within parallel.timeout-s={timeout_s:g}"
+            )
+        time.sleep(_POLL_S if answered else 0)
+    return generation
+
+
+def leave_process_group(exit_code: int = 0) -> NoReturn:
+    """End this process after a distributed run (module docstring: why not a normal exit).
+
+    With `exit_code` 0 every rank first meets the others at a barrier, so that no peer still waits
+    on it; a rank that fails leaves at once, and the launcher stops the rest."""
+    store = dist.distributed_c10d._get_default_store()  # the store this process joined through
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if exit_code == 0:
+        try:
+            dist.barrier()
+        except RuntimeError as err:
+            print(f"rank {rank}: a peer left before the end of the run: {_first_line(err)}", file=sys.stderr)
+            exit_code = 1
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if exit_code == 0:
+        _leave_store_host_last(store, rank, world_size)
+    os._exit(exit_code)
+
+
+def _leave_store_host_last(store: dist.Store, rank: int, world_size: int) -> None:
+    """Rank 0 may host the store the others still talk to: it waits until each of them has left."""
+    left = store.add("moeforge/left", 1)
+    if rank != 0:
+        return
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    while left < world_size and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+        left = store.add("moeforge/left", 0)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from moeforge.config import ConfigError, available_presets, iter_options, load_config
@@ -22,19 +23,53 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args, rest = parser.parse_known_args(argv)
     keep_freed_memory()
-    try:
-        code = args.handler(args, rest)
-    except USER_ERRORS as err:
-        print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
-        code = 2
-    except _runtime_errors() as err:
-        print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
-        code = 1
+    code = _run_command(args, rest)
     if _joined_process_group():  # under torchrun: leave so that no peer, and no exit, can fail
         from moeforge.parallel import leave_process_group
 
         leave_process_group(code)
     return code
+
+
+def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """The command's exit code. A user error, a checkpoint or training failure and a lost peer are
+    one line on stderr (naming the rank under torchrun); a bug keeps its traceback."""
+    where = f"moeforge {args.command}: " + (f"rank {os.environ.get('RANK', '?')}: " if _launched() else "")
+    try:
+        return args.handler(args, rest)
+    except USER_ERRORS as err:
+        print(f"{where}error: {err}", file=sys.stderr)
+        return 2
+    except _runtime_errors() as err:
+        print(f"{where}error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        failure = _peer_failure(err)
+        if failure is None and not _joined_process_group():
+            raise
+        if failure is None:  # a bug: its traceback, then leave the group like every rank
+            traceback.print_exc()
+            return 1
+        print(f"{where}error: {failure}; {_AFTER_PEER_FAILURE}", file=sys.stderr)
+        return 1
+
+
+_AFTER_PEER_FAILURE = (
+    "not saving (a collective cannot finish without the peer); torchrun --max-restarts restarts the group "
+    "from the newest checkpoint, or rerun with the same --out"
+)
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _peer_failure(err: Exception) -> str | None:
+    if "torch.distributed" not in sys.modules:
+        return None
+    from moeforge.parallel.process_group import peer_failure
+
+    return peer_failure(err)
 
 
 def _joined_process_group() -> bool:

@@ -21,6 +21,7 @@ that may host the store (rank 0 outside torchrun) goes last, once every other ra
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import uuid
@@ -80,8 +81,9 @@ def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s
 
     Each rank other than 0 announces itself under a nonce of its own and waits for rank 0's answer
     to that nonce; rank 0 draws the next generation and answers every announcement it finds until
-    each rank has acknowledged. An announcement left by a dead process of an earlier attempt is
-    answered too, but never acknowledged, so it cannot end the wait."""
+    each rank has acknowledged its answer. An announcement left by a process of an earlier attempt
+    (all of them are dead when torchrun starts the next) is either acknowledged already, and then
+    not answered, or answered but never acknowledged: it cannot end the wait."""
     if rank != 0:
         nonce = uuid.uuid4().hex
         store.set(f"moeforge/hello/{rank}", nonce)
@@ -91,12 +93,13 @@ def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s
         return generation
     generation = store.add("moeforge/generation", 1)
     answered: dict[int, set[str]] = {peer: set() for peer in range(1, world_size)}
+    """the nonces this rank 0 answered, per peer still to acknowledge one"""
     deadline = time.monotonic() + timeout_s
     while answered:
         for peer, nonces in list(answered.items()):
             if store.check([f"moeforge/hello/{peer}"]):
                 nonce = store.get(f"moeforge/hello/{peer}").decode()
-                if nonce not in nonces:
+                if nonce not in nonces and not store.check([f"moeforge/ack/{nonce}"]):
                     store.set(f"moeforge/welcome/{nonce}", str(generation))
                     nonces.add(nonce)
             if any(store.check([f"moeforge/ack/{nonce}"]) for nonce in nonces):
@@ -142,5 +145,31 @@ def _leave_store_host_last(store: dist.Store, rank: int, world_size: int) -> Non
         left = store.add("moeforge/left", 0)
 
 
+_PEER_ADDRESS = re.compile(r"\[([^\]]+)\]:(\d+)")
+
+
+def peer_failure(err: BaseException, timeout_s: float | None = None) -> str | None:
+    """What went wrong, in one line, when `err` comes from a peer that died, hung or cannot be
+    reached (a collective or store operation failed); None for any other error, which is a bug and
+    keeps its traceback. Gloo names the peer by its address, not its rank."""
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or "gloo/transport" in text):
+        return None
+    address = _PEER_ADDRESS.search(text)
+    peer = f"the peer at {address[1]}:{address[2]}" if address else "a peer"
+    if "Timed out" in text or "timeout" in text.lower():
+        limit = f" within parallel.timeout-s={timeout_s:g}" if timeout_s else ""
+        return f"{peer} did not answer{limit}: it hangs or is gone ({_reason(text)})"
+    return f"lost {peer}: it died or cannot be reached ({_reason(text)})"
+
+
+def _reason(text: str) -> str:
+    """'[.../pair.cc:537] Read error [127.0.0.1]:31643: Connection reset by peer. This is ...' ->
+    'Read error: Connection reset by peer'."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    line = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return _PEER_ADDRESS.sub("", line).replace(" :", ":").split(". ")[0].strip()
+
+
 def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return _reason(str(err)) or type(err).__name__

@@ -146,6 +146,9 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None
+        """the signal (SIGTERM/SIGINT) this rank received, if any"""
+        self._stop_agreed = False
+        """some rank received one: all ranks finish the step, save and return (decided in train_step)"""
 
     # ------------------------------------------------------------------------------------------
     # Resume and checkpoints
@@ -218,9 +221,11 @@ class Trainer:
             for layer in self.model.moe_layers():
                 for name, value in layer.aux_losses.items():
                     aux_parts[name] = aux_parts.get(name, 0.0) + float(value) / n_micro
-        lm_value = float(average_across_ranks(lm_total))
-        aux_value = float(average_across_ranks(aux_total))
-        mtp_value = float(average_across_ranks(mtp_total))
+        # One all-reduce for the logged losses and the stop request: every rank stops at the same step
+        stop_requested = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        synced = average_across_ranks(torch.stack([lm_total, aux_total, mtp_total, stop_requested]))
+        lm_value, aux_value, mtp_value, stop_share = synced.tolist()
+        self._stop_agreed = stop_share > 0
         if not math.isfinite(lm_value):
             raise TrainingDiverged(
                 f"loss is {lm_value} at step {self.step + 1}; the last good checkpoint "
@@ -285,7 +290,7 @@ class Trainer:
         metrics: dict[str, Any] = {"loss": float("nan")}
         val_loss = None
         try:
-            while self.step < stop_at and self._stop_signal is None:
+            while self.step < stop_at and not self._stop_agreed:
                 started = time.perf_counter()
                 metrics = self.train_step()
                 elapsed = time.perf_counter() - started
@@ -300,11 +305,12 @@ class Trainer:
                     logger.log(self._record(metrics, tokens_per_s))
                 if self.step % tcfg.checkpoint_every == 0 or is_last:
                     self.save()
-            interrupted = self._stop_signal is not None
+            interrupted = self._stop_agreed
             if self.step != _checkpoint_step(self.last_checkpoint):
                 self.save()
             if interrupted:
-                bar.write(f"{self._stop_signal}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")
+                cause = self._stop_signal or "a signal to another rank"
+                bar.write(f"{cause}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")
         finally:
             self._restore_signal_handlers(previous_handlers)
             bar.close()

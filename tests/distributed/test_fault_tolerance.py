@@ -1,0 +1,89 @@
+"""Faults under torchrun: a killed worker is survived by a restart that resumes from the newest
+checkpoint; every rank names what went wrong in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL
+from moeforge.train.metrics import read_metrics
+
+STEPS, CHECKPOINT_EVERY = 40, 10
+
+
+def torchrun_train(out: Path, max_restarts: int) -> list[str]:
+    """The fault-tolerant launch of the README: c10d rendezvous on a free port, --max-restarts."""
+    flags = [part for key, value in SMALL.items() for part in (f"--{key}", value)]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+        "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
+        "-m", "moeforge", "train", "--out", str(out), *flags, "--parallel.ep", "2",
+        "--train.steps", str(STEPS), "--train.checkpoint-every", str(CHECKPOINT_EVERY),
+    ]  # fmt: skip
+
+
+def launch(out: Path, max_restarts: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        torchrun_train(out, max_restarts), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, (
+            f"the run ended before {path} appeared:\n{process.communicate()[1][-3000:]}"
+        )
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.02)
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=`rank` (a child of the launcher)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun pid {launcher.pid}")
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(run_dir)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_killed_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one(tmp_path):
+    reference = launch(tmp_path / "reference", max_restarts=0)
+    _, reference_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, reference_err[-3000:]
+
+    run = launch(tmp_path / "run", max_restarts=1)
+    wait_for(tmp_path / "run" / "checkpoints" / f"step_{CHECKPOINT_EVERY:06d}", run)
+    os.kill(worker_pid(run, rank=1), signal.SIGKILL)
+    out, err = run.communicate(timeout=300)
+
+    assert run.returncode == 0, err[-3000:]
+    assert "resumed from step" in out + err
+    survivor_lines = [
+        line for line in err.splitlines() if line.startswith("moeforge train: rank 0: error: lost")
+    ]
+    assert len(survivor_lines) == 1, err[-3000:]
+    assert "Traceback" not in err.split("resumed from step")[0].replace("torch.distributed.elastic", "")
+    # metrics.jsonl is cut back to the checkpoint on resume: every step equals the uninterrupted run
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+    assert len(losses(tmp_path / "run")) == STEPS

@@ -1,18 +1,25 @@
-"""Faults under torchrun: a killed worker is survived by a restart that resumes from the newest
-checkpoint; every rank names what went wrong in one line."""
+"""Faults: a worker killed under torchrun is survived by a restart that resumes from the newest
+checkpoint, with one line from the survivor; a stalled peer is an error within parallel.timeout-s."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.multiprocessing import ProcessRaisedException
 
 from conftest import SMALL
+from moeforge.parallel.process_group import agree_on_generation, peer_failure
+from moeforge.parallel.spawn import free_port, run_on_processes
 from moeforge.train.metrics import read_metrics
 
 STEPS, CHECKPOINT_EVERY = 40, 10
@@ -87,3 +94,40 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one
     # metrics.jsonl is cut back to the checkpoint on resume: every step equals the uninterrupted run
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")
     assert len(losses(tmp_path / "run")) == STEPS
+
+
+TIMEOUT_S = 2.0
+
+
+def all_reduce_while_rank_1_stalls(rank: int) -> None:
+    if rank == 1:
+        time.sleep(60)  # stops answering (the parent ends it once rank 0 has failed)
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4))
+    except RuntimeError as err:
+        raise AssertionError(
+            f"failed after {time.monotonic() - started:.1f} s: {peer_failure(err, TIMEOUT_S)}"
+        )
+    raise AssertionError("the all-reduce finished without rank 1")
+
+
+def test_a_stalled_peer_is_an_error_within_the_timeout_not_a_hang():
+    started = time.monotonic()
+    with pytest.raises(
+        ProcessRaisedException, match="a peer did not answer within parallel.timeout-s=2"
+    ) as raised:
+        run_on_processes(2, all_reduce_while_rank_1_stalls, timeout_s=TIMEOUT_S)
+    waited = float(re.search(r"failed after ([\d.]+) s", str(raised.value))[1])
+    assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S * 5
+    assert time.monotonic() - started < 50  # well before the stalled rank would have woken up
+
+
+def test_the_first_rendezvous_waits_no_longer_than_the_timeout():
+    store = dist.TCPStore(
+        "127.0.0.1", free_port(), 2, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False
+    )
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^rank 0: ranks 1 did not join within parallel.timeout-s=0.5$"):
+        agree_on_generation(store, rank=0, world_size=2, timeout_s=0.5)
+    assert time.monotonic() - started < 3

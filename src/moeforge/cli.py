@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(handler=run_convert)
 
+    checkpoint = commands.add_parser("checkpoint", help="inspect a run's checkpoints")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    verify = checkpoint_commands.add_parser(
+        "verify", help="check every checkpoint of a run against the sizes and SHA-256 sums it recorded"
+    )
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one checkpoint)")
+    verify.set_defaults(handler=run_checkpoint_verify)
+
     report = commands.add_parser("report", help="PNG plots of a run: losses, expert load heatmaps, max violation")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
     report.add_argument("--out", help="where the PNGs go (default: RUN_DIR/report)")
@@ -335,6 +343,41 @@ def run_report(args: argparse.Namespace, rest: list[str]) -> int:
     for path in write_report(args.run_dir, args.out):
         print(path)
     return 0
+
+
+def run_checkpoint_verify(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.train import checkpoint as ckpt
+
+    path = Path(args.run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"RUN_DIR: {str(path)!r} is not a directory")
+    checkpoints = [path] if (path / ckpt.META_FILE).is_file() else ckpt.list_checkpoints(path)
+    if not checkpoints:
+        raise ConfigError(f"RUN_DIR: no complete checkpoint in {str(path)!r}")
+    bad = 0
+    for checkpoint in checkpoints:
+        problems = ckpt.verify_checkpoint(checkpoint)
+        bad += bool(problems)
+        print(f"{checkpoint.name}: {_verdict(checkpoint, problems)}")
+        for problem in problems[1:]:
+            print(f"{' ' * len(checkpoint.name)}  {problem}")
+    for aside in sorted(ckpt.checkpoint_dir(path).glob(f"*{ckpt.CORRUPT_SUFFIX}*")):
+        print(f"{aside.name}: set aside by an earlier resume (not used)")
+    print(f"{len(checkpoints) - bad} of {len(checkpoints)} checkpoints good")
+    return 1 if bad else 0
+
+
+def _verdict(checkpoint: Path, problems: list[str]) -> str:
+    from moeforge.train import checkpoint as ckpt
+
+    if problems:
+        return f"BAD: {problems[0]}"
+    files = ckpt.read_meta(checkpoint).files
+    if files is None:
+        return "no checksums recorded (written by an older moeforge); not verified"
+    size = sum(entry["bytes"] for entry in files.values())
+    return f"ok ({len(files)} files, {size / 1e6:.1f} MB, SHA-256 verified)"
 
 
 def _reject_extra(rest: list[str]) -> None:

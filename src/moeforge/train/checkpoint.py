@@ -4,12 +4,15 @@ Layout of a run directory:
 
     OUT/checkpoints/step_000100/      one complete checkpoint: DCP shards + meta.json
     OUT/checkpoints/step_000200.tmp/  being written; never read, removed on the next save
+    OUT/checkpoints/step_000300.corrupt/  failed its checksums on resume: set aside, kept for a person
 
 Tensors (model incl. router biases, optimizer, RNG) go through DCP, so the same code saves sharded
 DTensors from many ranks and plain tensors from one process. Everything small and not a tensor
 (step, config, data position, scheduler) goes to `meta.json`, written last by rank 0: a directory is
 renamed from `.tmp` to its final name only after every rank finished, so a directory without `.tmp`
-is always complete and a killed run resumes from the newest one.
+is always complete and a killed run resumes from the newest one. meta.json records the size and
+SHA-256 of every other file (checksums.py); a resume verifies them and falls back to the newest
+checkpoint that passes, setting the bad one aside (discovery and retention skip it).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from moeforge.train.checksums import record_checksums, verify_checksums
 from moeforge.parallel.replicas import (
     broadcast_shards,
     broadcast_verdict,
@@ -44,6 +49,8 @@ if TYPE_CHECKING:
 
 META_FILE = "meta.json"
 PREFIX = "step_"
+_COMPLETE_NAME = re.compile(rf"{PREFIX}\d+")
+CORRUPT_SUFFIX = ".corrupt"
 
 
 class CheckpointError(RuntimeError):
@@ -80,6 +87,8 @@ class CheckpointMeta:
     step: int
     config: dict[str, Any]
     extra: dict[str, Any]
+    files: dict[str, dict[str, Any]] | None = None
+    """size and SHA-256 of every other file; None in checkpoints written before they were recorded"""
     load_stats: LoadStats | None = None  # set by load_checkpoint; None when only meta.json was read
 
 
@@ -96,7 +105,7 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.suffix != ".tmp" and (p / META_FILE).is_file()]
+    done = [p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and (p / META_FILE).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -118,7 +127,42 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 def read_meta(path: Path) -> CheckpointMeta:
     data = json.loads((path / META_FILE).read_text())
-    return CheckpointMeta(step=data["step"], config=data["config"], extra=data.get("extra", {}))
+    return CheckpointMeta(data["step"], data["config"], data.get("extra", {}), data.get("files"))
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """What is wrong with checkpoint `path`, one line a bad file; empty when every file matches the
+    checksums it recorded (or it recorded none). The same on every rank: call it on all of them."""
+    try:
+        files = read_meta(path).files
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{META_FILE}: unreadable ({_first_line(err)})"]
+    return verify_checksums(path, files) if files is not None else []
+
+
+def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of a run that passes `verify_checkpoint`. Each newer one that fails is
+    set aside as `step_N.corrupt` (never deleted), with one line to `warn` naming its bad file. A
+    collective: call it on every rank."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        if _is_rank0():
+            aside = set_aside(path)
+            warn(f"checkpoint {str(path)!r} is bad: {problems[0]}; set aside as {aside.name}, trying the one before")
+        _barrier()
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a bad checkpoint to step_N.corrupt (step_N.corrupt.2, ... if taken) and return the new path."""
+    aside, copy = path.with_name(path.name + CORRUPT_SUFFIX), 1
+    while aside.exists():
+        copy += 1
+        aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{copy}")
+    path.rename(aside)
+    return aside
 
 
 def _is_rank0() -> bool:
@@ -162,22 +206,40 @@ def save_checkpoint(
     """
     final = step_path(run_dir, step)
     tmp = final.with_suffix(".tmp")
+    previous = latest_checkpoint(run_dir)
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with _single_process_is_intended():
-        dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    _barrier()
-    if _is_rank0():
-        meta = {"step": step, "config": config, "extra": extra}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _single_process_is_intended():
+            dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        _barrier()
+        files = record_checksums(tmp, skip=META_FILE)
+        if _is_rank0():
+            meta = {"step": step, "config": config, "extra": extra, "files": files}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except (OSError, CheckpointException) as err:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {str(previous)!r} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final.name}: {_save_failure(err)}; {kept} — free space in "
+            f"{str(checkpoint_dir(run_dir))!r} (or lower train.keep-checkpoints) and rerun to resume"
+        ) from None
     _barrier()
     return final
+
+
+def _save_failure(err: BaseException) -> str:
+    """The first rank's reason, from DCP's wrapper of every rank's failure or a plain OSError."""
+    if isinstance(err, CheckpointException):
+        err = next(iter(err.failures.values()))[0]
+    return _first_line(err)
 
 
 def load_checkpoint(

@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ class Trainer:
     # Resume and checkpoints
 
     def resume_if_possible(self) -> bool:
-        path = ckpt.latest_checkpoint(self.out_dir)
+        """Resume from the newest checkpoint whose files match their checksums (bad ones are set aside)."""
+        path = ckpt.newest_good_checkpoint(self.out_dir, warn=lambda line: print(line, file=sys.stderr, flush=True))
         if path is None:
             return False
         check_resume_compatible(ckpt.read_meta(path).config, self.cfg, path)

@@ -105,7 +105,7 @@ def test_resuming_a_different_model_is_refused(tmp_path):
 def test_loading_into_a_model_it_does_not_fit_is_a_one_line_error(tmp_path):
     Trainer(small_config(train__steps="1"), tmp_path).fit()
     other = Transformer(small_config(model__dim="32").model)
-    with pytest.raises(ckpt.CheckpointError, match=r"does not fit this model: Size mismatch .*tok_embeddings"):
+    with pytest.raises(ckpt.CheckpointError, match=r"it does not fit this model: Size mismatch .*tok_embeddings"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), other)
 
 

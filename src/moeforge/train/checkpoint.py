@@ -36,6 +36,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moeforge.train.checksums import record_checksums, verify_checksums
+from moeforge.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 from moeforge.parallel.replicas import (
     broadcast_shards,
     broadcast_verdict,
@@ -267,15 +268,30 @@ def load_checkpoint(
 
 
 def _read_from_storage(state: dict[str, Any], path: Path, process_group: dist.ProcessGroup | None) -> str | None:
-    """Fill `state` in place with DCP; None, or the first line of why the checkpoint does not fit."""
+    """Fill `state` in place with DCP, unpickling nothing but plain data (safe_load.py); None, or the
+    first line of why the checkpoint cannot be loaded into this model."""
+    reader = SafeFileSystemReader(path)
     try:
+        reader.read_metadata()  # vetted here, where a refusal keeps its reason (DCP would rewrap it)
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not dist.is_initialized())
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=SafeLoadPlanner(),
+                process_group=process_group,
+                no_dist=not dist.is_initialized(),
+            )
     except CheckpointException as err:  # DCP wraps each rank's failure
-        return _first_line(next(iter(err.failures.values()))[0])
-    except (RuntimeError, KeyError, ValueError) as err:
-        return _first_line(err)
+        return _load_failure(next(iter(err.failures.values()))[0])
+    except (RuntimeError, KeyError, ValueError, OSError, UnsafeCheckpointError) as err:
+        return _load_failure(err)
     return None
+
+
+def _load_failure(err: BaseException) -> str:
+    if isinstance(err, UnsafeCheckpointError):
+        return f"it is not safe to load: {_first_line(err)}"
+    return f"it does not fit this model: {_first_line(err)}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -284,7 +300,7 @@ def _first_line(err: BaseException) -> str:
 
 def _raise_unless_fits(path: Path, error: str | None) -> None:
     if error is not None:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {error}")
+        raise CheckpointError(f"checkpoint {str(path)!r}: {error}")
 
 
 def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: ParallelMesh) -> LoadStats:

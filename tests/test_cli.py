@@ -72,6 +72,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         (["train", "--data.path", "/nowhere/corpus.txt"], "data.path: got '/nowhere/corpus.txt'"),
         (["train", "--train.bogus", "1"], "--train.bogus: unknown option"),
         (["generate", "--checkpoint", "/nowhere"], "--checkpoint: no complete checkpoint in '/nowhere'"),
+        # flags are checked before the checkpoint is looked at
+        (["generate", "--checkpoint", "/nowhere", "--max-new-tokens", "-1"], "--max-new-tokens: got -1; allowed"),
+        (["generate", "--checkpoint", "/nowhere", "--top-p", "0"], "--top-p: got 0.0; allowed: a number in (0, 1]"),
+        (["train", "--out", "/proc/version/run"], "--out: cannot create the directory '/proc/version/run': "),
+        (["checkpoint", "verify", "/nowhere"], "RUN_DIR: '/nowhere' is not a directory"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, message):

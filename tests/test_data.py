@@ -164,6 +164,20 @@ def test_jsonl_non_string_field_names_text_field(tmp_path):
         read_documents(path)
 
 
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"^data\.path: '.*docs\.jsonl' line 2 is not UTF-8 text \(byte 30 "):
+        read_documents(path)
+
+
+def test_empty_jsonl_names_the_file(tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match=r"^data\.path: '.*empty\.jsonl' has no records \(an empty \.jsonl file\)$"):
+        read_documents(tmp_path)
+
+
 def test_jsonl_invalid_json_names_path_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")

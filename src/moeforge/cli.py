@@ -212,7 +212,7 @@ def run_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.init_from_hf:
         overrides["train.init-from-hf"] = args.init_from_hf
     cfg = load_config(args.preset, args.config, overrides, world_size=world_size)
-    trainer = Trainer(cfg, Path(args.out))
+    trainer = Trainer(cfg, _output_dir(args.out, "--out"))
     result = trainer.fit()
     if not trainer.is_main:  # under torchrun the summary is printed once, by rank 0
         return 0
@@ -227,8 +227,11 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.infer import SamplingConfig, generate, load_model
     from moeforge.model.flops import kv_cache_comparison
 
-    loaded = load_model(args.checkpoint, args.device)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    sampling.validate()  # the flags first: a mistake in them is reported before any checkpoint is read
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: got {args.max_new_tokens}; allowed: an integer >= 1")
+    loaded = load_model(args.checkpoint, args.device)
     prompt = loaded.tokenizer.encode(args.prompt)
     result = generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id)
     text = loaded.tokenizer.decode(result.new_tokens)
@@ -378,6 +381,16 @@ def _verdict(checkpoint: Path, problems: list[str]) -> str:
         return "no checksums recorded (written by an older moeforge); not verified"
     size = sum(entry["bytes"] for entry in files.values())
     return f"ok ({len(files)} files, {size / 1e6:.1f} MB, SHA-256 verified)"
+
+
+def _output_dir(path: str, flag: str) -> Path:
+    """`path` created if missing; a one-line error naming `flag` when it cannot be."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot create the directory {path!r}: {err.strerror or err}") from None
+    return out
 
 
 def _reject_extra(rest: list[str]) -> None:

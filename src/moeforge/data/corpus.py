@@ -59,16 +59,23 @@ def _read_file(file: Path, text_field: str) -> list[str]:
     text = _read_utf8(file)
     if file.suffix.lower() == ".txt":
         return [text]
-    return [
+    records = [
         _jsonl_text(line, text_field, file, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()
     ]
+    if not records:
+        raise ConfigError(f"data.path: {str(file)!r} has no records (an empty .jsonl file)")
+    return records
 
 
 def _read_utf8(file: Path) -> str:
+    data = file.read_bytes()
     try:
-        return file.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"data.path: {str(file)!r} is not UTF-8 text (byte {err.start})") from None
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"data.path: {str(file)!r} line {line} is not UTF-8 text (byte {err.start} of the file)"
+        ) from None
 
 
 def _jsonl_text(line: str, text_field: str, file: Path, line_no: int) -> str:

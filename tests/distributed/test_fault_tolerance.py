@@ -96,6 +96,36 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one
     assert len(losses(tmp_path / "run")) == STEPS
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    run = launch(tmp_path / "run", max_restarts=0)
+    wait_for(tmp_path / "run" / "checkpoints" / f"step_{CHECKPOINT_EVERY:06d}", run)
+    os.kill(worker_pid(run, rank=1), signal.SIGTERM)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    saved = [line for line in out.splitlines() if ": saved " in line]
+    assert len(saved) == 2 and any(line.startswith("SIGTERM: saved") for line in saved), (
+        out
+    )  # one line a rank
+    step = int(saved[0].rsplit("at step ", 1)[1].split(";")[0])
+    assert CHECKPOINT_EVERY <= step < STEPS
+    assert f"step_{step:06d}" in saved[0] and f"step_{step:06d}" in saved[1]  # both ranks, the same step
+    assert [record["step"] for record in read_metrics(tmp_path / "run")][-1] == step
+
+
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_one_line_per_rank(tmp_path):
+    command = torchrun_train(tmp_path / "run", max_restarts=0) + ["--model.moe.top-k", "99"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("moeforge train: rank ")]
+    assert sorted(line.split(":")[1] for line in ours) == [" rank 0", " rank 1"], result.stderr[-3000:]
+    assert all("error: model.moe.top-k: got 99; allowed: " in line for line in ours)
+
+
 TIMEOUT_S = 2.0
 
 

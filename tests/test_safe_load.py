@@ -64,3 +64,23 @@ def test_plain_optimizer_state_loads_through_the_safe_path(tmp_path):
     ckpt.load_checkpoint(path, fresh, fresh_optimizer)
     assert fresh_optimizer.param_groups[0]["lr"] == 3e-4
     assert fresh_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_hugging_face_import_never_runs_repository_code(tmp_path):
+    hf_models = pytest.importorskip("hf_models")
+    from moeforge.interop import HFInteropError, from_hf
+
+    marker = tmp_path / "ran"
+    hf_models.save_hf_model(hf_models.qwen3_config(), tmp_path / "hf")
+    (tmp_path / "hf" / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    hf_models.edit_config(tmp_path / "hf", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    from_hf(tmp_path / "hf")  # the weights load; the repository's module is never imported
+    assert not marker.exists()
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save({"w": RunsCode(marker)}, pickled / "pytorch_model.bin")
+    with pytest.raises(HFInteropError, match=r"no \*\.safetensors files \(PyTorch \.bin checkpoints are not read\)"):
+        from_hf(pickled)
+    assert not marker.exists()

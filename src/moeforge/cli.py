@@ -330,11 +330,11 @@ def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
     if args.from_hf:
         if args.dtype:
             raise ConfigError("--dtype: applies to --to-hf only (imported weights are kept in fp32)")
-        checkpoint = hf_to_checkpoint(args.from_hf, args.out)
+        checkpoint = hf_to_checkpoint(args.from_hf, _output_dir(args.out, "--out"))
         print(f"wrote {checkpoint}; try: moeforge generate --checkpoint {args.out}")
         return 0
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    path = checkpoint_to_hf(args.to_hf, args.out, dtypes.get(args.dtype))
+    path = checkpoint_to_hf(args.to_hf, _output_dir(args.out, "--out"), dtypes.get(args.dtype))
     print(f"wrote Hugging Face checkpoint {path}")
     return 0
 
@@ -343,7 +343,8 @@ def run_report(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
     from moeforge.report import write_report
 
-    for path in write_report(args.run_dir, args.out):
+    out = _output_dir(args.out, "--out") if args.out else None
+    for path in write_report(args.run_dir, out):
         print(path)
     return 0
 

@@ -1,0 +1,162 @@
+"""What an architecture module declares (`Architecture`), and the config.json fields all of them share.
+
+A config.json is mapped field by field onto a `ModelConfig`; a field an architecture does not know, or
+a value moeforge cannot represent (rope scaling, attention biases, sliding windows, FP8 quantization,
+...), is a one-line `HFInteropError` naming it, never a silently different model. The helpers here
+map, write and check the fields every architecture has; each architecture module adds its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from moeforge.config import ModelConfig, MoEConfig
+from moeforge.interop.hf.errors import HFInteropError
+
+# Fields that describe the run, the tokenizer or the file, not the function the model computes.
+IGNORED_FIELDS = frozenset(
+    {
+        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+        "auto_map", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "output_router_logits",
+        "tokenizer_class", "output_attentions", "output_hidden_states", "return_dict",
+    }
+)  # fmt: skip
+
+# Fields every architecture here maps or checks.
+COMMON_FIELDS = frozenset(
+    {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+        "tie_word_embeddings", "initializer_range", "hidden_act", "attention_bias", "attention_dropout",
+        "num_experts_per_tok", "router_aux_loss_coef",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face architecture's config and tensor names map onto moeforge."""
+
+    model_type: str
+    hf_class: str
+    fields: frozenset[str]
+    """config.json fields it maps or checks, beyond the common ones"""
+    defaults: dict[str, Any]
+    """the `transformers` class defaults of fields a config.json may leave out"""
+    moe_block: str
+    """name of the MoE block inside a decoder layer"""
+    expert_projections: tuple[str, str, str]
+    """names of an expert's gate, up and down projections"""
+    to_model: Callable[[dict[str, Any]], ModelConfig]
+    unsupported: Callable[[dict[str, Any]], list[str]]
+    to_hf: Callable[[ModelConfig], dict[str, Any]]
+    misfits: Callable[[ModelConfig], list[str]]
+    """why a moeforge model config cannot be written in this format ([] when it can)"""
+    correction_bias: bool = False
+    """the router stores the balancing bias (`e_score_correction_bias`, DeepSeek-V3)"""
+
+
+def require(values: dict[str, Any], key: str) -> Any:
+    value = values.get(key)
+    if value is None:
+        raise HFInteropError(f"missing field {key!r}")
+    return value
+
+
+def common_unsupported(values: dict[str, Any]) -> list[str]:
+    problems = []
+    if values.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={values['hidden_act']!r} (SwiGLU with silu only)")
+    if values.get("attention_bias"):
+        problems.append("attention_bias=true (projections without bias only)")
+    if values.get("attention_dropout"):
+        problems.append(f"attention_dropout={values['attention_dropout']} (no dropout)")
+    if values.get("rope_scaling"):
+        problems.append(f"rope_scaling={values['rope_scaling']} (plain RoPE only)")
+    rope = values.get("rope_parameters") or {}
+    extra_rope = {
+        k: v for k, v in rope.items() if k != "rope_theta" and not (k == "rope_type" and v == "default")
+    }
+    if extra_rope:
+        problems.append(f"rope_parameters={rope} (plain RoPE only)")
+    return problems
+
+
+def _rope_theta(values: dict[str, Any]) -> float:
+    rope = values.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", values["rope_theta"]))
+
+
+def common_model_fields(values: dict[str, Any]) -> dict[str, Any]:
+    n_heads = require(values, "num_attention_heads")
+    return {
+        "vocab_size": require(values, "vocab_size"),
+        "dim": require(values, "hidden_size"),
+        "n_layers": require(values, "num_hidden_layers"),
+        "n_heads": n_heads,
+        "n_kv_heads": values.get("num_key_value_heads") or n_heads,
+        "head_dim": values.get("head_dim") or 0,
+        "max_seq_len": values["max_position_embeddings"],
+        "rope_theta": _rope_theta(values),
+        "norm_eps": values["rms_norm_eps"],
+        "tie_embeddings": bool(values["tie_word_embeddings"]),
+        "init_std": values.get("initializer_range", 0.02),
+    }
+
+
+def common_hf_fields(cfg: ModelConfig, arch: str, hf_class: str) -> dict[str, Any]:
+    return {
+        "architectures": [hf_class],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": cfg.moe.top_k,
+        "router_aux_loss_coef": cfg.moe.aux_coef,
+    }
+
+
+def softmax_moe(values: dict[str, Any], n_experts: int, expert_ffn_dim: int, route_norm: bool) -> MoEConfig:
+    """Softmax routing without a balancing bias (the formats have none to store it), with the classic
+    batch aux loss at the checkpoint's own `router_aux_loss_coef` for fine-tuning."""
+    return MoEConfig(
+        n_experts=n_experts,
+        top_k=require(values, "num_experts_per_tok"),
+        expert_ffn_dim=expert_ffn_dim,
+        n_shared_experts=0,
+        score_func="softmax",
+        route_norm=route_norm,
+        bias_update_rate=0.0,
+        seq_aux_coef=0.0,
+        aux_coef=values.get("router_aux_loss_coef") or 0.0,
+    )
+
+
+def softmax_misfits(cfg: ModelConfig) -> list[str]:
+    """What a softmax-routed format (Qwen3-MoE, Mixtral) cannot hold of a moeforge model config."""
+    moe = cfg.moe
+    problems = []
+    if moe.score_func != "softmax":
+        problems.append(f"moe.score-func={moe.score_func!r} (needs 'softmax')")
+    if moe.n_shared_experts:
+        problems.append(f"moe.n-shared-experts={moe.n_shared_experts} (needs 0)")
+    if moe.n_groups != 1:
+        problems.append(f"moe.n-groups={moe.n_groups} (needs 1)")
+    if moe.route_scale != 1.0:
+        problems.append(f"moe.route-scale={moe.route_scale} (needs 1)")
+    if cfg.mtp_depth:
+        problems.append(f"mtp-depth={cfg.mtp_depth} (needs 0)")
+    return problems

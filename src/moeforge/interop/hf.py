@@ -48,6 +48,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from tqdm import tqdm
 
 from moeforge.config import ConfigError, ModelConfig, MoEConfig
+from moeforge.errors import MoeforgeError
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.mesh import ParallelMesh
 from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, replicated
@@ -60,7 +61,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-class HFInteropError(ValueError):
+class HFInteropError(MoeforgeError, ValueError):
     """A Hugging Face checkpoint moeforge cannot read or a model it cannot write: one line, naming why."""
 
 

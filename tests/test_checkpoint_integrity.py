@@ -133,3 +133,13 @@ def test_checkpoint_verify_names_the_bad_file_and_fails(run, capsys):
     assert "step_000002: ok" in out
     assert "step_000004: BAD: __0_0.distcp: " in out and "(truncated or overwritten)" in out
     assert out.rstrip().endswith("1 of 2 checkpoints good")
+
+
+def test_a_garbled_meta_file_is_a_one_line_error_naming_it(run, capsys):
+    meta = ckpt.step_path(run, STEPS) / ckpt.META_FILE
+    meta.write_text('{"step": 4')
+    assert main(["generate", "--checkpoint", str(run), "--max-new-tokens", "1"]) == 1
+    reason = "Expecting ',' delimiter: line 1 column 11 (char 10)"
+    assert capsys.readouterr().err == f"moeforge generate: error: {meta}: unreadable ({reason})\n"
+    assert main(["checkpoint", "verify", str(run)]) == 1
+    assert "step_000004: BAD: meta.json: unreadable (Expecting ',' delimiter" in capsys.readouterr().out

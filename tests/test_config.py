@@ -2,8 +2,30 @@
 
 import pytest
 
+from moeforge import cli
 from moeforge.cli import parse_overrides
-from moeforge.config import Config, ConfigError, MoEConfig, config_from_dict, iter_options, load_config
+from moeforge.config import (
+    RETIRED_FIELDS,
+    Config,
+    ConfigError,
+    MoEConfig,
+    TrainConfig,
+    config_from_dict,
+    iter_options,
+    load_config,
+)
+from moeforge.errors import MoeforgeError
+from moeforge.train.checkpoint import CheckpointError
+
+CHOICES = {
+    "model.attention": ("gqa", "mla"),
+    "model.moe.score-func": ("sigmoid", "softmax"),
+    "model.moe.backend": ("grouped", "loop"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+"""every field typed as a choice of strings, with its allowed values in order"""
 
 
 def test_default_is_tiny_preset_and_valid():
@@ -20,7 +42,10 @@ def test_dotted_overrides_with_dashes_and_nested_sections():
 
 
 def test_cli_override_parsing_both_spellings():
-    assert parse_overrides(["--train.steps", "5", "--model.moe.top-k=3"]) == {"train.steps": "5", "model.moe.top-k": "3"}
+    assert parse_overrides(["--train.steps", "5", "--model.moe.top-k=3"]) == {
+        "train.steps": "5",
+        "model.moe.top-k": "3",
+    }
     with pytest.raises(ConfigError, match="--train.steps: missing a value"):
         parse_overrides(["--train.steps"])
     with pytest.raises(ConfigError, match="unrecognised"):
@@ -38,15 +63,22 @@ def test_toml_file_overrides_preset(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model.moe.top-k": "99"}, r"^model\.moe\.top-k: got 99; allowed: an integer in \[1, n-experts=16\]$"),
+        (
+            {"model.moe.top-k": "99"},
+            r"^model\.moe\.top-k: got 99; allowed: an integer in \[1, n-experts=16\]$",
+        ),
         ({"model.moe.n-groups": "5"}, r"^model\.moe\.n-groups: got 5; allowed: a divisor of n-experts=16$"),
-        ({"model.moe.score-func": "relu"}, r"^model\.moe\.score-func: got 'relu'; allowed: 'sigmoid' \| 'softmax'$"),
+        (
+            {"model.moe.score-func": "relu"},
+            r"^model\.moe\.score-func: got 'relu'; allowed: 'sigmoid' \| 'softmax'$",
+        ),
         ({"model.n-kv-heads": "3"}, r"^model\.n-kv-heads: got 3; allowed: a divisor of n-heads=4$"),
         ({"train.steps": "ten"}, r"^train\.steps: 'ten' is not a valid int$"),
         ({"train.schedule": "linear"}, r"^train\.schedule: got 'linear'"),
         ({"train.seq-len": "4096"}, r"^train\.seq-len: got 4096; allowed: at most model\.max-seq-len=512$"),
         ({"parallel.ep": "3"}, r"^parallel\.ep: got 3; allowed: a divisor of dp-shard=1$"),
         ({"data.path": "/no/such/file.txt"}, r"^data\.path: got '/no/such/file\.txt'"),
+        ({"data.val-fraction": "1"}, r"^data\.val-fraction: got 1\.0; allowed: a number in \(0, 1\)$"),
         ({"train.stepz": "1"}, r"^--train\.stepz: unknown option; allowed here: steps, global-batch-size"),
         ({"model.moe": "1"}, r"^--model\.moe: is a section"),
     ],
@@ -60,7 +92,9 @@ def test_errors_are_one_line_naming_the_field(overrides, message):
 def test_mesh_product_must_match_world_size():
     with pytest.raises(ConfigError, match="parallel.dp-shard: got 3; allowed: a value with dp-replicate"):
         load_config(overrides={"parallel.dp-shard": "3"}, world_size=4)
-    cfg = load_config(overrides={"parallel.dp-replicate": "2", "parallel.ep": "2", "model.moe.n-experts": "8"}, world_size=4)
+    cfg = load_config(
+        overrides={"parallel.dp-replicate": "2", "parallel.ep": "2", "model.moe.n-experts": "8"}, world_size=4
+    )
     assert cfg.parallel.resolved_dp_shard(4) == 2
 
 
@@ -91,16 +125,109 @@ def test_round_trip_through_dict():
 
 def test_every_option_has_help_text():
     options = list(iter_options())
-    assert any(dotted == "model.moe.n-experts" for dotted, _, _ in options)
-    missing = [dotted for dotted, _, doc in options if not doc]
+    assert any(option.flag == "model.moe.n-experts" for option in options)
+    missing = [option.flag for option in options if not option.doc]
     assert not missing
+
+
+def test_the_typed_choices_are_the_literal_fields():
+    assert {option.flag: option.choices for option in iter_options() if option.choices} == CHOICES
+
+
+@pytest.mark.parametrize("flag", CHOICES)
+def test_a_choice_field_accepts_each_allowed_value_and_rejects_others_in_one_line(flag, tmp_path):
+    for value in CHOICES[flag]:
+        assert _field_value(load_config(overrides={flag: value}), flag) == value
+    allowed = " | ".join(f"'{value}'" for value in CHOICES[flag])
+    message = f"{flag}: got 'bogus'; allowed: {allowed}"
+    with pytest.raises(ConfigError) as from_flag:
+        load_config(overrides={flag: "bogus"})
+    assert str(from_flag.value) == message
+    table, key = flag.rsplit(".", 1)
+    (tmp_path / "run.toml").write_text(f'[{table}]\n{key} = "bogus"\n')
+    with pytest.raises(ConfigError) as from_toml:
+        load_config(config_file=tmp_path / "run.toml")
+    assert str(from_toml.value) == message
+
+
+def _field_value(cfg: Config, flag: str) -> object:
+    value: object = cfg
+    for name in flag.replace("-", "_").split("."):
+        value = getattr(value, name)
+    return value
+
+
+def test_a_choice_field_set_in_code_is_rejected_by_validate():
+    with pytest.raises(ConfigError, match=r"^model\.moe\.backend: got 'gemm'; allowed: 'grouped' \| 'loop'$"):
+        MoEConfig(dim=64, backend="gemm").validate("model.moe")
+    with pytest.raises(ConfigError, match=r"^train\.dtype: got 'fp16'; allowed: 'auto' \| 'fp32' \| 'bf16'$"):
+        TrainConfig(dtype="fp16").validate()
+
+
+def test_help_shows_the_allowed_values_of_a_choice_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    flag_line = lines.index("  --model.moe.score-func 'sigmoid' (allowed: 'sigmoid' | 'softmax')")
+    assert lines[flag_line + 1].strip().startswith("router score: 'sigmoid' (DeepSeek-V3)")
+    for flag, choices in CHOICES.items():
+        allowed = " | ".join(f"'{value}'" for value in choices)
+        assert any(
+            line.startswith(f"  --{flag} ") and line.endswith(f"(allowed: {allowed})") for line in lines
+        )
+    assert any(line.startswith("  --train.steps ") and "allowed" not in line for line in lines)
+
+
+def _train_handler_raising(monkeypatch, error: Exception) -> None:
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "load_config", fail)
+
+
+def test_cli_reports_project_errors_in_one_line_with_their_exit_code(monkeypatch, tmp_path, capsys):
+    for error, code in [
+        (ConfigError("train.steps: got 0; allowed: an integer >= 1"), 2),
+        (CheckpointError("torn"), 1),
+    ]:
+        _train_handler_raising(monkeypatch, error)
+        assert cli.main(["train", "--out", str(tmp_path)]) == code
+        assert capsys.readouterr().err == f"moeforge train: error: {error}\n"
+
+
+def test_cli_does_not_report_an_internal_value_error_as_a_user_error(monkeypatch, tmp_path, capsys):
+    bug = ValueError("too many values to unpack (expected 2)")
+    assert not isinstance(bug, MoeforgeError)
+    _train_handler_raising(monkeypatch, bug)
+    with pytest.raises(ValueError) as raised:  # out of main: Python prints its traceback, exit status 1
+        cli.main(["train", "--out", str(tmp_path)])
+    assert raised.value is bug
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_saved_config_with_retired_fields_still_loads():
+    cfg = load_config()
+    old = cfg.to_dict()
+    for dotted in RETIRED_FIELDS:
+        section, name = dotted.split(".")
+        old[section][name] = 1  # as an older moeforge wrote it
+    assert config_from_dict(old) == cfg
+    old["parallel"]["bogus"] = 1
+    with pytest.raises(ConfigError, match=r"^parallel\.bogus: unknown field"):
+        config_from_dict(old)
 
 
 def test_ep_nodes_must_divide_ep_and_hold_whole_expert_groups():
     with pytest.raises(ConfigError, match=r"^parallel\.ep-nodes: got 3; allowed: a divisor of ep=4$"):
         load_config(overrides={"parallel.ep": "4", "parallel.ep-nodes": "3"}, world_size=4)
     groups_across_nodes = {"parallel.ep": "4", "parallel.ep-nodes": "4", "model.moe.n-groups": "2"}
-    with pytest.raises(ConfigError, match=r"^model\.moe\.n-groups: got 2; allowed: a multiple of parallel\.ep-nodes=4"):
+    with pytest.raises(
+        ConfigError, match=r"^model\.moe\.n-groups: got 2; allowed: a multiple of parallel\.ep-nodes=4"
+    ):
         load_config(overrides=groups_across_nodes, world_size=4)
-    cfg = load_config(overrides={**groups_across_nodes, "model.moe.n-groups": "8", "model.moe.topk-groups": "2"}, world_size=4)
+    cfg = load_config(
+        overrides={**groups_across_nodes, "model.moe.n-groups": "8", "model.moe.topk-groups": "2"},
+        world_size=4,
+    )
     assert cfg.parallel.ep_nodes == 4

@@ -9,10 +9,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from moeforge.config import ConfigError, available_presets, iter_options, load_config
+from moeforge.config import ConfigError, available_presets, format_choices, iter_options, load_config
+from moeforge.errors import MoeforgeError
 from moeforge.runtime import keep_freed_memory
-
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
-    """The command's exit code. A user error, a checkpoint or training failure and a lost peer are
-    one line on stderr (naming the rank under torchrun); a bug keeps its traceback."""
+    """The command's exit code. A `MoeforgeError` (a user error, a checkpoint or training failure)
+    and a lost peer are one line on stderr (naming the rank under torchrun); a bug keeps its traceback."""
     where = f"moeforge {args.command}: " + (f"rank {os.environ.get('RANK', '?')}: " if _launched() else "")
     try:
         return args.handler(args, rest)
-    except USER_ERRORS as err:
+    except MoeforgeError as err:
         print(f"{where}error: {err}", file=sys.stderr)
-        return 2
-    except _runtime_errors() as err:
-        print(f"{where}error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except Exception as err:
         failure = _peer_failure(err)
         if failure is None and not _joined_process_group():
@@ -77,15 +73,10 @@ def _joined_process_group() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
-def _runtime_errors() -> tuple[type[Exception], ...]:
-    from moeforge.train.checkpoint import CheckpointError
-    from moeforge.train.trainer import TrainingDiverged
-
-    return (CheckpointError, TrainingDiverged)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeforge", description="Train and serve dropless Mixture-of-Experts models.")
+    parser = argparse.ArgumentParser(
+        prog="moeforge", description="Train and serve dropless Mixture-of-Experts models."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser(
@@ -94,16 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_options_help(),
     )
-    train.add_argument("--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel] tables")
-    train.add_argument("--preset", help=f"start from a preset: {', '.join(available_presets())} (default: tiny)")
-    train.add_argument("--out", default="runs/tiny", help="run directory; rerunning with it resumes (default: runs/tiny)")
     train.add_argument(
-        "--init-from-hf", metavar="DIR", help="start from a local Hugging Face model (= --train.init-from-hf DIR)"
+        "--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel] tables"
+    )
+    train.add_argument(
+        "--preset", help=f"start from a preset: {', '.join(available_presets())} (default: tiny)"
+    )
+    train.add_argument(
+        "--out", default="runs/tiny", help="run directory; rerunning with it resumes (default: runs/tiny)"
+    )
+    train.add_argument(
+        "--init-from-hf",
+        metavar="DIR",
+        help="start from a local Hugging Face model (= --train.init-from-hf DIR)",
     )
     train.set_defaults(handler=run_train)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained model")
-    gen.add_argument("--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint")
+    gen.add_argument(
+        "--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint"
+    )
     gen.add_argument("--prompt", default="The ", help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -120,67 +121,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(handler=run_generate)
 
-    bench = commands.add_parser("bench", help="benchmarks; each prints ratios against a baseline timed in the same run")
+    bench = commands.add_parser(
+        "bench", help="benchmarks; each prints ratios against a baseline timed in the same run"
+    )
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    moe = benches.add_parser("moe", help="one MoE layer forward+backward per expert backend vs a dense matmul")
-    moe.add_argument("--dim", type=int, default=512)
-    moe.add_argument("--ffn-dim", type=int, default=256)
-    moe.add_argument("--experts", type=int, default=32)
-    moe.add_argument("--top-k", type=int, default=4)
-    moe.add_argument("--tokens", type=int, default=4096)
+    moe = benches.add_parser(
+        "moe",
+        parents=[_bench_flags()],
+        help="one MoE layer forward+backward per expert backend vs a dense matmul",
+    )
     moe.add_argument("--backends", default="grouped,loop", help="comma-separated: grouped, loop")
-    moe.add_argument("--repeats", type=int, default=5)
     moe.add_argument("--device", default="cpu")
-    moe.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    moe.add_argument("--json", action="store_true")
-    moe.set_defaults(handler=run_bench_moe)
+    moe.set_defaults(handler=run_bench_moe, tokens=4096)
     ep = benches.add_parser(
         "ep",
+        parents=[_bench_flags()],
         help="one MoE layer with all experts on every rank (ep=1) vs spread over ep ranks: dispatch / experts / "
         "combine times and off-node traffic, on spawned gloo processes (or the ranks of a torchrun launch)",
     )
     ep.add_argument("--ep", type=int, default=2, help="expert-parallel ranks (processes)")
-    ep.add_argument("--ep-nodes", type=int, default=0, help="nodes the ranks are split into; 0 = one per rank")
-    ep.add_argument("--topk-nodes", type=int, default=0, help="M, nodes a token's experts may come from; 0 = half")
-    ep.add_argument("--dim", type=int, default=512)
-    ep.add_argument("--ffn-dim", type=int, default=256)
-    ep.add_argument("--experts", type=int, default=32)
-    ep.add_argument("--top-k", type=int, default=4)
-    ep.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    ep.add_argument("--repeats", type=int, default=5)
-    ep.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ep.add_argument("--json", action="store_true")
-    ep.set_defaults(handler=run_bench_ep)
+    ep.add_argument(
+        "--ep-nodes", type=int, default=0, help="nodes the ranks are split into; 0 = one per rank"
+    )
+    ep.add_argument(
+        "--topk-nodes", type=int, default=0, help="M, nodes a token's experts may come from; 0 = half"
+    )
+    ep.set_defaults(handler=run_bench_ep, tokens=2048)
 
     convert = commands.add_parser("convert", help="Hugging Face safetensors <-> moeforge checkpoints")
     source = convert.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="DIR", help="a local Hugging Face model directory (config.json, *.safetensors)")
-    source.add_argument("--to-hf", metavar="CKPT", help="a moeforge run directory (newest checkpoint) or one checkpoint")
-    convert.add_argument("--out", required=True, help="the new run directory (--from-hf) or HF directory (--to-hf)")
+    source.add_argument(
+        "--from-hf", metavar="DIR", help="a local Hugging Face model directory (config.json, *.safetensors)"
+    )
+    source.add_argument(
+        "--to-hf", metavar="CKPT", help="a moeforge run directory (newest checkpoint) or one checkpoint"
+    )
     convert.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), help="--to-hf precision (default: as imported, else fp32)"
+        "--out", required=True, help="the new run directory (--from-hf) or HF directory (--to-hf)"
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="--to-hf precision (default: as imported, else fp32)",
     )
     convert.set_defaults(handler=run_convert)
 
     checkpoint = commands.add_parser("checkpoint", help="inspect a run's checkpoints")
-    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    checkpoint_commands = checkpoint.add_subparsers(
+        dest="checkpoint_command", metavar="ACTION", required=True
+    )
     verify = checkpoint_commands.add_parser(
         "verify", help="check every checkpoint of a run against the sizes and SHA-256 sums it recorded"
     )
     verify.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one checkpoint)")
     verify.set_defaults(handler=run_checkpoint_verify)
 
-    report = commands.add_parser("report", help="PNG plots of a run: losses, expert load heatmaps, max violation")
+    report = commands.add_parser(
+        "report", help="PNG plots of a run: losses, expert load heatmaps, max violation"
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
     report.add_argument("--out", help="where the PNGs go (default: RUN_DIR/report)")
     report.set_defaults(handler=run_report)
     return parser
 
 
+def _bench_flags() -> argparse.ArgumentParser:
+    """The flags `bench moe` and `bench ep` share, as a parent parser; a new one per bench, since
+    argparse shares a parent's actions and each bench sets its own --tokens default."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--dim", type=int, default=512)
+    flags.add_argument("--ffn-dim", type=int, default=256)
+    flags.add_argument("--experts", type=int, default=32)
+    flags.add_argument("--top-k", type=int, default=4)
+    flags.add_argument("--tokens", type=int, help="tokens through the layer (bench ep: per rank)")
+    flags.add_argument("--repeats", type=int, default=5)
+    flags.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    flags.add_argument("--json", action="store_true")
+    return flags
+
+
 def _options_help() -> str:
     lines = ["configuration options (--section.field-name VALUE; default shown is before any preset):"]
-    for dotted, default, doc in iter_options():
-        lines.append(f"  --{dotted} {default!r}\n      {doc}")
+    for option in iter_options():
+        allowed = f" (allowed: {format_choices(option.choices)})" if option.choices else ""
+        lines.append(f"  --{option.flag} {option.default!r}{allowed}\n      {option.doc}")
     return "\n".join(lines)
 
 
@@ -227,8 +251,8 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.infer import SamplingConfig, generate, load_model
     from moeforge.model.flops import kv_cache_comparison
 
+    # made (and so checked) first: a mistake in the flags is reported before any checkpoint is read
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    sampling.validate()  # the flags first: a mistake in them is reported before any checkpoint is read
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: got {args.max_new_tokens}; allowed: an integer >= 1")
     loaded = load_model(args.checkpoint, args.device)

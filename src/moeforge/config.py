@@ -6,6 +6,9 @@ in increasing priority, from the dataclass defaults, a preset (`presets/NAME.tom
 file and dotted command-line overrides spelled `--section.field-name VALUE`
 (e.g. `--model.moe.n-experts 16`, `--train.steps 200`).
 
+A field whose value is one of a fixed set of strings is typed `Literal[...]`: the type alone gives
+its parsing, its allowed values in `--help` and its validation (`_check_choices`).
+
 Mistakes are reported as one-line `ConfigError`s naming the field and what it accepts.
 """
 
@@ -19,13 +22,15 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
+
+from moeforge.errors import MoeforgeError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeforgeError, ValueError):
     """A user mistake in a config value: one line naming the field and what is allowed."""
 
 
@@ -43,7 +48,7 @@ class MoEConfig:
     """hidden width of each routed (and shared) SwiGLU expert"""
     n_shared_experts: int = 1
     """always-on experts every token passes through (DeepSeek: 1)"""
-    score_func: str = "sigmoid"
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
     """router score: 'sigmoid' (DeepSeek-V3) or 'softmax' (Mixtral, Qwen)"""
     route_norm: bool = True
     """normalise the selected gates to sum to 1 (with softmax this equals top-k-then-softmax)"""
@@ -55,7 +60,7 @@ class MoEConfig:
     """groups a token may choose experts from (DeepSeek-V3: 4)"""
     jitter: float = 0.0
     """multiplicative uniform noise on router inputs while training (MegaBlocks); 0 = off"""
-    backend: str = "grouped"
+    backend: Literal["grouped", "loop"] = "grouped"
     """expert compute: 'grouped' (one grouped GEMM, torch._grouped_mm) or 'loop' (per-expert matmuls)"""
     bias_update_rate: float = 1e-3
     """gamma of aux-loss-free balancing: b_i += gamma*sign(mean_load - load_i) per step; 0 = off"""
@@ -67,6 +72,7 @@ class MoEConfig:
     """router z-loss coefficient (ST-MoE, 1e-3); 0 = off"""
 
     def validate(self, prefix: str = "moe") -> None:
+        _check_choices(self, prefix)
         _check(self.dim >= 0, f"{prefix}.dim", self.dim, "an integer >= 0")
         _check(self.n_experts >= 1, f"{prefix}.n-experts", self.n_experts, "an integer >= 1")
         _check(
@@ -76,9 +82,9 @@ class MoEConfig:
             f"an integer in [1, n-experts={self.n_experts}]",
         )
         _check(self.expert_ffn_dim >= 1, f"{prefix}.expert-ffn-dim", self.expert_ffn_dim, "an integer >= 1")
-        _check(self.n_shared_experts >= 0, f"{prefix}.n-shared-experts", self.n_shared_experts, "an integer >= 0")
-        _check_choice(self.score_func, f"{prefix}.score-func", ("sigmoid", "softmax"))
-        _check_choice(self.backend, f"{prefix}.backend", ("grouped", "loop"))
+        _check(
+            self.n_shared_experts >= 0, f"{prefix}.n-shared-experts", self.n_shared_experts, "an integer >= 0"
+        )
         _check(self.route_scale > 0, f"{prefix}.route-scale", self.route_scale, "a number > 0")
         _check(
             self.n_groups >= 1 and self.n_experts % self.n_groups == 0,
@@ -101,7 +107,9 @@ class MoEConfig:
         )
         if self.n_groups > 1:
             per_group = self.n_experts // self.n_groups
-            _check(per_group >= 2, f"{prefix}.n-groups", self.n_groups, "a value leaving >= 2 experts per group")
+            _check(
+                per_group >= 2, f"{prefix}.n-groups", self.n_groups, "a value leaving >= 2 experts per group"
+            )
         for name in ("jitter", "bias_update_rate", "seq_aux_coef", "aux_coef", "z_loss_coef"):
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{_flag(name)}", value, "a number >= 0")
@@ -128,7 +136,7 @@ class ModelConfig:
     """per-head width; 0 = dim / n-heads"""
     ffn_dim: int = 384
     """hidden width of the dense SwiGLU MLP"""
-    attention: str = "gqa"
+    attention: Literal["gqa", "mla"] = "gqa"
     """attention type: 'gqa' (grouped-query attention via SDPA) or 'mla' (DeepSeek multi-head latent)"""
     qk_norm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3); 'gqa' attention only"""
@@ -173,6 +181,7 @@ class ModelConfig:
         return layer_id >= self.n_dense_layers
 
     def validate(self) -> None:
+        _check_choices(self, "model")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{_flag(name)}", value, "an integer >= 1")
@@ -196,10 +205,12 @@ class ModelConfig:
                 f"a divisor of dim={self.dim} (or set model.head-dim)",
             )
         _check(self.resolved_head_dim % 2 == 0, "model.head-dim", self.resolved_head_dim, "an even integer")
-        _check_choice(self.attention, "model.attention", ("gqa", "mla"))
         self.validate_mla()
         _check(
-            not self.qk_norm or self.attention == "gqa", "model.qk-norm", self.qk_norm, "false unless attention is 'gqa'"
+            not self.qk_norm or self.attention == "gqa",
+            "model.qk-norm",
+            self.qk_norm,
+            "false unless attention is 'gqa'",
         )
         _check(self.rope_theta > 0, "model.rope-theta", self.rope_theta, "a number > 0")
         _check(self.norm_eps > 0, "model.norm-eps", self.norm_eps, "a number > 0")
@@ -214,7 +225,12 @@ class ModelConfig:
         self.moe.validate("model.moe")
 
     def validate_mla(self) -> None:
-        _check(self.q_lora_rank >= 0, "model.q-lora-rank", self.q_lora_rank, "an integer >= 0 (0 = no compression)")
+        _check(
+            self.q_lora_rank >= 0,
+            "model.q-lora-rank",
+            self.q_lora_rank,
+            "an integer >= 0 (0 = no compression)",
+        )
         for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{_flag(name)}", value, "an integer >= 1")
@@ -240,7 +256,7 @@ class TrainConfig:
     """final learning rate as a fraction of the peak"""
     warmup_steps: int = 20
     """linear warm-up steps"""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """learning-rate shape after warm-up: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'"""
     decay_fraction: float = 0.2
     """for 'wsd': fraction of steps spent in the final linear decay"""
@@ -264,10 +280,10 @@ class TrainConfig:
     """seed for weights, data order and router jitter"""
     init_from_hf: str = ""
     """a Hugging Face model directory to start from; its model and tokenizer replace the preset's; '' = off"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """compute precision: 'fp32', 'bf16' (autocast) or 'auto' (bf16 on CUDA, fp32 on CPU)"""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto'"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train; 'auto' = CUDA when available, else the CPU"""
     log_every: int = 10
     """steps between metrics.jsonl / TensorBoard records"""
     eval_every: int = 100
@@ -284,7 +300,15 @@ class TrainConfig:
     """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
 
     def validate(self) -> None:
-        for name in ("steps", "global_batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _check_choices(self, "train")
+        for name in (
+            "steps",
+            "global_batch_size",
+            "seq_len",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             _check(value >= 1, f"train.{_flag(name)}", value, "an integer >= 1")
         for name in ("micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "seed"):
@@ -299,25 +323,24 @@ class TrainConfig:
             )
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(0 <= self.min_lr_ratio <= 1, "train.min-lr-ratio", self.min_lr_ratio, "a number in [0, 1]")
-        _check_choice(self.schedule, "train.schedule", ("cosine", "wsd", "constant"))
-        _check(0 < self.decay_fraction <= 1, "train.decay-fraction", self.decay_fraction, "a number in (0, 1]")
+        _check(
+            0 < self.decay_fraction <= 1, "train.decay-fraction", self.decay_fraction, "a number in (0, 1]"
+        )
         _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad-clip", self.grad_clip, "a number >= 0")
         _check(
-            0 <= self.bias_update_until <= 1, "train.bias-update-until", self.bias_update_until, "a number in [0, 1]"
+            0 <= self.bias_update_until <= 1,
+            "train.bias-update-until",
+            self.bias_update_until,
+            "a number in [0, 1]",
         )
         for name in ("mtp_lambda", "mtp_lambda_late"):
             value = getattr(self, name)
             _check(value >= 0, f"train.{_flag(name)}", value, "a number >= 0")
         switch = self.mtp_lambda_switch
         _check(0 <= switch <= 1, "train.mtp-lambda-switch", switch, "a number in [0, 1]")
-        _check_choice(self.dtype, "train.dtype", ("auto", "fp32", "bf16"))
-        _check_choice(self.device, "train.device", ("auto", "cpu", "cuda"))
-        if self.init_from_hf:
-            hf_config = Path(self.init_from_hf) / "config.json"
-            _check(hf_config.is_file(), "train.init-from-hf", self.init_from_hf, "a directory with a config.json")
 
 
 @dataclass
@@ -360,15 +383,18 @@ class ParallelConfig:
     """nodes the ep group spans (contiguous blocks of ep ranks); > 1 ties group-limited routing to
     them: model.moe.n-groups must be a multiple, so a token's experts, and the all-to-all rows it
     sends, reach at most model.moe.topk-groups nodes (DeepSeek-V3 node-limited routing)"""
-    pp: int = 1
-    """pipeline stages; only 1 until pipelining lands"""
     timeout_s: float = 300.0
     """seconds any rank waits for a peer (the first rendezvous, each collective, a checkpoint's
     barriers) before it stops with an error naming what it waited for, instead of hanging"""
 
     def validate(self, world_size: int = 1) -> None:
         _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")
-        _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp-shard", self.dp_shard, "-1 or an integer >= 1")
+        _check(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            "parallel.dp-shard",
+            self.dp_shard,
+            "-1 or an integer >= 1",
+        )
         _check(self.ep >= 1, "parallel.ep", self.ep, "an integer >= 1")
         _check(
             self.ep_nodes >= 1 and self.ep % self.ep_nodes == 0,
@@ -377,19 +403,23 @@ class ParallelConfig:
             f"a divisor of ep={self.ep}",
         )
         _check(self.timeout_s > 0, "parallel.timeout-s", self.timeout_s, "a number of seconds > 0")
-        _check(self.pp == 1, "parallel.pp", self.pp, "1 (pipeline parallelism is not built yet)")
         shard = self.resolved_dp_shard(world_size)
         _check(
-            shard >= 1 and self.dp_replicate * shard * self.pp == world_size,
+            shard >= 1 and self.dp_replicate * shard == world_size,
             "parallel.dp-shard",
             self.dp_shard,
-            f"a value with dp-replicate*dp-shard*pp = world size {world_size}",
+            f"a value with dp-replicate*dp-shard = world size {world_size}",
         )
         _check(shard % self.ep == 0, "parallel.ep", self.ep, f"a divisor of dp-shard={shard}")
 
     def validate_for(self, moe: MoEConfig) -> None:
         """The checks that tie the layout to a model's experts and routing groups."""
-        _check(moe.n_experts % self.ep == 0, "parallel.ep", self.ep, f"a divisor of model.moe.n-experts={moe.n_experts}")
+        _check(
+            moe.n_experts % self.ep == 0,
+            "parallel.ep",
+            self.ep,
+            f"a divisor of model.moe.n-experts={moe.n_experts}",
+        )
         _check(
             moe.n_groups % self.ep_nodes == 0,
             "model.moe.n-groups",
@@ -400,7 +430,7 @@ class ParallelConfig:
     def resolved_dp_shard(self, world_size: int) -> int:
         if self.dp_shard != -1:
             return self.dp_shard
-        return world_size // (self.dp_replicate * self.pp)
+        return world_size // self.dp_replicate
 
 
 @dataclass
@@ -459,7 +489,6 @@ def load_config(
         preset = DEFAULT_PRESET
     cfg = _layered_config(preset, config_file, overrides or {})
     if cfg.train.init_from_hf:
-        cfg.train.validate()
         cfg = _layered_config(preset, config_file, overrides or {}, hf_dir=cfg.train.init_from_hf)
     return cfg.validate(world_size)
 
@@ -471,10 +500,12 @@ def _layered_config(
     if preset is not None:
         path = PRESETS_DIR / f"{preset}.toml"
         if not path.is_file():
-            raise ConfigError(f"--preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}")
+            raise ConfigError(
+                f"--preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}"
+            )
         apply_mapping(cfg, _read_toml(path))
     if hf_dir is not None:
-        _apply_hf_model(cfg, Path(hf_dir))
+        _apply_hf_model(cfg, hf_dir)
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -485,20 +516,35 @@ def _layered_config(
     return cfg
 
 
-def _apply_hf_model(cfg: Config, hf_dir: Path) -> None:
+def _apply_hf_model(cfg: Config, hf_dir: str) -> None:
     """The model of a Hugging Face directory, and its tokenizer.json when it has one."""
-    from moeforge.interop.hf import TOKENIZER_FILE, hf_model_config
+    from moeforge.interop.hf import CONFIG_FILE, TOKENIZER_FILE, hf_model_config
 
-    cfg.model = hf_model_config(hf_dir)
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        cfg.data.tokenizer = str(hf_dir / TOKENIZER_FILE)
+    path = Path(hf_dir)
+    _check((path / CONFIG_FILE).is_file(), "train.init-from-hf", hf_dir, f"a directory with a {CONFIG_FILE}")
+    cfg.model = hf_model_config(path)
+    if (path / TOKENIZER_FILE).is_file():
+        cfg.data.tokenizer = str(path / TOKENIZER_FILE)
+
+
+RETIRED_FIELDS = ("parallel.pp",)
+"""Fields an older moeforge saved with every run, at their one allowed value, that no longer exist"""
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict` (e.g. from a checkpoint)."""
+    """Rebuild a Config saved with `Config.to_dict` (e.g. from a checkpoint), dropping `RETIRED_FIELDS`."""
     cfg = Config()
-    apply_mapping(cfg, data)
+    apply_mapping(cfg, _without_retired_fields(data))
     return cfg
+
+
+def _without_retired_fields(data: dict[str, Any]) -> dict[str, Any]:
+    kept = dict(data)
+    for dotted in RETIRED_FIELDS:
+        section, name = dotted.split(".")
+        if isinstance(kept.get(section), dict):
+            kept[section] = {key: value for key, value in kept[section].items() if key != name}
+    return kept
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -534,7 +580,9 @@ def set_dotted(cfg: Config, dotted: str, text: str) -> None:
         name = part.replace("-", "_")
         where = ".".join(parts[: i + 1])
         if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-            options = [_flag(f.name) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+            options = (
+                [_flag(f.name) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+            )
             raise ConfigError(f"--{where}: unknown option; allowed here: {', '.join(options)}")
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, name)):
@@ -569,7 +617,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        return str(value)
+        return str(value)  # a str, or a Literal of strings: `_check_choices` checks the value
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not a valid {typ.__name__}") from None
 
@@ -583,8 +631,24 @@ def _check(ok: bool, where: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{where}: got {value!r}; allowed: {allowed}")
 
 
-def _check_choice(value: str, where: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, where, value, " | ".join(repr(c) for c in choices))
+def _check_choices(obj: Any, prefix: str) -> None:
+    """The one check of typed choices: each `Literal` field of the config dataclass `obj` holds one
+    of the type's values."""
+    for name, choices in _choice_fields(type(obj)).items():
+        value = getattr(obj, name)
+        _check(value in choices, f"{prefix}.{_flag(name)}", value, format_choices(choices))
+
+
+@cache
+def _choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
+    """{field name: allowed values} for the `Literal` fields of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {name: typing.get_args(typ) for name, typ in hints.items() if typing.get_origin(typ) is Literal}
+
+
+def format_choices(choices: tuple[str, ...]) -> str:
+    """('a', 'b') -> "'a' | 'b'", as errors and `--help` list allowed values."""
+    return " | ".join(repr(c) for c in choices)
 
 
 @cache
@@ -594,19 +658,36 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
     return docs
 
 
-def iter_options(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
-    """(dotted flag, default value, help) for every leaf field, for `--help`."""
+class Option(NamedTuple):
+    """One leaf field as `--help` shows it."""
+
+    flag: str
+    """dotted name, e.g. 'model.moe.n-experts'"""
+    default: Any
+    doc: str
+    """the field's docstring"""
+    choices: tuple[str, ...]
+    """the allowed values of a `Literal` field; () for any other"""
+
+
+def iter_options(obj: Any = None, prefix: str = "") -> typing.Iterator[Option]:
+    """Every leaf field, for `--help`."""
     obj = Config() if obj is None else obj
     docs = field_docs(type(obj))
+    choices = _choice_fields(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         dotted = f"{prefix}{_flag(f.name)}"
         if dataclasses.is_dataclass(value):
             yield from iter_options(value, f"{dotted}.")
         else:
-            yield dotted, value, docs.get(f.name, "")
+            yield Option(dotted, value, docs.get(f.name, ""), choices.get(f.name, ()))

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from moeforge.errors import MoeforgeError
 from moeforge.train.metrics import METRICS_FILE, read_metrics
 
 REPORT_DIR = "report"
 LOSS_LABEL = "cross-entropy (nats/token)"
 
 
-class ReportError(ValueError):
+class ReportError(MoeforgeError, ValueError):
     """A report that cannot be drawn: no metrics, or matplotlib missing."""
 
 

@@ -24,10 +24,8 @@ def split_train_val(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Te
     A contiguous tail rather than random windows: no validation window shares a document, or a
     neighbouring window's context, with training data, and the split does not depend on seq_len or
     the seed. The stream's document order is fixed (sorted topics or files) rather than by time, so
-    the tail is the same kind of text as the rest.
+    the tail is the same kind of text as the rest. `val_fraction` is in (0, 1) (`DataConfig.validate`).
     """
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"data.val-fraction: got {val_fraction!r}; allowed: a number in (0, 1)")
     n_val = int(len(tokens) * val_fraction)
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
 

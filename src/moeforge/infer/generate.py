@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeforge.config import ConfigError
 from moeforge.model.flops import parameter_counts
 from moeforge.model.transformer import Transformer
 
@@ -25,13 +26,14 @@ class SamplingConfig:
     top_p: float = 1.0
     """keep the smallest set of tokens whose probability reaches p; 1 = all"""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Checked once, when made (the command line makes one before it reads any checkpoint)."""
         if self.temperature < 0:
-            raise ValueError(f"--temperature: got {self.temperature}; allowed: a number >= 0")
+            raise ConfigError(f"--temperature: got {self.temperature}; allowed: a number >= 0")
         if self.top_k < 0:
-            raise ValueError(f"--top-k: got {self.top_k}; allowed: an integer >= 0")
+            raise ConfigError(f"--top-k: got {self.top_k}; allowed: an integer >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p: got {self.top_p}; allowed: a number in (0, 1]")
+            raise ConfigError(f"--top-p: got {self.top_p}; allowed: a number in (0, 1]")
 
 
 @dataclass
@@ -98,15 +100,14 @@ def check_request(
 ) -> int:
     """Validate a generation request; returns the cache length it needs (`lookahead` positions more
     than prompt + new tokens, for the drafts speculative decoding verifies past the end)."""
-    sampling.validate()
     if not prompt_tokens:
-        raise ValueError("--prompt: got an empty prompt; allowed: at least one token of text")
+        raise ConfigError("--prompt: got an empty prompt; allowed: at least one token of text")
     if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: got {max_new_tokens}; allowed: an integer >= 1")
+        raise ConfigError(f"--max-new-tokens: got {max_new_tokens}; allowed: an integer >= 1")
     total = len(prompt_tokens) + max_new_tokens + lookahead
     if total > model.cfg.max_seq_len:
         drafts = f" + {lookahead} drafted" if lookahead else ""
-        raise ValueError(
+        raise ConfigError(
             f"--max-new-tokens: prompt ({len(prompt_tokens)}) + {max_new_tokens} new tokens{drafts} exceed "
             f"model.max-seq-len={model.cfg.max_seq_len}"
         )

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moeforge.config import ConfigError
 from moeforge.infer.generate import (
     GenerationResult,
     SamplingConfig,
@@ -195,7 +196,9 @@ def speculative_generate(
     sampling = sampling or SamplingConfig()
     depth = model.cfg.mtp_depth
     if depth == 0:
-        raise ValueError("--speculative: this model has model.mtp-depth=0; allowed: a model trained with MTP modules")
+        raise ConfigError(
+            "--speculative: this model has model.mtp-depth=0; allowed: a model trained with MTP modules"
+        )
     max_len = check_request(model, prompt_tokens, max_new_tokens, sampling, lookahead=depth)
     model.eval()
     device = model.tok_embeddings.weight.device

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from moeforge.config import ModelConfig
+from moeforge.config import ConfigError, ModelConfig
 from moeforge.model.attention import build_attention, rope_tables
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe import MoE
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
         """Give every attention layer a KV cache (the MTP modules' blocks too with `with_mtp`, for
         drafting); returns the main model's cache bytes per token (all its layers)."""
         if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"max_len {max_len} exceeds model.max-seq-len={self.cfg.max_seq_len}")
+            raise ConfigError(f"max_len {max_len} exceeds model.max-seq-len={self.cfg.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
         caches = [layer.attention.setup_cache(batch, max_len, dtype, device) for layer in self.layers]

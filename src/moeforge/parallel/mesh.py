@@ -47,7 +47,6 @@ class ParallelMesh:
 
 def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
     """The experts, dense and dp views of one mesh for the layout `cfg` on `world_size` ranks."""
-    cfg.validate(world_size)
     shard = cfg.resolved_dp_shard(world_size)
     experts = init_device_mesh(
         device_type,

@@ -37,7 +37,6 @@ def parallelize(model: Transformer, mesh: ParallelMesh, cfg: ParallelConfig | No
     routing), with one-line errors."""
     ep_mesh = mesh["ep"]
     if cfg is not None:
-        cfg.validate(mesh.size())
         cfg.validate_for(model.cfg.moe)
         if ep_mesh.size() != cfg.ep:
             raise ConfigError(f"parallel.ep: got {cfg.ep}; allowed: the mesh's ep size {ep_mesh.size()}")

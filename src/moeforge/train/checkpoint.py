@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from moeforge.errors import RunFailure
 from moeforge.train.checksums import record_checksums, verify_checksums
 from moeforge.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 from moeforge.parallel.replicas import (
@@ -54,7 +55,7 @@ _COMPLETE_NAME = re.compile(rf"{PREFIX}\d+")
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailure, RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, or from an incompatible model."""
 
 
@@ -127,8 +128,13 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def read_meta(path: Path) -> CheckpointMeta:
-    data = json.loads((path / META_FILE).read_text())
-    return CheckpointMeta(data["step"], data["config"], data.get("extra", {}), data.get("files"))
+    """The meta.json of checkpoint `path`; a one-line `CheckpointError` naming it when it is unreadable."""
+    file = path / META_FILE
+    try:
+        data = json.loads(file.read_text())
+        return CheckpointMeta(data["step"], data["config"], data.get("extra", {}), data.get("files"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{file}: unreadable ({_first_line(err)})") from err
 
 
 def verify_checkpoint(path: Path) -> list[str]:
@@ -136,8 +142,8 @@ def verify_checkpoint(path: Path) -> list[str]:
     checksums it recorded (or it recorded none). The same on every rank: call it on all of them."""
     try:
         files = read_meta(path).files
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return [f"{META_FILE}: unreadable ({_first_line(err)})"]
+    except CheckpointError as err:
+        return [f"{META_FILE}: unreadable ({_first_line(err.__cause__)})"]
     return verify_checksums(path, files) if files is not None else []
 
 

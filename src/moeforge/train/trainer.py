@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
 from moeforge.data.tokenizer import Tokenizer
+from moeforge.errors import RunFailure
 from moeforge.interop.hf import load_hf_weights
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import update_biases_and_collect_load
@@ -43,7 +44,7 @@ from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailure, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
 
 
@@ -114,7 +115,6 @@ class Trainer:
         )
         self.rank, self.world_size, self.is_main = self.world.rank, self.world.world_size, self.world.is_main
         self.device = self.world.device
-        cfg.validate(self.world_size)
         tcfg = cfg.train
 
         self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)

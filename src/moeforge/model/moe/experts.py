@@ -22,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch import nn
 
+from moeforge.config import ConfigError
 from moeforge.model.mlp import swiglu
 
 BACKENDS = ("grouped", "loop")
@@ -40,7 +41,7 @@ class RoutedExperts(nn.Module):
     def __init__(self, n_experts: int, dim: int, hidden: int, backend: str = "grouped"):
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"backend: got {backend!r}; allowed: {' | '.join(map(repr, BACKENDS))}")
+            raise ConfigError(f"backend: got {backend!r}; allowed: {' | '.join(map(repr, BACKENDS))}")
         self.backend = backend
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))

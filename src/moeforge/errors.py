@@ -1,0 +1,21 @@
+"""The bases of every error moeforge raises on purpose: a mistake or failure the user can act on.
+
+Each kind is defined beside the code that raises it (`config.ConfigError`, `train.checkpoint.
+CheckpointError`, ...). The command line reports a `MoeforgeError` as one line, without a traceback,
+and exits with its `exit_code`; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MoeforgeError(Exception):
+    """Wrong input: a flag, a config value, a file. One line; the command line exits with 2."""
+
+    exit_code = 2
+
+
+class RunFailure(MoeforgeError):
+    """A run or checkpoint that failed on valid input (the loss diverged, a checkpoint cannot be used).
+    One line; the command line exits with 1."""
+
+    exit_code = 1

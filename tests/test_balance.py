@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from moeforge.config import MoEConfig
 from moeforge.model.moe import MoE
@@ -13,8 +12,8 @@ from moeforge.model.moe.balance import (
     load_stats,
     router_z_loss,
     sequence_aux_loss,
-    update_biases_and_collect_load,
     update_expert_bias,
+    update_expert_biases,
 )
 
 
@@ -122,49 +121,29 @@ def test_bias_update_balances_a_skewed_router():
     assert after["cv"] < 0.15 * before["cv"]
 
 
-def two_moe_layers():
-    cfg = MoEConfig(dim=8, n_experts=4, top_k=1, expert_ffn_dim=8)
-    return nn.Sequential(MoE(cfg), nn.Identity(), MoE(cfg))
+def test_update_expert_biases_per_layer():
+    biases = [torch.zeros(4), torch.zeros(4)]
+    update_expert_biases(biases, torch.tensor([[5, 1, 3, 3], [0, 0, 8, 0]]), rate=0.01)
+    torch.testing.assert_close(biases[0], torch.tensor([-0.01, 0.01, 0.0, 0.0]))
+    torch.testing.assert_close(biases[1], torch.tensor([0.01, 0.01, -0.01, 0.01]))
 
 
-def test_update_biases_and_collect_load_per_layer():
-    model = two_moe_layers()
-    first, second = model[0], model[2]
-    first.tokens_per_expert_accum.copy_(torch.tensor([5, 1, 3, 3]))
-    second.tokens_per_expert_accum.copy_(torch.tensor([0, 0, 8, 0]))
-    stats = update_biases_and_collect_load(model, rate=0.01)
-    assert [s["tokens_per_expert"] for s in stats] == [[5, 1, 3, 3], [0, 0, 8, 0]]
-    torch.testing.assert_close(first.router.expert_bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
-    torch.testing.assert_close(second.router.expert_bias, torch.tensor([0.01, 0.01, -0.01, 0.01]))
-    assert (first.tokens_per_expert_accum == 0).all() and (second.tokens_per_expert_accum == 0).all()
+def test_zero_rate_leaves_the_biases():
+    biases = [torch.zeros(4)]
+    update_expert_biases(biases, torch.tensor([[5, 1, 3, 3]]), rate=0.0)
+    assert (biases[0] == 0).all()
+    assert load_stats([5, 1, 3, 3])["max_violation"] == pytest.approx(5 / 3 - 1)
 
 
-def test_zero_rate_collects_load_without_moving_bias():
-    model = two_moe_layers()
-    model[0].tokens_per_expert_accum.copy_(torch.tensor([5, 1, 3, 3]))
-    stats = update_biases_and_collect_load(model, rate=0.0)
-    assert stats[0]["max_violation"] == pytest.approx(5 / 3 - 1)
-    assert (model[0].router.expert_bias == 0).all()
-
-
-def test_collect_load_counts_training_forwards_until_consumed():
-    model = two_moe_layers().train()
+def test_a_forward_returns_its_load_and_leaves_nothing_on_the_layer():
+    layer = MoE(MoEConfig(dim=8, n_experts=4, top_k=2, expert_ffn_dim=8, seq_aux_coef=0.01)).train()
+    before = dict(vars(layer))
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
     x = torch.randn(2, 3, 8)
-    model(x)
-    model(x)
-    stats = update_biases_and_collect_load(model, rate=0.0)
-    assert all(sum(s["tokens_per_expert"]) == 2 * 6 for s in stats)
-    assert all(sum(s["tokens_per_expert"]) == 0 for s in update_biases_and_collect_load(model, rate=0.0))
-
-
-def test_collect_load_all_reduces_over_the_process_group(tmp_path):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        model = two_moe_layers()
-        model[0].tokens_per_expert_accum.copy_(torch.tensor([5, 1, 3, 3]))
-        stats = update_biases_and_collect_load(model, rate=0.01, group=torch.distributed.group.WORLD)
-    finally:
-        torch.distributed.destroy_process_group()
-    assert stats[0]["tokens_per_expert"] == [5, 1, 3, 3]
+    _, first = layer(x)
+    _, second = layer(x)
+    assert first.tokens_per_expert.sum() == 2 * 3 * 2  # this call's assignments, not a running total
+    assert torch.equal(first.tokens_per_expert, second.tokens_per_expert)
+    assert set(first.balance_losses) == {"seq_aux"} and first.balance_loss.requires_grad
+    assert dict(vars(layer)) == before
+    assert all(torch.equal(b, buffers[name]) for name, b in layer.named_buffers())

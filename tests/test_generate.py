@@ -17,7 +17,7 @@ def test_greedy_generation_equals_naive_argmax_loop():
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(12):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
     assert result.new_tokens == tokens[len(prompt) :]
     assert result.tokens_per_s > 0 and result.bandwidth_gb_s > 0
 

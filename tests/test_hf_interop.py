@@ -66,7 +66,7 @@ def test_import_matches_transformers_and_export_round_trips_bit_for_bit(tmp_path
 
     model = from_hf(tmp_path / "hf", progress=False)
     with torch.no_grad():
-        logits = model(ids)
+        logits = model(ids).logits
     assert logits.shape == (2, 24, VOCAB)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5)
 
@@ -82,7 +82,7 @@ def test_deepseek_rope_without_interleave_imports_and_exports_the_same_model(tmp
     expected = hf_logits(hf_model, ids)
     model = from_hf(tmp_path / "hf", progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=2e-5)
     to_hf(model, tmp_path / "out", progress=False)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_interleave"] is True
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), expected, rtol=1e-5, atol=2e-5)
@@ -126,8 +126,8 @@ def test_deepseek_mtp_layer_becomes_the_mtp_module_and_round_trips_bit_for_bit(t
         expected = main(ids).logits  # transformers leaves layer 3 out
         main_hidden = main.model(ids).last_hidden_state
         expected_mtp = deepseek_mtp_reference_logits(deeper, mtp, main_hidden[:, :-1], ids[:, 1:])
-        logits, hidden = model.forward_with_hidden(ids)
-        (mtp_logits,) = model.mtp_logits(hidden, ids.roll(-1, dims=1))  # next-token targets
+        out = model(ids, mtp_targets=ids.roll(-1, dims=1))  # next-token targets
+        logits, (mtp_logits,) = out.logits, out.mtp_logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(mtp_logits, expected_mtp, rtol=1e-5, atol=2e-5)
 
@@ -145,7 +145,7 @@ def test_deepseek_mtp_layer_is_skipped_with_a_notice_by_a_model_without_mtp(tmp_
         load_hf_weights(model, tmp_path, progress=False)
     ids = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf_logits(tmp_path, ids), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(model(ids).logits, hf_logits(tmp_path, ids), rtol=1e-5, atol=2e-5)
 
 
 def test_deepseek_mtp_layers_moeforge_cannot_represent_are_refused(tmp_path):

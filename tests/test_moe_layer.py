@@ -102,7 +102,7 @@ def test_layer_matches_naive_reference_with_gradients(overrides):
     x = torch.randn(2, 5, DIM)
     grad_out = torch.randn(2, 5, DIM)
     xg = x.clone().requires_grad_()
-    out = layer(xg)
+    out, _ = layer(xg)
     out.backward(grad_out)
 
     params = reference_params(layer)
@@ -123,42 +123,36 @@ def test_training_aux_losses_are_the_enabled_balance_losses():
     cfg = config(seq_aux_coef=1e-2, aux_coef=1e-2, z_loss_coef=1e-3)
     layer = make_layer(cfg).train()
     x = torch.randn(3, 4, DIM)
-    layer(x)
+    _, stats = layer(x)
     routing = layer.router(x.reshape(-1, DIM))
     expected = {
         "seq_aux": sequence_aux_loss(routing.scores, routing.expert_indices, 3, 4, 1e-2),
         "batch_aux": batch_aux_loss(routing.logits, routing.expert_indices, 1e-2),
         "z_loss": router_z_loss(routing.logits, 1e-3),
     }
-    assert set(layer.aux_losses) == set(expected)
+    assert list(stats.balance_losses) == list(expected)
     for name, value in expected.items():
-        torch.testing.assert_close(layer.aux_losses[name], value.detach())
-    torch.testing.assert_close(layer.aux_loss, sum(expected.values()))
-    assert layer.aux_loss.requires_grad
+        torch.testing.assert_close(stats.balance_losses[name], value)
+        assert stats.balance_losses[name].requires_grad
+    torch.testing.assert_close(stats.balance_loss, sum(expected.values()))
 
 
 def test_aux_loss_is_zero_in_eval_and_when_disabled():
-    layer = make_layer(config(seq_aux_coef=1e-2)).eval()
-    layer(torch.randn(1, 4, DIM))
-    assert layer.aux_loss.item() == 0.0 and layer.aux_losses == {}
-    layer = make_layer(config(seq_aux_coef=0.0)).train()
-    layer(torch.randn(1, 4, DIM))
-    assert layer.aux_loss.item() == 0.0 and layer.aux_losses == {}
+    _, stats = make_layer(config(seq_aux_coef=1e-2)).eval()(torch.randn(1, 4, DIM))
+    assert stats.balance_loss.item() == 0.0 and stats.balance_losses == {}
+    _, stats = make_layer(config(seq_aux_coef=0.0)).train()(torch.randn(1, 4, DIM))
+    assert stats.balance_loss.item() == 0.0 and stats.balance_losses == {}
 
 
-def test_load_is_recorded_per_call_and_accumulated_in_training():
+def test_each_call_returns_its_own_load_in_training_and_eval():
     layer = make_layer(config()).train()
     x = torch.randn(2, 6, DIM)
-    layer(x)
-    first = layer.last_load.clone()
+    _, stats = layer(x)
     routing = layer.router(x.reshape(-1, DIM))
-    assert torch.equal(first, torch.bincount(routing.expert_indices.reshape(-1), minlength=8))
-    assert first.dtype == torch.int64 and int(first.sum()) == 12 * 2
-    layer(x)
-    assert torch.equal(layer.tokens_per_expert_accum, 2 * first)
-    layer.eval()
-    layer(x)
-    assert torch.equal(layer.tokens_per_expert_accum, 2 * first)
+    assert torch.equal(stats.tokens_per_expert, torch.bincount(routing.expert_indices.reshape(-1), minlength=8))
+    assert stats.tokens_per_expert.dtype == torch.int64 and int(stats.tokens_per_expert.sum()) == 12 * 2
+    _, eval_stats = layer.eval()(x)
+    assert torch.equal(eval_stats.tokens_per_expert, stats.tokens_per_expert)
 
 
 def test_identical_calls_are_bit_identical():
@@ -168,8 +162,8 @@ def test_identical_calls_are_bit_identical():
     for _ in range(2):
         layer.zero_grad()
         xg = x.clone().requires_grad_()
-        out = layer(xg)
-        (out.square().sum() + layer.aux_loss).backward()
+        out, stats = layer(xg)
+        (out.square().sum() + stats.balance_loss).backward()
         results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -186,10 +180,9 @@ def test_same_seed_same_weights_and_out_std():
     assert layer.experts.w2.std().item() == pytest.approx(0.002, rel=0.05)
 
 
-def test_checkpoint_holds_bias_but_not_load_counter():
+def test_checkpoint_holds_the_balancing_bias():
     state = make_layer(config()).state_dict()
     assert "router.expert_bias" in state
-    assert "tokens_per_expert_accum" not in state
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,10 @@ from conftest import small_config
 from test_transformer import MLA_SHAPES, tiny_model_config
 
 from moeforge.config import ConfigError, TrainConfig, load_config
-from moeforge.model.mtp import mtp_inputs_and_labels, weighted_mtp_loss
+from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import Transformer
 from moeforge.train import checkpoint as ckpt
+from moeforge.train.losses import weighted_mtp_loss
 from moeforge.train.metrics import read_metrics
 from moeforge.train.optim import mtp_lambda
 from moeforge.train.trainer import Trainer
@@ -38,8 +39,7 @@ def test_depth_k_logits_at_position_i_never_see_tokens_past_i_plus_k(attention):
     changed[:, first_changed:] = (changed[:, first_changed:] + 7) % 50
     outputs = []
     for seq in (tokens, changed):
-        _, hidden = model.forward_with_hidden(seq[:, :-1])
-        outputs.append(model.mtp_logits(hidden, seq[:, 1:]))
+        outputs.append(model(seq[:, :-1], mtp_targets=seq[:, 1:]).mtp_logits)
     assert [logits.shape[1] for logits in outputs[0]] == [12, 11, 10]
     for depth, (a, b) in enumerate(zip(*outputs), start=1):
         unaffected = first_changed - depth  # positions i with i + depth < first_changed
@@ -63,12 +63,12 @@ def test_dropping_the_mtp_modules_leaves_main_logits_unchanged():
     assert len(main_state) < len(with_mtp.state_dict())
     without.load_state_dict(main_state)
     tokens = torch.randint(0, 50, (2, 12))
-    reference = with_mtp(tokens)
-    assert torch.equal(without(tokens), reference)
+    reference = with_mtp(tokens).logits
+    assert torch.equal(without(tokens).logits, reference)
     with torch.no_grad():
         for param in with_mtp.mtp.parameters():
             param.add_(1.0)
-    assert torch.equal(with_mtp(tokens), reference)
+    assert torch.equal(with_mtp(tokens).logits, reference)
 
 
 def test_trainer_adds_logs_and_checkpoints_the_mtp_loss(tmp_path):

@@ -73,7 +73,7 @@ def test_incremental_drafts_equal_drafting_from_scratch():
     drafter that processes the whole sequence at once."""
     model = random_model("mla", mtp_depth=3)
     tokens = torch.randint(0, 50, (1, 30))
-    _, hidden = model.forward_with_hidden(tokens)
+    hidden = model(tokens).hidden
     sampling = SamplingConfig(temperature=1.0)
     incremental_model = copy.deepcopy(model)
     incremental_model.setup_caches(batch=1, max_len=40, with_mtp=True)

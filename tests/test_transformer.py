@@ -66,7 +66,7 @@ def test_future_tokens_do_not_change_past_logits():
     tokens = torch.randint(0, 50, (1, 12))
     changed = tokens.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 50
-    torch.testing.assert_close(model(tokens)[:, :8], model(changed)[:, :8])
+    torch.testing.assert_close(model(tokens).logits[:, :8], model(changed).logits[:, :8])
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
@@ -78,10 +78,10 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
 def assert_cached_decoding_equals_full_forward(model: Transformer) -> None:
     """Prefill 5 tokens, then a chunk of 4, then one token at a time: logits equal one full forward."""
     tokens = torch.randint(0, 50, (2, 16))
-    full = model(tokens)
+    full = model(tokens).logits
     model.setup_caches(batch=2, max_len=16)
-    pieces = [model(tokens[:, :5], start_pos=0), model(tokens[:, 5:9], start_pos=5)]
-    pieces += [model(tokens[:, i : i + 1], start_pos=i) for i in range(9, 16)]
+    pieces = [model(tokens[:, :5], start_pos=0).logits, model(tokens[:, 5:9], start_pos=5).logits]
+    pieces += [model(tokens[:, i : i + 1], start_pos=i).logits for i in range(9, 16)]
     model.clear_caches()
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
 

@@ -27,7 +27,7 @@ def save_reference(hf_dir, path) -> None:
     model = from_hf(hf_dir, progress=False)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits = model(ids)
+        logits = model(ids).logits
     torch.save({"state": model.state_dict(), "tokens": ids, "logits": logits}, path)
 
 
@@ -63,7 +63,7 @@ def load_into_shards(rank: int, world_size: int, parallel: dict, hf_dir: str, re
         assert len(experts_read) == moe_layers * len(mine) * 3  # gate, up and down of each, nothing else
     assert_equals_reference(model, reference)
     with torch.no_grad():
-        logits = model.eval()(reference["tokens"])
+        logits = model.eval()(reference["tokens"]).logits
     torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
 
 

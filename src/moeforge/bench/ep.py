@@ -196,15 +196,13 @@ def forward_phases(layer: MoE, tokens: torch.Tensor, device: torch.device) -> li
         synchronize(device)
         marks.append(time.perf_counter())
 
-    routing = layer.router(tokens)
+    routing = layer.route(tokens)
     mark()
-    x_sorted, tokens_per_expert, state = layer.dispatcher.dispatch(
-        tokens, routing.expert_indices, routing.gates
-    )
+    x_sorted, tokens_per_expert, state = layer.dispatch(tokens, routing)
     mark()
-    expert_out = layer.experts(x_sorted, tokens_per_expert)
+    expert_out = layer.compute_experts(x_sorted, tokens_per_expert)
     mark()
-    layer.dispatcher.combine(expert_out, state)
+    layer.combine(expert_out, state, tokens)
     mark()
     phases = [b - a for a, b in zip(marks, marks[1:])]
     return [*phases, marks[-1] - marks[0]]
@@ -225,12 +223,12 @@ def count_traffic(
     apply_expert_parallel(layer, ep_mesh)
     tokens = x.view(-1, x.shape[-1])
     with torch.no_grad():
-        routing = layer.router(tokens)
-        layer.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
+        routing = layer.route(tokens)
+        _, _, state = layer.dispatch(tokens, routing)
     expert_indices = routing.expert_indices
     rank, ep = dist.get_rank(), dist.get_world_size()
     ranks_per_node = ep // settings.ep_nodes
-    splits = layer.dispatcher.last_send_splits
+    splits = state.send_splits
     dest_rank = torch.div(expert_indices, settings.n_experts // ep, rounding_mode="floor")
     counts = torch.tensor(
         [

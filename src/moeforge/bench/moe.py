@@ -132,19 +132,29 @@ def forward_backward_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, .
     leaf = inputs[0].detach().requires_grad_()
     args = (leaf, *inputs[1:])
     with torch.no_grad():
-        grad_out = torch.randn_like(module(*args))
+        grad_out = torch.randn_like(_output_and_balance_loss(module, args)[0])
 
     def step() -> None:
         leaf.grad = None
         module.zero_grad(set_to_none=True)
-        out = module(*args)
-        aux = getattr(module, "aux_loss", None)
+        out, aux = _output_and_balance_loss(module, args)
         if aux is not None and aux.requires_grad:
             torch.autograd.backward((out, aux), (grad_out, torch.ones_like(aux)))
         else:
             out.backward(grad_out)
 
     return step
+
+
+def _output_and_balance_loss(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's output, and its balance loss when it is an MoE layer (which returns both)."""
+    out = module(*args)
+    if isinstance(module, MoE):
+        out, stats = out
+        return out, stats.balance_loss
+    return out, None
 
 
 def time_interleaved(

@@ -131,14 +131,14 @@ def generate(
     kv_bytes = model.setup_caches(batch=1, max_len=total)
     try:
         started = time.perf_counter()
-        logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0)
+        logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0).logits
         token = sample_next(logits[:, -1], sampling, generator)
         new_tokens = [int(token)]
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
         position = len(prompt_tokens)
         while len(new_tokens) < max_new_tokens and new_tokens[-1] != eos_id:
-            logits = model(token.view(1, 1), start_pos=position)
+            logits = model(token.view(1, 1), start_pos=position).logits
             token = sample_next(logits[:, -1], sampling, generator)
             new_tokens.append(int(token))
             position += 1

@@ -124,13 +124,14 @@ class MTPDrafter:
         model, module = self.model, self.model.mtp[depth - 1]
         start = self.first_unsettled[depth - 1]
         embed_tokens = torch.tensor([sequence[start + depth : n + depth]], device=self.hidden.device)
-        hidden = module(
+        hidden, _ = module(
             self.hidden[depth - 1, start:n].unsqueeze(0),
             model.tok_embeddings(embed_tokens),
             model.rope_cos[start:n],
             model.rope_sin[start:n],
             start_pos=start,
-        )[0]
+        )
+        hidden = hidden[0]
         if depth < len(model.mtp):
             self.hidden[depth, start:n] = hidden
         self.first_unsettled[depth - 1] = max(0, n - depth + 1)
@@ -174,7 +175,8 @@ def verify(
     the main model's h^0 at those positions [D+1, dim]."""
     device = model.tok_embeddings.weight.device
     inputs = torch.tensor([[tokens[-1], *drafts]], device=device)
-    logits, hidden = model.forward_with_hidden(inputs, start_pos=len(tokens) - 1)
+    out = model(inputs, start_pos=len(tokens) - 1)
+    logits, hidden = out.logits, out.hidden
     if sampling.temperature == 0:
         new_tokens = accept_greedy(drafts, logits[0].argmax(dim=-1).tolist())
     else:
@@ -208,7 +210,8 @@ def speculative_generate(
     drafted = accepted = rounds = 0
     try:
         started = time.perf_counter()
-        logits, hidden = model.forward_with_hidden(torch.tensor([prompt_tokens], device=device))
+        out = model(torch.tensor([prompt_tokens], device=device))
+        logits, hidden = out.logits, out.hidden
         drafter.record_main_hidden(0, hidden[0])
         tokens = [*prompt_tokens, int(sample_next(logits[:, -1], sampling, generator))]
         prefill_s = time.perf_counter() - started

@@ -7,7 +7,7 @@ token t_{i+k}, runs one transformer block and predicts t_{i+k+1} through the *sh
     h'^k_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]        (eq. 21)
     h^k_{1:T-k} = TRM_k(h'^k_{1:T-k})                                 (eq. 22)
     P^k_{i+k+1} = OutHead(h^k_i)                                      (eq. 23)
-    L_MTP = (lambda / D) * sum_k CE_k                                  (eqs. 24-25)
+    L_MTP = (lambda / D) * sum_k CE_k          (eqs. 24-25, computed by train/losses.py)
 
 Each depth sees one position fewer than the one before. The main model never reads these modules:
 dropping them leaves its logits unchanged, and at inference they draft tokens for speculative
@@ -16,8 +16,9 @@ decoding (`moeforge.infer.speculative`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -45,10 +46,12 @@ class MTPModule(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         start_pos: int = 0,
-    ) -> torch.Tensor:
-        """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22)."""
+    ) -> tuple[torch.Tensor, Any]:
+        """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22), and
+        what the block's MoE layer measured (None for a dense block)."""
         merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(embedded)], dim=-1))
-        return self.norm(self.block(merged, cos, sin, start_pos))
+        out, stats = self.block(merged, cos, sin, start_pos)
+        return self.norm(out), stats
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.proj.weight, std=std)
@@ -61,15 +64,3 @@ def mtp_inputs_and_labels(targets: torch.Tensor, depth: int) -> tuple[torch.Tens
     """For next-token targets [B, S] (t_1..t_S of inputs t_0..t_{S-1}) and depth k: the tokens t_{i+k}
     embedded at positions i = 0..S-k-1 and the labels t_{i+k+1} they predict, each [B, S-k]."""
     return targets[:, depth - 1 : -1], targets[:, depth:]
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, S, V] against labels [B, S], in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
-def weighted_mtp_loss(depth_losses: list[torch.Tensor], weight: float) -> torch.Tensor:
-    """L_MTP = (lambda / D) * sum_k CE_k (eq. 25); a zero scalar without MTP modules."""
-    if not depth_losses:
-        return torch.zeros(())
-    return weight * torch.stack(depth_losses).mean()

@@ -1,13 +1,17 @@
 """The decoder-only transformer: embedding, pre-norm blocks (dense SwiGLU first, MoE after), head,
 and the optional multi-token prediction modules (`model/mtp.py`).
 
-Plain single-device `nn.Module` code; parallelism is applied from outside (DESIGN.md).
+Plain single-device `nn.Module` code; parallelism is applied from outside by `moeforge.parallelize`.
+A forward returns one `ModelOutput` record: the logits, the hidden state the MTP modules read, the
+MTP modules' logits, the summed balance loss and the load of every MoE layer. Losses against the
+targets are the trainer's business.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,8 +19,36 @@ from torch import nn
 from moeforge.config import ConfigError, ModelConfig
 from moeforge.model.attention import build_attention, rope_tables
 from moeforge.model.mlp import SwiGLU
-from moeforge.model.moe import MoE
-from moeforge.model.mtp import MTPModule, mtp_inputs_and_labels, token_cross_entropy
+from moeforge.model.moe import MoE, MoEStats
+from moeforge.model.mtp import MTPModule, mtp_inputs_and_labels
+
+
+@dataclass
+class ModelOutput:
+    """What one `Transformer` forward computed."""
+
+    logits: torch.Tensor
+    """[B, S, vocab]"""
+    hidden: torch.Tensor
+    """[B, S, dim] the normalised final hidden state the head reads (h^0 of the MTP modules)"""
+    moe_stats: list[MoEStats] = field(default_factory=list)
+    """one per MoE layer that ran, main blocks first, then the MTP modules' blocks"""
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    """[B, S-k, vocab] of each MTP depth k = 1..D; empty unless `mtp_targets` were given"""
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        """The balance losses of every MoE layer, summed: the term the training loss adds."""
+        if not self.moe_stats:
+            return torch.zeros((), device=self.logits.device)
+        return torch.stack([stats.balance_loss for stats in self.moe_stats]).sum()
+
+    @property
+    def load(self) -> torch.Tensor:
+        """[L, E] int64 tokens per expert of each MoE layer (L = len(moe_stats))."""
+        if not self.moe_stats:
+            return torch.zeros(0, 0, dtype=torch.int64, device=self.logits.device)
+        return torch.stack([stats.tokens_per_expert for stats in self.moe_stats])
 
 
 class Block(nn.Module):
@@ -32,9 +64,15 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        """The block's output and, for an MoE block, what its MoE layer measured."""
         x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        if isinstance(self.ffn, MoE):
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal(0, std) on the projections, Normal(0, out_std) on the residual outputs, ones on norms."""
@@ -47,10 +85,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`Transformer(cfg)(tokens [B, S]) -> logits [B, S, vocab]`.
+    """`Transformer(cfg)(tokens [B, S]) -> ModelOutput` (logits [B, S, vocab], ...).
 
     With KV caches set up (`setup_caches`), `start_pos` gives the position of tokens[:, 0].
-    `mtp` holds `cfg.mtp_depth` multi-token prediction modules; `forward` never uses them.
+    `mtp` holds `cfg.mtp_depth` multi-token prediction modules, run only when `mtp_targets` are given.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -84,55 +122,44 @@ class Transformer(nn.Module):
         for module in self.mtp:
             module.init_weights(std, out_std)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.forward_with_hidden(tokens, start_pos)[0]
-
-    def forward_with_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, S, vocab] and the normalised final hidden state the head reads [B, S, dim] (MTP's h^0)."""
-        hidden = self.norm(self.hidden_states(tokens, start_pos))
-        return self.output(hidden), hidden
-
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """The last block's output before the final norm, [B, S, dim]."""
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, mtp_targets: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """Run the model on tokens [B, S]; with the next-token `mtp_targets` [B, S] the MTP modules
+        run too (they read the embeddings of the tokens ahead, eqs. 21-23)."""
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq]
         sin = self.rope_sin[start_pos : start_pos + seq]
         h = self.tok_embeddings(tokens)
+        moe_stats: list[MoEStats] = []
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
-        return h
+            h, stats = layer(h, cos, sin, start_pos)
+            _keep(moe_stats, stats)
+        hidden = self.norm(h)
+        out = ModelOutput(self.output(hidden), hidden, moe_stats)
+        if mtp_targets is not None:
+            out.mtp_logits = self._mtp_logits(hidden, mtp_targets, moe_stats)
+        return out
 
-    def mtp_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of each MTP depth k = 1..D, [B, S-k, vocab], over positions i = 0..S-k-1 (eqs. 21-23).
-
-        `hidden` is h^0 from `forward_with_hidden`, `targets` the next-token targets [B, S]; depth k
-        reads the first S-k positions of depth k-1 and the embeddings of t_{i+k}.
-        """
+    def _mtp_logits(
+        self, hidden: torch.Tensor, targets: torch.Tensor, moe_stats: list[MoEStats]
+    ) -> list[torch.Tensor]:
+        """Logits of each MTP depth k = 1..D, [B, S-k, vocab], over positions i = 0..S-k-1: depth k
+        reads the first S-k positions of depth k-1 and the embeddings of t_{i+k} (eqs. 21-23)."""
         logits = []
         for depth, module in enumerate(self.mtp, start=1):
             embed_tokens, _ = mtp_inputs_and_labels(targets, depth)
             seq = embed_tokens.shape[1]
             embedded = self.tok_embeddings(embed_tokens)
-            hidden = module(hidden[:, :seq], embedded, self.rope_cos[:seq], self.rope_sin[:seq])
+            hidden, stats = module(hidden[:, :seq], embedded, self.rope_cos[:seq], self.rope_sin[:seq])
+            _keep(moe_stats, stats)
             logits.append(self.output(hidden))
         return logits
-
-    def mtp_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """CE_k of each MTP depth (eq. 24); L_MTP is lambda times their mean (eq. 25). Call it before
-        `aux_loss()`, which then includes the balance losses of MoE blocks inside the MTP modules."""
-        depth_logits = self.mtp_logits(hidden, targets)
-        labels = [mtp_inputs_and_labels(targets, depth)[1] for depth in range(1, len(depth_logits) + 1)]
-        return [token_cross_entropy(logits, label) for logits, label in zip(depth_logits, labels)]
 
     def moe_layers(self) -> Iterator[MoE]:
         for module in self.modules():
             if isinstance(module, MoE):
                 yield module
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the balance losses the MoE layers computed in the last forward."""
-        losses = [m.aux_loss for m in self.moe_layers()]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def setup_caches(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, with_mtp: bool = False
@@ -152,3 +179,8 @@ class Transformer(nn.Module):
     def clear_caches(self) -> None:
         for block in [*self.layers, *(module.block for module in self.mtp)]:
             block.attention.cache = None
+
+
+def _keep(moe_stats: list[MoEStats], stats: MoEStats | None) -> None:
+    if stats is not None:
+        moe_stats.append(stats)

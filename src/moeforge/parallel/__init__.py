@@ -2,16 +2,16 @@
 
 from moeforge.parallel.mesh import ParallelMesh, build_mesh
 from moeforge.parallel.process_group import World, init_distributed, launched_distributed, leave_process_group
-from moeforge.parallel.parallelize import average_across_ranks, clip_grad_norm_, parallelize
+from moeforge.parallel.parallelize import clip_grad_norm_, parallelize, sum_across_ranks
 
 __all__ = [
     "ParallelMesh",
     "World",
-    "average_across_ranks",
     "build_mesh",
     "clip_grad_norm_",
     "init_distributed",
     "launched_distributed",
     "leave_process_group",
     "parallelize",
+    "sum_across_ranks",
 ]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moeforge.model.moe.dispatch import fan_in_rows, fan_out_rows
+from moeforge.model.moe.experts import RoutedExperts
 
 
 class ExpertParallelDispatch(NamedTuple):
@@ -46,6 +47,32 @@ class ExpertParallelDispatch(NamedTuple):
     """[A] the gate of each expert-sorted assignment"""
 
 
+class _CountsExchanged(NamedTuple):
+    """What the counts all-to-all settles: the split sizes of every later exchange."""
+
+    send_splits: list[int]
+    """rows this rank sends to each ep rank"""
+    recv_splits: list[int]
+    """rows this rank receives from each ep rank"""
+    tokens_per_expert: torch.Tensor
+    """[E/ep] assignments this rank's local experts receive, from all ranks"""
+    n_assignments: int
+    """their sum"""
+
+
+class _RowsToSend(NamedTuple):
+    """One row per (token, destination rank), ordered by rank then token (S rows)."""
+
+    token_of_sent: torch.Tensor
+    """[S] the token of each row"""
+    sent_of_token: torch.Tensor
+    """[N, ep] the row of (token, rank), or S where the token does not go to that rank"""
+    slot_served: torch.Tensor
+    """[S, k] whether each of the token's k slots is served by the row's rank"""
+    local_expert: torch.Tensor
+    """[S, k] the slot's expert numbered within the destination rank, or -1 where served elsewhere"""
+
+
 class AllToAllDispatcher:
     """Dispatch to experts sharded contiguously over an ep process group (rank r owns experts
     [r*E/ep, (r+1)*E/ep))."""
@@ -55,16 +82,52 @@ class AllToAllDispatcher:
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
-        self.last_send_splits: list[int] = []
-        """rows this rank sent to each ep rank by the last dispatch (for traffic figures)"""
 
     def dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
-        n_tokens, top_k = expert_indices.shape
+        # 1. Where each token goes: the ranks that own at least one of its k experts.
         rank_of_slot = torch.div(expert_indices, self.local_experts, rounding_mode="floor")
-        goes_to = torch.zeros(n_tokens, self.ep, dtype=torch.bool, device=x.device)
+        goes_to = torch.zeros(expert_indices.shape[0], self.ep, dtype=torch.bool, device=x.device)
         goes_to.scatter_(1, rank_of_slot, True)
+        # 2. Exchange counts (rows each way, assignments per local expert): the split sizes.
+        counts = self._exchange_counts(goes_to, expert_indices)
+        rows = self._rows_to_send(goes_to, expert_indices, rank_of_slot, sum(counts.send_splits))
+        # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
+        received = self._all_to_all(
+            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts
+        )
+        gates_received, received_expert = self._send_routing(gates, rows, counts)
+        # 4. On the receiver: copy each row once per local expert it serves, grouped by expert.
+        sort_key = torch.where(received_expert >= 0, received_expert, self.local_experts).reshape(-1)
+        slot_of_sorted = torch.argsort(sort_key, stable=True)[: counts.n_assignments]
+        sorted_of_slot = torch.full_like(sort_key, counts.n_assignments)
+        sorted_of_slot[slot_of_sorted] = torch.arange(counts.n_assignments, device=x.device)
+        sorted_of_slot = sorted_of_slot.view(-1, expert_indices.shape[1])
+        received_of_sorted = torch.div(slot_of_sorted, expert_indices.shape[1], rounding_mode="floor")
+        by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
+        state = ExpertParallelDispatch(
+            rows.token_of_sent,
+            rows.sent_of_token,
+            counts.send_splits,
+            counts.recv_splits,
+            received_of_sorted,
+            sorted_of_slot,
+            gates_received.reshape(-1).index_select(0, slot_of_sorted),
+        )
+        return by_expert, counts.tokens_per_expert, state
+
+    def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
+        # The receiver sums each row's gate-weighted expert outputs and sends one row back per
+        # (token, rank); the sender adds a token's rows.
+        weighted = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
+        per_received = fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
+        returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
+        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
+
+    def _exchange_counts(self, goes_to: torch.Tensor, expert_indices: torch.Tensor) -> _CountsExchanged:
+        """One small all-to-all of [rows, assignments per local expert] per destination rank; its
+        sizes come to the host (the dispatcher's one sync)."""
         assignments = torch.bincount(expert_indices.reshape(-1), minlength=self.n_experts)
         send_counts = torch.cat(
             [goes_to.sum(0).unsqueeze(1), assignments.view(self.ep, self.local_experts)], 1
@@ -75,48 +138,14 @@ class AllToAllDispatcher:
         sizes = torch.cat(
             [send_counts[:, 0], recv_counts[:, 0], tokens_per_expert.sum(0, keepdim=True)]
         ).tolist()
-        send_splits, recv_splits, n_assignments = sizes[: self.ep], sizes[self.ep : 2 * self.ep], sizes[-1]
-        self.last_send_splits = send_splits
-
-        token_of_sent, sent_of_token, slot_served, local_expert = self._rows_to_send(
-            goes_to, expert_indices, rank_of_slot, sum(send_splits)
-        )
-        x_sent = fan_out_rows(x, token_of_sent, sent_of_token, padded=True)
-        received = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
-        gates_sent = fan_out_rows(gates.float(), token_of_sent, sent_of_token, padded=True) * slot_served
-        # one exchange for both: expert ids are exact in fp32, and only the gates carry a gradient
-        routing_sent = torch.cat([gates_sent, local_expert.float()], dim=1)
-        routing_received = all_to_all_single_autograd(routing_sent, recv_splits, send_splits, self.group)
-        gates_received, received_expert = routing_received.split(top_k, dim=1)
-        received_expert = received_expert.detach().long()
-
-        sort_key = torch.where(received_expert >= 0, received_expert, self.local_experts).reshape(-1)
-        slot_of_sorted = torch.argsort(sort_key, stable=True)[:n_assignments]
-        sorted_of_slot = torch.full_like(sort_key, n_assignments)
-        sorted_of_slot[slot_of_sorted] = torch.arange(n_assignments, device=x.device)
-        sorted_of_slot = sorted_of_slot.view(-1, top_k)
-        received_of_sorted = torch.div(slot_of_sorted, top_k, rounding_mode="floor")
-        by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
-        gate_of_sorted = gates_received.reshape(-1).index_select(0, slot_of_sorted)
-        state = ExpertParallelDispatch(
-            token_of_sent,
-            sent_of_token,
-            send_splits,
-            recv_splits,
-            received_of_sorted,
-            sorted_of_slot,
-            gate_of_sorted,
-        )
-        return by_expert, tokens_per_expert, state
+        return _CountsExchanged(sizes[: self.ep], sizes[self.ep : 2 * self.ep], tokens_per_expert, sizes[-1])
 
     def _rows_to_send(
         self, goes_to: torch.Tensor, expert_indices: torch.Tensor, rank_of_slot: torch.Tensor, n_sent: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The (token, rank) rows, ordered by rank then token: (token of each row [S], row of each
-        (token, rank) [N, ep] (S = not sent), slots each row serves [S, k], their local expert or -1)."""
+    ) -> _RowsToSend:
         n_tokens = goes_to.shape[0]
         not_sent = (~goes_to).t().reshape(-1).to(torch.uint8)
-        flat = torch.argsort(not_sent, stable=True)[:n_sent]
+        flat = torch.argsort(not_sent, stable=True)[:n_sent]  # (rank, token) pairs sent, rank-major
         rank_of_sent = torch.div(flat, n_tokens, rounding_mode="floor")
         token_of_sent = flat - rank_of_sent * n_tokens
         sent_of_token = torch.full((n_tokens, self.ep), n_sent, dtype=torch.long, device=goes_to.device)
@@ -126,10 +155,43 @@ class AllToAllDispatcher:
         local_expert = torch.where(
             slot_served, expert_indices.index_select(0, token_of_sent) - first_local, -1
         )
-        return token_of_sent, sent_of_token, slot_served, local_expert
+        return _RowsToSend(token_of_sent, sent_of_token, slot_served, local_expert)
 
-    def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        weighted = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
-        per_received = fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
-        returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
-        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
+    def _send_routing(
+        self, gates: torch.Tensor, rows: _RowsToSend, counts: _CountsExchanged
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gates [M, k], local expert ids [M, k]) of the M received rows, in one exchange: expert
+        ids are exact in fp32, and only the gates carry a gradient."""
+        gates_sent = fan_out_rows(gates.float(), rows.token_of_sent, rows.sent_of_token, padded=True)
+        routing_sent = torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
+        gates_received, expert_received = self._all_to_all(routing_sent, counts).split(gates.shape[1], dim=1)
+        return gates_received, expert_received.detach().long()
+
+    def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged) -> torch.Tensor:
+        return all_to_all_single_autograd(rows, counts.recv_splits, counts.send_splits, self.group)
+
+
+class ExpertParallelExperts(RoutedExperts):
+    """`RoutedExperts` whose weights are DTensors sharded over ep, with their gradients scaled by
+    1/ep (the reason: parallelize.py's docstring). `parallelize` turns a layer's experts into this
+    class in place, as FSDP2's `fully_shard` does with its own classes."""
+
+    ep_size: int
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w13, w2 = super().local_weights()
+        scale = 1.0 / self.ep_size
+        return _ScaleGradient.apply(w13, scale), _ScaleGradient.apply(w2, scale)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None

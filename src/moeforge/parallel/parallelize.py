@@ -4,28 +4,31 @@
   layer's dispatcher becomes the all-to-all one, and FSDP shards them over ("dp_replicate", "efsdp")
   (HSDP: replicated across dp_replicate, sharded over efsdp).
 - Everything else: FSDP over ("dp_replicate", "dp_shard"), one unit per block plus the root.
+- The batch-wise aux loss counts the global batch: each MoE layer sums its counts over "dp".
 
 Gradient scale: an expert's gradient on its owner already sums the contributions of every ep rank's
 tokens (through the all-to-all backward), and FSDP then reduces it over R x efsdp ranks. Dividing that
 by R x efsdp (FSDP's default) would leave it ep times too large, so the experts scale their weight
-gradients by 1/ep (`RoutedExperts.grad_scale`), which makes every gradient the mean over the global
+gradients by 1/ep (`ExpertParallelExperts`), which makes every gradient the mean over the global
 batch. (FSDP's `set_gradient_divide_factor` would do the same with a PREMUL_SUM reduction, which
 gloo does not support.)
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moeforge.config import ConfigError, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block, Transformer
-from moeforge.parallel.expert_parallel import AllToAllDispatcher
+from moeforge.parallel.expert_parallel import AllToAllDispatcher, ExpertParallelExperts
 from moeforge.parallel.mesh import ParallelMesh
 
 
@@ -43,8 +46,9 @@ def parallelize(model: Transformer, mesh: ParallelMesh, cfg: ParallelConfig | No
     if ep_mesh.size() > 1:
         for layer in model.moe_layers():
             apply_expert_parallel(layer, ep_mesh)
+    dp_group = mesh["dp"].get_group()
     for layer in model.moe_layers():
-        layer.load_group = mesh["dp"].get_group()
+        layer.sum_over_data_parallel = functools.partial(sum_across_ranks, group=dp_group)
     apply_fsdp(model, mesh)
     return model
 
@@ -55,15 +59,13 @@ def apply_expert_parallel(layer: MoE, ep_mesh: DeviceMesh) -> None:
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
         experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    experts.grad_scale = 1.0 / ep_mesh.size()
+    experts.__class__ = ExpertParallelExperts
+    experts.ep_size = ep_mesh.size()
     layer.dispatcher = AllToAllDispatcher(layer.cfg.n_experts, ep_mesh.get_group())
 
 
 def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
-    """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then the root.
-
-    The trainer calls the root through `forward_with_hidden` and `mtp_losses` as well as `forward`,
-    so those are registered for FSDP's unshard/reshard hooks too."""
+    """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then the root."""
     dp_mesh = mesh["dp_replicate", "dp_shard"]
     expert_mesh = mesh["dp_replicate", "efsdp"]
     expert_parallel = mesh["ep"].size() > 1
@@ -73,8 +75,6 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
             fully_shard(block.ffn.experts, mesh=expert_mesh)
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
-    for method in ("forward_with_hidden", "mtp_losses"):
-        register_fsdp_forward_method(model, method)
 
 
 def clip_grad_norm_(
@@ -114,10 +114,11 @@ def _local_square_sum(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local().float().square().sum() / copies
 
 
-def average_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over all ranks (the identity in one process), for logging and agreement."""
+def sum_across_ranks(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """A new tensor: `value` summed over the ranks of `group` (default: all); the value itself in one
+    process."""
     if not dist.is_initialized():
         return value
     value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value

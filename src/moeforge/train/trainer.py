@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
@@ -24,22 +23,23 @@ from moeforge.data.tokenizer import Tokenizer
 from moeforge.errors import RunFailure
 from moeforge.interop.hf import load_hf_weights
 from moeforge.model.flops import peak_flops, training_flops_per_token
-from moeforge.model.moe.balance import update_biases_and_collect_load
-from moeforge.model.mtp import weighted_mtp_loss
+from moeforge.model.moe.balance import load_stats, update_expert_biases
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import (
     World,
-    average_across_ranks,
     build_mesh,
     clip_grad_norm_,
     init_distributed,
     launched_distributed,
     parallelize,
+    sum_across_ranks,
 )
 from moeforge.report import report_after_training
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.metrics import MetricsLogger, ProgressBar, truncate_metrics
+from moeforge.train.losses import token_cross_entropy, training_losses
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
+from moeforge.train.step_sums import StepSums
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -71,10 +71,6 @@ def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractCon
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
@@ -196,65 +192,55 @@ class Trainer:
     # One optimizer step
 
     def train_step(self) -> dict[str, Any]:
-        """Forward/backward over the micro-batches of one global batch, then clip, step, rebalance."""
+        """Forward/backward over the micro-batches of one global batch, then clip, step, rebalance.
+
+        The step reaches the host once (step_sums.py): one all-reduce sums the losses, the expert
+        counts and the stop request over the ranks, and one transfer brings them with the gradient
+        norm, for the loss check and the metrics."""
         self.model.train()
         inputs, targets = self.loader.next_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_micro = self.local_batch // self.micro_batch
-        lm_total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device)
-        aux_parts: dict[str, float] = {}
-        mtp_total = torch.zeros((), device=self.device)
-        mtp_parts: dict[str, float] = {}
         mtp_weight = mtp_lambda(self.step, self.cfg.train)
+        sums = StepSums(n_micro, self.device)
         for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
             with autocast_context(self.cfg.train.dtype, self.device):
-                logits, hidden = self.model.forward_with_hidden(inp)
-                depth_losses = self.model.mtp_losses(hidden, tgt)
-            lm = lm_loss(logits, tgt)
-            aux = self.model.aux_loss().to(lm.device)
-            mtp = weighted_mtp_loss(depth_losses, mtp_weight).to(lm.device)
-            ((lm + aux + mtp) / n_micro).backward()
-            lm_total += lm.detach() / n_micro
-            aux_total += aux.detach() / n_micro
-            mtp_total += mtp.detach() / n_micro
-            for depth, loss in enumerate(depth_losses, start=1):
-                mtp_parts[f"mtp/{depth}"] = mtp_parts.get(f"mtp/{depth}", 0.0) + float(loss.detach()) / n_micro
-            for layer in self.model.moe_layers():
-                for name, value in layer.aux_losses.items():
-                    aux_parts[name] = aux_parts.get(name, 0.0) + float(value) / n_micro
-        # One all-reduce for the logged losses and the stop request: every rank stops at the same step
-        stop_requested = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        synced = average_across_ranks(torch.stack([lm_total, aux_total, mtp_total, stop_requested]))
-        lm_value, aux_value, mtp_value, stop_share = synced.tolist()
-        self._stop_agreed = stop_share > 0
-        if not math.isfinite(lm_value):
+                out = self.model(inp, mtp_targets=tgt)
+            losses = training_losses(out, tgt, mtp_weight)
+            (losses.total / n_micro).backward()
+            sums.add(losses, out)
+        grad_norm = self._clip_gradients()
+        reduced = sum_across_ranks(sums.packed(stop_requested=self._stop_signal is not None))
+        host = sums.to_host(reduced, grad_norm, self.world_size)
+        self._stop_agreed = host.stop_requested  # every rank stops at the same step
+        if not math.isfinite(host.lm_loss):
             raise TrainingDiverged(
-                f"loss is {lm_value} at step {self.step + 1}; the last good checkpoint "
+                f"loss is {host.lm_loss} at step {self.step + 1}; the last good checkpoint "
                 f"{self.last_checkpoint or '(none yet)'} is intact — lower train.lr or raise train.warmup-steps"
             )
-        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        load = update_biases_and_collect_load(self.model, self._bias_rate())
+        biases = [layer.router.expert_bias for layer in self.model.moe_layers()]
+        update_expert_biases(biases, sums.load_rows(reduced), self._bias_rate())
         metrics = {
-            "loss": lm_value + aux_value + mtp_value,
-            "lm_loss": lm_value,
-            "aux_loss": aux_value,
-            "aux": aux_parts,
-            "grad_norm": grad_norm,
+            "loss": host.lm_loss + host.balance_loss + host.mtp_loss,
+            "lm_loss": host.lm_loss,
+            "aux_loss": host.balance_loss,
+            "aux": host.balance_parts,
+            "grad_norm": host.grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
-            "load": load,
+            "load": [load_stats(counts) for counts in host.load],
         }
-        if mtp_parts:
-            metrics.update({"mtp_loss": mtp_value, "mtp_lambda": mtp_weight, **mtp_parts})
+        if host.mtp_depths:
+            depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
+            metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
         return metrics
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.grad_clip or float("inf")
-        return float(clip_grad_norm_(list(self.model.parameters()), max_norm, self.shard_group))
+        return clip_grad_norm_(list(self.model.parameters()), max_norm, self.shard_group)
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps
@@ -269,8 +255,8 @@ class Trainer:
         total, count = 0.0, 0
         for inputs, targets in batches:
             with autocast_context(self.cfg.train.dtype, self.device):
-                logits = self.model(inputs.to(self.device))
-            total += float(lm_loss(logits, targets.to(self.device))) * targets.numel()
+                logits = self.model(inputs.to(self.device)).logits
+            total += float(token_cross_entropy(logits, targets.to(self.device))) * targets.numel()
             count += targets.numel()
         self.model.train()
         return total / count

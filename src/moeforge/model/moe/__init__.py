@@ -5,17 +5,18 @@ from moeforge.model.moe.balance import (
     load_stats,
     router_z_loss,
     sequence_aux_loss,
-    update_biases_and_collect_load,
     update_expert_bias,
+    update_expert_biases,
 )
 from moeforge.model.moe.dispatch import LocalDispatcher, TokenDispatcher
 from moeforge.model.moe.experts import RoutedExperts
-from moeforge.model.moe.layer import MoE
+from moeforge.model.moe.layer import MoE, MoEStats
 from moeforge.model.moe.router import Router, RouterOutput
 
 __all__ = [
     "LocalDispatcher",
     "MoE",
+    "MoEStats",
     "RoutedExperts",
     "Router",
     "RouterOutput",
@@ -24,6 +25,6 @@ __all__ = [
     "load_stats",
     "router_z_loss",
     "sequence_aux_loss",
-    "update_biases_and_collect_load",
     "update_expert_bias",
+    "update_expert_biases",
 ]

@@ -4,16 +4,18 @@
 - `batch_aux_loss`: the classic Switch/GShard load-balancing loss over the whole batch.
 - `router_z_loss`: ST-MoE's penalty on large router logits.
 - `update_expert_bias`: DeepSeek-V3's auxiliary-loss-free balancing, b_i += gamma*sign(mean(c) - c_i).
-- `load_stats` / `update_biases_and_collect_load`: per-layer load metrics, after each optimizer step.
+- `load_stats`: per-layer load metrics from the counts of one step.
+
+Everything here is single-device arithmetic; the trainer sums the counts over the ranks first.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 
 def sequence_aux_loss(
@@ -41,20 +43,24 @@ def assignment_counts_per_sequence(expert_indices: torch.Tensor, batch: int, n_e
 
 
 def batch_aux_loss(
-    logits: torch.Tensor, expert_indices: torch.Tensor, alpha: float, group: dist.ProcessGroup | None = None
+    logits: torch.Tensor,
+    expert_indices: torch.Tensor,
+    alpha: float,
+    sum_over_data_parallel: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """alpha * E * sum_i f_i * P_i over the whole batch (Switch Transformer eq. 4, GShard).
 
     f_i is the fraction of the N*k assignments that went to expert i, so a perfectly balanced
     router scores exactly alpha. P_i is the mean over tokens of softmax(logits)_i: the loss needs a
     probability over experts, which sigmoid scores are not, so softmax is used whatever the score
-    function. Under data parallelism pass the dp `group`: f then counts the global batch (it carries
-    no gradient), and averaging the ranks' gradients of the local P gives the global loss's gradient.
+    function. Under data parallelism `sum_over_data_parallel` sums the counts over the ranks: f then
+    counts the global batch (it carries no gradient), and averaging the ranks' gradients of the local
+    P gives the global loss's gradient.
     """
     n_experts = logits.shape[1]
     counts = torch.bincount(expert_indices.reshape(-1), minlength=n_experts).float()
-    if group is not None:
-        dist.all_reduce(counts, group=group)
+    if sum_over_data_parallel is not None:
+        counts = sum_over_data_parallel(counts)
     f = counts / counts.sum()
     p = logits.float().softmax(dim=-1).mean(dim=0)
     return alpha * n_experts * (f * p).sum()
@@ -72,45 +78,29 @@ def update_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) ->
     bias += (rate * torch.sign(counts.mean() - counts)).to(bias.dtype)
 
 
-def load_stats(counts: torch.Tensor) -> dict[str, Any]:
+def load_stats(counts: Sequence[int] | torch.Tensor) -> dict[str, Any]:
     """Load of one layer from its tokens-per-expert counts, as plain Python numbers.
 
     max_violation = max/mean - 1 (0 = perfectly balanced); cv = population std / mean. With no
-    tokens at all both are 0.
+    tokens at all both are 0. The trainer passes host lists, so that no statistic costs a sync.
     """
-    values = counts.detach().to(torch.float64).cpu()
-    mean = values.mean().item()
+    values = [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+    mean = sum(values) / len(values)
     has_tokens = mean > 0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
     return {
-        "tokens_per_expert": [int(c) for c in values.tolist()],
-        "max_over_mean": values.max().item() / mean if has_tokens else 0.0,
-        "max_violation": values.max().item() / mean - 1.0 if has_tokens else 0.0,
-        "cv": values.std(correction=0).item() / mean if has_tokens else 0.0,
-        "dead_experts": int((values == 0).sum().item()),
+        "tokens_per_expert": values,
+        "max_over_mean": max(values) / mean if has_tokens else 0.0,
+        "max_violation": max(values) / mean - 1.0 if has_tokens else 0.0,
+        "cv": std / mean if has_tokens else 0.0,
+        "dead_experts": sum(v == 0 for v in values),
     }
 
 
 @torch.no_grad()
-def update_biases_and_collect_load(
-    model: nn.Module, rate: float, group: dist.ProcessGroup | None = None
-) -> list[dict[str, Any]]:
-    """After an optimizer step: global load of every MoE layer, bias update, stats, reset.
-
-    MoE layers are the modules with a `tokens_per_expert_accum` buffer and a `router.expert_bias`.
-    Their counts since the last call are summed over `group` (None: the default world group, or no
-    communication when torch.distributed is not initialised), so every rank applies the same update
-    and the bias stays identical everywhere. Returns `load_stats` per layer, in module order.
-    """
-    layers = [m for m in model.modules() if hasattr(m, "tokens_per_expert_accum")]
-    if not layers:
-        return []
-    counts = torch.stack([m.tokens_per_expert_accum for m in layers])
-    if group is not None or (dist.is_available() and dist.is_initialized()):
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    stats = []
-    for layer, layer_counts in zip(layers, counts):
-        if rate > 0:
-            update_expert_bias(layer.router.expert_bias, layer_counts, rate)
-        stats.append(load_stats(layer_counts))
-        layer.tokens_per_expert_accum.zero_()
-    return stats
+def update_expert_biases(biases: Sequence[torch.Tensor], counts: torch.Tensor, rate: float) -> None:
+    """`update_expert_bias` of each MoE layer's bias [E] from its row of `counts` [L, E], the
+    tokens per expert of one step summed over every rank (so the biases stay identical everywhere)."""
+    if rate > 0:
+        for bias, layer_counts in zip(biases, counts, strict=True):
+            update_expert_bias(bias, layer_counts, rate)

@@ -45,17 +45,18 @@ class RoutedExperts(nn.Module):
         self.backend = backend
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.grad_scale = 1.0
-        """multiplies the weights' gradients; expert parallelism sets 1/ep (see parallel/parallelize.py)"""
 
     def init_weights(self, std: float, out_std: float | None = None) -> None:
         nn.init.normal_(self.w13, std=std)
         nn.init.normal_(self.w2, std=std if out_std is None else out_std)
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) of the experts on this device: all of them, or this rank's block of an
+        expert-parallel DTensor."""
+        return local_weight(self.w13), local_weight(self.w2)
+
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        w13, w2 = local_weight(self.w13), local_weight(self.w2)
-        if self.grad_scale != 1.0:
-            w13, w2 = _ScaleGradient.apply(w13, self.grad_scale), _ScaleGradient.apply(w2, self.grad_scale)
+        w13, w2 = self.local_weights()
         if self.backend == "grouped":
             reason = grouped_mm_unsupported_reason(x_sorted, w13, w2)
             if reason is None:
@@ -63,19 +64,6 @@ class RoutedExperts(nn.Module):
                 return grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_align)
             warnings.warn(f"grouped experts fall back to the loop backend: {reason}", stacklevel=2)
         return looped_swiglu(x_sorted, w13, w2, tokens_per_expert)
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` in backward."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
 
 
 def local_weight(weight: torch.Tensor) -> torch.Tensor:

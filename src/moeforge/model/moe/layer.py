@@ -1,14 +1,26 @@
-"""The MoE layer: router -> dispatch -> grouped experts -> gated combine, plus shared experts.
+"""The MoE layer: route -> dispatch -> grouped experts -> gated combine, plus shared experts.
 
-Dropless: every token reaches its top-k experts, however unbalanced the routing. The balance
-losses, the load of the call and the running load for the aux-loss-free bias update are left on
-the module after each forward, for the trainer to read.
+Dropless: every token reaches its top-k experts, however unbalanced the routing. A call returns its
+output together with what it measured (`MoEStats`: the balance losses and the tokens per expert);
+nothing is left on the module. The four phases are methods of their own, so that a schedule can run
+one micro-batch's all-to-all while another computes (`forward` is them in a row):
+
+    routing  = layer.route(tokens)                         router: scores, top-k, gates
+    sorted, per_expert, state = layer.dispatch(tokens, routing)   rows grouped by expert (maybe all-to-all)
+    out      = layer.compute_experts(sorted, per_expert)   one grouped GEMM per projection
+    y        = layer.combine(out, state, tokens)           gate-weighted sum back in token order + shared
+
+Two seams let `parallel/` distribute the layer without the layer knowing: `dispatcher` (local, or
+the all-to-all one under expert parallelism) and `sum_over_data_parallel` (the identity, or an
+all-reduce over the data-parallel ranks for the batch-wise aux loss, which counts the global batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moeforge.config import ConfigError, MoEConfig
@@ -19,19 +31,29 @@ from moeforge.model.moe.experts import RoutedExperts
 from moeforge.model.moe.router import Router, RouterOutput
 
 
-class MoE(nn.Module):
-    """`MoE(cfg)(x [B, S, dim]) -> [B, S, dim]`.
+class MoEStats(NamedTuple):
+    """What one MoE call measured beside its output."""
 
-    After each call:
-    - `aux_loss`: scalar tensor, the sum of the enabled balance losses (seq-aux, batch-aux, z-loss);
-      computed in training mode only, a zero tensor otherwise or when all are off. Add it to the loss.
-    - `aux_losses`: {'seq_aux' | 'batch_aux' | 'z_loss': detached scalar} for logging.
-    - `last_load`: [E] int64 tokens routed to each expert by this call.
-    In training mode the counts also accumulate in the buffer `tokens_per_expert_accum`, consumed by
-    `balance.update_biases_and_collect_load` after each optimizer step (activation checkpointing
-    that recomputes this forward counts twice, which leaves the sign-based bias update unchanged).
-    `dispatcher` is the seam for expert parallelism: swap in one with the same interface.
-    """
+    balance_losses: dict[str, torch.Tensor]
+    """the enabled balance losses by name ('seq_aux', 'batch_aux', 'z_loss'), differentiable scalars;
+    empty in eval mode"""
+    tokens_per_expert: torch.Tensor
+    """[E] int64, the (token, expert) assignments routed to each expert by this call"""
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        """Their sum, the term to add to the training loss (a zero scalar when none is enabled)."""
+        if not self.balance_losses:
+            return torch.zeros((), device=self.tokens_per_expert.device)
+        return torch.stack(list(self.balance_losses.values())).sum()
+
+
+def _identity(counts: torch.Tensor) -> torch.Tensor:
+    return counts
+
+
+class MoE(nn.Module):
+    """`MoE(cfg)(x [B, S, dim]) -> (y [B, S, dim], MoEStats)`."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -45,49 +67,51 @@ class MoE(nn.Module):
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_ffn_dim) if cfg.n_shared_experts else None
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_experts)
-        self.load_group: dist.ProcessGroup | None = None
-        """the data-parallel group whose global batch the batch aux loss counts (set by `parallelize`)"""
-        self.register_buffer(
-            "tokens_per_expert_accum", torch.zeros(cfg.n_experts, dtype=torch.int64), persistent=False
-        )
-        self.aux_loss = torch.zeros(())
-        self.aux_losses: dict[str, torch.Tensor] = {}
-        self.last_load = torch.zeros(cfg.n_experts, dtype=torch.int64)
+        self.sum_over_data_parallel: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """expert counts [E] -> the same summed over the data-parallel ranks (installed by `parallelize`)"""
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
         """Normal(0, std) for the router and the input projections, Normal(0, out_std or std) for the
-        output projections; the balancing bias and load counters restart at zero."""
+        output projections; the balancing bias restarts at zero."""
         self.router.init_weights(std)
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
-        self.tokens_per_expert_accum.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         batch, seq, dim = x.shape
         tokens = x.reshape(batch * seq, dim)
-        routing = self.router(tokens)
-        self.record_load(routing.expert_indices)
-        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
-        expert_out = self.experts(x_sorted, tokens_per_expert)
+        routing = self.route(tokens)
+        x_sorted, tokens_per_expert, state = self.dispatch(tokens, routing)
+        expert_out = self.compute_experts(x_sorted, tokens_per_expert)
+        out = self.combine(expert_out, state, tokens)
+        return out.view(batch, seq, dim), self.stats(routing, batch, seq)
+
+    def route(self, tokens: torch.Tensor) -> RouterOutput:
+        """The experts and gates of each token [N, dim]."""
+        return self.router(tokens)
+
+    def dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(rows grouped by local expert, rows per local expert, state for `combine`); under expert
+        parallelism this is where tokens leave for the ranks that own their experts."""
+        return self.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
+
+    def compute_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return self.experts(x_sorted, tokens_per_expert)
+
+    def combine(self, expert_out: torch.Tensor, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's gate-weighted expert outputs [N, dim] (brought back first under expert
+        parallelism), plus the shared experts' output on `tokens`."""
         out = self.dispatcher.combine(expert_out, state)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        self.set_aux_losses(routing, batch, seq)
-        return out.view(batch, seq, dim)
+        return out
 
-    @torch.no_grad()
-    def record_load(self, expert_indices: torch.Tensor) -> None:
-        self.last_load = torch.bincount(expert_indices.reshape(-1), minlength=self.cfg.n_experts)
-        if self.training:
-            self.tokens_per_expert_accum += self.last_load
-
-    def set_aux_losses(self, routing: RouterOutput, batch: int, seq: int) -> None:
+    def stats(self, routing: RouterOutput, batch: int, seq: int) -> MoEStats:
+        counts = torch.bincount(routing.expert_indices.reshape(-1), minlength=self.cfg.n_experts)
         losses = self.balance_losses(routing, batch, seq) if self.training else {}
-        zero = torch.zeros((), device=routing.scores.device)
-        self.aux_loss = torch.stack(list(losses.values())).sum() if losses else zero
-        self.aux_losses = {name: loss.detach() for name, loss in losses.items()}
+        return MoEStats(losses, counts)
 
     def balance_losses(self, routing: RouterOutput, batch: int, seq: int) -> dict[str, torch.Tensor]:
         """The enabled balance losses of this routing, by name."""
@@ -99,7 +123,7 @@ class MoE(nn.Module):
             )
         if cfg.aux_coef > 0:
             losses["batch_aux"] = batch_aux_loss(
-                routing.logits, routing.expert_indices, cfg.aux_coef, self.load_group
+                routing.logits, routing.expert_indices, cfg.aux_coef, self.sum_over_data_parallel
             )
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = router_z_loss(routing.logits, cfg.z_loss_coef)

@@ -1,0 +1,99 @@
+"""One optimizer step's sums, kept on the device until the step's single trip to the host.
+
+Every micro-batch adds its losses and expert counts here; `reduce` sums them over the ranks in one
+all-reduce (with the stop request, so every rank stops at the same step) and `to_host` brings them
+and the gradient norm over in one transfer. Nothing here reads a tensor's value in between: on a GPU
+the step is one device-to-host sync, not one per layer or micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from moeforge.model.transformer import ModelOutput
+from moeforge.train.losses import TrainingLosses
+
+
+@dataclass
+class HostStep:
+    """The step's figures on the host, averaged over the ranks (expert counts: summed)."""
+
+    lm_loss: float
+    balance_loss: float
+    mtp_loss: float
+    balance_parts: dict[str, float]
+    mtp_depths: list[float]
+    load: list[list[int]]
+    """[L][E] tokens per expert of each MoE layer over the global batch"""
+    grad_norm: float
+    stop_requested: bool
+    """some rank received SIGTERM/SIGINT"""
+
+
+@dataclass
+class StepSums:
+    """Sums over the micro-batches of one step, each micro-batch weighted 1/n_micro."""
+
+    n_micro: int
+    device: torch.device
+    lm: torch.Tensor = field(init=False)
+    balance: torch.Tensor = field(init=False)
+    mtp: torch.Tensor = field(init=False)
+    balance_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    mtp_depths: list[torch.Tensor] = field(default_factory=list)
+    load: torch.Tensor | None = None
+    """[L, E] int64"""
+
+    def __post_init__(self) -> None:
+        self.lm, self.balance, self.mtp = (torch.zeros((), device=self.device) for _ in range(3))
+
+    def add(self, losses: TrainingLosses, out: ModelOutput) -> None:
+        """One micro-batch: its losses (detached) and its MoE layers' counts."""
+        self.lm += losses.lm.detach() / self.n_micro
+        self.balance += losses.balance.detach() / self.n_micro
+        self.mtp += losses.mtp.detach() / self.n_micro
+        for stats in out.moe_stats:
+            for name, loss in stats.balance_losses.items():
+                self._accumulate(self.balance_parts, name, loss)
+        for depth, loss in enumerate(losses.mtp_depths):
+            if depth == len(self.mtp_depths):
+                self.mtp_depths.append(torch.zeros((), dtype=torch.float64, device=self.device))
+            self.mtp_depths[depth] += loss.detach().double() / self.n_micro
+        self.load = out.load if self.load is None else self.load + out.load
+
+    def _accumulate(self, parts: dict[str, torch.Tensor], name: str, loss: torch.Tensor) -> None:
+        value = loss.detach().double() / self.n_micro
+        parts[name] = parts[name] + value if name in parts else value
+
+    def packed(self, stop_requested: bool) -> torch.Tensor:
+        """Everything to sum over the ranks, as one float64 vector (counts are exact in float64)."""
+        load = self.load if self.load is not None else torch.zeros(0, 0, device=self.device)
+        head = torch.stack([self.lm, self.balance, self.mtp]).double()
+        flag = torch.tensor([float(stop_requested)], dtype=torch.float64, device=self.device)
+        parts = [*self.balance_parts.values(), *self.mtp_depths]
+        tail = torch.stack(parts) if parts else head.new_zeros(0)
+        return torch.cat([head, flag, tail, load.reshape(-1).double()])
+
+    def load_rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """The [L, E] expert counts of a (reduced) `packed` vector, still on the device."""
+        n_layers, n_experts = self.load.shape if self.load is not None else (0, 0)
+        return packed[packed.numel() - n_layers * n_experts :].view(n_layers, n_experts)
+
+    def to_host(self, reduced: torch.Tensor, grad_norm: torch.Tensor, world_size: int) -> HostStep:
+        """The step's one device-to-host transfer: the reduced vector and the gradient norm."""
+        values: list[float] = torch.cat([reduced, grad_norm.reshape(1).double()]).tolist()
+        n_parts, n_depths = len(self.balance_parts), len(self.mtp_depths)
+        means = [value / world_size for value in values[: 4 + n_parts + n_depths]]
+        counts = [int(value) for value in values[4 + n_parts + n_depths : -1]]
+        n_experts = self.load.shape[1] if self.load is not None else 1
+        return HostStep(
+            lm_loss=means[0],
+            balance_loss=means[1],
+            mtp_loss=means[2],
+            balance_parts=dict(zip(self.balance_parts, means[4 : 4 + n_parts])),
+            mtp_depths=means[4 + n_parts :],
+            load=[counts[i : i + n_experts] for i in range(0, len(counts), n_experts)],
+            grad_norm=values[-1],
+            stop_requested=values[3] > 0,
+        )

@@ -15,8 +15,8 @@ from torch.distributed.checkpoint import filesystem
 
 from conftest import small_config
 from moeforge.cli import main
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.metrics import read_metrics
+from moeforge import checkpoint as ckpt
+from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer
 
 STEPS = 4

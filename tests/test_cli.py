@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import SMALL
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.metrics import read_metrics
+from moeforge import checkpoint as ckpt
+from moeforge.run import read_metrics
 
 
 def moeforge(*args, check=True, **kw):

@@ -15,7 +15,7 @@ from moeforge.config import (
     load_config,
 )
 from moeforge.errors import MoeforgeError
-from moeforge.train.checkpoint import CheckpointError
+from moeforge.checkpoint import CheckpointError
 
 CHOICES = {
     "model.attention": ("gqa", "mla"),

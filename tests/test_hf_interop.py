@@ -20,8 +20,16 @@ from hf_models import (
 from safetensors.torch import save_file
 
 from moeforge.cli import main as cli_main
-from moeforge.config import load_config
-from moeforge.interop import HFInteropError, from_hf, hf_model_config, load_hf_weights, to_hf
+from moeforge.config import ConfigError, load_config
+from moeforge.interop import (
+    HFInteropError,
+    apply_hf_model,
+    from_hf,
+    hf_model_config,
+    hf_weights_loader,
+    load_hf_weights,
+    to_hf,
+)
 from moeforge.interop.hf import weight_files
 from moeforge.model.transformer import Transformer
 from moeforge.train.trainer import Trainer
@@ -276,9 +284,9 @@ def test_fine_tune_from_an_imported_model_then_export(tmp_path):
     save_hf_model(qwen3_config(), tmp_path / "hf")
     train = {"train.steps": "3", "train.seq-len": "32", "train.global-batch-size": "2", "train.log-every": "1",
              "train.eval-every": "0", "train.eval-batches": "1", "train.progress": "false", "train.report": "false"}
-    cfg = load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf")})
+    cfg = load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf")}, apply_init_from=apply_hf_model)
     assert cfg.model == hf_model_config(tmp_path / "hf")
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = Trainer(cfg, tmp_path / "run", init_weights=hf_weights_loader(cfg))
     imported = from_hf(tmp_path / "hf", progress=False).state_dict()
     assert all(torch.equal(trainer.model.state_dict()[name], t) for name, t in imported.items())
     result = trainer.fit()
@@ -287,6 +295,11 @@ def test_fine_tune_from_an_imported_model_then_export(tmp_path):
     tuned = read_tensors(tmp_path / "tuned")
     assert not torch.equal(tuned["model.embed_tokens.weight"], read_tensors(tmp_path / "hf")["model.embed_tokens.weight"])
 
+    other = load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf"), "model.dim": "64"},
+                        apply_init_from=apply_hf_model)
     with pytest.raises(HFInteropError, match="does not fit this model"):
-        Trainer(load_config(overrides={**train, "train.init-from-hf": str(tmp_path / "hf"), "model.dim": "64"}),
-                tmp_path / "other")
+        Trainer(other, tmp_path / "other", init_weights=hf_weights_loader(other))
+    with pytest.raises(ConfigError, match=r"^train\.init-from-hf: set, but nothing to read it with"):
+        load_config(overrides={"train.init-from-hf": str(tmp_path / "hf")})
+    with pytest.raises(ConfigError, match=r"^train\.init-from-hf: set, but this Trainer was given no init_weights"):
+        Trainer(cfg, tmp_path / "third")

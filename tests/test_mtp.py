@@ -8,9 +8,9 @@ from test_transformer import MLA_SHAPES, tiny_model_config
 from moeforge.config import ConfigError, TrainConfig, load_config
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import Transformer
-from moeforge.train import checkpoint as ckpt
+from moeforge import checkpoint as ckpt
 from moeforge.train.losses import weighted_mtp_loss
-from moeforge.train.metrics import read_metrics
+from moeforge.run import read_metrics
 from moeforge.train.optim import mtp_lambda
 from moeforge.train.trainer import Trainer
 

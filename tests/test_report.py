@@ -4,11 +4,10 @@ import json
 import sys
 
 import pytest
-from conftest import small_config
+from conftest import SMALL, small_config
 
 from moeforge.cli import main as cli_main
 from moeforge.report import ReportError, plot_expert_load, report_after_training, write_report
-from moeforge.train.trainer import Trainer
 
 matplotlib = pytest.importorskip("matplotlib")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +58,7 @@ def test_loss_figure_has_an_mtp_panel_with_the_losses_but_not_the_weight(tmp_pat
     import matplotlib.pyplot as plt
 
     from moeforge.report import plot_losses
-    from moeforge.train.metrics import read_metrics
+    from moeforge.run import read_metrics
 
     fig = plot_losses(plt, read_metrics(synthetic_run(tmp_path / "run", mtp=True)))
     titles = [ax.get_title() for ax in fig.axes]
@@ -73,7 +72,7 @@ def test_loss_figure_has_an_mtp_panel_with_the_losses_but_not_the_weight(tmp_pat
 def test_heatmap_has_one_panel_per_moe_layer(tmp_path, n_layers):
     import matplotlib.pyplot as plt
 
-    from moeforge.train.metrics import read_metrics
+    from moeforge.run import read_metrics
 
     records = read_metrics(synthetic_run(tmp_path / "run", n_layers=n_layers))
     fig = plot_expert_load(plt, records, first_block=1)
@@ -91,17 +90,18 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 
 def test_training_writes_the_report_and_skips_it_without_matplotlib(tmp_path, monkeypatch, capsys):
-    cfg = small_config(train__steps="3", train__report="true")
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.fit()
+    flags = [part for key, value in SMALL.items() for part in (f"--{key}", value)]
+    assert cli_main(["train", "--out", str(tmp_path / "run"), *flags, "--train.steps", "3", "--train.report", "true"]) == 0
     for name in ("losses.png", "expert_load.png", "max_violation.png"):
         assert_png(tmp_path / "run" / "report" / name)
     import matplotlib.pyplot as plt
 
-    from moeforge.train.metrics import read_metrics
+    from moeforge.run import read_metrics
 
+    cfg = small_config()
+    moe_layers = sum(cfg.model.is_moe_layer(layer) for layer in range(cfg.model.n_layers))
     fig = plot_expert_load(plt, read_metrics(tmp_path / "run"))
-    assert len(heatmap_panels(fig)) == len(list(trainer.model.moe_layers())) == 2
+    assert len(heatmap_panels(fig)) == moe_layers == 2
     plt.close(fig)
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

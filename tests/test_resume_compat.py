@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.train.checkpoint import CheckpointError
+from moeforge.checkpoint import CheckpointError
 from moeforge.train.trainer import check_resume_compatible
 
 

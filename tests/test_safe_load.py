@@ -12,8 +12,8 @@ import torch.distributed.checkpoint as dcp
 
 from conftest import small_config
 from moeforge.model.transformer import Transformer
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
+from moeforge import checkpoint as ckpt
+from moeforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 
 
 class RunsCode:

@@ -8,8 +8,8 @@ import torch
 from conftest import small_config
 from moeforge.config import TrainConfig
 from moeforge.model.transformer import Transformer
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.metrics import read_metrics
+from moeforge import checkpoint as ckpt
+from moeforge.run import read_metrics
 from moeforge.train.optim import lr_factor
 from moeforge.train.trainer import Trainer, TrainingDiverged
 

@@ -229,17 +229,22 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 
 def run_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from moeforge.interop import apply_hf_model, hf_weights_loader
+    from moeforge.report import report_after_training
     from moeforge.train.trainer import Trainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     overrides = parse_overrides(rest)
     if args.init_from_hf:
         overrides["train.init-from-hf"] = args.init_from_hf
-    cfg = load_config(args.preset, args.config, overrides, world_size=world_size)
-    trainer = Trainer(cfg, _output_dir(args.out, "--out"))
+    cfg = load_config(args.preset, args.config, overrides, world_size=world_size, apply_init_from=apply_hf_model)
+    out = _output_dir(args.out, "--out")
+    trainer = Trainer(cfg, out, init_weights=hf_weights_loader(cfg) if cfg.train.init_from_hf else None)
     result = trainer.fit()
-    if not trainer.is_main:  # under torchrun the summary is printed once, by rank 0
+    if not trainer.is_main:  # under torchrun the summary and the report come once, from rank 0
         return 0
+    if cfg.train.report and not result.interrupted:  # a signalled run exits promptly
+        report_after_training(out)
     state = "interrupted" if result.interrupted else "done"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}")
@@ -375,7 +380,7 @@ def run_report(args: argparse.Namespace, rest: list[str]) -> int:
 
 def run_checkpoint_verify(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
-    from moeforge.train import checkpoint as ckpt
+    from moeforge import checkpoint as ckpt
 
     path = Path(args.run_dir)
     if not path.is_dir():
@@ -397,7 +402,7 @@ def run_checkpoint_verify(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _verdict(checkpoint: Path, problems: list[str]) -> str:
-    from moeforge.train import checkpoint as ckpt
+    from moeforge import checkpoint as ckpt
 
     if problems:
         return f"BAD: {problems[0]}"

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from moeforge.errors import MoeforgeError
-from moeforge.train.metrics import METRICS_FILE, read_metrics
+from moeforge.run import CONFIG_FILE, METRICS_FILE, REPORT_DIR, read_metrics
 
-REPORT_DIR = "report"
 LOSS_LABEL = "cross-entropy (nats/token)"
 
 
@@ -77,7 +76,7 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 def _first_moe_block(run_dir: Path) -> int:
     """Index of the first MoE block (after the dense ones), from the run's config.json when present."""
-    config = run_dir / "config.json"
+    config = run_dir / CONFIG_FILE
     if not config.is_file():
         return 0
     return json.loads(config.read_text()).get("model", {}).get("n_dense_layers", 0)

@@ -6,13 +6,14 @@ import os
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import small_config
 from moeforge.parallel.spawn import run_on_processes
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.metrics import read_metrics
+from moeforge import checkpoint as ckpt
+from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer
 
 BASE = {"train__steps": "6", "train__checkpoint_every": "3", "model__moe__aux_coef": "0.01"}
@@ -80,14 +81,14 @@ def test_resume_four_process_checkpoint_on_one_process(saved_on_four_processes, 
 
 
 def crash_rank1_while_saving_step_6(rank: int, world_size: int, out_dir: str) -> None:
-    original_save = ckpt.dcp.save
+    original_save = dcp.save
 
     def save_or_die(state, checkpoint_id, **kw):
         if rank == 1 and checkpoint_id.endswith("step_000006.tmp"):
             os._exit(17)  # a hard crash halfway through writing a checkpoint
         return original_save(state, checkpoint_id=checkpoint_id, **kw)
 
-    ckpt.dcp.save = save_or_die
+    dcp.save = save_or_die
     train(rank, world_size, parallel_options(ep="2"), out_dir, None)
 
 

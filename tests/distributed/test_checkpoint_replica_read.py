@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import parallelize
-from moeforge.train import checkpoint as ckpt
+from moeforge import checkpoint as ckpt
 from moeforge.train.trainer import Trainer
 
 # The elastic tests' fixtures: the run saved at step 3 on 4 processes (dp_replicate=2, dp_shard=2, ep=2)
@@ -87,7 +87,7 @@ class LoadRecord:
 def recording_loads() -> Iterator[LoadRecord]:
     """Record the process group of every storage read (dcp.load) and the stats load_checkpoint returns."""
     record = LoadRecord()
-    read_from_storage, load_checkpoint = ckpt.dcp.load, ckpt.load_checkpoint
+    read_from_storage, load_checkpoint = dcp.load, ckpt.load_checkpoint
 
     def recorded_read(state, process_group=None, **kw):
         record.storage_groups.append(process_group)
@@ -98,11 +98,11 @@ def recording_loads() -> Iterator[LoadRecord]:
         record.stats = meta.load_stats
         return meta
 
-    ckpt.dcp.load, ckpt.load_checkpoint = recorded_read, recorded_load
+    dcp.load, ckpt.load_checkpoint = recorded_read, recorded_load
     try:
         yield record
     finally:
-        ckpt.dcp.load, ckpt.load_checkpoint = read_from_storage, load_checkpoint
+        dcp.load, ckpt.load_checkpoint = read_from_storage, load_checkpoint
 
 
 def assert_state_equals_a_plain_load(trainer: Trainer, path: Path) -> None:

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from conftest import small_config
 from moeforge.parallel.spawn import run_on_processes
-from moeforge.train.metrics import read_metrics
+from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer
 
 STEPS = "4"

@@ -18,7 +18,7 @@ from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, clip_grad_norm_, parallelize
 from moeforge.parallel.parallelize import apply_expert_parallel
-from moeforge.train import checkpoint as ckpt
+from moeforge import checkpoint as ckpt
 
 CFG = MoEConfig(dim=16, n_experts=8, top_k=2, expert_ffn_dim=8, n_shared_experts=1, n_groups=1, topk_groups=1)
 NODE_LIMITED = dataclasses.replace(CFG, top_k=3, n_groups=2, topk_groups=1)

@@ -20,7 +20,7 @@ from torch.multiprocessing import ProcessRaisedException
 from conftest import SMALL
 from moeforge.parallel.process_group import agree_on_generation, peer_failure
 from moeforge.parallel.spawn import free_port, run_on_processes
-from moeforge.train.metrics import read_metrics
+from moeforge.run import read_metrics
 
 STEPS, CHECKPOINT_EVERY = 40, 10
 

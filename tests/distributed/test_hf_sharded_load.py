@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.config import ParallelConfig, load_config
-from moeforge.interop import from_hf, hf_model_config, load_hf_weights
+from moeforge.interop import apply_hf_model, from_hf, hf_model_config, hf_weights_loader, load_hf_weights
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, parallelize
 from moeforge.train.trainer import Trainer
@@ -71,7 +71,8 @@ def train_from_hf_then_compare(rank: int, world_size: int, hf_dir: str, referenc
     load_into_shards(rank, world_size, {"ep": 2}, hf_dir, reference_path)
     overrides = {"train.init-from-hf": hf_dir, "parallel.ep": "2", "train.seq-len": "16",
                  "train.global-batch-size": "2", "train.progress": "false", "train.report": "false"}  # fmt: skip
-    trainer = Trainer(load_config(overrides=overrides, world_size=world_size), out)
+    cfg = load_config(overrides=overrides, world_size=world_size, apply_init_from=apply_hf_model)
+    trainer = Trainer(cfg, out, init_weights=hf_weights_loader(cfg))
     assert_equals_reference(trainer.model, torch.load(reference_path))
 
 

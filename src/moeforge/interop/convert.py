@@ -23,7 +23,8 @@ from moeforge.interop.hf import (
     to_hf,
     weight_files,
 )
-from moeforge.train import checkpoint as ckpt
+from moeforge import checkpoint as ckpt
+from moeforge import run
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 HF_DTYPE_KEY = "hf_dtype"
@@ -41,9 +42,9 @@ def hf_to_checkpoint(hf_dir: Path | str, out: Path | str, progress: bool = True)
     model = from_hf(hf_dir, progress)
     cfg = Config(model=model.cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / run.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
     if (hf_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        shutil.copyfile(hf_dir / TOKENIZER_FILE, out / run.TOKENIZER_FILE)
     extra = {"hf_source": str(hf_dir.resolve()), HF_DTYPE_KEY: DTYPE_NAMES[stored_dtype(hf_dir)]}
     return ckpt.save_checkpoint(out, 0, model, None, cfg.to_dict(), extra, keep=1)
 
@@ -53,14 +54,12 @@ def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype
 
     `dtype` defaults to the precision the model was imported from, fp32 for a model trained here.
     """
-    from moeforge.infer.loading import load_model
-
-    loaded = load_model(checkpoint)
+    loaded = ckpt.load_model(checkpoint)
     if dtype is None:
         name = ckpt.read_meta(loaded.checkpoint).extra.get(HF_DTYPE_KEY, "float32")
         dtype = {v: k for k, v in DTYPE_NAMES.items()}[name]
     path = to_hf(loaded.model, out, dtype)
-    tokenizer = loaded.checkpoint.parent.parent / TOKENIZER_FILE
+    tokenizer = loaded.checkpoint.parent.parent / run.TOKENIZER_FILE
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
     return path

@@ -8,22 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records logged after `after_step`: on resume they are recomputed, so none appears twice."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
+from moeforge.run import METRICS_FILE, TENSORBOARD_DIR
 
 class MetricsLogger:
     """Appends one JSON object per logged step and mirrors the scalars to TensorBoard."""
@@ -37,7 +22,7 @@ class MetricsLogger:
 
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = (run_dir / METRICS_FILE).open("a")
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

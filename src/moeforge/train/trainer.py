@@ -5,27 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
-from moeforge.data.tokenizer import Tokenizer
 from moeforge.errors import RunFailure
-from moeforge.interop.hf import load_hf_weights
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import (
+    ParallelMesh,
     World,
     build_mesh,
     clip_grad_norm_,
@@ -34,15 +33,11 @@ from moeforge.parallel import (
     parallelize,
     sum_across_ranks,
 )
-from moeforge.report import report_after_training
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.metrics import MetricsLogger, ProgressBar, truncate_metrics
+from moeforge.run import truncate_metrics, write_run_files
+from moeforge.train.metrics import MetricsLogger, ProgressBar
 from moeforge.train.losses import token_cross_entropy, training_losses
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.step_sums import StepSums
-
-TOKENIZER_FILE = "tokenizer.json"
-
 
 class TrainingDiverged(RunFailure, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
@@ -100,7 +95,16 @@ def _dotted(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path | str):
+    """Trains `cfg`'s model into the run directory `out_dir` (run.py), resuming from it when it holds
+    checkpoints. `init_weights(model, mesh)`, when given, fills the freshly built (and parallelized)
+    model before training, e.g. `moeforge.interop.hf_weights_loader(cfg)` for `train.init-from-hf`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: Path | str,
+        init_weights: Callable[[Transformer, ParallelMesh | None], None] | None = None,
+    ):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         device = resolve_device(cfg.train.device)
@@ -125,7 +129,12 @@ class Trainer:
             parallelize(self.model, self.mesh, cfg.parallel)
             self.shard_group = self.mesh["dp_shard"].get_group()
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
-            load_hf_weights(self.model, tcfg.init_from_hf, self.is_main and tcfg.progress, self.mesh)
+            if init_weights is None:
+                raise ConfigError(
+                    "train.init-from-hf: set, but this Trainer was given no init_weights to read it with "
+                    "(pass moeforge.interop.hf_weights_loader(cfg), as `moeforge train` does)"
+                )
+            init_weights(self.model, self.mesh)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = PackedLoader(
@@ -179,14 +188,6 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
         )
         return self.last_checkpoint
-
-    def _write_run_files(self) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        if self.cfg.data.tokenizer != "byte":
-            shutil.copyfile(self.cfg.data.tokenizer, self.out_dir / TOKENIZER_FILE)
 
     # ------------------------------------------------------------------------------------------
     # One optimizer step
@@ -270,7 +271,8 @@ class Trainer:
         stop_at = tcfg.steps if until_step is None else min(until_step, tcfg.steps)
         if self.step == 0:
             self.resume_if_possible()
-        self._write_run_files()
+        if self.is_main:
+            write_run_files(self.out_dir, self.cfg)
         logger = MetricsLogger(self.out_dir, enabled=self.is_main)
         bar = ProgressBar(tcfg.steps, self.step, enabled=self.is_main and tcfg.progress)
         tokens_per_step = tcfg.global_batch_size * tcfg.seq_len
@@ -303,8 +305,6 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
             bar.close()
             logger.close()
-        if self.is_main and tcfg.report and not interrupted:  # a signalled run exits promptly
-            report_after_training(self.out_dir)
         return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted)
 
     def _record(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
@@ -346,11 +346,3 @@ def _mean_violation(load: list[dict[str, Any]]) -> float | None:
 def _checkpoint_step(path: Path | None) -> int | None:
     return None if path is None else ckpt.read_meta(path).step
 
-
-def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:
-    """The tokenizer a run trained with: its copied tokenizer.json, or the byte tokenizer."""
-    from moeforge.data.tokenizer import build_tokenizer
-
-    copied = run_dir / TOKENIZER_FILE
-    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied.is_file() else "byte")
-    return build_tokenizer(data_cfg)

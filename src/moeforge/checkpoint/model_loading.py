@@ -10,8 +10,8 @@ import torch
 from moeforge.config import Config, config_from_dict
 from moeforge.data.tokenizer import Tokenizer
 from moeforge.model.transformer import Transformer
-from moeforge.train import checkpoint as ckpt
-from moeforge.train.trainer import tokenizer_for_run
+from moeforge.checkpoint import store as ckpt
+from moeforge.run import tokenizer_for_run
 
 
 @dataclass

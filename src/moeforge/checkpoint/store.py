@@ -36,8 +36,9 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moeforge.errors import RunFailure
-from moeforge.train.checksums import record_checksums, verify_checksums
-from moeforge.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
+from moeforge.run import CHECKPOINTS_DIR
+from moeforge.checkpoint.checksums import record_checksums, verify_checksums
+from moeforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 from moeforge.parallel.replicas import (
     broadcast_shards,
     broadcast_verdict,
@@ -95,7 +96,7 @@ class CheckpointMeta:
 
 
 def checkpoint_dir(run_dir: Path | str) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def step_path(run_dir: Path | str, step: int) -> Path:

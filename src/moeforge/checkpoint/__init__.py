@@ -1,0 +1,44 @@
+"""Sharded checkpoints: DCP state written atomically with a checksum of every file (store.py,
+checksums.py), read without running code (safe_load.py), and a trained model rebuilt from one
+(model_loading.py)."""
+
+from moeforge.checkpoint.model_loading import LoadedModel, load_model
+from moeforge.checkpoint.store import (
+    CORRUPT_SUFFIX,
+    META_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    LoadStats,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_aside,
+    step_path,
+    verify_checkpoint,
+)
+
+__all__ = [
+    "CORRUPT_SUFFIX",
+    "META_FILE",
+    "CheckpointError",
+    "CheckpointMeta",
+    "LoadStats",
+    "LoadedModel",
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "newest_good_checkpoint",
+    "read_meta",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "set_aside",
+    "step_path",
+    "verify_checkpoint",
+]

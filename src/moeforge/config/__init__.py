@@ -1,0 +1,51 @@
+"""Every knob of moeforge, defined, documented and validated once.
+
+A config is a tree of dataclasses. Each field's help text is the string literal right after it
+(read from the source by `field_docs`), so the docstring *is* the `--help` text. Values come,
+in increasing priority, from the dataclass defaults, a preset (`presets/NAME.toml`), a user's TOML
+file and dotted command-line overrides spelled `--section.field-name VALUE`
+(e.g. `--model.moe.n-experts 16`, `--train.steps 200`).
+
+A field whose value is one of a fixed set of strings is typed `Literal[...]`: the type alone gives
+its parsing, its allowed values in `--help` and its validation (`_check_choices`).
+
+Mistakes are reported as one-line `ConfigError`s naming the field and what it accepts.
+"""
+
+from moeforge.config.checks import ConfigError, field_docs, format_choices
+from moeforge.config.loading import (
+    DEFAULT_PRESET,
+    PRESETS_DIR,
+    RETIRED_FIELDS,
+    Option,
+    apply_mapping,
+    available_presets,
+    config_from_dict,
+    iter_options,
+    load_config,
+    set_dotted,
+)
+from moeforge.config.model import ModelConfig, MoEConfig
+from moeforge.config.training import Config, DataConfig, ParallelConfig, TrainConfig
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS_DIR",
+    "RETIRED_FIELDS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "Option",
+    "ParallelConfig",
+    "TrainConfig",
+    "apply_mapping",
+    "available_presets",
+    "config_from_dict",
+    "field_docs",
+    "format_choices",
+    "iter_options",
+    "load_config",
+    "set_dotted",
+]

@@ -1,0 +1,239 @@
+"""A run's other sections (`TrainConfig`, `DataConfig`, `ParallelConfig`) and the whole `Config`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moeforge.config.checks import _check, _check_choices, _flag
+from moeforge.config.model import ModelConfig, MoEConfig
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: batch, schedule, logging, checkpoints."""
+
+    steps: int = 300
+    """optimizer steps"""
+    global_batch_size: int = 16
+    """sequences per optimizer step (over all data-parallel ranks)"""
+    micro_batch_size: int = 0
+    """sequences per forward/backward on one rank; 0 = the whole per-rank batch (no accumulation)"""
+    seq_len: int = 128
+    """tokens per training sequence"""
+    lr: float = 3e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """final learning rate as a fraction of the peak"""
+    warmup_steps: int = 20
+    """linear warm-up steps"""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """learning-rate shape after warm-up: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'"""
+    decay_fraction: float = 0.2
+    """for 'wsd': fraction of steps spent in the final linear decay"""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms, biases and embeddings)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0 = off"""
+    bias_update_until: float = 1.0
+    """fraction of training after which the aux-loss-free bias is frozen (DeepSeek-V3 stops it late)"""
+    mtp_lambda: float = 0.3
+    """weight lambda of the multi-token prediction loss lambda/D * sum_k CE_k (DeepSeek-V3: 0.3)"""
+    mtp_lambda_late: float = 0.1
+    """lambda after train.mtp-lambda-switch (DeepSeek-V3: 0.1 for the last third of its tokens)"""
+    mtp_lambda_switch: float = 0.7
+    """fraction of training after which lambda drops from mtp-lambda to mtp-lambda-late"""
+    seed: int = 0
+    """seed for weights, data order and router jitter"""
+    init_from_hf: str = ""
+    """a Hugging Face model directory to start from; its model and tokenizer replace the preset's; '' = off"""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """compute precision: 'fp32', 'bf16' (autocast) or 'auto' (bf16 on CUDA, fp32 on CPU)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train; 'auto' = CUDA when available, else the CPU"""
+    log_every: int = 10
+    """steps between metrics.jsonl / TensorBoard records"""
+    eval_every: int = 100
+    """steps between validation-loss evaluations; 0 = only at the end"""
+    eval_batches: int = 4
+    """batches of the held-out split per evaluation"""
+    checkpoint_every: int = 100
+    """steps between checkpoints (one is also written at the end, and on SIGTERM/SIGINT)"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept on disk"""
+    progress: bool = True
+    """show a progress bar"""
+    report: bool = True
+    """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
+
+    def validate(self) -> None:
+        _check_choices(self, "train")
+        for name in (
+            "steps",
+            "global_batch_size",
+            "seq_len",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{_flag(name)}", value, "an integer >= 1")
+        for name in ("micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "seed"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{_flag(name)}", value, "an integer >= 0")
+        if self.micro_batch_size:
+            _check(
+                self.global_batch_size % self.micro_batch_size == 0,
+                "train.micro-batch-size",
+                self.micro_batch_size,
+                f"a divisor of global-batch-size={self.global_batch_size}",
+            )
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min-lr-ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _check(
+            0 < self.decay_fraction <= 1, "train.decay-fraction", self.decay_fraction, "a number in (0, 1]"
+        )
+        _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
+        _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad-clip", self.grad_clip, "a number >= 0")
+        _check(
+            0 <= self.bias_update_until <= 1,
+            "train.bias-update-until",
+            self.bias_update_until,
+            "a number in [0, 1]",
+        )
+        for name in ("mtp_lambda", "mtp_lambda_late"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{_flag(name)}", value, "a number >= 0")
+        switch = self.mtp_lambda_switch
+        _check(0 <= switch <= 1, "train.mtp-lambda-switch", switch, "a number in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    path: str = ""
+    """a local .txt/.jsonl file or a directory of them; '' = the embedded corpus (Python's own docs)"""
+    tokenizer: str = "byte"
+    """'byte' (256 symbols, no files) or the path of a Hugging Face tokenizer.json"""
+    text_field: str = "text"
+    """the key holding the text in .jsonl records"""
+    val_fraction: float = 0.05
+    """fraction of the corpus held out for validation loss"""
+
+    def validate(self) -> None:
+        _check(0 < self.val_fraction < 1, "data.val-fraction", self.val_fraction, "a number in (0, 1)")
+        if self.path:
+            _check(Path(self.path).exists(), "data.path", self.path, "an existing file or directory")
+        if self.tokenizer != "byte":
+            _check(
+                Path(self.tokenizer).is_file(),
+                "data.tokenizer",
+                self.tokenizer,
+                "'byte' or the path of an existing tokenizer.json",
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """How the world of processes is laid out on the DeviceMesh."""
+
+    dp_replicate: int = 1
+    """HSDP replica groups (parameters replicated across them)"""
+    dp_shard: int = -1
+    """FSDP shard group size; -1 = whatever the world size leaves"""
+    ep: int = 1
+    """expert-parallel degree, borrowed from dp-shard (divides it and n-experts)"""
+    ep_nodes: int = 1
+    """nodes the ep group spans (contiguous blocks of ep ranks); > 1 ties group-limited routing to
+    them: model.moe.n-groups must be a multiple, so a token's experts, and the all-to-all rows it
+    sends, reach at most model.moe.topk-groups nodes (DeepSeek-V3 node-limited routing)"""
+    timeout_s: float = 300.0
+    """seconds any rank waits for a peer (the first rendezvous, each collective, a checkpoint's
+    barriers) before it stops with an error naming what it waited for, instead of hanging"""
+
+    def validate(self, world_size: int = 1) -> None:
+        _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")
+        _check(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            "parallel.dp-shard",
+            self.dp_shard,
+            "-1 or an integer >= 1",
+        )
+        _check(self.ep >= 1, "parallel.ep", self.ep, "an integer >= 1")
+        _check(
+            self.ep_nodes >= 1 and self.ep % self.ep_nodes == 0,
+            "parallel.ep-nodes",
+            self.ep_nodes,
+            f"a divisor of ep={self.ep}",
+        )
+        _check(self.timeout_s > 0, "parallel.timeout-s", self.timeout_s, "a number of seconds > 0")
+        shard = self.resolved_dp_shard(world_size)
+        _check(
+            shard >= 1 and self.dp_replicate * shard == world_size,
+            "parallel.dp-shard",
+            self.dp_shard,
+            f"a value with dp-replicate*dp-shard = world size {world_size}",
+        )
+        _check(shard % self.ep == 0, "parallel.ep", self.ep, f"a divisor of dp-shard={shard}")
+
+    def validate_for(self, moe: MoEConfig) -> None:
+        """The checks that tie the layout to a model's experts and routing groups."""
+        _check(
+            moe.n_experts % self.ep == 0,
+            "parallel.ep",
+            self.ep,
+            f"a divisor of model.moe.n-experts={moe.n_experts}",
+        )
+        _check(
+            moe.n_groups % self.ep_nodes == 0,
+            "model.moe.n-groups",
+            moe.n_groups,
+            f"a multiple of parallel.ep-nodes={self.ep_nodes}, so that every expert group lives on one node",
+        )
+
+    def resolved_dp_shard(self, world_size: int) -> int:
+        if self.dp_shard != -1:
+            return self.dp_shard
+        return world_size // self.dp_replicate
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, world_size: int = 1) -> Config:
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        self.parallel.validate(world_size)
+        self.parallel.validate_for(self.model.moe)
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq-len",
+            self.train.seq_len,
+            f"at most model.max-seq-len={self.model.max_seq_len}",
+        )
+        _check(
+            self.train.seq_len > self.model.mtp_depth,
+            "train.seq-len",
+            self.train.seq_len,
+            f"more than model.mtp-depth={self.model.mtp_depth} (each MTP depth predicts one token further)",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

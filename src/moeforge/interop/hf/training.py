@@ -1,0 +1,36 @@
+"""A training run that starts from a Hugging Face model (`train.init-from-hf`): the model config and
+tokenizer it layers under the user's settings, and the loader of its weights. The config and the
+trainer take these as arguments, so that neither depends on interop."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+from moeforge.config import Config, ConfigError
+from moeforge.interop.hf.registry import CONFIG_FILE, TOKENIZER_FILE, hf_model_config
+from moeforge.interop.hf.weights import load_hf_weights
+from moeforge.model.transformer import Transformer
+from moeforge.parallel.mesh import ParallelMesh
+
+
+def apply_hf_model(cfg: Config, hf_dir: str) -> None:
+    """The model of a Hugging Face directory, and its tokenizer.json when it has one, into `cfg`
+    (`load_config(..., apply_init_from=apply_hf_model)`)."""
+    path = Path(hf_dir)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"train.init-from-hf: got {hf_dir!r}; allowed: a directory with a {CONFIG_FILE}")
+    cfg.model = hf_model_config(path)
+    if (path / TOKENIZER_FILE).is_file():
+        cfg.data.tokenizer = str(path / TOKENIZER_FILE)
+
+
+def hf_weights_loader(cfg: Config, show_progress: bool = True) -> Callable[[Transformer, ParallelMesh | None], None]:
+    """`Trainer(cfg, out, init_weights=...)`: reads the run's `train.init-from-hf` weights into the
+    model after `parallelize`, each rank only its own shards."""
+    return functools.partial(_load, cfg.train.init_from_hf, show_progress and cfg.train.progress)
+
+
+def _load(hf_dir: str, progress: bool, model: Transformer, mesh: ParallelMesh | None) -> None:
+    load_hf_weights(model, hf_dir, progress, mesh)

@@ -1,0 +1,56 @@
+"""The run directory: one place that knows its layout, for train, infer, interop and report alike.
+
+    RUN_DIR/config.json      the run's whole Config (written by rank 0 when the run starts)
+    RUN_DIR/tokenizer.json   the Hugging Face tokenizer it trained with (absent: the byte tokenizer)
+    RUN_DIR/checkpoints/     sharded checkpoints (moeforge.checkpoint)
+    RUN_DIR/metrics.jsonl    one JSON object per logged step
+    RUN_DIR/tensorboard/     TensorBoard event files
+    RUN_DIR/report/          PNG plots (moeforge.report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moeforge.config import Config
+from moeforge.data.tokenizer import Tokenizer, build_tokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"
+
+
+def write_run_files(run_dir: Path, cfg: Config) -> None:
+    """config.json, and a copy of the tokenizer file the run uses (a run directory is self-contained)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    if cfg.data.tokenizer != "byte":
+        shutil.copyfile(cfg.data.tokenizer, run_dir / TOKENIZER_FILE)
+
+
+def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:
+    """The tokenizer a run trained with: its copied tokenizer.json, or the byte tokenizer."""
+    copied = run_dir / TOKENIZER_FILE
+    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied.is_file() else "byte")
+    return build_tokenizer(data_cfg)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records logged after `after_step`: on resume they are recomputed, so none appears twice."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -37,9 +38,11 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         return args.handler(args, rest)
     except MoeforgeError as err:
+        _ignore_sigterm()
         print(f"{where}error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:
+        _ignore_sigterm()
         failure = _peer_failure(err)
         if failure is None and not _joined_process_group():
             raise
@@ -48,6 +51,14 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
             return 1
         print(f"{where}error: {failure}; {_AFTER_PEER_FAILURE}", file=sys.stderr)
         return 1
+
+
+def _ignore_sigterm() -> None:
+    """On the way out of a distributed run after a failure: torchrun's agent SIGTERMs the survivors of
+    a dead peer, which must not cut the one line that says what happened (the process then leaves
+    through `leave_process_group`, so nothing else needs the signal)."""
+    if _joined_process_group():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 _AFTER_PEER_FAILURE = (

@@ -302,9 +302,10 @@ class Trainer:
                 cause = self._stop_signal or "a signal to another rank"
                 bar.write(f"{cause}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")
         finally:
-            self._restore_signal_handlers(previous_handlers)
             bar.close()
             logger.close()
+            # last: until here a SIGTERM (torchrun's, after a peer died) only sets a flag
+            self._restore_signal_handlers(previous_handlers)
         return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted)
 
     def _record(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:

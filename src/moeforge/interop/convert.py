@@ -17,7 +17,6 @@ from safetensors import safe_open
 from moeforge.config import Config
 from moeforge.interop.hf import (
     DTYPE_NAMES,
-    TOKENIZER_FILE,
     HFInteropError,
     from_hf,
     to_hf,
@@ -43,8 +42,8 @@ def hf_to_checkpoint(hf_dir: Path | str, out: Path | str, progress: bool = True)
     cfg = Config(model=model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / run.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER_FILE, out / run.TOKENIZER_FILE)
+    if (hf_dir / run.TOKENIZER_FILE).is_file():
+        shutil.copyfile(hf_dir / run.TOKENIZER_FILE, out / run.TOKENIZER_FILE)
     extra = {"hf_source": str(hf_dir.resolve()), HF_DTYPE_KEY: DTYPE_NAMES[stored_dtype(hf_dir)]}
     return ckpt.save_checkpoint(out, 0, model, None, cfg.to_dict(), extra, keep=1)
 
@@ -61,7 +60,7 @@ def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype
     path = to_hf(loaded.model, out, dtype)
     tokenizer = loaded.checkpoint.parent.parent / run.TOKENIZER_FILE
     if tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer, Path(out) / run.TOKENIZER_FILE)
     return path
 
 

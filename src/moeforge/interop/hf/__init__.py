@@ -16,14 +16,13 @@ another (`load_hf_weights`).
 """
 
 from moeforge.interop.hf.errors import HFInteropError
-from moeforge.interop.hf.registry import TOKENIZER_FILE, hf_model_config
+from moeforge.interop.hf.registry import hf_model_config
 from moeforge.interop.hf.safetensors_io import DTYPE_NAMES, weight_files
 from moeforge.interop.hf.training import apply_hf_model, hf_weights_loader
 from moeforge.interop.hf.weights import from_hf, load_hf_weights, to_hf
 
 __all__ = [
     "DTYPE_NAMES",
-    "TOKENIZER_FILE",
     "HFInteropError",
     "apply_hf_model",
     "from_hf",

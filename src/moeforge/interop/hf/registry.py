@@ -19,7 +19,7 @@ from moeforge.interop.hf.qwen3_moe import QWEN3_MOE
 from moeforge.interop.hf.safetensors_io import shard_files, tensor_names
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+"""a Hugging Face directory's config.json (not the same format as a run's, though the same name)"""
 
 ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (QWEN3_MOE, MIXTRAL, DEEPSEEK_V3)}
 

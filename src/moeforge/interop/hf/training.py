@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moeforge.config import Config, ConfigError
-from moeforge.interop.hf.registry import CONFIG_FILE, TOKENIZER_FILE, hf_model_config
+from moeforge.interop.hf.registry import CONFIG_FILE, hf_model_config
 from moeforge.interop.hf.weights import load_hf_weights
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.mesh import ParallelMesh
+from moeforge.run import TOKENIZER_FILE
 
 
 def apply_hf_model(cfg: Config, hf_dir: str) -> None:

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from moeforge.config import ConfigError, available_presets, format_choices, iter_options, load_config
-from moeforge.errors import MoeforgeError
+from moeforge.errors import MoeforgeError, print_line
 from moeforge.runtime import keep_freed_memory
 
 
@@ -39,7 +39,7 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
         return args.handler(args, rest)
     except MoeforgeError as err:
         _ignore_sigterm()
-        print(f"{where}error: {err}", file=sys.stderr)
+        print_line(f"{where}error: {err}")
         return err.exit_code
     except Exception as err:
         _ignore_sigterm()
@@ -49,7 +49,7 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
         if failure is None:  # a bug: its traceback, then leave the group like every rank
             traceback.print_exc()
             return 1
-        print(f"{where}error: {failure}; {_AFTER_PEER_FAILURE}", file=sys.stderr)
+        print_line(f"{where}error: {failure}; {_AFTER_PEER_FAILURE}")
         return 1
 
 

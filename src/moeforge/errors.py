@@ -1,11 +1,13 @@
 """The bases of every error moeforge raises on purpose: a mistake or failure the user can act on.
 
-Each kind is defined beside the code that raises it (`config.ConfigError`, `train.checkpoint.
+Each kind is defined beside the code that raises it (`config.ConfigError`, `checkpoint.
 CheckpointError`, ...). The command line reports a `MoeforgeError` as one line, without a traceback,
 and exits with its `exit_code`; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class MoeforgeError(Exception):
@@ -19,3 +21,10 @@ class RunFailure(MoeforgeError):
     One line; the command line exits with 1."""
 
     exit_code = 1
+
+
+def print_line(text: str) -> None:
+    """`text` and its newline on stderr in one write. Under torchrun (`python -u`) every rank writes to
+    the same stream, and `print`'s separate write of the newline lets their lines interleave."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge.config import ParallelConfig
+from moeforge.errors import print_line
 
 _POLL_S = 0.005
 
@@ -124,7 +125,7 @@ def leave_process_group(exit_code: int = 0) -> NoReturn:
         try:
             dist.barrier()
         except RuntimeError as err:
-            print(f"rank {rank}: a peer left before the end of the run: {_first_line(err)}", file=sys.stderr)
+            print_line(f"rank {rank}: a peer left before the end of the run: {_first_line(err)}")
             exit_code = 1
     dist.destroy_process_group()
     sys.stdout.flush()

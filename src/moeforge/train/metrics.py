@@ -70,7 +70,8 @@ class ProgressBar:
         self._bar.update(1)
 
     def write(self, text: str) -> None:
-        self._bar.write(text)
+        """One line past the bar, in a single write (ranks of a torchrun share the stream)."""
+        self._bar.write(text + "\n", end="")
 
     def close(self) -> None:
         self._bar.close()

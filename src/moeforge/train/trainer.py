@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
-from moeforge.errors import RunFailure
+from moeforge.errors import RunFailure, print_line
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
 from moeforge.model.transformer import Transformer
@@ -161,7 +160,7 @@ class Trainer:
 
     def resume_if_possible(self) -> bool:
         """Resume from the newest checkpoint whose files match their checksums (bad ones are set aside)."""
-        path = ckpt.newest_good_checkpoint(self.out_dir, warn=lambda line: print(line, file=sys.stderr, flush=True))
+        path = ckpt.newest_good_checkpoint(self.out_dir, warn=print_line)
         if path is None:
             return False
         check_resume_compatible(ckpt.read_meta(path).config, self.cfg, path)

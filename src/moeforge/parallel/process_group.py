@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge.config import ParallelConfig
-from moeforge.errors import print_line
+from moeforge.errors import RunFailure, print_line
 
 _POLL_S = 0.005
 
@@ -107,11 +107,15 @@ def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s
                 del answered[peer]
         if answered and time.monotonic() > deadline:
             missing = ", ".join(str(peer) for peer in sorted(answered))
-            raise TimeoutError(
+            raise JoinTimeout(
                 f"rank 0: ranks {missing} did not join within parallel.timeout-s={timeout_s:g}"
             )
         time.sleep(_POLL_S if answered else 0)
     return generation
+
+
+class JoinTimeout(RunFailure, TimeoutError):
+    """Some ranks did not join within parallel.timeout-s: one line naming them."""
 
 
 def leave_process_group(exit_code: int = 0) -> NoReturn:

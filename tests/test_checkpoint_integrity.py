@@ -120,7 +120,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_clear
     assert message.startswith("could not write checkpoint step_000006: [Errno 28] No space left on device; ")
     assert f"the previous checkpoint '{ckpt.step_path(run, 4)}' is intact" in message
     assert "\n" not in message
-    assert sorted(p.name for p in ckpt.checkpoint_dir(run).iterdir()) == ["step_000002", "step_000004"]  # no .tmp
+    assert sorted(p.name for p in ckpt.checkpoint_dir(run).iterdir()) == [
+        "step_000002",
+        "step_000004",
+    ]  # no .tmp
     assert ckpt.verify_checkpoint(ckpt.step_path(run, 4)) == []
 
 

@@ -32,7 +32,9 @@ def test_hostile_metadata_is_refused_before_it_runs(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model, None, cfg.to_dict(), {}, keep=1)
     marker = tmp_path / "ran"
     (path / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
-    with pytest.raises(ckpt.CheckpointError, match=r"it is not safe to load: .metadata refers to posix\.system"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"it is not safe to load: .metadata refers to posix\.system"
+    ):
         ckpt.load_checkpoint(path, Transformer(cfg.model))
     assert not marker.exists()
 
@@ -81,6 +83,8 @@ def test_hugging_face_import_never_runs_repository_code(tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     torch.save({"w": RunsCode(marker)}, pickled / "pytorch_model.bin")
-    with pytest.raises(HFInteropError, match=r"no \*\.safetensors files \(PyTorch \.bin checkpoints are not read\)"):
+    with pytest.raises(
+        HFInteropError, match=r"no \*\.safetensors files \(PyTorch \.bin checkpoints are not read\)"
+    ):
         from_hf(pickled)
     assert not marker.exists()

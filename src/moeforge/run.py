@@ -1,11 +1,11 @@
 """The run directory: one place that knows its layout, for train, infer, interop and report alike.
 
-    RUN_DIR/config.json      the run's whole Config (written by rank 0 when the run starts)
-    RUN_DIR/tokenizer.json   the Hugging Face tokenizer it trained with (absent: the byte tokenizer)
-    RUN_DIR/checkpoints/     sharded checkpoints (moeforge.checkpoint)
-    RUN_DIR/metrics.jsonl    one JSON object per logged step
-    RUN_DIR/tensorboard/     TensorBoard event files
-    RUN_DIR/report/          PNG plots (moeforge.report)
+RUN_DIR/config.json      the run's whole Config (written by rank 0 when the run starts)
+RUN_DIR/tokenizer.json   the Hugging Face tokenizer it trained with (absent: the byte tokenizer)
+RUN_DIR/checkpoints/     sharded checkpoints (moeforge.checkpoint)
+RUN_DIR/metrics.jsonl    one JSON object per logged step
+RUN_DIR/tensorboard/     TensorBoard event files
+RUN_DIR/report/          PNG plots (moeforge.report)
 """
 
 from __future__ import annotations

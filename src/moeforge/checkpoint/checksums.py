@@ -40,7 +40,11 @@ def record_checksums(directory: Path, skip: str) -> dict[str, dict[str, Any]] | 
 def verify_checksums(directory: Path, recorded: dict[str, dict[str, Any]]) -> list[str]:
     """What is wrong with the files of `directory` against `recorded`, one line a file (empty: all
     good); the same list on every rank. A collective: call it on every rank."""
-    mine = [problem for name in _my_share(sorted(recorded)) if (problem := _check(directory / name, recorded[name]))]
+    mine = [
+        problem
+        for name in _my_share(sorted(recorded))
+        if (problem := _check(directory / name, recorded[name]))
+    ]
     if not dist.is_initialized():
         return mine
     everyone: list[list[str]] = [[] for _ in range(dist.get_world_size())]
@@ -68,6 +72,8 @@ def _my_share(names: list[str]) -> list[str]:
 def _gather_on_rank_0(mine: dict[str, Any]) -> list[dict[str, Any]] | None:
     if not dist.is_initialized():
         return [mine]
-    parts: list[dict[str, Any]] | None = [{} for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    parts: list[dict[str, Any]] | None = (
+        [{} for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    )
     dist.gather_object(mine, parts, dst=0)
     return parts

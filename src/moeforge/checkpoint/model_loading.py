@@ -32,4 +32,3 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> LoadedMo
     ckpt.load_checkpoint(checkpoint, model)
     run_dir = checkpoint.parent.parent
     return LoadedModel(model.eval(), cfg, tokenizer_for_run(run_dir, cfg), checkpoint, meta.step)
-

@@ -98,5 +98,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             torch.load(io.BytesIO(data), weights_only=True)
         except pickle.UnpicklingError as err:
             fqn = read_item.dest_index.fqn
-            raise UnsafeCheckpointError(f"{fqn}: {str(err).strip().splitlines()[0]}; refusing to load it") from None
+            raise UnsafeCheckpointError(
+                f"{fqn}: {str(err).strip().splitlines()[0]}; refusing to load it"
+            ) from None
         super().load_bytes(read_item, io.BytesIO(data))

@@ -108,7 +108,9 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and (p / META_FILE).is_file()]
+    done = [
+        p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and (p / META_FILE).is_file()
+    ]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -158,7 +160,9 @@ def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> 
             return path
         if _is_rank0():
             aside = set_aside(path)
-            warn(f"checkpoint {str(path)!r} is bad: {problems[0]}; set aside as {aside.name}, trying the one before")
+            warn(
+                f"checkpoint {str(path)!r} is bad: {problems[0]}; set aside as {aside.name}, trying the one before"
+            )
         _barrier()
     return None
 
@@ -221,7 +225,9 @@ def save_checkpoint(
     _barrier()
     try:
         with _single_process_is_intended():
-            dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            dcp.save(
+                _tensor_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized()
+            )
         _barrier()
         files = record_checksums(tmp, skip=META_FILE)
         if _is_rank0():
@@ -234,7 +240,11 @@ def save_checkpoint(
     except (OSError, CheckpointException) as err:
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint {str(previous)!r} is intact" if previous else "no earlier checkpoint exists"
+        kept = (
+            f"the previous checkpoint {str(previous)!r} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
         raise CheckpointError(
             f"could not write checkpoint {final.name}: {_save_failure(err)}; {kept} — free space in "
             f"{str(checkpoint_dir(run_dir))!r} (or lower train.keep-checkpoints) and rerun to resume"
@@ -251,7 +261,10 @@ def _save_failure(err: BaseException) -> str:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh: ParallelMesh | None = None
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> CheckpointMeta:
     """Load a checkpoint into `model` (and `optimizer`, RNG) in place; returns its metadata, whose
     `load_stats` says how many bytes of tensor data this rank read from storage or received.
@@ -274,7 +287,9 @@ def load_checkpoint(
     return dataclasses.replace(read_meta(path), load_stats=stats)
 
 
-def _read_from_storage(state: dict[str, Any], path: Path, process_group: dist.ProcessGroup | None) -> str | None:
+def _read_from_storage(
+    state: dict[str, Any], path: Path, process_group: dist.ProcessGroup | None
+) -> str | None:
     """Fill `state` in place with DCP, unpickling nothing but plain data (safe_load.py); None, or the
     first line of why the checkpoint cannot be loaded into this model."""
     reader = SafeFileSystemReader(path)

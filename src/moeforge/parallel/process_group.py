@@ -107,9 +107,7 @@ def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s
                 del answered[peer]
         if answered and time.monotonic() > deadline:
             missing = ", ".join(str(peer) for peer in sorted(answered))
-            raise JoinTimeout(
-                f"rank 0: ranks {missing} did not join within parallel.timeout-s={timeout_s:g}"
-            )
+            raise JoinTimeout(f"rank 0: ranks {missing} did not join within parallel.timeout-s={timeout_s:g}")
         time.sleep(_POLL_S if answered else 0)
     return generation
 

@@ -38,6 +38,7 @@ from moeforge.train.losses import token_cross_entropy, training_losses
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.step_sums import StepSums
 
+
 class TrainingDiverged(RunFailure, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
 
@@ -121,7 +122,9 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.mesh = build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
+        self.mesh = (
+            build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
+        )
         self.shard_group = None
         """the dp_shard group the gradient norm is reduced over (None in one process)"""
         if self.mesh is not None:
@@ -345,4 +348,3 @@ def _mean_violation(load: list[dict[str, Any]]) -> float | None:
 
 def _checkpoint_step(path: Path | None) -> int | None:
     return None if path is None else ckpt.read_meta(path).step
-

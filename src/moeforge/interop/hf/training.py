@@ -8,6 +8,8 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
 from moeforge.config import Config, ConfigError
 from moeforge.interop.hf.registry import CONFIG_FILE, hf_model_config
 from moeforge.interop.hf.weights import load_hf_weights
@@ -27,11 +29,12 @@ def apply_hf_model(cfg: Config, hf_dir: str) -> None:
         cfg.data.tokenizer = str(path / TOKENIZER_FILE)
 
 
-def hf_weights_loader(cfg: Config, show_progress: bool = True) -> Callable[[Transformer, ParallelMesh | None], None]:
+def hf_weights_loader(cfg: Config) -> Callable[[Transformer, ParallelMesh | None], None]:
     """`Trainer(cfg, out, init_weights=...)`: reads the run's `train.init-from-hf` weights into the
     model after `parallelize`, each rank only its own shards."""
-    return functools.partial(_load, cfg.train.init_from_hf, show_progress and cfg.train.progress)
+    return functools.partial(_load, cfg.train.init_from_hf, cfg.train.progress)
 
 
 def _load(hf_dir: str, progress: bool, model: Transformer, mesh: ParallelMesh | None) -> None:
-    load_hf_weights(model, hf_dir, progress, mesh)
+    on_main_rank = not dist.is_initialized() or dist.get_rank() == 0  # one progress bar, as for training
+    load_hf_weights(model, hf_dir, progress and on_main_rank, mesh)

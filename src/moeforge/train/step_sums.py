@@ -1,8 +1,8 @@
 """One optimizer step's sums, kept on the device until the step's single trip to the host.
 
-Every micro-batch adds its losses and expert counts here; `reduce` sums them over the ranks in one
-all-reduce (with the stop request, so every rank stops at the same step) and `to_host` brings them
-and the gradient norm over in one transfer. Nothing here reads a tensor's value in between: on a GPU
+Every micro-batch adds its losses and expert counts here; `packed` lays them out (with the stop
+request, so every rank stops at the same step) for the trainer's one all-reduce, and `to_host` brings
+the reduced vector and the gradient norm over in one transfer. Nothing here reads a tensor's value in between: on a GPU
 the step is one device-to-host sync, not one per layer or micro-batch.
 """
 

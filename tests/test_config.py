@@ -21,9 +21,11 @@ CHOICES = {
     "model.attention": ("gqa", "mla"),
     "model.moe.score-func": ("sigmoid", "softmax"),
     "model.moe.backend": ("grouped", "loop"),
+    "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "diloco.quantize": ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"),
 }
 """every field typed as a choice of strings, with its allowed values in order"""
 

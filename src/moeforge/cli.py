@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_options_help(),
     )
     train.add_argument(
-        "--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel] tables"
+        "--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel], [diloco] tables"
     )
     train.add_argument(
         "--preset", help=f"start from a preset: {', '.join(available_presets())} (default: tiny)"

@@ -25,6 +25,7 @@ from moeforge.config.loading import (
     load_config,
     set_dotted,
 )
+from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
 from moeforge.config.training import Config, DataConfig, ParallelConfig, TrainConfig
 
@@ -35,6 +36,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DiLoCoConfig",
     "ModelConfig",
     "MoEConfig",
     "Option",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moeforge.config.checks import _check, _check_choices, _flag
+from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
 
 
@@ -33,6 +34,8 @@ class TrainConfig:
     """learning-rate shape after warm-up: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'"""
     decay_fraction: float = 0.2
     """for 'wsd': fraction of steps spent in the final linear decay"""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """'adamw', or 'sgd' (plain SGD with the same lr schedule; for tests and comparisons)"""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to norms, biases and embeddings)"""
     beta1: float = 0.9
@@ -214,13 +217,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
 
     def validate(self, world_size: int = 1) -> Config:
         self.model.validate()
         self.train.validate()
         self.data.validate()
-        self.parallel.validate(world_size)
+        self.diloco.validate()
+        self.parallel.validate(self._replica_world_size(world_size))
         self.parallel.validate_for(self.model.moe)
+        _check(
+            self.diloco.fragments <= self.model.n_layers,
+            "diloco.fragments",
+            self.diloco.fragments,
+            f"at most model.n-layers={self.model.n_layers} (a fragment holds whole blocks)",
+        )
         _check(
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq-len",
@@ -234,6 +245,23 @@ class Config:
             f"more than model.mtp-depth={self.model.mtp_depth} (each MTP depth predicts one token further)",
         )
         return self
+
+    def _replica_world_size(self, world_size: int) -> int:
+        """The ranks of one DiLoCo replica, inside which `parallel` lays out its mesh."""
+        replicas = self.diloco.replicas
+        _check(
+            world_size % replicas == 0,
+            "diloco.replicas",
+            replicas,
+            f"a divisor of the world size {world_size}",
+        )
+        _check(
+            replicas == 1 or self.parallel.dp_replicate == 1,
+            "parallel.dp-replicate",
+            self.parallel.dp_replicate,
+            "1 with diloco.replicas > 1 (DiLoCo replicas take the place of HSDP's every-step all-reduce)",
+        )
+        return world_size // replicas
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

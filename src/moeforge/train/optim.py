@@ -1,4 +1,5 @@
-"""AdamW with sensible parameter groups, and the learning-rate schedules."""
+"""The inner optimizer (AdamW, or plain SGD) with sensible parameter groups, and the learning-rate
+schedules."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 

@@ -5,6 +5,7 @@ package, or from a package of a lower layer (never a sibling of its layer, never
     config
     model                         plain single-device modules: no process groups, no collectives
     parallel
+    diloco                        Streaming DiLoCo's outer loop, fragments and wire formats
     data                          corpus, tokenizers, loader
     run                           the run directory's layout
     checkpoint                    sharded checkpoints, and a model rebuilt from one
@@ -29,6 +30,7 @@ LAYERS = [
     {"config"},
     {"model"},
     {"parallel"},
+    {"diloco"},
     {"data"},
     {"run"},
     {"checkpoint"},

@@ -7,7 +7,9 @@ Layout of a run directory:
     OUT/checkpoints/step_000300.corrupt/  failed its checksums on resume: set aside, kept for a person
 
 Tensors (model incl. router biases, optimizer, RNG) go through DCP, so the same code saves sharded
-DTensors from many ranks and plain tensors from one process. Everything small and not a tensor
+DTensors from many ranks and plain tensors from one process. Replicas whose parameters differ
+(DiLoCo) save their model and optimizer under `replica_<r>.`, next to trees every replica holds
+alike (`ReplicaCheckpoint`): the top-level `model.` is then the replicas' common model. Everything small and not a tensor
 (step, config, data position, scheduler) goes to `meta.json`, written last by rank 0: a directory is
 renamed from `.tmp` to its final name only after every rank finished, so a directory without `.tmp`
 is always complete and a killed run resumes from the newest one. meta.json records the size and
@@ -83,6 +85,20 @@ class LoadStats:
         if self.replicas == 1:
             return read
         return f"{read} (replica 0 of {self.replicas}), {self.received_bytes / 1e6:.1f} MB sent to the other replicas"
+
+
+@dataclass
+class ReplicaCheckpoint:
+    """How a rank whose replica trains its own parameters (DiLoCo) saves and loads.
+
+    Its model and optimizer go under `replica_<index>.`; `shared` holds tensor trees that are the same
+    on every replica (e.g. {"model": the common parameters, "diloco": the outer state}), saved once
+    at the top level and loaded in place. `load_inner` False loads only `shared`: the checkpoint
+    holds nothing for this replica."""
+
+    index: int
+    shared: dict[str, Any]
+    load_inner: bool = True
 
 
 @dataclass
@@ -194,12 +210,23 @@ def _single_process_is_intended():
         yield
 
 
-def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _tensor_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, replica: ReplicaCheckpoint | None = None
+) -> dict[str, Any]:
+    if replica is not None:
+        state = {**replica.shared, "rng": {"cpu": torch.get_rng_state()}}
+        if replica.load_inner:
+            state[_replica_key(replica)] = _tensor_state(model, optimizer)
+        return state
     if optimizer is None:
         model_sd, _ = get_state_dict(model, optimizers=[])
         return {"model": model_sd}
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
+
+
+def _replica_key(replica: ReplicaCheckpoint) -> str:
+    return f"replica_{replica.index}"
 
 
 def save_checkpoint(
@@ -210,11 +237,13 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any],
     keep: int,
+    replica: ReplicaCheckpoint | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` complete ones.
 
     With `optimizer` None only the model is saved (an imported model): it loads for generation and
-    export, and a training run can start from its weights but not resume its optimizer.
+    export, and a training run can start from its weights but not resume its optimizer. With
+    `replica`, the model and optimizer go under that replica's name, beside its shared trees.
     """
     final = step_path(run_dir, step)
     tmp = final.with_suffix(".tmp")
@@ -226,7 +255,9 @@ def save_checkpoint(
     try:
         with _single_process_is_intended():
             dcp.save(
-                _tensor_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized()
+                _tensor_state(model, optimizer, replica),
+                checkpoint_id=str(tmp),
+                no_dist=not dist.is_initialized(),
             )
         _barrier()
         files = record_checksums(tmp, skip=META_FILE)
@@ -265,21 +296,30 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     mesh: ParallelMesh | None = None,
+    replica: ReplicaCheckpoint | None = None,
 ) -> CheckpointMeta:
     """Load a checkpoint into `model` (and `optimizer`, RNG) in place; returns its metadata, whose
     `load_stats` says how many bytes of tensor data this rank read from storage or received.
+
+    With `replica`, the model and optimizer come from that replica's names (unless its `load_inner`
+    is False) and its shared trees are filled in place.
 
     With a `mesh` whose dp_replicate > 1 (HSDP), rank (r, s) holds the same shards as rank (0, s), so
     only replica 0 reads, its dp_shard ranks coordinating among themselves, and sends the shards to the
     other replicas over dp_replicate: storage serves the checkpoint once instead of R times.
     """
-    state = _tensor_state(model, optimizer)
+    state = _tensor_state(model, optimizer, replica)
     if not replicated(mesh):
         _raise_unless_fits(path, _read_from_storage(state, path, process_group=None))
         stats = LoadStats(read_bytes=_nbytes(state))
     else:
         stats = _read_on_first_replica_and_broadcast(state, path, mesh)
-    if optimizer is None:
+    if replica is not None:
+        if replica.load_inner:
+            inner = state[_replica_key(replica)]
+            set_state_dict(model, optimizer, model_state_dict=inner["model"], optim_state_dict=inner["optim"])
+        torch.set_rng_state(state["rng"]["cpu"])
+    elif optimizer is None:
         set_state_dict(model, optimizers=[], model_state_dict=state["model"], optim_state_dict={})
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -10,6 +10,10 @@ recipe): dp_shard = efsdp x ep. One world of processes is seen through three vie
 
 Both kinds of parameters are replicated over "dp_replicate" (HSDP). The views are kept as torch
 builds them (flatten, then unflatten), since slicing a flattened dim out of a root mesh is deprecated.
+
+With DiLoCo replicas (diloco/), the root mesh has one more, outermost dim, "diloco": the three views
+above are then those of one replica (each replica is a world of its own for FSDP, EP, data loading
+and the load counts), and `replicas` is the 1-D view that joins rank x of every replica.
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ class ParallelMesh:
     experts: DeviceMesh
     dense: DeviceMesh
     dp: DeviceMesh
+    replicas: DeviceMesh | None = None
+    """the "diloco" dim: the same rank of every DiLoCo replica (None without DiLoCo)"""
 
     def __getitem__(self, names: str | tuple[str, ...]) -> DeviceMesh:
         names = (names,) if isinstance(names, str) else tuple(names)
-        for view in (self.dp, self.experts, self.dense):
+        views = (self.dp, self.experts, self.dense) + ((self.replicas,) if self.replicas is not None else ())
+        for view in views:
             if set(names) <= set(view.mesh_dim_names or ()):
                 return view[names]
         raise KeyError(f"no mesh view has the dims {names}")
 
     def size(self) -> int:
+        """Ranks of one replica (all ranks without DiLoCo)."""
         return self.dp.size()
 
     @property
@@ -45,14 +53,17 @@ class ParallelMesh:
         return self.dp.device_type
 
 
-def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
-    """The experts, dense and dp views of one mesh for the layout `cfg` on `world_size` ranks."""
-    shard = cfg.resolved_dp_shard(world_size)
-    experts = init_device_mesh(
-        device_type,
-        (cfg.dp_replicate, shard // cfg.ep, cfg.ep),
-        mesh_dim_names=("dp_replicate", "efsdp", "ep"),
-    )
+def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str, replicas: int = 1) -> ParallelMesh:
+    """The views of one mesh for the layout `cfg` inside each of `replicas` DiLoCo replicas of
+    `world_size` ranks in all."""
+    shard = cfg.resolved_dp_shard(world_size // replicas)
+    inner_shape, inner_names = (cfg.dp_replicate, shard // cfg.ep, cfg.ep), ("dp_replicate", "efsdp", "ep")
+    replica_view = None
+    if replicas == 1:
+        experts = init_device_mesh(device_type, inner_shape, mesh_dim_names=inner_names)
+    else:
+        root = init_device_mesh(device_type, (replicas, *inner_shape), mesh_dim_names=("diloco", *inner_names))
+        experts, replica_view = root[inner_names], root["diloco"]
     dp = experts._flatten("dp")
     dense = dp._unflatten(0, (cfg.dp_replicate, shard), ("dp_replicate", "dp_shard"))
-    return ParallelMesh(experts, dense, dp)
+    return ParallelMesh(experts, dense, dp, replica_view)

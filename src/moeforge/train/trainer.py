@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
+from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
@@ -50,6 +52,8 @@ class TrainResult:
     val_loss: float | None
     checkpoint: Path | None
     interrupted: bool
+    exchange: dict[str, Any] | None = None
+    """with DiLoCo: bytes each replica sent, and what data parallelism would have sent"""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,8 +126,13 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        replicas = cfg.diloco.replicas
+        self.replica_size = self.world_size // replicas
+        """ranks of one DiLoCo replica (the whole world without DiLoCo)"""
         self.mesh = (
-            build_mesh(cfg.parallel, self.world_size, self.device.type) if self.world_size > 1 else None
+            build_mesh(cfg.parallel, self.world_size, self.device.type, replicas)
+            if self.replica_size > 1
+            else None
         )
         self.shard_group = None
         """the dp_shard group the gradient norm is reduced over (None in one process)"""
@@ -137,12 +146,18 @@ class Trainer:
                     "(pass moeforge.interop.hf_weights_loader(cfg), as `moeforge train` does)"
                 )
             init_weights(self.model, self.mesh)
+        self.diloco = None
+        if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
+            group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
+            replica = self.rank // self.replica_size
+            self.diloco = StreamingDiLoCo(self.model, cfg.diloco, replica, group, self.device)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = PackedLoader(
             train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, self.rank, self.world_size
         )
         self.local_batch = tcfg.global_batch_size // self.world_size
+        """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch)"""
         self.micro_batch = tcfg.micro_batch_size or self.local_batch
         if self.local_batch % self.micro_batch:
             raise ConfigError(
@@ -166,8 +181,9 @@ class Trainer:
         path = ckpt.newest_good_checkpoint(self.out_dir, warn=print_line)
         if path is None:
             return False
-        check_resume_compatible(ckpt.read_meta(path).config, self.cfg, path)
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh)
+        saved = ckpt.read_meta(path)
+        check_resume_compatible(saved.config, self.cfg, path)
+        meta = self._load_checkpoint(path, saved.extra.get("diloco"))
         self.step = meta.step
         self.loader.load_state_dict(meta.extra["data"])
         self.scheduler.load_state_dict(meta.extra["scheduler"])
@@ -178,8 +194,49 @@ class Trainer:
             print(f"resumed from step {self.step}: {loaded.describe()}", flush=True)
         return True
 
+    def _load_checkpoint(self, path: Path, saved_diloco: dict[str, Any] | None) -> ckpt.CheckpointMeta:
+        """Load `path` into this run, whether each of them has DiLoCo replicas or not, and how many."""
+        if self.diloco is None:
+            if saved_diloco is None:
+                return ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh)
+            self._say(
+                f"diloco: {path.name} was trained by {saved_diloco['replicas']} DiLoCo replicas; this run "
+                "continues from their theta_global with a fresh optimizer state"
+            )
+            return ckpt.load_checkpoint(path, self.model, None, self.mesh)
+        saved_replicas = saved_diloco["replicas"] if saved_diloco is not None else 0
+        self.diloco.restore_meta(saved_diloco)
+        replica = ckpt.ReplicaCheckpoint(
+            self.diloco.replica,
+            self.diloco.shared_state(with_outer_state=saved_diloco is not None),
+            load_inner=self.diloco.replica < saved_replicas,
+        )
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh, replica=replica)
+        self.diloco.after_load(replica.load_inner)
+        if saved_diloco is None:
+            self._say(f"diloco: {path.name} has no DiLoCo replicas; every replica starts from its model")
+        elif self.cfg.diloco.replicas != saved_replicas:
+            self._say(
+                f"diloco: {path.name} has {saved_replicas} replicas, this run {self.cfg.diloco.replicas}: "
+                + (
+                    f"replicas {saved_replicas}..{self.cfg.diloco.replicas - 1} start from theta_global "
+                    "with a fresh optimizer state"
+                    if self.cfg.diloco.replicas > saved_replicas
+                    else f"the states of replicas {self.cfg.diloco.replicas}..{saved_replicas - 1} are dropped"
+                )
+            )
+        return meta
+
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            print_line(line)
+
     def save(self) -> Path:
         extra = {"data": self.loader.state_dict(), "scheduler": self.scheduler.state_dict()}
+        replica = None
+        if self.diloco is not None:
+            extra["diloco"] = self.diloco.checkpoint_meta()
+            replica = ckpt.ReplicaCheckpoint(self.diloco.replica, self.diloco.shared_state())
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir,
             self.step,
@@ -188,6 +245,7 @@ class Trainer:
             self.cfg.to_dict(),
             extra,
             keep=self.cfg.train.keep_checkpoints,
+            replica=replica,
         )
         return self.last_checkpoint
 
@@ -213,9 +271,8 @@ class Trainer:
             (losses.total / n_micro).backward()
             sums.add(losses, out)
         grad_norm = self._clip_gradients()
-        reduced = sum_across_ranks(sums.packed(stop_requested=self._stop_signal is not None))
-        host = sums.to_host(reduced, grad_norm, self.world_size)
-        self._stop_agreed = host.stop_requested  # every rank stops at the same step
+        reduced = self._sum_over_replica(sums.packed(stop_requested=self._stop_signal is not None))
+        host = sums.to_host(reduced, grad_norm, self.replica_size)
         if not math.isfinite(host.lm_loss):
             raise TrainingDiverged(
                 f"loss is {host.lm_loss} at step {self.step + 1}; the last good checkpoint "
@@ -227,6 +284,10 @@ class Trainer:
         self.step += 1
         biases = [layer.router.expert_bias for layer in self.model.moe_layers()]
         update_expert_biases(biases, sums.load_rows(reduced), self._bias_rate())
+        if self.diloco is None:
+            self._stop_agreed = host.stop_requested  # every rank stops at the same step
+        else:
+            self._stop_agreed = self.diloco.agree_to_stop(host.stop_requested)  # a step later, all replicas
         metrics = {
             "loss": host.lm_loss + host.balance_loss + host.mtp_loss,
             "lm_loss": host.lm_loss,
@@ -239,7 +300,20 @@ class Trainer:
         if host.mtp_depths:
             depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
             metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
+        if self.diloco is not None:
+            synced = self.diloco.after_inner_step(self.step)
+            if self.step == self.cfg.train.steps:
+                synced += self.diloco.finish(self.step)
+            if synced:
+                metrics["diloco"] = synced
         return metrics
+
+    def _sum_over_replica(self, packed: torch.Tensor) -> torch.Tensor:
+        """The step's sums over the ranks of this replica (of the world, without DiLoCo): the losses
+        logged, the counts the biases follow. DiLoCo replicas share nothing between syncs."""
+        if self.mesh is None:
+            return packed
+        return sum_across_ranks(packed, self.mesh["dp"].get_group())
 
     def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.grad_clip or float("inf")
@@ -293,13 +367,17 @@ class Trainer:
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or is_last:
                     val_loss = self.validation_loss()
                     metrics["val_loss"] = val_loss
-                if self.step % tcfg.log_every == 0 or is_last or "val_loss" in metrics:
+                if is_last and self.diloco is not None:
+                    metrics["diloco_total"] = self.diloco.summary(self.step)
+                if self.step % tcfg.log_every == 0 or is_last or "val_loss" in metrics or "diloco" in metrics:
                     logger.log(self._record(metrics, tokens_per_s))
                 if self.step % tcfg.checkpoint_every == 0 or is_last:
                     self.save()
             interrupted = self._stop_agreed
             if self.step != _checkpoint_step(self.last_checkpoint):
                 self.save()
+            if self.diloco is not None:
+                self.diloco.close()
             if interrupted:
                 cause = self._stop_signal or "a signal to another rank"
                 bar.write(f"{cause}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")
@@ -308,7 +386,8 @@ class Trainer:
             logger.close()
             # last: until here a SIGTERM (torchrun's, after a peer died) only sets a flag
             self._restore_signal_handlers(previous_handlers)
-        return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted)
+        exchange = self.diloco.summary(self.step) if self.diloco is not None else None
+        return TrainResult(self.step, metrics["loss"], val_loss, self.last_checkpoint, interrupted, exchange)
 
     def _record(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
         achieved = tokens_per_s * self.flops_per_token

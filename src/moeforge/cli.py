@@ -259,6 +259,13 @@ def run_train(args: argparse.Namespace, rest: list[str]) -> int:
     state = "interrupted" if result.interrupted else "done"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    if result.exchange is not None:
+        sent, plain = result.exchange["bytes_per_replica"], result.exchange["data_parallel_bytes_per_replica"]
+        fewer = f" ({plain / sent:,.0f}x fewer)" if sent else ""
+        print(
+            f"diloco: {sent / 1e6:,.1f} MB sent per replica; data parallelism would have sent "
+            f"{plain / 1e6:,.1f} MB for these steps{fewer}"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import small_config
@@ -216,3 +217,83 @@ def test_a_nan_outer_gradient_stops_all_ranks_naming_fragment_and_step(tmp_path)
         assert "fragment 1 sent after step 2 is not finite" in message
     checkpoints = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert checkpoints == ["step_000001"]  # the step of the NaN was not saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Another number of replicas on resume; replicas with expert parallelism and FSDP inside
+
+
+def resume_then_train(rank: int, world: int, options: dict, out: str, until: int) -> None:
+    """Resume, keep each rank's local tensors as loaded (rank<r>.resumed.pt), then train on."""
+    trainer = Trainer(small_config(world_size=world, **options), out)
+    assert trainer.resume_if_possible()
+    local = {name: local_shard(t).clone() for name, t in trainer.model.state_dict().items()}
+    torch.save(local, Path(out) / f"rank{rank}.resumed.pt")
+    trainer.fit(until)
+
+
+CHANGING = {**STREAMING, "train__steps": "8", "train__global_batch_size": "6", "diloco__quantize": "fp8"}
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_more_replicas_and_without_diloco(tmp_path, capfd):
+    out = tmp_path / "run"
+    run_on_processes(2, train_replicas, 2, CHANGING, str(out), 4)
+    two = [rank_state(out, rank) for rank in (0, 1)]
+    theta_4 = load_model(out, "cpu").model.state_dict()
+    run_on_processes(3, resume_then_train, 3, {**CHANGING, "diloco__replicas": "3"}, str(out), 6)
+    resumed = [torch.load(out / f"rank{rank}.resumed.pt") for rank in range(3)]
+    for name in theta_4:
+        for rank in (0, 1):  # the replicas the checkpoint had keep their own parameters
+            assert torch.equal(resumed[rank][name], two[rank][name]), name
+        assert torch.equal(resumed[2][name], theta_4[name]), name  # a new one starts from theta_global
+    assert "replicas 2..2 start from theta_global" in capfd.readouterr().err
+
+    theta_6 = load_model(out, "cpu").model.state_dict()
+    plain = Trainer(small_config(**without_diloco(CHANGING)), out)
+    assert plain.resume_if_possible() and plain.step == 6
+    assert "continues from their theta_global" in capfd.readouterr().err
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(value, theta_6[name]), name
+    assert plain.fit().step == 8
+
+
+EP_INSIDE = {**FP4, "train__steps": "5", "parallel__ep": "2", "diloco__sync_every": "2"}
+
+
+@pytest.mark.slow
+def test_two_replicas_with_expert_parallelism_inside_train_and_resume_bit_exactly(tmp_path):
+    run_on_processes(4, train_replicas, 4, EP_INSIDE, str(tmp_path / "straight"), None)
+    run_on_processes(4, train_replicas, 4, EP_INSIDE, str(tmp_path / "resumed"), 3)
+    run_on_processes(4, train_replicas, 4, EP_INSIDE, str(tmp_path / "resumed"), None)
+    for rank in range(4):
+        straight, resumed = rank_state(tmp_path / "straight", rank), rank_state(tmp_path / "resumed", rank)
+        for name, value in straight.items():
+            assert torch.equal(resumed[name], value), f"rank {rank}: {name}"
+    # ranks 0, 1 are replica 0 (experts split over ep), ranks 2, 3 replica 1; all end on theta_global
+    for rank in (0, 1):
+        for name, value in rank_state(tmp_path / "straight", rank).items():
+            assert torch.equal(rank_state(tmp_path / "straight", rank + 2)[name], value), name
+    assert read_metrics(tmp_path / "straight")[-1]["diloco_total"]["bytes_per_replica"] > 0
+
+
+def signal_one_replica(rank: int, world: int, options: dict, out: str) -> None:
+    trainer = Trainer(small_config(world_size=world, **options), out)
+    original = trainer.train_step
+
+    def step_then_signal():
+        metrics = original()
+        if rank == 1 and trainer.step == 2:
+            trainer._stop_signal = "SIGTERM"  # what the handler sets
+        return metrics
+
+    trainer.train_step = step_then_signal
+    result = trainer.fit()
+    Path(out, f"rank{rank}.json").write_text(json.dumps([result.step, result.interrupted]))
+
+
+def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tmp_path):
+    run_on_processes(2, signal_one_replica, 2, {**STREAMING, "train__steps": "8"}, str(tmp_path))
+    for rank in (0, 1):  # the vote cast after step 3 travels during step 4
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [4, True]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]

@@ -53,6 +53,7 @@ class StreamingDiLoCo:
         self.replica = replica
         self.group = group
         self.model = model
+        self.device = device
         self.fragments = split_into_fragments(model, cfg.fragments)
         self._store = torch.device("cpu") if cfg.global_on_cpu else device
         self._pin = cfg.global_on_cpu and device.type == "cuda"
@@ -76,6 +77,8 @@ class StreamingDiLoCo:
         """fragment -> the step at which its local parameters were last replaced by theta_global"""
         self._stop_vote: torch.Tensor | None = None
         self._stop_work: dist.Work | None = None
+        self._copy_backs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """(device stand-in, host tensor) pairs of the last `shared_state`, copied back after a load"""
 
     def _stored(self, shard: torch.Tensor) -> torch.Tensor:
         copy = shard.detach().float().clone().to(self._store)
@@ -208,7 +211,7 @@ class StreamingDiLoCo:
         if self._stop_work is not None:
             self._stop_work.wait()
             verdict = bool(self._stop_vote.item() > 0)
-        self._stop_vote = torch.tensor([float(requested)])
+        self._stop_vote = torch.tensor([float(requested)], device=self.device)  # NCCL: on the GPU
         self._stop_work = dist.all_reduce(
             self._stop_vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True
         )
@@ -234,10 +237,8 @@ class StreamingDiLoCo:
         }
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """The small outer state for meta.json (exchanges in flight are received first: their means
-        are saved with the tensors)."""
-        for exchange in self.pending.values():
-            receive(exchange, self.cfg.quantize, self.cfg.quantize_block)
+        """The small outer state for meta.json."""
+        self._receive_pending()
         pending = [
             {key: getattr(exchange, key) for key in _PENDING_FIELDS} for exchange in self.pending.values()
         ]
@@ -255,10 +256,8 @@ class StreamingDiLoCo:
             return
         for fields in saved["pending"]:
             exchange = Exchange(**fields)
-            frag = self.fragments[exchange.fragment]
-            device = self._store
-            exchange.mean_delta = torch.zeros(exchange.n_values, device=device)
-            exchange.mean_biases = torch.zeros(sum(b.numel() for b in frag.biases.values()), device=device)
+            exchange.mean_delta = torch.zeros(exchange.n_values, device=self.device)
+            exchange.mean_biases = torch.zeros(exchange.n_biases, device=self.device)
             self.pending[exchange.fragment] = exchange
         self.bytes_per_replica = saved["bytes_per_replica"]
         self._replaced_at = {int(k): v for k, v in saved["replaced_at"].items()}
@@ -266,8 +265,10 @@ class StreamingDiLoCo:
     def shared_state(self, with_outer_state: bool = True) -> dict[str, Any]:
         """The tensor trees every replica holds alike, in place (loading fills them): "model" is
         theta_global under the model's own names (what `moeforge generate` and `convert` read), and
-        "diloco" the momentum and the means of the exchanges in flight."""
-        self._copy_backs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        "diloco" the momentum and the means of the exchanges in flight (received here if they
+        have not landed yet: a checkpoint waits for them)."""
+        self._receive_pending()
+        self._copy_backs = []
         state: dict[str, Any] = {"model": self._global_model_state()}
         if with_outer_state:
             params = self._params_by_name()
@@ -289,6 +290,10 @@ class StreamingDiLoCo:
                         local_shard(param).copy_(self.global_params[name])
                     for name, bias in frag.biases.items():
                         bias.copy_(self.global_biases[name])
+
+    def _receive_pending(self) -> None:
+        for exchange in self.pending.values():
+            receive(exchange, self.cfg.quantize, self.cfg.quantize_block)
 
     def _params_by_name(self) -> dict[str, nn.Parameter]:
         return {name: param for frag in self.fragments for name, param in frag.params.items()}

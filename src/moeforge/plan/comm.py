@@ -1,0 +1,104 @@
+"""Bytes on the wire: the MoE all-to-all (expected rows per token under uniform routing, with and
+without node-limited routing, or exact rows from measured tokens per expert), FSDP/HSDP and ZeRO-1
+collectives, pipeline sends, and DiLoCo's cross-replica exchange with the bandwidth that hides it.
+
+Ring collectives: an all-gather or reduce-scatter of N bytes over n ranks moves N(n-1)/n bytes
+through each rank's link, an all-reduce twice that (Patarasuk & Yuan 2009)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+import torch
+
+from moeforge.config import ModelConfig
+from moeforge.plan.layout import Layout
+
+WIRE_BYTES = {"none": 4.0, "bf16": 2.0, "fp8": 1.0, "fp4-e3m0": 0.5, "fp4-e2m1": 0.5}
+"""bytes per outer-gradient element of each DiLoCo codec (before the per-block fp32 scales)"""
+
+
+def hit_probability(cfg: ModelConfig, experts_in_set: int) -> float:
+    """P(a token picks at least one expert of a contiguous set of `experts_in_set` experts), routing
+    uniformly: top-M of G groups, then top-k experts inside the chosen groups (DeepSeek-V3
+    node-limited routing; G = M = 1 without it). The set covers whole groups or part of one."""
+    moe = cfg.moe
+    n_experts, k = moe.n_experts, moe.top_k
+    groups, chosen = moe.n_groups, moe.topk_groups
+    per_group = n_experts // groups
+    covered = max(1, experts_in_set // per_group)
+    in_each = min(experts_in_set, per_group)
+    pool = chosen * per_group
+    total = 0.0
+    for j in range(0, min(covered, chosen) + 1):
+        p_j = comb(covered, j) * comb(groups - covered, chosen - j) / comb(groups, chosen)
+        if j:
+            total += p_j * (1 - comb(pool - j * in_each, k) / comb(pool, k))
+    return total
+
+
+@dataclass(frozen=True)
+class AllToAllRows:
+    """Rows (one hidden vector each) a token sends per MoE layer, by link."""
+
+    nvlink: float
+    network: float
+
+    @property
+    def total(self) -> float:
+        return self.nvlink + self.network
+
+
+def expected_rows(cfg: ModelConfig, layout: Layout, gpus_per_node: int) -> AllToAllRows:
+    """Expected rows per token per MoE layer for the ep group under uniform routing. 'rank' dedup:
+    one row to each other rank hit (moeforge's dispatcher); 'node' dedup: one row over the network to
+    each other node hit, then a row over NVLink to each further rank hit there (DeepEP)."""
+    ep = layout.ep
+    if ep == 1:
+        return AllToAllRows(0.0, 0.0)
+    nodes = layout.resolved_ep_nodes(gpus_per_node)
+    per_rank = cfg.moe.n_experts // ep
+    p_rank = hit_probability(cfg, per_rank)
+    ranks_per_node = ep // nodes
+    if layout.dispatch_dedup == "rank":
+        return AllToAllRows((ranks_per_node - 1) * p_rank, (ep - ranks_per_node) * p_rank)
+    p_node = hit_probability(cfg, cfg.moe.n_experts // nodes)
+    network = (nodes - 1) * p_node
+    return AllToAllRows(max(0.0, ep * p_rank - p_rank - network), network)
+
+
+def rows_from_counts(owner_hits: torch.Tensor, ep: int, ranks_per_node: int) -> tuple[int, int]:
+    """Exact rows of 'rank' dedup from a routing: `owner_hits` [ranks, tokens, ep] bool, whether token
+    t of rank s has an expert on ep rank d. Returns (intra-node, inter-node) rows sent, all ranks."""
+    sources = torch.arange(owner_hits.shape[0])[:, None, None]
+    dests = torch.arange(ep)[None, None, :]
+    off_rank = owner_hits & (sources != dests)
+    same_node = (sources // ranks_per_node) == (dests // ranks_per_node)
+    return int((off_rank & same_node).sum()), int((off_rank & ~same_node).sum())
+
+
+def ring_bytes(size_bytes: float, ranks: int, all_reduce: bool = False) -> float:
+    """Bytes through one rank's link in a ring all-gather/reduce-scatter (x2 for an all-reduce) of a
+    `size_bytes` buffer over `ranks` ranks."""
+    if ranks <= 1:
+        return 0.0
+    return size_bytes * (ranks - 1) / ranks * (2 if all_reduce else 1)
+
+
+def diloco_wire_bytes(elements: float, codec: str, block: int) -> float:
+    """Bytes of `elements` outer-gradient values on the wire in `codec`, with one fp32 scale per
+    `block` values for the fp8/fp4 formats."""
+    scales = 4.0 / block if codec.startswith(("fp8", "fp4")) else 0.0
+    return elements * (WIRE_BYTES[codec] + scales)
+
+
+def bandwidth_for_utilisation(
+    bits_per_exchange: float, exchanges_per_step: float, hidden_s: float, compute_s: float, utilisation: float
+) -> float:
+    """Bits/s a link needs so that compute is `utilisation` of the time: each exchange may overlap
+    `hidden_s` seconds of compute, and what exceeds that, summed over a step's `exchanges_per_step`,
+    may add at most compute_s x (1/utilisation - 1)."""
+    allowed_per_step = compute_s * (1 / utilisation - 1)
+    per_exchange = hidden_s + allowed_per_step / exchanges_per_step
+    return bits_per_exchange / per_exchange

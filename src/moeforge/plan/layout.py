@@ -1,0 +1,254 @@
+"""A parallel layout as the planner sees it: wider than what moeforge runs today (pipeline stages and
+schedules, ZeRO-1, uneven stages, FP8), so that published runs can be planned too.
+
+Ranks are laid out, outermost first, as (diloco replicas, pp, dp_replicate, dp_shard), with
+dp_shard = efsdp x ep as in `moeforge.parallel.mesh` (ep innermost, so an ep group of up to
+gpus-per-node ranks stays inside one node). World size = replicas x pp x dp_replicate x dp_shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moeforge.config import Config, ConfigError, apply_mapping
+from moeforge.config.checks import _check, _check_choices
+
+Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
+DataSharding = Literal["fsdp", "zero1"]
+Recompute = Literal["none", "selective", "full"]
+ComputeDtype = Literal["bf16", "fp8", "fp32"]
+Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"]
+Dedup = Literal["rank", "node"]
+
+
+@dataclass
+class Layout:
+    """How a run is spread over the cluster, and the number formats it keeps."""
+
+    pp: int = 1
+    """pipeline ranks per replica (1 = no pipeline)"""
+    pp_schedule: Schedule = "1f1b"
+    """'1f1b', 'interleaved' (pp-virtual chunks per rank), 'zbv' (zero-bubble V: 2 chunks per rank),
+    'dualpipe' (two stages per rank: i and pp-1-i, parameters twice) or 'dualpipev' (2 chunks per
+    rank in a V, no duplicated parameters)"""
+    pp_virtual: int = 2
+    """'interleaved': model chunks per pipeline rank"""
+    stage_blocks: str = ""
+    """transformer blocks per pipeline stage, comma-separated (e.g. '3,4,4,...'); '' = as even as
+    possible, first and last stages (embedding; head and MTP) taking the fewer"""
+    dp_replicate: int = 1
+    """HSDP replica groups (parameters replicated across them)"""
+    dp_shard: int = -1
+    """data-parallel ranks that shard the model (FSDP) or the optimizer (ZeRO-1); -1 = what the
+    world leaves"""
+    data_sharding: DataSharding = "fsdp"
+    """'fsdp' (ZeRO-3: parameters, gradients and optimizer sharded over dp-shard) or 'zero1'
+    (parameters and gradients replicated, optimizer states sharded over all data-parallel ranks)"""
+    ep: int = 1
+    """expert-parallel degree, taken from dp-shard (divides it and the routed experts)"""
+    ep_nodes: int = 0
+    """nodes the ep group spans; 0 = ceil(ep / gpus-per-node)"""
+    dispatch_dedup: Dedup = "rank"
+    """a token crosses to each destination 'rank' once (moeforge's all-to-all) or to each 'node'
+    once, then fans out over NVLink (DeepSeek-V3 / DeepEP)"""
+    micro_batch_size: int = 1
+    """sequences per micro-batch on one rank"""
+    recompute: Recompute = "none"
+    """activation recomputation: 'none', 'selective' (norms, SwiGLU products and MLA up-projections
+    recomputed in the backward, as DeepSeek-V3 §3.2.3) or 'full' (each block keeps only its input)"""
+    compute_dtype: ComputeDtype = "bf16"
+    """number format of the matmuls: 'bf16', 'fp8' (attention scores stay BF16) or 'fp32'"""
+    activation_bytes: int = 2
+    """bytes per saved activation element (2 under BF16 autocast, 4 in fp32)"""
+    param_bytes: int = 4
+    """bytes per parameter as the model holds it (moeforge: fp32 with BF16 autocast)"""
+    grad_bytes: int = 4
+    """bytes per gradient element"""
+    master_bytes: int = 0
+    """bytes per parameter of an optimizer-held master copy (e.g. 4 with BF16 parameters); 0 = none"""
+    moment_bytes: int = 4
+    """bytes per element of each AdamW moment (two of them)"""
+    dispatch_bytes: float = 2.0
+    """bytes per element of a token sent to its experts (2 = BF16, ~1.03 = FP8 with its scales)"""
+    combine_bytes: float = 2.0
+    """bytes per element of an expert output sent back"""
+    diloco_replicas: int = 1
+    """DiLoCo replicas (the outermost dimension); 1 = off"""
+    diloco_sync_every: int = 100
+    """inner steps H between two synchronisations of a fragment"""
+    diloco_fragments: int = 1
+    """streaming fragments P"""
+    diloco_overlap_steps: int = 0
+    """tau: inner steps a fragment's exchange overlaps"""
+    diloco_quantize: Codec = "none"
+    """format of the outer gradients on the wire"""
+    diloco_quantize_block: int = 128
+    """values sharing one fp32 scale in the fp8/fp4 formats"""
+    diloco_global_on_cpu: bool = False
+    """theta_global and the outer momentum kept in host memory"""
+
+    def chunks_per_rank(self) -> int:
+        """Model chunks one pipeline rank runs: v for interleaved, 2 for zbv/dualpipev, 1 otherwise."""
+        if self.pp == 1:
+            return 1
+        return {"interleaved": self.pp_virtual, "zbv": 2, "dualpipev": 2}.get(self.pp_schedule, 1)
+
+    def n_stages(self) -> int:
+        """Pipeline stages the model is cut into."""
+        if self.pp == 1:
+            return 1
+        return self.pp * self.chunks_per_rank()
+
+    def stages_of_rank(self, pp_rank: int) -> list[int]:
+        """The stages pipeline rank `pp_rank` holds: interleaved round-robin, a V for zbv/dualpipev,
+        stages i and pp-1-i for dualpipe (each stage on two ranks)."""
+        pp = self.pp
+        if pp == 1:
+            return [0]
+        if self.pp_schedule == "interleaved":
+            return [pp_rank + j * pp for j in range(self.pp_virtual)]
+        if self.pp_schedule in ("zbv", "dualpipev"):
+            return [pp_rank, 2 * pp - 1 - pp_rank]
+        if self.pp_schedule == "dualpipe":
+            return [pp_rank, pp - 1 - pp_rank]
+        return [pp_rank]
+
+    def resolved_dp_shard(self, world_size: int) -> int:
+        if self.dp_shard != -1:
+            return self.dp_shard
+        return world_size // (self.diloco_replicas * self.pp * self.dp_replicate)
+
+    def world_size(self) -> int:
+        return self.diloco_replicas * self.pp * self.dp_replicate * self.dp_shard
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel ranks of one replica (each with its own micro-batches)."""
+        return self.dp_replicate * self.dp_shard
+
+    def resolved_ep_nodes(self, gpus_per_node: int) -> int:
+        return self.ep_nodes or -(-self.ep // gpus_per_node)
+
+    @property
+    def runnable_now(self) -> bool:
+        """Whether moeforge runs this layout today: FSDP/HSDP + EP + DiLoCo, no pipeline, no ZeRO-1,
+        no FP8, no node-level dispatch, no optimizer-held master copy."""
+        return (
+            self.pp == 1
+            and self.data_sharding == "fsdp"
+            and self.compute_dtype != "fp8"
+            and self.dispatch_dedup == "rank"
+            and self.master_bytes == 0
+        )
+
+    def describe(self) -> str:
+        """e.g. 'PP16 dualpipe x DP128 zero1 x EP64 | mb 1, recompute none'."""
+        parts = []
+        if self.diloco_replicas > 1:
+            parts.append(f"DiLoCo{self.diloco_replicas}")
+        if self.pp > 1:
+            parts.append(f"PP{self.pp} {self.pp_schedule}")
+        dp = f"DP{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"DP{self.dp_shard}"
+        parts.append(f"{dp} {self.data_sharding}")
+        if self.ep > 1:
+            parts.append(f"EP{self.ep}")
+        return (
+            " x ".join(parts)
+            + f" | mb {self.micro_batch_size}, recompute {self.recompute}, {self.compute_dtype}"
+        )
+
+    def validate(self, world_size: int, gpus_per_node: int) -> Layout:
+        """Resolve dp-shard and check the layout against the world; one-line errors."""
+        _check_choices(self, "layout")
+        for name in ("pp", "pp_virtual", "dp_replicate", "ep", "micro_batch_size", "diloco_replicas"):
+            value = getattr(self, name)
+            _check(value >= 1, f"layout.{name.replace('_', '-')}", value, "an integer >= 1")
+        outer = self.diloco_replicas * self.pp * self.dp_replicate
+        _check(
+            world_size % outer == 0,
+            "layout.pp",
+            self.pp,
+            f"a value with diloco-replicas*pp*dp-replicate dividing the {world_size} GPUs",
+        )
+        self.dp_shard = self.resolved_dp_shard(world_size)
+        _check(
+            self.dp_shard >= 1 and self.world_size() == world_size,
+            "layout.dp-shard",
+            self.dp_shard,
+            f"a value with diloco-replicas*pp*dp-replicate*dp-shard = {world_size} GPUs",
+        )
+        _check(self.dp_shard % self.ep == 0, "layout.ep", self.ep, f"a divisor of dp-shard={self.dp_shard}")
+        _check(
+            self.pp_schedule not in ("dualpipe", "dualpipev") or self.pp % 2 == 0 or self.pp == 1,
+            "layout.pp",
+            self.pp,
+            f"an even number for pp-schedule={self.pp_schedule!r}",
+        )
+        ep_nodes = self.resolved_ep_nodes(gpus_per_node)
+        _check(
+            self.ep % ep_nodes == 0 and self.ep // ep_nodes <= gpus_per_node,
+            "layout.ep-nodes",
+            self.ep_nodes,
+            f"a divisor of ep={self.ep} leaving at most {gpus_per_node} ranks per node",
+        )
+        return self
+
+
+def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> Layout:
+    """The layout a moeforge run of `cfg` uses (its `parallel.*`, `diloco.*` and micro-batch size,
+    fp32 parameters with BF16 autocast), then the `{field-name: text}` overrides."""
+    par, dil = cfg.parallel, cfg.diloco
+    layout = Layout(
+        dp_replicate=par.dp_replicate,
+        dp_shard=par.dp_shard,
+        ep=par.ep,
+        ep_nodes=par.ep_nodes if par.ep_nodes > 1 else 0,
+        micro_batch_size=cfg.train.micro_batch_size or 1,
+        diloco_replicas=dil.replicas,
+        diloco_sync_every=dil.sync_every,
+        diloco_fragments=dil.fragments,
+        diloco_overlap_steps=dil.overlap_steps,
+        diloco_quantize=dil.quantize,
+        diloco_quantize_block=dil.quantize_block,
+        diloco_global_on_cpu=dil.global_on_cpu,
+    )
+    apply_mapping(layout, dict(overrides or {}), "layout.")
+    return layout
+
+
+def as_even_as_possible(n_blocks: int, n_stages: int) -> list[int]:
+    """Blocks per stage: the remainder goes to the middle stages, so that the first stage (which also
+    embeds) and the last (head and MTP modules) take the fewer blocks. 61 on 16 -> 3, 4 x 13, 3, 3."""
+    base, extra = divmod(n_blocks, n_stages)
+    counts = [base] * n_stages
+    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
+    for stage in order[:extra]:
+        counts[stage] += 1
+    return counts
+
+
+def stage_block_counts(layout: Layout, n_blocks: int) -> list[int]:
+    """Blocks of each stage, from `stage-blocks` or as even as possible; checked to cover the model."""
+    n_stages = layout.n_stages()
+    if not layout.stage_blocks:
+        _check(
+            n_blocks >= n_stages,
+            "layout.pp",
+            layout.pp,
+            f"a pipeline of at most model.n-layers={n_blocks} stages",
+        )
+        return as_even_as_possible(n_blocks, n_stages)
+    try:
+        counts = [int(part) for part in layout.stage_blocks.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"layout.stage-blocks: {layout.stage_blocks!r} is not a comma-separated list of integers"
+        ) from None
+    _check(
+        len(counts) == n_stages and sum(counts) == n_blocks and min(counts) >= 0,
+        "layout.stage-blocks",
+        layout.stage_blocks,
+        f"{n_stages} counts >= 0 summing to model.n-layers={n_blocks}",
+    )
+    return counts

@@ -1,0 +1,359 @@
+"""One training step of a layout on a cluster: FLOPs, bytes, and the seconds each costs, combined
+into a step time, tokens/s, MFU and the resource that bounds the step.
+
+Compute: each block's matmul FLOPs (6 x its active parameters per token, `moeforge.model.flops`) at
+the achieved FLOP/s of the compute format, the attention scores (6 x heads x (qk + v) x seq) at the
+achieved BF16 rate; backward = 2 x forward, split evenly between inputs (B) and weights (W); full
+recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
+out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
+and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
+only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from moeforge.config import ConfigError, ModelConfig
+from moeforge.model.flops import (
+    attention_head_dims,
+    block_parameters,
+    mtp_module_parameters,
+    training_flops_per_token,
+)
+from moeforge.plan.cluster import Cluster
+from moeforge.plan.comm import (
+    AllToAllRows,
+    bandwidth_for_utilisation,
+    diloco_wire_bytes,
+    expected_rows,
+    ring_bytes,
+)
+from moeforge.plan.layout import Layout
+from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
+from moeforge.plan.pipeline import bubble_time, min_micro_batches
+from moeforge.plan.tensors import parameter_tensors
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    global_batch_size: int
+    """sequences per optimizer step over all GPUs"""
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    matmul: float
+    attention: float
+
+
+def flops_per_token_by_block(cfg: ModelConfig, seq_len: int) -> dict[int, BlockFlops]:
+    """Training FLOPs per token of each block (-1 embedding: none; n_layers: head and MTP modules),
+    summing to `training_flops_per_token`."""
+    qk, v = attention_head_dims(cfg)
+    attention = 6.0 * cfg.n_heads * (qk + v) * seq_len
+    head = 6.0 * cfg.vocab_size * cfg.dim
+    flops = {-1: BlockFlops(0.0, 0.0)}
+    for b in range(cfg.n_layers):
+        flops[b] = BlockFlops(6.0 * block_parameters(cfg, b)[1], attention)
+    mtp = cfg.mtp_depth * (6.0 * mtp_module_parameters(cfg)[1] + head)
+    flops[cfg.n_layers] = BlockFlops(head + mtp, cfg.mtp_depth * attention)
+    return flops
+
+
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one GPU sends per step, by kind, and the seconds they take on their links."""
+
+    all_to_all_nvlink_bytes: float
+    all_to_all_network_bytes: float
+    all_to_all_rows_per_token: float
+    all_to_all_network_rows_per_token: float
+    data_parallel_bytes: float
+    data_parallel_over_network: bool
+    pipeline_bytes: float
+    all_to_all_s: float
+    data_parallel_s: float
+    pipeline_s: float
+
+
+@dataclass(frozen=True)
+class DiLoCoTraffic:
+    bytes_per_sync: float
+    """bytes one replica sends per fragment exchange (ring all-reduce over the replicas)"""
+    syncs_per_step: float
+    exchange_s: float
+    exposed_per_step_s: float
+    bandwidth_to_hide_bits: float
+    """bits/s per replica that hide each exchange within its overlap steps (or for 95 % compute
+    utilisation without overlap)"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the planner says about one layout."""
+
+    layout: Layout
+    cluster: str
+    world_size: int
+    micro_batches: int
+    tokens_per_step: int
+    flops_per_token: float
+    memory: MemoryEstimate
+    fits: bool
+    hbm_bytes: float
+    compute_s: float
+    bubble_s: float
+    exposed_all_to_all_s: float
+    exposed_data_parallel_s: float
+    exposed_diloco_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    bound_by: str
+    communication: Communication
+    diloco: DiLoCoTraffic | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_s / self.world_size
+
+    @property
+    def gpu_hours_per_trillion_tokens(self) -> float:
+        return 1e12 / self.tokens_per_s * self.world_size / 3600
+
+    @property
+    def runnable_now(self) -> bool:
+        return self.layout.runnable_now
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["memory"]["total"] = self.memory.total
+        data.update(
+            tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
+            gpu_hours_per_trillion_tokens=self.gpu_hours_per_trillion_tokens,
+            runnable_now=self.runnable_now,
+            layout_text=self.layout.describe(),
+        )
+        return data
+
+
+def micro_batches(layout: Layout, shape: TrainingShape) -> int:
+    """Micro-batches per step on each data-parallel rank; a one-line error when the batch does not
+    split evenly or is too small for the schedule."""
+    per_rank, rest = divmod(shape.global_batch_size, layout.diloco_replicas * layout.data_parallel)
+    if rest or per_rank % layout.micro_batch_size or per_rank == 0:
+        raise ConfigError(
+            f"train.global-batch-size: got {shape.global_batch_size}; allowed: a multiple of "
+            f"replicas*dp*micro-batch = {layout.diloco_replicas * layout.data_parallel * layout.micro_batch_size}"
+        )
+    n_micro = per_rank // layout.micro_batch_size
+    needed = min_micro_batches(layout)
+    if n_micro < needed:
+        raise ConfigError(
+            f"layout.micro-batch-size: {n_micro} micro-batches per step; pp-schedule={layout.pp_schedule!r} "
+            f"with pp={layout.pp} needs at least {needed}"
+        )
+    return n_micro
+
+
+def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: TrainingShape) -> Plan:
+    """The plan of `layout` (validated, dp_shard resolved) for the model `cfg` on `cluster`."""
+    n_micro = micro_batches(layout, shape)
+    tokens_mb = layout.micro_batch_size * shape.seq_len
+    rows = expected_rows(cfg, layout, cluster.gpus_per_node)
+    memory = memory_estimate(cfg, layout, shape.seq_len, n_micro, rows.total)
+    forward, moe_layers, blocks = _busiest_forward(cfg, layout, cluster, shape.seq_len, tokens_mb)
+    # full recomputation repeats the forward in the backward; selective recomputes only elementwise
+    # work and a few small projections, counted as free
+    backward_input = forward * (2 if layout.recompute == "full" else 1)
+    compute = n_micro * (forward + backward_input + forward)
+    comm = _communication(cfg, layout, cluster, rows, n_micro, tokens_mb, moe_layers, blocks)
+    overlapped = layout.pp > 1 and layout.pp_schedule in ("dualpipe", "dualpipev")
+    exposed_a2a = max(0.0, comm.all_to_all_s - compute) if overlapped else comm.all_to_all_s
+    exposed_dp = max(0.0, comm.data_parallel_s + comm.pipeline_s - compute)
+    stretch = (compute + exposed_a2a) / compute if compute else 1.0
+    bubble = bubble_time(layout, forward, backward_input, forward) * stretch
+    base_step = compute + exposed_a2a + exposed_dp + bubble
+    diloco = _diloco(cfg, layout, cluster, base_step, compute)
+    exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
+    step = base_step + exposed_diloco
+    tokens_step = shape.global_batch_size * shape.seq_len
+    flops_token = training_flops_per_token(cfg, shape.seq_len)
+    world = layout.world_size()
+    tokens_per_s = tokens_step / step
+    parts = {
+        "compute": compute,
+        "all-to-all": exposed_a2a,
+        "data-parallel comm": exposed_dp,
+        "pipeline bubble": bubble,
+        "DiLoCo exchange": exposed_diloco,
+    }
+    return Plan(
+        layout=layout,
+        cluster=cluster.name,
+        world_size=world,
+        micro_batches=n_micro,
+        tokens_per_step=tokens_step,
+        flops_per_token=flops_token,
+        memory=memory,
+        fits=memory.total <= cluster.require("hbm_bytes"),
+        hbm_bytes=cluster.hbm_bytes,
+        compute_s=compute,
+        bubble_s=bubble,
+        exposed_all_to_all_s=exposed_a2a,
+        exposed_data_parallel_s=exposed_dp,
+        exposed_diloco_s=exposed_diloco,
+        step_s=step,
+        tokens_per_s=tokens_per_s,
+        mfu=flops_token * tokens_per_s / (world * cluster.require("peak_bf16_flops")),
+        bound_by=max(parts, key=lambda name: parts[name]),
+        communication=comm,
+        diloco=diloco,
+    )
+
+
+def _busiest_forward(
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_len: int, tokens_mb: int
+) -> tuple[float, float, list[int]]:
+    """(forward seconds of one micro-batch through the busiest pipeline rank's chunks, the MoE layers
+    a micro-batch passes there, that rank's blocks). Under DualPipe a micro-batch passes one of the
+    rank's two stages (half of them, on average)."""
+    flops = flops_per_token_by_block(cfg, seq_len)
+    matmul_rate = cluster.achieved_flops(layout.compute_dtype)
+    attention_rate = cluster.achieved_flops("bf16")
+    share = 0.5 if layout.pp > 1 and layout.pp_schedule == "dualpipe" else 1.0
+    best: tuple[float, float, list[int]] = (-1.0, 0.0, [])
+    for pp_rank in range(layout.pp):
+        blocks = blocks_of_rank(layout, cfg, pp_rank)
+        per_token = sum(
+            flops[b].matmul / 3 / matmul_rate + flops[b].attention / 3 / attention_rate for b in blocks
+        )
+        seconds = share * tokens_mb * per_token
+        if seconds > best[0]:
+            best = (seconds, share * _moe_layers(cfg, blocks), blocks)
+    return best
+
+
+def _moe_layers(cfg: ModelConfig, blocks: list[int]) -> int:
+    """MoE layers among `blocks`, the MTP modules' blocks included (with the last stage)."""
+    main = sum(1 for b in blocks if 0 <= b < cfg.n_layers and cfg.is_moe_layer(b))
+    mtp = cfg.mtp_depth if cfg.n_layers in blocks and cfg.is_moe_layer(cfg.n_layers - 1) else 0
+    return main + mtp
+
+
+def _communication(
+    cfg: ModelConfig,
+    layout: Layout,
+    cluster: Cluster,
+    rows: AllToAllRows,
+    n_micro: int,
+    tokens_mb: int,
+    moe_layers: float,
+    blocks: list[int],
+) -> Communication:
+    passes = 3 if layout.recompute == "full" else 2  # forward, backward (and the recomputed forward)
+    row_bytes = cfg.dim * (layout.dispatch_bytes + layout.combine_bytes)
+    a2a_tokens = n_micro * tokens_mb * moe_layers * passes * row_bytes
+    nvlink_bytes, network_bytes = a2a_tokens * rows.nvlink, a2a_tokens * rows.network
+    a2a_s = max(
+        nvlink_bytes / cluster.achieved_nvlink if nvlink_bytes else 0.0,
+        network_bytes / cluster.achieved_network if network_bytes else 0.0,
+    )
+    dp_bytes, over_network = _data_parallel_bytes(cfg, layout, cluster, n_micro, blocks)
+    link = cluster.achieved_network if over_network else cluster.achieved_nvlink
+    dp_s = dp_bytes / link if dp_bytes else 0.0
+    pipe_bytes = 0.0
+    if layout.pp > 1:
+        pipe_bytes = 2 * n_micro * layout.chunks_per_rank() * tokens_mb * cfg.dim * layout.activation_bytes
+    pipe_s = pipe_bytes / cluster.achieved_network if pipe_bytes else 0.0
+    return Communication(
+        all_to_all_nvlink_bytes=nvlink_bytes,
+        all_to_all_network_bytes=network_bytes,
+        all_to_all_rows_per_token=rows.total,
+        all_to_all_network_rows_per_token=rows.network,
+        data_parallel_bytes=dp_bytes,
+        data_parallel_over_network=over_network,
+        pipeline_bytes=pipe_bytes,
+        all_to_all_s=a2a_s,
+        data_parallel_s=dp_s,
+        pipeline_s=pipe_s,
+    )
+
+
+def _data_parallel_bytes(
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, n_micro: int, blocks: list[int]
+) -> tuple[float, bool]:
+    """Bytes per step through one rank's link for FSDP (two all-gathers and a reduce-scatter per
+    micro-batch, FSDP2's default without no-sync) plus HSDP's all-reduce of the shards, or ZeRO-1
+    (one reduce-scatter of gradients and one all-gather of parameters per step); and whether the
+    group leaves the node."""
+    dense = expert = 0
+    for t in parameter_tensors(cfg):
+        if t.block in blocks:
+            if t.is_expert and layout.ep > 1:
+                expert += t.numel // layout.ep
+            else:
+                dense += t.numel
+    p, g = layout.param_bytes, layout.grad_bytes
+    efsdp = layout.dp_shard // layout.ep
+    if layout.data_sharding == "fsdp":
+        per_micro = (
+            ring_bytes(dense * p, layout.dp_shard) * 2
+            + ring_bytes(dense * g, layout.dp_shard)
+            + ring_bytes(expert * p, efsdp) * 2
+            + ring_bytes(expert * g, efsdp)
+        )
+        replicate = ring_bytes(
+            (dense / layout.dp_shard + expert / efsdp) * g, layout.dp_replicate, all_reduce=True
+        )
+        total = n_micro * (per_micro + replicate)
+        over_network = layout.dp_shard > cluster.gpus_per_node or (
+            layout.dp_replicate > 1 and layout.dp_shard * layout.dp_replicate > cluster.gpus_per_node
+        )
+        return total, over_network
+    dp = layout.data_parallel
+    expert_dp = dp // layout.ep
+    total = (
+        ring_bytes(dense * g, dp)
+        + ring_bytes(dense * p, dp)
+        + ring_bytes(expert * g, expert_dp)
+        + ring_bytes(expert * p, expert_dp)
+    )
+    return total, dp > cluster.gpus_per_node
+
+
+def _diloco(
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, step_s: float, compute_s: float
+) -> DiLoCoTraffic | None:
+    """Streaming DiLoCo: each of P fragments is all-reduced across the M replicas once every H steps,
+    overlapping tau inner steps; the bandwidth is per replica (its GPUs' links together, or
+    `cluster.cross-replica-bandwidth`)."""
+    m = layout.diloco_replicas
+    if m == 1:
+        return None
+    params = sum(t.numel for t in parameter_tensors(cfg))
+    fragment = params / layout.diloco_fragments
+    wire = ring_bytes(
+        diloco_wire_bytes(fragment, layout.diloco_quantize, layout.diloco_quantize_block), m, all_reduce=True
+    )
+    replica_gpus = layout.world_size() // m
+    link = cluster.cross_replica_bandwidth or replica_gpus * cluster.achieved_network
+    exchange = wire / link
+    syncs_per_step = layout.diloco_fragments / layout.diloco_sync_every
+    hidden = layout.diloco_overlap_steps * step_s
+    exposed = max(0.0, exchange - hidden) * syncs_per_step
+    need = bandwidth_for_utilisation(8 * wire, syncs_per_step, hidden, compute_s, 0.95)
+    return DiLoCoTraffic(wire, syncs_per_step, exchange, exposed, need)
+
+
+def sharded_bytes(cfg: ModelConfig, layout: Layout, rank: int) -> dict[str, float]:
+    """Parameter, gradient and optimizer-moment bytes of global rank `rank` (exact)."""
+    state = sharded_state(cfg, layout, rank)
+    return {
+        "parameters": state.param_elements * layout.param_bytes,
+        "gradients": state.param_elements * layout.grad_bytes,
+        "optimizer": state.optimizer_elements * (layout.master_bytes + 2 * layout.moment_bytes),
+    }

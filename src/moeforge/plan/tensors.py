@@ -1,0 +1,55 @@
+"""The model's parameter tensors as the planner counts them: read from a `Transformer` built on the
+meta device (no memory, no weights), so that the planner's shapes are the model's own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from moeforge.config import ModelConfig
+from moeforge.model.transformer import Transformer
+
+EXPERT_TENSORS = ("experts.w13", "experts.w2")
+"""the routed experts' stacked weights [E, ...]: sharded over ep, then over efsdp"""
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    name: str
+    shape: tuple[int, ...]
+    block: int
+    """the transformer block holding it; -1 = embedding; n_layers = final norm, head and MTP modules"""
+    is_expert: bool
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def parameter_tensors(cfg: ModelConfig) -> tuple[ParamTensor, ...]:
+    """Every parameter of `Transformer(cfg)` with the block it belongs to (the MTP modules and the
+    head go with the last stage, the embedding with the first). Built once per model config."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _BUILT:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        _BUILT[key] = tuple(
+            ParamTensor(name, tuple(p.shape), _block_of(name, cfg.n_layers), name.endswith(EXPERT_TENSORS))
+            for name, p in model.named_parameters()
+        )
+    return _BUILT[key]
+
+
+_BUILT: dict[str, tuple[ParamTensor, ...]] = {}
+
+
+def _block_of(name: str, n_layers: int) -> int:
+    if name.startswith("tok_embeddings."):
+        return -1
+    if name.startswith("layers."):
+        return int(name.split(".")[1])
+    return n_layers

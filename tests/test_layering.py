@@ -9,6 +9,7 @@ package, or from a package of a lower layer (never a sibling of its layer, never
     data                          corpus, tokenizers, loader
     run                           the run directory's layout
     checkpoint                    sharded checkpoints, and a model rebuilt from one
+    plan                          the planner: memory, bytes, bubbles, step time (the trainer may use it)
     train, infer, interop, bench, report
     cli
     the package root and __main__ (the public API, `python -m moeforge`)
@@ -34,6 +35,7 @@ LAYERS = [
     {"data"},
     {"run"},
     {"checkpoint"},
+    {"plan"},
     {"train", "infer", "interop", "bench", "report"},
     {"cli"},
     {"__main__", "__init__"},

@@ -64,7 +64,9 @@ class Layout:
     param_bytes: int = 4
     """bytes per parameter as the model holds it (moeforge: fp32 with BF16 autocast)"""
     grad_bytes: int = 4
-    """bytes per gradient element"""
+    """bytes per gradient element (and per element FSDP reduce-scatters)"""
+    gather_bytes: int = 0
+    """bytes per element FSDP/ZeRO-1 all-gather; 0 = param-bytes (2 with a BF16 MixedPrecisionPolicy)"""
     master_bytes: int = 0
     """bytes per parameter of an optimizer-held master copy (e.g. 4 with BF16 parameters); 0 = none"""
     moment_bytes: int = 4

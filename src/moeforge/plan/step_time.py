@@ -297,7 +297,7 @@ def _data_parallel_bytes(
                 expert += t.numel // layout.ep
             else:
                 dense += t.numel
-    p, g = layout.param_bytes, layout.grad_bytes
+    p, g = layout.gather_bytes or layout.param_bytes, layout.grad_bytes
     efsdp = layout.dp_shard // layout.ep
     if layout.data_sharding == "fsdp":
         per_micro = (

@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cluster", required=True, help="a cluster preset (h100, h200, h800, b200) or a TOML file")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs in the run")
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits")
-    plan.add_argument("--top", type=int, default=10, help="--search: layouts shown (default: 10)")
+    plan.add_argument(
+        "--top", type=int, default=10, help="--search: pipeline shapes shown, the fastest layout of each (default: 10)"
+    )
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(handler=run_plan)
 
@@ -420,7 +422,7 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.interop import apply_hf_model
     from moeforge.plan import TrainingShape, layout_from_config, load_cluster, plan_layout, search_layouts
     from moeforge.plan.report import format_plan, format_search
-    from moeforge.plan.search import candidate_layouts
+    from moeforge.plan.search import best_per_shape, candidate_layouts
 
     if args.gpus < 1:
         raise ConfigError(f"--gpus: got {args.gpus}; allowed: an integer >= 1")
@@ -435,11 +437,12 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
     if args.search:
         plans = search_layouts(cfg.model, layout, cluster, shape, args.gpus)
+        shown = best_per_shape(plans, args.top)
         if args.json:
-            print(json.dumps([plan.to_dict() for plan in plans[: args.top]]))
+            print(json.dumps([{"rank": rank, **plan.to_dict()} for rank, plan in shown]))
         else:
             considered = sum(1 for _ in candidate_layouts(cfg.model, layout, args.gpus, cluster.gpus_per_node))
-            print(format_search(plans, args.top, considered))
+            print(format_search(shown, len(plans), considered))
         return 0
     layout.validate(args.gpus, cluster.gpus_per_node)
     plan = plan_layout(cfg.model, layout, cluster, shape)

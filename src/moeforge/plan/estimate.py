@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,9 @@ import torch
 from moeforge.config import Config
 from moeforge.plan.cluster import Cluster, available_clusters, load_cluster
 from moeforge.plan.layout import layout_from_config
-from moeforge.plan.step_time import TrainingShape, plan_layout
+from moeforge.plan.comm import expected_rows
+from moeforge.plan.memory import memory_estimate
+from moeforge.plan.step_time import TrainingShape, micro_batches, plan_layout
 
 GB = 1e9
 
@@ -72,15 +73,12 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     on_gpu = device.type == "cuda" and cfg.train.dtype != "fp32"
     layout.activation_bytes = 2 if on_gpu else 4
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
-    speed_known = cluster.name in available_clusters()
-    planning_cluster = cluster if speed_known else _memory_only(cluster, device_memory)
-    plan = plan_layout(cfg.model, layout, planning_cluster, shape)
-    return RunEstimate(
-        memory_per_device_bytes=plan.memory.total,
-        device_memory_bytes=device_memory,
-        tokens_per_s=plan.tokens_per_s if speed_known else None,
-        cluster=cluster.name if speed_known else None,
-    )
+    if cluster.name in available_clusters():
+        plan = plan_layout(cfg.model, layout, cluster, shape)
+        return RunEstimate(plan.memory.total, device_memory, plan.tokens_per_s, cluster.name)
+    rows = expected_rows(cfg.model, layout, cluster.gpus_per_node).total
+    memory = memory_estimate(cfg.model, layout, shape.seq_len, micro_batches(layout, shape), rows)
+    return RunEstimate(memory.total, device_memory, None, None)
 
 
 def _device_cluster(device: torch.device) -> tuple[Cluster, float | None]:
@@ -94,14 +92,3 @@ def _device_cluster(device: torch.device) -> tuple[Cluster, float | None]:
         if preset in name:
             return load_cluster(preset), memory
     return Cluster(name=name), memory
-
-
-def _memory_only(cluster: Cluster, device_memory: float | None) -> Cluster:
-    """A cluster whose speeds are placeholders of 1, so that a plan can be made for its memory alone
-    (its speeds are never reported)."""
-    ones = {
-        f.name: 1.0
-        for f in dataclasses.fields(Cluster)
-        if f.type == "float" and f.name != "cross_replica_bandwidth"
-    }
-    return dataclasses.replace(cluster, **ones, hbm_bytes=device_memory or float("inf"))

@@ -9,10 +9,12 @@ gpus-per-node ranks stays inside one node). World size = replicas x pp x dp_repl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
-from moeforge.config import Config, ConfigError, apply_mapping
+from moeforge.config import Config, ConfigError, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
+from moeforge.plan.flops import flops_per_token_by_block
 
 Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
 DataSharding = Literal["fsdp", "zero1"]
@@ -35,8 +37,8 @@ class Layout:
     pp_virtual: int = 2
     """'interleaved': model chunks per pipeline rank"""
     stage_blocks: str = ""
-    """transformer blocks per pipeline stage, comma-separated (e.g. '3,4,4,...'); '' = as even as
-    possible, first and last stages (embedding; head and MTP) taking the fewer"""
+    """transformer blocks per pipeline stage, comma-separated (e.g. '3,4,4,...'); '' = balanced by
+    training FLOPs, the head and MTP modules counted on the last stage"""
     dp_replicate: int = 1
     """HSDP replica groups (parameters replicated across them)"""
     dp_shard: int = -1
@@ -219,20 +221,82 @@ def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> 
     return layout
 
 
-def as_even_as_possible(n_blocks: int, n_stages: int) -> list[int]:
-    """Blocks per stage: the remainder goes to the middle stages, so that the first stage (which also
-    embeds) and the last (head and MTP modules) take the fewer blocks. 61 on 16 -> 3, 4 x 13, 3, 3."""
-    base, extra = divmod(n_blocks, n_stages)
-    counts = [base] * n_stages
-    order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else list(range(n_stages))
-    for stage in order[:extra]:
-        counts[stage] += 1
-    return counts
-
-
-def stage_block_counts(layout: Layout, n_blocks: int) -> list[int]:
-    """Blocks of each stage, from `stage-blocks` or as even as possible; checked to cover the model."""
+def balanced_stage_blocks(layout: Layout, costs: tuple[float, ...], first: float, last: float) -> list[int]:
+    """Blocks per stage (contiguous runs; only the first and last stages, which also hold the
+    embedding and the head, may hold no block) that keep the busiest pipeline rank as light as
+    possible: `costs` per block, `first` added to the first stage, `last` to the last. The costliest
+    single stage is minimised exactly (dynamic programming over runs of >= 1 block); then single
+    blocks move between neighbouring stages while that lowers the busiest rank's load (several
+    stages per rank: interleaved, V shapes, DualPipe) or, at equal peak, the spread of the loads."""
     n_stages = layout.n_stages()
+    ranks = tuple(tuple(layout.stages_of_rank(r)) for r in range(layout.pp))
+    return list(_balanced(costs, first, last, n_stages, ranks))
+
+
+@cache
+def _balanced(
+    costs: tuple[float, ...], first: float, last: float, n_stages: int, ranks: tuple[tuple[int, ...], ...]
+) -> tuple[int, ...]:
+    counts = _min_max_stages(costs, first, last, n_stages)
+
+    def loads(counts: list[int]) -> tuple[float, float]:
+        starts = [sum(counts[:s]) for s in range(n_stages)]
+        stage = [
+            sum(costs[starts[s] : starts[s] + counts[s]])
+            + (first if s == 0 else 0)
+            + (last if s == n_stages - 1 else 0)
+            for s in range(n_stages)
+        ]
+        per_rank = [sum(stage[s] for s in held) for held in ranks]
+        return max(per_rank), sum(x * x for x in per_rank)
+
+    score = loads(counts)
+    while True:
+        moves = []
+        for s in range(n_stages - 1):
+            for give, take in ((s, s + 1), (s + 1, s)):
+                if counts[give] > (0 if give in (0, n_stages - 1) else 1):
+                    moved = list(counts)
+                    moved[give] -= 1
+                    moved[take] += 1
+                    moves.append((loads(moved), moved))
+        better = min(moves, default=None)
+        if better is None or better[0] >= score:
+            return tuple(counts)
+        score, counts = better
+
+
+def _min_max_stages(costs: tuple[float, ...], first: float, last: float, n_stages: int) -> list[int]:
+    """Contiguous runs of >= 1 blocks minimising the costliest stage (linear partition DP)."""
+    n = len(costs)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+
+    def segment(j: int, i: int) -> float:
+        return prefix[i] - prefix[j] + (first if j == 0 else 0.0) + (last if i == n else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        for i in range(s, n - (n_stages - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], segment(j, i))
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(n_stages, 0, -1):
+        counts.append(i - cut[s][i])
+        i = cut[s][i]
+    return list(reversed(counts))
+
+
+def stage_block_counts(layout: Layout, cfg: ModelConfig) -> list[int]:
+    """Blocks of each stage, from `stage-blocks`, or balanced by training FLOPs per token at
+    model.max-seq-len (the head and MTP modules weigh on the last stage); checked to cover the model."""
+    n_blocks, n_stages = cfg.n_layers, layout.n_stages()
     if not layout.stage_blocks:
         _check(
             n_blocks >= n_stages,
@@ -240,7 +304,9 @@ def stage_block_counts(layout: Layout, n_blocks: int) -> list[int]:
             layout.pp,
             f"a pipeline of at most model.n-layers={n_blocks} stages",
         )
-        return as_even_as_possible(n_blocks, n_stages)
+        flops = flops_per_token_by_block(cfg, cfg.max_seq_len)
+        costs = tuple(flops[b].total for b in range(n_blocks))
+        return balanced_stage_blocks(layout, costs, flops[-1].total, flops[n_blocks].total)
     try:
         counts = [int(part) for part in layout.stage_blocks.split(",")]
     except ValueError:

@@ -44,7 +44,7 @@ def chunk_rows(rows: int, parts: int, index: int) -> int:
 def blocks_of_rank(layout: Layout, cfg: ModelConfig, pp_rank: int) -> list[int]:
     """The blocks pipeline rank `pp_rank` holds: -1 stands for the embedding (first stage) and
     n_layers for the final norm, head and MTP modules (last stage)."""
-    counts = stage_block_counts(layout, cfg.n_layers)
+    counts = stage_block_counts(layout, cfg)
     starts = [sum(counts[:i]) for i in range(len(counts))]
     blocks: list[int] = []
     for stage in layout.stages_of_rank(pp_rank):

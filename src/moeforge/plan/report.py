@@ -64,23 +64,22 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def format_search(plans: list[Plan], top: int, considered: int) -> str:
-    """The ranked table of a search: the `top` fastest layouts that fit, and the fastest one moeforge
-    runs today if it is not among them."""
-    if not plans:
+def format_search(shown: list[tuple[int, Plan]], fitting: int, considered: int) -> str:
+    """The ranked table of a search: `shown` (rank among the `fitting` layouts, plan), e.g. from
+    `search.best_per_shape`."""
+    if not shown:
         return f"no layout of the {considered} considered fits in memory"
-    header = f"{'#':>3}  {'layout':<62} {'memory':>9} {'step':>9} {'tok/s/GPU':>10} {'MFU':>6}  {'bound by':<18} now"
+    header = f"{'#':>4}  {'layout':<64} {'memory':>8} {'step':>8} {'tok/s/GPU':>10} {'MFU':>6}  {'bound by':<18} now"
     rows = [header, "-" * len(header)]
-    shown = list(enumerate(plans[:top], start=1))
-    runnable = next(((i, p) for i, p in enumerate(plans, start=1) if p.runnable_now), None)
-    if runnable is not None and runnable[0] > top:
-        shown.append(runnable)
     for rank, plan in shown:
         rows.append(
-            f"{rank:>3}  {plan.layout.describe():<62} {plan.memory.total / GB:7.1f}GB {plan.step_s:8.2f}s "
+            f"{rank:>4}  {plan.layout.describe():<64} {plan.memory.total / GB:6.1f}GB {plan.step_s:7.2f}s "
             f"{plan.tokens_per_s_per_gpu:10.1f} {plan.mfu:6.1%}  {plan.bound_by:<18} {'yes' if plan.runnable_now else ''}"
         )
+    if not any(plan.runnable_now for _, plan in shown):
+        rows.append("no layout that fits is one moeforge runs today (pp 1, FSDP/HSDP, BF16)")
     rows.append(
-        f"{len(plans)} of {considered} layouts fit; 'now' = moeforge runs it today (FSDP/HSDP + EP + DiLoCo)"
+        f"the fastest layout of each pipeline shape; # = rank among the {fitting} of {considered} layouts that fit; "
+        "now = moeforge runs it today (FSDP/HSDP + EP + DiLoCo)"
     )
     return "\n".join(rows)

@@ -77,3 +77,20 @@ def search_layouts(
             plans.append(plan)
     plans.sort(key=lambda plan: (-plan.tokens_per_s, plan.memory.total))
     return plans
+
+
+def best_per_shape(plans: list[Plan], top: int) -> list[tuple[int, Plan]]:
+    """(rank among all, plan) of the fastest layout of each pipeline shape (pp, schedule), for the
+    `top` fastest shapes, plus the fastest layout moeforge runs today when it is not among them:
+    near-copies that differ only in EP degree or micro-batch size do not crowd the table."""
+    shown: list[tuple[int, Plan]] = []
+    seen: set[tuple[int, str]] = set()
+    for rank, plan in enumerate(plans, start=1):
+        shape = (plan.layout.pp, plan.layout.pp_schedule)
+        if shape not in seen and len(shown) < top:
+            seen.add(shape)
+            shown.append((rank, plan))
+    runnable = next(((rank, plan) for rank, plan in enumerate(plans, start=1) if plan.runnable_now), None)
+    if runnable is not None and runnable not in shown:
+        shown.append(runnable)
+    return shown

@@ -16,9 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 from moeforge.config import ConfigError, ModelConfig
 from moeforge.model.flops import (
-    attention_head_dims,
-    block_parameters,
-    mtp_module_parameters,
     training_flops_per_token,
 )
 from moeforge.plan.cluster import Cluster
@@ -29,6 +26,7 @@ from moeforge.plan.comm import (
     expected_rows,
     ring_bytes,
 )
+from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import Layout
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
@@ -40,26 +38,6 @@ class TrainingShape:
     global_batch_size: int
     """sequences per optimizer step over all GPUs"""
     seq_len: int
-
-
-@dataclass(frozen=True)
-class BlockFlops:
-    matmul: float
-    attention: float
-
-
-def flops_per_token_by_block(cfg: ModelConfig, seq_len: int) -> dict[int, BlockFlops]:
-    """Training FLOPs per token of each block (-1 embedding: none; n_layers: head and MTP modules),
-    summing to `training_flops_per_token`."""
-    qk, v = attention_head_dims(cfg)
-    attention = 6.0 * cfg.n_heads * (qk + v) * seq_len
-    head = 6.0 * cfg.vocab_size * cfg.dim
-    flops = {-1: BlockFlops(0.0, 0.0)}
-    for b in range(cfg.n_layers):
-        flops[b] = BlockFlops(6.0 * block_parameters(cfg, b)[1], attention)
-    mtp = cfg.mtp_depth * (6.0 * mtp_module_parameters(cfg)[1] + head)
-    flops[cfg.n_layers] = BlockFlops(head + mtp, cfg.mtp_depth * attention)
-    return flops
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,190 @@
+"""The planner's parts against independent references: FLOPs against the model's own count,
+routing probabilities against a simulation, bubble formulas against their papers' examples,
+sharding against conservation, and `moeforge plan` / `estimate_run` end to end (all on the CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from moeforge.cli import main
+from moeforge.config import ConfigError, load_config
+from moeforge.model.flops import training_flops_per_token
+from moeforge.plan import Layout, TrainingShape, estimate_run, load_cluster, plan_layout
+from moeforge.plan.comm import diloco_wire_bytes, expected_rows, hit_probability
+from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.plan.layout import stage_block_counts
+from moeforge.plan.memory import sharded_state
+from moeforge.plan.pipeline import bubble_time
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-tiny", "deepseek-v3-671b"])
+def test_block_flops_sum_to_the_models_count(preset):
+    cfg = load_config(preset).model
+    blocks = flops_per_token_by_block(cfg, 512)
+    assert sum(b.total for b in blocks.values()) == pytest.approx(
+        training_flops_per_token(cfg, 512), rel=1e-12
+    )
+
+
+def simulated_hits(n_experts, top_k, groups, chosen, sets, tokens=20000):
+    """Monte Carlo of uniform node-limited routing: top-`chosen` of `groups` groups by random score,
+    then top-k experts by random score inside them; P(a token hits each expert set)."""
+    gen = torch.Generator().manual_seed(0)
+    per_group = n_experts // groups
+    group_pick = torch.rand(tokens, groups, generator=gen).topk(chosen, dim=1).indices
+    allowed = torch.zeros(tokens, n_experts, dtype=torch.bool)
+    for j in range(chosen):
+        for e in range(per_group):
+            allowed[torch.arange(tokens), group_pick[:, j] * per_group + e] = True
+    scores = torch.rand(tokens, n_experts, generator=gen).masked_fill(~allowed, -1.0)
+    picked = torch.zeros(tokens, n_experts, dtype=torch.bool)
+    picked.scatter_(1, scores.topk(top_k, dim=1).indices, True)
+    return [picked[:, s].any(dim=1).float().mean().item() for s in sets]
+
+
+def test_hit_probability_matches_a_routing_simulation():
+    """DeepSeek-V3 routing (256 experts, 8 groups, top-4 groups, top-8): the chance that a token
+    reaches one EP64 rank (4 experts), one node of EP64 (32 experts) and 2 nodes (64 experts)."""
+    cfg = load_config("deepseek-v3-671b").model
+    sizes = [4, 32, 64]
+    simulated = simulated_hits(256, 8, 8, 4, [slice(0, n) for n in sizes])
+    for size, sim in zip(sizes, simulated):
+        assert hit_probability(cfg, size) == pytest.approx(sim, abs=0.01)
+
+
+def test_node_limited_routing_bounds_the_nodes_a_token_reaches():
+    """DeepSeek-V3 routing on EP64 over 8 nodes: a token's experts lie in 4 of the 8 groups (nodes),
+    so it leaves its node for at most 7 x 4/8 = 3.5 others on average; without the group limit its
+    8 experts spread over more nodes."""
+    cfg = load_config("deepseek-v3-671b").model
+    layout = Layout(ep=64, dispatch_dedup="node").validate(2048, 8)
+    limited = expected_rows(cfg, layout, 8).network
+    free = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, n_groups=1, topk_groups=1))
+    assert limited <= 7 * 4 / 8
+    assert expected_rows(free, layout, 8).network > limited + 1
+
+
+@pytest.mark.parametrize(
+    "schedule, pp, expected",
+    [
+        ("1f1b", 4, 3 * 3.0),  # (PP-1)(F+B+W), F = B = W = 1
+        ("interleaved", 4, 3 * 1.5),  # 2 chunks: (PP-1)(F+B+W)/v
+        ("zbv", 4, 0.0),  # (PP-1)(F+B-2W) = 0 when F = B = W
+        ("dualpipe", 8, 3 * 1.0),  # (PP/2-1)(F&B + B - 3W), F&B = F+B+W
+    ],
+)
+def test_bubble_formulas(schedule, pp, expected):
+    layout = Layout(pp=pp, pp_schedule=schedule)
+    assert bubble_time(layout, 1.0, 1.0, 1.0) == pytest.approx(expected)
+
+
+def test_stages_cover_the_model_and_balance_its_cost():
+    """61 blocks on 16 stages: every block once, and no stage costlier than an even split's worst."""
+    cfg = load_config("deepseek-v3-671b").model
+    counts = stage_block_counts(Layout(pp=16), cfg)
+    assert sum(counts) == 61 and len(counts) == 16
+    flops = flops_per_token_by_block(cfg, cfg.max_seq_len)
+    block = flops[10].total
+    assert counts[-1] * block + flops[61].total <= 5 * block  # the head and MTP lighten the last stage
+    with pytest.raises(ConfigError, match="layout.stage-blocks"):
+        stage_block_counts(Layout(pp=2, stage_blocks="30,30"), cfg)
+
+
+@pytest.mark.parametrize("sharding, ep", [("fsdp", 1), ("fsdp", 2), ("zero1", 2), ("zero1", 4)])
+def test_sharding_partitions_the_state(sharding, ep):
+    """Over the 8 data-parallel ranks every optimizer element is held exactly once (parameters
+    too under FSDP; under ZeRO-1 each rank holds all dense parameters and its ep share of experts)."""
+    cfg = load_config("deepseek-v3-tiny").model
+    layout = Layout(data_sharding=sharding, ep=ep).validate(8, 8)
+    states = [sharded_state(cfg, layout, rank) for rank in range(8)]
+    from moeforge.plan.tensors import parameter_tensors
+
+    tensors = parameter_tensors(cfg)
+    total = sum(t.numel for t in tensors)
+    assert sum(s.optimizer_elements for s in states) == total
+    if sharding == "fsdp":
+        assert sum(s.param_elements for s in states) == total
+    else:
+        experts = sum(t.numel for t in tensors if t.is_expert)
+        assert states[0].param_elements == total - experts + experts // ep
+
+
+def test_dualpipe_holds_two_stages_of_parameters():
+    cfg = load_config("deepseek-v3-671b").model
+    one = sharded_state(cfg, Layout(pp=16, ep=64, data_sharding="zero1").validate(2048, 8), 3 * 128)
+    two = sharded_state(
+        cfg, Layout(pp=16, pp_schedule="dualpipe", ep=64, data_sharding="zero1").validate(2048, 8), 3 * 128
+    )
+    assert two.param_elements > 1.8 * one.param_elements
+
+
+def test_diloco_exchange_bytes():
+    """Two replicas all-reduce each of 4 fragments in FP4 E3M0 (0.5 byte + a 4-byte scale per 128)."""
+    cfg = load_config("tiny")
+    layout = Layout(
+        diloco_replicas=2,
+        diloco_fragments=4,
+        diloco_sync_every=8,
+        diloco_overlap_steps=1,
+        diloco_quantize="fp4-e3m0",
+    ).validate(8, 8)
+    plan = plan_layout(cfg.model, layout, load_cluster("h100"), TrainingShape(16, 128))
+    from moeforge.plan.tensors import parameter_tensors
+
+    params = sum(t.numel for t in parameter_tensors(cfg.model))
+    assert plan.diloco.bytes_per_sync == pytest.approx(2 * 0.5 * params / 4 * (0.5 + 4 / 128))
+    assert plan.diloco.syncs_per_step == 0.5
+    assert diloco_wire_bytes(128, "bf16", 128) == 256
+
+
+def run_cli(capsys, *args):
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_plan_prints_a_table_and_json(capsys):
+    code, out, _ = run_cli(
+        capsys, "--preset", "deepseek-v3-tiny", "--cluster", "h100", "--gpus", "8", "--parallel.ep", "4"
+    )
+    assert code == 0 and "memory per GPU" in out and "tokens/s" in out and "EP4" in out
+    code, out, _ = run_cli(capsys, "--cluster", "h100", "--gpus", "8", "--json", "--layout.pp", "2")
+    data = json.loads(out)
+    assert (
+        code == 0 and data["layout"]["pp"] == 2 and data["memory"]["total"] > 0 and not data["runnable_now"]
+    )
+
+
+def test_cli_plan_search_marks_what_runs_today(capsys):
+    code, out, _ = run_cli(
+        capsys, "--preset", "deepseek-v3-tiny", "--cluster", "h100", "--gpus", "8", "--search", "--json"
+    )
+    plans = json.loads(out)
+    assert code == 0 and plans and any(p["runnable_now"] for p in plans)
+    assert [p["tokens_per_s"] for p in plans[:-1]] == sorted(
+        (p["tokens_per_s"] for p in plans[:-1]), reverse=True
+    )
+
+
+def test_cli_plan_errors_are_one_line(capsys, tmp_path):
+    custom = tmp_path / "c.toml"
+    custom.write_text('name = "mine"\nhbm_bytes = 80e9\n')
+    for args, needle in [
+        (["--cluster", "nope", "--gpus", "8"], "--cluster"),
+        (["--cluster", str(custom), "--gpus", "8"], "--cluster.peak-bf16-flops"),
+        (["--cluster", "h100", "--gpus", "8", "--layout.pp", "3"], "--layout.pp"),
+        (["--cluster", "h100", "--gpus", "8", "--layout.pp-schedule", "gpipe"], "layout.pp-schedule"),
+    ]:
+        code, out, err = run_cli(capsys, *args)
+        assert code != 0 and needle in err and err.count("\n") == 1, (args, err)
+
+
+def test_estimate_run_on_the_cpu():
+    """The trainer's hook: memory estimated, no speed claimed without a device preset."""
+    estimate = estimate_run(load_config("tiny", world_size=1), 1, "cpu")
+    assert estimate.memory_per_device_bytes > 0 and estimate.tokens_per_s is None and estimate.fits
+    assert estimate.one_line().startswith("plan: ") and "\n" not in estimate.one_line()

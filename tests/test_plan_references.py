@@ -134,3 +134,14 @@ def test_streaming_diloco_bandwidth_for_95_percent_utilisation(scale):
     2025, 'Streaming DiLoCo with overlapping communication', arXiv 2501.18512, simulation table)."""
     params, fragments, dp_gbits, published = STREAMING_MODELS[scale]
     assert within(streaming_diloco_bandwidth(params, fragments, dp_gbits), published)
+
+
+def test_a_pytorch_databricks_shaped_run_fits():
+    """The PyTorch/Databricks 'Training MoEs at Scale with PyTorch' post trains on 3,000+ GPUs with
+    HSDP + EP but names no model to check a figure against; a layout of that shape for
+    DeepSeek-V3-671B on 3072 H100 (HSDP 6 x 512, EP8 inside a node, full recomputation, moeforge's
+    fp32 state) fits in 80 GB and is one moeforge runs today."""
+    cfg = load_config("deepseek-v3-671b")
+    layout = Layout(dp_replicate=6, dp_shard=512, ep=8, recompute="full").validate(3072, 8)
+    plan = plan_layout(cfg.model, layout, load_cluster("h100"), TrainingShape(15360, 4096))
+    assert plan.fits and plan.runnable_now, plan.memory

@@ -21,7 +21,7 @@ from moeforge.plan import Layout, sharded_bytes
 from moeforge.plan.memory import chunk_rows, sharded_state
 
 WORLD = 4
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)]
+LAYOUTS = [(1, 1), (1, 2), (1, 4), (2, 2)]
 """(dp_replicate, ep) on 4 ranks; dp_shard is what remains"""
 PRESETS = ["tiny", "deepseek-v3-tiny"]
 
@@ -109,11 +109,11 @@ print(json.dumps({
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "world, rank, replicate, ep",
-    [(2048, 5, 1, 64), (2048, 2047, 8, 64), (256, 100, 2, 32)],
+    [(2048, 5, 1, 64), (2048, 2047, 8, 64)],
 )
 def test_deepseek_v3_671b_shards_on_fake_process_group(world, rank, replicate, ep):
     """deepseek-v3-671b on the meta device, parallelized as rank `rank` of `world` (fake backend):
-    the planner's parameter and AdamW-moment elements equal the shards FSDP2 + EP produce (~10 s)."""
+    the planner's parameter and AdamW-moment elements equal the shards FSDP2 + EP produce (~10 s each)."""
     run = subprocess.run(
         [sys.executable, "-c", FAKE_RANK, str(world), str(rank), str(replicate), str(ep)],
         capture_output=True,

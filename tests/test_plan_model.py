@@ -14,7 +14,7 @@ from moeforge.cli import main
 from moeforge.config import ConfigError, load_config
 from moeforge.model.flops import training_flops_per_token
 from moeforge.plan import Layout, TrainingShape, estimate_run, load_cluster, plan_layout
-from moeforge.plan.comm import diloco_wire_bytes, expected_rows, hit_probability
+from moeforge.plan.comm import diloco_wire_bytes, expected_rows, hit_probability, rows_from_counts
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import stage_block_counts
 from moeforge.plan.memory import sharded_state
@@ -188,3 +188,17 @@ def test_estimate_run_on_the_cpu():
     estimate = estimate_run(load_config("tiny", world_size=1), 1, "cpu")
     assert estimate.memory_per_device_bytes > 0 and estimate.tokens_per_s is None and estimate.fits
     assert estimate.one_line().startswith("plan: ") and "\n" not in estimate.one_line()
+
+
+def test_rows_from_a_routing_count_off_rank_rows_by_link():
+    """Exact all-to-all rows of a given routing ('rank' dedup): a row per (token, other rank hit),
+    split by whether the destination shares the sender's node; against a plain loop."""
+    hits = torch.rand(4, 10, 4, generator=torch.Generator().manual_seed(0)) < 0.4
+    intra = inter = 0
+    for src in range(4):
+        for token in range(10):
+            for dst in range(4):
+                if hits[src, token, dst] and src != dst:
+                    intra += src // 2 == dst // 2
+                    inter += src // 2 != dst // 2
+    assert rows_from_counts(hits, ep=4, ranks_per_node=2) == (intra, inter)

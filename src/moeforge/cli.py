@@ -196,11 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="a run's TOML file (model, train, parallel, diloco)")
     plan.add_argument("--preset", help=f"a model preset: {', '.join(available_presets())} (default: tiny)")
     plan.add_argument("--from-hf", metavar="DIR", help="take the model from a Hugging Face config.json")
-    plan.add_argument("--cluster", required=True, help="a cluster preset (h100, h200, h800, b200) or a TOML file")
+    plan.add_argument(
+        "--cluster", required=True, help="a cluster preset (h100, h200, h800, b200) or a TOML file"
+    )
     plan.add_argument("--gpus", type=int, required=True, help="GPUs in the run")
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits")
     plan.add_argument(
-        "--top", type=int, default=10, help="--search: pipeline shapes shown, the fastest layout of each (default: 10)"
+        "--top",
+        type=int,
+        default=10,
+        help="--search: pipeline shapes shown, the fastest layout of each (default: 10)",
     )
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(handler=run_plan)
@@ -240,7 +245,9 @@ def _options_help() -> str:
 def _plan_options_help() -> str:
     from moeforge.plan import Cluster, Layout
 
-    lines = ["layout options (--layout.field-name VALUE; defaults come from the run's parallel.* and diloco.*):"]
+    lines = [
+        "layout options (--layout.field-name VALUE; defaults come from the run's parallel.* and diloco.*):"
+    ]
     for prefix, obj in (("layout.", Layout()), ("cluster.", Cluster())):
         if prefix == "cluster.":
             lines.append("cluster options (--cluster.field-name VALUE, over the preset's values):")
@@ -432,7 +439,9 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     if args.from_hf:
         overrides["train.init-from-hf"] = args.from_hf
     pp = 1 if args.search else _pipeline_degree(layout_flags, args.gpus)
-    cfg = load_config(args.preset, args.config, overrides, world_size=args.gpus // pp, apply_init_from=apply_hf_model)
+    cfg = load_config(
+        args.preset, args.config, overrides, world_size=args.gpus // pp, apply_init_from=apply_hf_model
+    )
     layout = layout_from_config(cfg, layout_flags)
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
     if args.search:
@@ -441,7 +450,9 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         if args.json:
             print(json.dumps([{"rank": rank, **plan.to_dict()} for rank, plan in shown]))
         else:
-            considered = sum(1 for _ in candidate_layouts(cfg.model, layout, args.gpus, cluster.gpus_per_node))
+            considered = sum(
+                1 for _ in candidate_layouts(cfg.model, layout, args.gpus, cluster.gpus_per_node)
+            )
             print(format_search(shown, len(plans), considered))
         return 0
     layout.validate(args.gpus, cluster.gpus_per_node)
@@ -452,7 +463,9 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _take_section(overrides: dict[str, str], section: str) -> dict[str, str]:
     """Remove the `section.*` overrides from `overrides` and return them without the prefix."""
-    taken = {key.split(".", 1)[1]: overrides.pop(key) for key in list(overrides) if key.startswith(f"{section}.")}
+    taken = {
+        key.split(".", 1)[1]: overrides.pop(key) for key in list(overrides) if key.startswith(f"{section}.")
+    }
     return taken
 
 

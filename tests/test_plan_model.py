@@ -14,7 +14,7 @@ from moeforge.cli import main
 from moeforge.config import ConfigError, load_config
 from moeforge.model.flops import training_flops_per_token
 from moeforge.plan import Layout, TrainingShape, estimate_run, load_cluster, plan_layout
-from moeforge.plan.comm import diloco_wire_bytes, expected_rows, hit_probability, rows_from_counts
+from moeforge.plan.comm import expected_rows, hit_probability, rows_from_counts
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import stage_block_counts
 from moeforge.plan.memory import sharded_state
@@ -123,7 +123,8 @@ def test_dualpipe_holds_two_stages_of_parameters():
 
 
 def test_diloco_exchange_bytes():
-    """Two replicas all-reduce each of 4 fragments in FP4 E3M0 (0.5 byte + a 4-byte scale per 128)."""
+    """Two replicas of 4 GPUs exchange each of 4 strided fragments in FP4 E3M0 (half a byte per value,
+    a 4-byte scale per 128), every rank adding the fragment's router biases in fp32."""
     cfg = load_config("tiny")
     layout = Layout(
         diloco_replicas=2,
@@ -133,12 +134,17 @@ def test_diloco_exchange_bytes():
         diloco_quantize="fp4-e3m0",
     ).validate(8, 8)
     plan = plan_layout(cfg.model, layout, load_cluster("h100"), TrainingShape(16, 128))
-    from moeforge.plan.tensors import parameter_tensors
+    from moeforge.diloco.fragments import split_into_fragments
+    from moeforge.model.transformer import Transformer
 
-    params = sum(t.numel for t in parameter_tensors(cfg.model))
-    assert plan.diloco.bytes_per_sync == pytest.approx(2 * 0.5 * params / 4 * (0.5 + 4 / 128))
+    with torch.device("meta"):
+        fragments = split_into_fragments(Transformer(cfg.model), 4)
+    largest = max(fragments, key=lambda f: sum(p.numel() for p in f.params.values()))
+    values = sum(p.numel() for p in largest.params.values())
+    biases = sum(b.numel() for b in largest.biases.values())
+    expected = (values + 1) // 2 + 4 * -(-values // 128) + 4 * 4 * biases
+    assert plan.diloco.bytes_per_sync == expected
     assert plan.diloco.syncs_per_step == 0.5
-    assert diloco_wire_bytes(128, "bf16", 128) == 256
 
 
 def run_cli(capsys, *args):

@@ -10,7 +10,7 @@ import pytest
 
 from moeforge.config import load_config
 from moeforge.plan import Layout, TrainingShape, load_cluster, plan_layout
-from moeforge.plan.comm import bandwidth_for_utilisation, diloco_wire_bytes, ring_bytes
+from moeforge.plan.comm import all_gather_bytes, bandwidth_for_utilisation, diloco_message_bytes, ring_bytes
 
 TOLERANCE = 0.25
 
@@ -115,7 +115,7 @@ def streaming_diloco_bandwidth(params: float, fragments: int, dp_gbits: float) -
     assert bandwidth_for_utilisation(dp_bits, 1, 2 / 3 * step_s, step_s, 0.95) == pytest.approx(
         dp_gbits * 1e9
     )
-    wire = ring_bytes(diloco_wire_bytes(params / fragments, "fp4-e3m0", 128), 2, all_reduce=True)
+    wire = all_gather_bytes(diloco_message_bytes(int(params / fragments), "fp4-e3m0", 128), 2)
     return bandwidth_for_utilisation(8 * wire, fragments / 100, 1 * step_s, step_s, 0.95) / 1e9
 
 

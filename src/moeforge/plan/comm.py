@@ -1,6 +1,7 @@
 """Bytes on the wire: the MoE all-to-all (expected rows per token under uniform routing, with and
 without node-limited routing, or exact rows from measured tokens per expert), FSDP/HSDP and ZeRO-1
-collectives, pipeline sends, and DiLoCo's cross-replica exchange with the bandwidth that hides it.
+collectives, pipeline sends, and DiLoCo's cross-replica exchange (its fragments and message sizes
+by `moeforge.diloco`'s own rules) with the bandwidth that hides it.
 
 Ring collectives: an all-gather or reduce-scatter of N bytes over n ranks moves N(n-1)/n bytes
 through each rank's link, an all-reduce twice that (Patarasuk & Yuan 2009)."""
@@ -13,10 +14,10 @@ from math import comb
 import torch
 
 from moeforge.config import ModelConfig
+from moeforge.diloco.codecs import encoded_nbytes
+from moeforge.diloco.fragments import fragment_of
 from moeforge.plan.layout import Layout
-
-WIRE_BYTES = {"none": 4.0, "bf16": 2.0, "fp8": 1.0, "fp4-e3m0": 0.5, "fp4-e2m1": 0.5}
-"""bytes per outer-gradient element of each DiLoCo codec (before the per-block fp32 scales)"""
+from moeforge.plan.tensors import parameter_tensors, router_bias_tensors
 
 
 def hit_probability(cfg: ModelConfig, experts_in_set: int) -> float:
@@ -86,11 +87,26 @@ def ring_bytes(size_bytes: float, ranks: int, all_reduce: bool = False) -> float
     return size_bytes * (ranks - 1) / ranks * (2 if all_reduce else 1)
 
 
-def diloco_wire_bytes(elements: float, codec: str, block: int) -> float:
-    """Bytes of `elements` outer-gradient values on the wire in `codec`, with one fp32 scale per
-    `block` values for the fp8/fp4 formats."""
-    scales = 4.0 / block if codec.startswith(("fp8", "fp4")) else 0.0
-    return elements * (WIRE_BYTES[codec] + scales)
+def fragment_elements(cfg: ModelConfig, n_fragments: int) -> list[tuple[int, int]]:
+    """(parameter elements, router-bias elements) of each Streaming DiLoCo fragment, by
+    `moeforge.diloco`'s own rule (blocks dealt out strided, embedding first, head and MTP last)."""
+    sizes = [[0, 0] for _ in range(n_fragments)]
+    for column, tensors in enumerate((parameter_tensors(cfg), router_bias_tensors(cfg))):
+        for tensor in tensors:
+            sizes[fragment_of(tensor.name, n_fragments)][column] += tensor.numel
+    return [(params, biases) for params, biases in sizes]
+
+
+def diloco_message_bytes(elements: int, codec: str, block: int, router_biases: int = 0) -> int:
+    """Bytes of a message carrying `elements` outer-gradient values (`moeforge.diloco.codecs`'
+    encoding, fp32 scales included) and `router_biases` router biases as raw fp32."""
+    return encoded_nbytes(elements, codec, block) + 4 * router_biases
+
+
+def all_gather_bytes(message_bytes: float, replicas: int) -> float:
+    """Bytes one replica's links carry when `replicas` all-gather messages of `message_bytes`
+    (moeforge's exchange): each message reaches the replicas - 1 others."""
+    return (replicas - 1) * message_bytes
 
 
 def bandwidth_for_utilisation(

@@ -22,7 +22,9 @@ from moeforge.plan.cluster import Cluster
 from moeforge.plan.comm import (
     AllToAllRows,
     bandwidth_for_utilisation,
-    diloco_wire_bytes,
+    all_gather_bytes,
+    diloco_message_bytes,
+    fragment_elements,
     expected_rows,
     ring_bytes,
 )
@@ -59,7 +61,8 @@ class Communication:
 @dataclass(frozen=True)
 class DiLoCoTraffic:
     bytes_per_sync: float
-    """bytes one replica sends per fragment exchange (ring all-reduce over the replicas)"""
+    """bytes of one replica's messages per fragment exchange (its ranks' quantised shards and router
+    biases), as the trainer counts `bytes_per_replica`; each reaches the other replicas"""
     syncs_per_step: float
     exchange_s: float
     exposed_per_step_s: float
@@ -306,25 +309,28 @@ def _data_parallel_bytes(
 def _diloco(
     cfg: ModelConfig, layout: Layout, cluster: Cluster, step_s: float, compute_s: float
 ) -> DiLoCoTraffic | None:
-    """Streaming DiLoCo: each of P fragments is all-reduced across the M replicas once every H steps,
-    overlapping tau inner steps; the bandwidth is per replica (its GPUs' links together, or
-    `cluster.cross-replica-bandwidth`)."""
+    """Streaming DiLoCo: each of P fragments is exchanged across the M replicas once every H steps
+    (an all-gather of every rank's quantised shard, plus the fragment's router biases from every
+    rank), overlapping tau inner steps. Sizes are those of the largest fragment; the bandwidth is per
+    replica (its GPUs' network links together, or `cluster.cross-replica-bandwidth`)."""
     m = layout.diloco_replicas
     if m == 1:
         return None
-    params = sum(t.numel for t in parameter_tensors(cfg))
-    fragment = params / layout.diloco_fragments
-    wire = ring_bytes(
-        diloco_wire_bytes(fragment, layout.diloco_quantize, layout.diloco_quantize_block), m, all_reduce=True
-    )
+    p = layout.diloco_fragments
     replica_gpus = layout.world_size() // m
+    elements, biases = max(fragment_elements(cfg, p))
+    # every rank sends its shard of the fragment and all of the fragment's router biases
+    message = diloco_message_bytes(
+        elements, layout.diloco_quantize, layout.diloco_quantize_block, router_biases=replica_gpus * biases
+    )
+    wire = all_gather_bytes(message, m)
     link = cluster.cross_replica_bandwidth or replica_gpus * cluster.achieved_network
     exchange = wire / link
-    syncs_per_step = layout.diloco_fragments / layout.diloco_sync_every
+    syncs_per_step = p / layout.diloco_sync_every
     hidden = layout.diloco_overlap_steps * step_s
     exposed = max(0.0, exchange - hidden) * syncs_per_step
     need = bandwidth_for_utilisation(8 * wire, syncs_per_step, hidden, compute_s, 0.95)
-    return DiLoCoTraffic(wire, syncs_per_step, exchange, exposed, need)
+    return DiLoCoTraffic(message, syncs_per_step, exchange, exposed, need)
 
 
 def sharded_bytes(cfg: ModelConfig, layout: Layout, rank: int) -> dict[str, float]:

@@ -15,6 +15,7 @@ from moeforge.model.transformer import Transformer
 
 EXPERT_TENSORS = ("experts.w13", "experts.w2")
 """the routed experts' stacked weights [E, ...]: sharded over ep, then over efsdp"""
+ROUTER_BIAS = "router.expert_bias"
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,22 @@ def parameter_tensors(cfg: ModelConfig) -> tuple[ParamTensor, ...]:
             ParamTensor(name, tuple(p.shape), _block_of(name, cfg.n_layers), name.endswith(EXPERT_TENSORS))
             for name, p in model.named_parameters()
         )
+        _BIASES[key] = tuple(
+            ParamTensor(name, tuple(b.shape), _block_of(name, cfg.n_layers), False)
+            for name, b in model.named_buffers()
+            if name.endswith(ROUTER_BIAS)
+        )
     return _BUILT[key]
 
 
+def router_bias_tensors(cfg: ModelConfig) -> tuple[ParamTensor, ...]:
+    """The aux-loss-free router biases (buffers, fp32): DiLoCo exchanges them with their fragment."""
+    parameter_tensors(cfg)
+    return _BIASES[json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
+
+
 _BUILT: dict[str, tuple[ParamTensor, ...]] = {}
+_BIASES: dict[str, tuple[ParamTensor, ...]] = {}
 
 
 def _block_of(name: str, n_layers: int) -> int:

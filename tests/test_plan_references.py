@@ -24,8 +24,8 @@ def deepseek_v3_layout() -> Layout:
     data parallelism, no TP; FP8 matmuls (attention scores stay BF16); BF16 parameters with FP32
     master weights and gradients, BF16 AdamW moments; FP8 dispatch (one fp32 scale per 128 values),
     BF16 combine; a token crosses to each of its <= 4 nodes once (node-limited routing, then NVLink);
-    recomputation of RMSNorm and MLA up-projections ('selective'). The micro-batch size is not
-    published: one sequence."""
+    recomputation of RMSNorm and MLA up-projections ('selective'); fused attention. The micro-batch
+    size is not published: one sequence."""
     return Layout(
         pp=16,
         pp_schedule="dualpipe",
@@ -40,6 +40,7 @@ def deepseek_v3_layout() -> Layout:
         combine_bytes=2,
         dispatch_dedup="node",
         recompute="selective",
+        attention_kernel="fused",
         micro_batch_size=1,
     )
 
@@ -67,8 +68,16 @@ def torchtitan_b200_layout(**formats) -> Layout:
     """The PyTorch/Nebius blog's layout could not be read from the material available when this test
     was written; assumed, and declared before planning: torchtitan's shipped DeepSeek-V3-671B config
     (local batch 4 x 4096 tokens, full activation checkpointing, FSDP over every GPU with a BF16
-    MixedPrecisionPolicy: BF16 all-gathers, FP32 reduce-scatters) with EP32 (4 nodes)."""
-    return Layout(ep=32, micro_batch_size=4, recompute="full", activation_bytes=2, gather_bytes=2, **formats)
+    MixedPrecisionPolicy: BF16 all-gathers, FP32 reduce-scatters, fused attention) with EP32 (4 nodes)."""
+    return Layout(
+        ep=32,
+        micro_batch_size=4,
+        recompute="full",
+        attention_kernel="fused",
+        activation_bytes=2,
+        gather_bytes=2,
+        **formats,
+    )
 
 
 B200_MISS = (

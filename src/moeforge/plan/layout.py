@@ -22,6 +22,7 @@ Recompute = Literal["none", "selective", "full"]
 ComputeDtype = Literal["bf16", "fp8", "fp32"]
 Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"]
 Dedup = Literal["rank", "node"]
+AttentionKernel = Literal["auto", "fused", "eager"]
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Layout:
     recompute: Recompute = "none"
     """activation recomputation: 'none', 'selective' (norms, SwiGLU products and MLA up-projections
     recomputed in the backward, as DeepSeek-V3 §3.2.3) or 'full' (each block keeps only its input)"""
+    attention_kernel: AttentionKernel = "auto"
+    """'fused' (FlashAttention-style: only a log-sum-exp per head is kept), 'eager' (the softmax
+    probabilities are kept, heads x seq per token) or 'auto': moeforge's own, eager for MLA, fused
+    (SDPA) for GQA"""
     compute_dtype: ComputeDtype = "bf16"
     """number format of the matmuls: 'bf16', 'fp8' (attention scores stay BF16) or 'fp32'"""
     activation_bytes: int = 2

@@ -8,6 +8,7 @@ dp_shard rank s splits into efsdp rank s // ep and ep rank s % ep (`moeforge.par
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
@@ -105,42 +106,77 @@ def sharded_state(cfg: ModelConfig, layout: Layout, rank: int) -> ShardedState:
     )
 
 
-def activation_elements_per_token(cfg: ModelConfig, block: int, recompute: str = "none") -> int:
-    """Activation elements one block saves per token for its backward: the inputs and outputs of its
-    norms, projections, attention and FFN that autograd keeps. 'selective' drops what DeepSeek-V3
-    recomputes (§3.2.3: RMSNorm outputs, MLA up-projections, SwiGLU products). An estimate by
-    counting those tensors, not a profiler's figure."""
-    if block < 0 or block >= cfg.n_layers:
-        return 0
-    dim, heads = cfg.dim, cfg.n_heads
-    keep = recompute != "selective"
-    norms = 2 * dim * (2 if keep else 1)  # each norm's input (and output unless recomputed)
+INDEX_BYTES = 8
+"""int64 routing indices autograd keeps"""
+
+
+def _norm(width: int, keep_output: bool) -> int:
+    """Elements an RMSNorm leaves for the backward per token: its input and 1/rms, and (unless it is
+    recomputed) its output and the flattened copy the next projection saves."""
+    return width + 1 + (2 * width if keep_output else 0)
+
+
+def _attention(cfg: ModelConfig, kernel: str, seq_len: int, keep: bool) -> int:
+    """Elements the attention saves per token after its input norm: MLA's down-projections and their
+    norms, the queries and keys (up-projected, RoPE applied), the values, the output; 'eager'
+    attention (moeforge's MLA) also the softmax probabilities, heads x seq_len, 'fused' only the
+    log-sum-exp per head. `keep` False: MLA's up-projections recomputed (q, k and v)."""
+    heads = cfg.n_heads
     if cfg.attention == "mla":
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        q_down = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0
-        up = heads * qk + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # q and kv up-projections
-        kv_down = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.kv_lora_rank
-        attention = q_down + kv_down + (up if keep else 0) + heads * qk + heads * cfg.v_head_dim
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_down = _norm(cfg.q_lora_rank, keep) if cfg.q_lora_rank else 0  # its input: wq_a out
+        kv_down = cfg.kv_lora_rank + cfg.qk_rope_head_dim + _norm(cfg.kv_lora_rank, keep) - cfg.kv_lora_rank
+        up = 2 * heads * qk + heads * v if keep else 0
+        downs = q_down + kv_down
     else:
-        hd = cfg.resolved_head_dim
-        attention = heads * hd + 2 * cfg.n_kv_heads * hd + heads * hd
-    swiglu = 3 if keep else 2  # the two projections' outputs and their product
+        qk = v = cfg.resolved_head_dim
+        up = heads * qk + 2 * cfg.n_kv_heads * qk
+        downs = 0
+    scores = heads * seq_len if kernel == "eager" else heads
+    return downs + up + scores + heads * v
+
+
+def activation_bytes_per_token(cfg: ModelConfig, block: int, layout: Layout, seq_len: int) -> float:
+    """Bytes block `block` keeps per token for its backward, counted tensor by tensor as moeforge's
+    modules save them (checked against autograd's saved tensors on the CPU): norms, attention, and a
+    dense SwiGLU (its w1|w3 output, SiLU, product) or the MoE layer (router scores and indices, each
+    of the k rows sent to an expert with its SwiGLU and output, the gates, the shared experts).
+    'selective' recomputation drops what DeepSeek-V3 recomputes (§3.2.3): norm outputs, MLA
+    up-projections, SwiGLU SiLU and product."""
+    if block < 0 or block >= cfg.n_layers:
+        return 0.0
+    keep = layout.recompute != "selective"
+    kernel = layout.attention_kernel
+    if kernel == "auto":  # moeforge's own: MLA written out (softmax kept), GQA through SDPA
+        kernel = "eager" if cfg.attention == "mla" else "fused"
+    dim = cfg.dim
+    swiglu = 4 if keep else 2  # w1|w3 output (2 wide), SiLU and product (1 wide each)
+    elements = _norm(dim, keep) + _attention(cfg, kernel, seq_len, keep) + _norm(dim, keep)
+    indices = 0
     if not cfg.is_moe_layer(block):
-        return norms + attention + swiglu * cfg.ffn_dim
-    moe = cfg.moe
-    routed = moe.top_k * (dim + swiglu * moe.expert_ffn_dim + dim)  # gathered input, SwiGLU, output
-    shared = moe.n_shared_experts * swiglu * moe.expert_ffn_dim
-    return norms + attention + moe.n_experts + routed + shared + dim
+        elements += swiglu * cfg.ffn_dim
+    else:
+        moe = cfg.moe
+        k, hidden = moe.top_k, moe.expert_ffn_dim
+        elements += moe.n_experts + 1 + k  # scores, the normaliser, the selected scores
+        elements += k * (dim + swiglu * hidden + dim) + k  # rows, SwiGLU, outputs; gates
+        elements += moe.n_shared_experts * swiglu * hidden + 1
+        indices = 3 * k  # the top-k choice, its copy for the gates, the expert-sorted order
+    return elements * layout.activation_bytes + indices * INDEX_BYTES
 
 
-def head_elements_per_token(cfg: ModelConfig, recompute: str = "none") -> int:
-    """The last stage's extra activations per token: final norm, fp32 logits for the loss (counted
-    as two elements each) and, per MTP depth, one MoE/dense block, its projection and its logits."""
-    logits = 2 * cfg.vocab_size
-    mtp = cfg.mtp_depth * (
-        activation_elements_per_token(cfg, cfg.n_layers - 1, recompute) + 4 * cfg.dim + logits
+def head_bytes_per_token(cfg: ModelConfig, layout: Layout, seq_len: int) -> float:
+    """The last stage's extra bytes per token: the final norm, fp32 logits for the loss and, per MTP
+    depth, its norms and projection, one block like the last, its norm and logits."""
+    logits = 4 * cfg.vocab_size
+    norm = _norm(cfg.dim, layout.recompute != "selective") * layout.activation_bytes
+    mtp_module = (
+        3 * norm
+        + 2 * cfg.dim * layout.activation_bytes
+        + activation_bytes_per_token(cfg, cfg.n_layers - 1, layout, seq_len)
+        + logits
     )
-    return cfg.dim + logits + mtp
+    return norm + logits + cfg.mtp_depth * mtp_module
 
 
 @dataclass(frozen=True)
@@ -180,16 +216,19 @@ def memory_estimate(
         blocks = blocks_of_rank(layout, cfg, pp_rank)
         tokens = layout.micro_batch_size * seq_len
         in_flight = activations_in_flight(layout, n_micro, pp_rank)
-        per_token = sum(activation_elements_per_token(cfg, b, layout.recompute) for b in blocks)
+        per_token = sum(activation_bytes_per_token(cfg, b, layout, seq_len) for b in blocks)
         if cfg.n_layers in blocks:
-            per_token += head_elements_per_token(cfg, layout.recompute)
+            per_token += head_bytes_per_token(cfg, layout, seq_len)
         if layout.recompute == "full":
             n_blocks = sum(1 for b in blocks if 0 <= b < cfg.n_layers)
-            largest = max((activation_elements_per_token(cfg, b) for b in blocks), default=0)
-            saved = tokens * n_blocks * cfg.dim * in_flight
-            activations = (saved + tokens * largest) * layout.activation_bytes
+            no_recompute = dataclasses.replace(layout, recompute="none")
+            largest = max(
+                (activation_bytes_per_token(cfg, b, no_recompute, seq_len) for b in blocks), default=0
+            )
+            saved = tokens * n_blocks * cfg.dim * layout.activation_bytes * in_flight
+            activations = saved + tokens * largest
         else:
-            activations = tokens * per_token * in_flight * layout.activation_bytes
+            activations = tokens * per_token * in_flight
         buffers = _buffer_bytes(cfg, layout, tokens, rows_per_token, blocks)
         diloco = 0.0
         if layout.diloco_replicas > 1 and not layout.diloco_global_on_cpu:

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeforge.config import ParallelConfig, load_config
+from torch.distributed.device_mesh import init_device_mesh
+
+from moeforge.config import ModelConfig, MoEConfig, ParallelConfig, load_config
 from moeforge.parallel import build_mesh, parallelize
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Layout, sharded_bytes
+from moeforge.plan.comm import all_to_all_bytes, rows_from_counts
 from moeforge.plan.memory import chunk_rows, sharded_state
 
 WORLD = 4
@@ -28,9 +31,10 @@ PRESETS = ["tiny", "deepseek-v3-tiny"]
 
 def measure_real_bytes(rank: int, out: str) -> None:
     """One AdamW step of each preset under each layout; this rank's bytes of parameter shards,
-    gradients and AdamW moments, written to OUT/rank.json."""
+    gradients and AdamW moments, written to OUT/rank.json; then the all-to-all of one MoE layer."""
     from moeforge.model.transformer import Transformer
 
+    measure_all_to_all(rank, out)
     results = {}
     for preset in PRESETS:
         cfg = load_config(preset, world_size=WORLD, overrides={"train.seq-len": "16"})
@@ -62,12 +66,69 @@ def measure_real_bytes(rank: int, out: str) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps(results))
 
 
-def test_tiny_presets_bytes_per_rank_equal_a_real_step(tmp_path):
+MOE = MoEConfig(dim=16, n_experts=8, top_k=3, expert_ffn_dim=8, n_groups=1, topk_groups=1)
+RANKS_PER_NODE = 2
+"""the all-to-all check treats ranks 0-1 and 2-3 as two nodes"""
+
+
+def measure_all_to_all(rank: int, out: str) -> None:
+    """One MoE layer's forward over ep = 4 ranks: the bytes its all-to-alls send to ranks of the same
+    and of the other 'node' (counted at the collective), and which ranks own each token's experts."""
+    import moeforge.parallel.expert_parallel as expert_parallel
+    from moeforge.model.moe import MoE
+    from moeforge.parallel.parallelize import apply_expert_parallel
+
+    sent = {"intra": 0, "inter": 0}
+    real = expert_parallel.all_to_all_single_autograd
+
+    def counting(rows, output_splits, input_splits, group):
+        row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 0
+        for dest, n in enumerate(input_splits):
+            if dest != rank:
+                sent["intra" if dest // RANKS_PER_NODE == rank // RANKS_PER_NODE else "inter"] += (
+                    n * row_bytes
+                )
+        return real(rows, output_splits, input_splits, group)
+
+    expert_parallel.all_to_all_single_autograd = counting
+    torch.manual_seed(0)
+    layer = MoE(MOE)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))["ep"])
+    torch.manual_seed(1 + rank)
+    x = torch.randn(3, 10, MOE.dim)
+    layer(x)
+    experts = layer.route(x.reshape(-1, MOE.dim)).expert_indices
+    owners = torch.zeros(30, WORLD, dtype=torch.bool)
+    owners.scatter_(1, experts // (MOE.n_experts // WORLD), True)
+    Path(out, f"a2a{rank}.json").write_text(json.dumps({"sent": sent, "owners": owners.tolist()}))
+
+
+@pytest.fixture(scope="module")
+def real_step(tmp_path_factory) -> Path:
+    """A directory with each rank's measurements of `measure_real_bytes` (4 gloo processes, ~30 s)."""
+    out = tmp_path_factory.mktemp("real-step")
+    run_on_processes(WORLD, measure_real_bytes, str(out))
+    return out
+
+
+def test_all_to_all_bytes_equal_the_collectives_for_a_given_routing(real_step):
+    """The planner's rows for the measured routing (each token once to each other rank that owns one
+    of its experts), times its bytes per row (the hidden vector out with its k gates and expert ids,
+    the expert output back), equal the bytes moeforge's dispatcher hands to all_to_all, by link."""
+    measured = [json.loads((real_step / f"a2a{rank}.json").read_text()) for rank in range(WORLD)]
+    owners = torch.tensor([m["owners"] for m in measured])
+    intra, inter = rows_from_counts(owners, WORLD, RANKS_PER_NODE)
+    cfg = ModelConfig(dim=MOE.dim, moe=MOE)
+    layout = Layout(ep=WORLD, dispatch_bytes=4, combine_bytes=4, routing_bytes=8 * MOE.top_k)
+    assert sum(m["sent"]["intra"] for m in measured) == all_to_all_bytes(intra, cfg, layout)
+    assert sum(m["sent"]["inter"] for m in measured) == all_to_all_bytes(inter, cfg, layout)
+
+
+def test_tiny_presets_bytes_per_rank_equal_a_real_step(real_step):
     """Every rank, every layout, both tiny presets: planner bytes == bytes of the real shards after a
     real step (fp32 parameters, gradients and moments; AdamW's step counters live on the host)."""
-    run_on_processes(WORLD, measure_real_bytes, str(tmp_path))
     for rank in range(WORLD):
-        measured = json.loads((tmp_path / f"{rank}.json").read_text())
+        measured = json.loads((real_step / f"{rank}.json").read_text())
         for preset in PRESETS:
             cfg = load_config(preset)
             for replicate, ep in LAYOUTS:
@@ -84,7 +145,9 @@ FAKE_RANK = r"""
 import json, sys
 import torch, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from moeforge.config import ParallelConfig, load_config
+from torch.distributed.device_mesh import init_device_mesh
+
+from moeforge.config import ModelConfig, MoEConfig, ParallelConfig, load_config
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, parallelize
 

@@ -79,6 +79,12 @@ def rows_from_counts(owner_hits: torch.Tensor, ep: int, ranks_per_node: int) -> 
     return int((off_rank & same_node).sum()), int((off_rank & ~same_node).sum())
 
 
+def all_to_all_bytes(rows: float, cfg: ModelConfig, layout: Layout) -> float:
+    """Bytes `rows` dispatched rows cost in one forward pass: the hidden vector out (with its routing
+    data), the expert output back. A backward pass sends the same again."""
+    return rows * (cfg.dim * (layout.dispatch_bytes + layout.combine_bytes) + layout.routing_bytes)
+
+
 def ring_bytes(size_bytes: float, ranks: int, all_reduce: bool = False) -> float:
     """Bytes through one rank's link in a ring all-gather/reduce-scatter (x2 for an all-reduce) of a
     `size_bytes` buffer over `ranks` ranks."""

@@ -82,6 +82,9 @@ class Layout:
     """bytes per element of a token sent to its experts (2 = BF16, ~1.03 = FP8 with its scales)"""
     combine_bytes: float = 2.0
     """bytes per element of an expert output sent back"""
+    routing_bytes: float = 0.0
+    """bytes of routing data travelling with each dispatched row (moeforge's dispatcher: the k gates
+    and k local expert ids in fp32, 8 x top-k, set from the run config); 0 = none"""
     diloco_replicas: int = 1
     """DiLoCo replicas (the outermost dimension); 1 = off"""
     diloco_sync_every: int = 100
@@ -221,6 +224,7 @@ def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> 
         diloco_quantize=dil.quantize,
         diloco_quantize_block=dil.quantize_block,
         diloco_global_on_cpu=dil.global_on_cpu,
+        routing_bytes=8.0 * cfg.model.moe.top_k,
     )
     apply_mapping(layout, dict(overrides or {}), "layout.")
     return layout

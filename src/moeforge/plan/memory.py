@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
+from moeforge.plan.comm import all_to_all_bytes
 from moeforge.plan.layout import Layout, stage_block_counts
 from moeforge.plan.pipeline import activations_in_flight
 from moeforge.plan.tensors import ParamTensor, parameter_tensors
@@ -254,7 +255,7 @@ def _buffer_bytes(
     (the one computing and the one prefetched)."""
     a2a = 0.0
     if layout.ep > 1 and any(0 <= b < cfg.n_layers and cfg.is_moe_layer(b) for b in blocks):
-        a2a = 2 * tokens * rows_per_token * cfg.dim * (layout.dispatch_bytes + layout.combine_bytes)
+        a2a = 2 * all_to_all_bytes(tokens * rows_per_token, cfg, layout)
     fsdp = 0.0
     if layout.data_sharding == "fsdp" and layout.dp_shard > 1:
         per_block: dict[int, int] = {}

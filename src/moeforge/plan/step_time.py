@@ -23,6 +23,7 @@ from moeforge.plan.comm import (
     AllToAllRows,
     bandwidth_for_utilisation,
     all_gather_bytes,
+    all_to_all_bytes,
     diloco_message_bytes,
     fragment_elements,
     expected_rows,
@@ -236,8 +237,7 @@ def _communication(
     blocks: list[int],
 ) -> Communication:
     passes = 3 if layout.recompute == "full" else 2  # forward, backward (and the recomputed forward)
-    row_bytes = cfg.dim * (layout.dispatch_bytes + layout.combine_bytes)
-    a2a_tokens = n_micro * tokens_mb * moe_layers * passes * row_bytes
+    a2a_tokens = n_micro * tokens_mb * moe_layers * passes * all_to_all_bytes(1, cfg, layout)
     nvlink_bytes, network_bytes = a2a_tokens * rows.nvlink, a2a_tokens * rows.network
     a2a_s = max(
         nvlink_bytes / cluster.achieved_nvlink if nvlink_bytes else 0.0,

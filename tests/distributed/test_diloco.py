@@ -167,7 +167,7 @@ def test_streaming_overlapped_rounds_equal_replicas_synchronised_by_hand(tmp_pat
 # Checkpoints: mid-round resume is bit-exact, in FP4, with an exchange in flight
 
 
-FP4 = {**STREAMING, "train__steps": "7", "diloco__quantize": "fp4-e3m0", "diloco__quantize_block": "32"}
+FP4 = {**STREAMING, "train__steps": "8", "diloco__quantize": "fp4-e3m0", "diloco__quantize_block": "32"}
 
 
 def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
@@ -186,6 +186,9 @@ def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     records = [s for r in read_metrics(tmp_path / "straight") for s in r.get("diloco", [])]
     assert all(0 < s["quant_error"] < 0.5 for s in records)  # FP4: coarse, but not garbage
+    # the last step: fragment 0, sent at step 8, lands by replacement; fragment 1 syncs once more
+    last = read_metrics(tmp_path / "straight")[-1]["diloco"]
+    assert [(s["fragment"], s["sent_step"], s["mixed"]) for s in last] == [(0, 8, 0.0), (1, 8, 0.0)]
 
 
 # ----------------------------------------------------------------------------------------------

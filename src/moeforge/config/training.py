@@ -72,6 +72,8 @@ class TrainConfig:
     """newest checkpoints kept on disk"""
     progress: bool = True
     """show a progress bar"""
+    force: bool = False
+    """start even when the planner estimates that the layout does not fit the device's memory"""
     report: bool = True
     """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
 

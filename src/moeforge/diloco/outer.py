@@ -100,9 +100,14 @@ class StreamingDiLoCo:
         return records
 
     def finish(self, step: int) -> list[dict[str, Any]]:
-        """At the end of training: land what is in flight, then synchronise every fragment once more
-        without overlap, so that every replica ends on theta_global (the checkpoint's model)."""
-        records = [self._land(self.pending.pop(p), mix=True) for p in sorted(self.pending)]
+        """At the end of training: land what is in flight, then synchronise once more, without
+        overlap, every fragment whose local parameters are not theta_global yet, so that every
+        replica ends on theta_global (the checkpoint's model). An exchange sent at this very step
+        carries all of its fragment's progress: it lands by replacement and needs no second round."""
+        records = []
+        for fragment in sorted(self.pending):
+            exchange = self.pending.pop(fragment)
+            records.append(self._land(exchange, mix=exchange.sent_step != step))
         for fragment in range(self.cfg.fragments):
             if self._replaced_at.get(fragment) != step:
                 records.append(self._land(self._send(fragment, step, step), mix=False))

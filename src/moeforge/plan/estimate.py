@@ -38,16 +38,20 @@ class RunEstimate:
 
     def one_line(self) -> str:
         """e.g. 'plan: 61.3 GB per device of 80 GB (fits), ~41,000 tokens/s (h100 preset)'."""
-        memory = f"{self.memory_per_device_bytes / GB:.1f} GB per device"
+        memory = f"{_size(self.memory_per_device_bytes)} per device"
         if self.device_memory_bytes is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            memory += f" of {self.device_memory_bytes / GB:.0f} GB ({verdict})"
+            memory += f" of {_size(self.device_memory_bytes)} ({verdict})"
         speed = (
             f"~{self.tokens_per_s:,.0f} tokens/s ({self.cluster} preset)"
             if self.tokens_per_s is not None
             else "tokens/s not estimated (no preset for this device)"
         )
         return f"plan: {memory}, {speed}"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:,.1f} GB" if nbytes >= GB else f"{nbytes / 1e6:,.0f} MB"
 
 
 def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> RunEstimate:

@@ -34,6 +34,7 @@ from moeforge.parallel import (
     parallelize,
     sum_across_ranks,
 )
+from moeforge.plan import estimate_run
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
 from moeforge.train.losses import token_cross_entropy, training_losses
@@ -124,6 +125,7 @@ class Trainer:
         self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        self._check_plan()
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
         replicas = cfg.diloco.replicas
@@ -172,6 +174,18 @@ class Trainer:
         """the signal (SIGTERM/SIGINT) this rank received, if any"""
         self._stop_agreed = False
         """some rank received one: all ranks finish the step, save and return (decided in train_step)"""
+
+    def _check_plan(self) -> None:
+        """The planner's one-line estimate of this run (moeforge.plan), and a refusal to start a layout
+        it says cannot fit the device's memory (CUDA; the CPU has no fixed budget) unless train.force."""
+        estimate = estimate_run(self.cfg, self.world_size, self.device)
+        if self.is_main and self.cfg.train.progress:
+            print(estimate.one_line(), flush=True)
+        if not estimate.fits and not self.cfg.train.force:
+            raise ConfigError(
+                f"train.force: off, and the layout does not fit: {estimate.one_line()}; find one that fits "
+                "with `moeforge plan --search`, or pass --train.force true to start anyway"
+            )
 
     # ------------------------------------------------------------------------------------------
     # Resume and checkpoints

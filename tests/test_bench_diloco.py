@@ -133,6 +133,8 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
     [
         ({"steps": 0}, r"^--steps: got 0; allowed: an integer >= 1$"),
         ({"codecs": ("fp5",)}, r"^--codecs: got 'fp5'; allowed: a comma-separated list of"),
+        ({"codecs": ("fp8", "fp8")}, r"^--codecs: got 'fp8'; allowed: a comma-separated list of distinct"),
+        ({"overrides": (("train.log-every", "5"),)}, r"^--train.log-every: set by the bench per method"),
         ({"overrides": (("diloco.quantize", "fp8"),)}, r"^--diloco.quantize: set by the bench per method"),
         ({"fragments": 30}, r"diloco.fragments"),
     ],

@@ -53,6 +53,10 @@ PER_METHOD_KEYS = (
     "diloco.quantize",
     "train.steps",
     "train.eval-every",
+    "train.log-every",
+    "train.checkpoint-every",
+    "train.progress",
+    "train.report",
 )
 """config fields the bench sets itself; a --section.field override may not name them"""
 
@@ -98,9 +102,10 @@ class DilocoBenchSettings:
                 f"--ref-params, --ref-step-s: got {self.ref_params}, {self.ref_step_s}; allowed: numbers > 0"
             )
         for codec in self.codecs:
-            if codec not in FP4_MAGNITUDES and codec not in ("bf16", "fp8"):
+            known = codec in FP4_MAGNITUDES or codec in ("bf16", "fp8")
+            if not known or self.codecs.count(codec) > 1:
                 raise ConfigError(
-                    f"--codecs: got {codec!r}; allowed: a comma-separated list of bf16, fp8, "
+                    f"--codecs: got {codec!r}; allowed: a comma-separated list of distinct bf16, fp8, "
                     + ", ".join(FP4_MAGNITUDES)
                 )
         for key, _ in self.overrides:

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import SMALL
 from moeforge.bench.diloco import (
+    PER_METHOD_KEYS,
     DilocoBenchSettings,
     format_table,
     method_config,
@@ -21,7 +22,6 @@ from moeforge.config import ConfigError
 from moeforge.model.transformer import Transformer
 from moeforge.train.trainer import Trainer
 
-OWN_KEYS = ("train.eval-every",)
 SETTINGS = DilocoBenchSettings(
     steps=8,
     sync_every=4,
@@ -29,7 +29,7 @@ SETTINGS = DilocoBenchSettings(
     overlap_steps=1,
     eval_every=4,
     codecs=("fp4-e3m0",),
-    overrides=tuple((k, v) for k, v in SMALL.items() if k not in OWN_KEYS),
+    overrides=tuple((k, v) for k, v in SMALL.items() if k not in PER_METHOD_KEYS),
 )
 BLOCK = 128  # diloco.quantize-block's default
 

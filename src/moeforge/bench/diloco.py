@@ -285,7 +285,7 @@ def _run_figures(method: Method, records: list[dict[str, Any]]) -> dict[str, Any
     return {
         "diloco": method.diloco,
         "val_loss": evals[-1][1],
-        "final_train_loss": records[-1]["loss"],
+        "final_train_loss": records[-1]["lm_loss"],
         "bytes_per_replica": exchange["bytes_per_replica"] if exchange else None,
         "syncs": len(syncs),
         "peak_sync_bytes": max((sync["bytes_per_replica"] for sync in syncs), default=None),
@@ -294,7 +294,7 @@ def _run_figures(method: Method, records: list[dict[str, Any]]) -> dict[str, Any
         "median_step_s": statistics.median(step_s),
         "exchange": exchange,
         "val_curve": evals,
-        "train_curve": [(r["tokens_seen"], r["loss"]) for r in records],
+        "train_curve": [(r["tokens_seen"], r["lm_loss"]) for r in records],
     }
 
 
@@ -360,7 +360,7 @@ def write_plot(result: dict[str, Any], path: Path | str) -> Path:
         train_ax.plot([t / 1e6 for t in tokens], _running_mean(loss, 10), label=row["method"], linewidth=1)
     cfg = result["config"]
     val_ax.set_title(f"validation loss ({cfg['preset']}, {cfg['replicas']} replicas)")
-    train_ax.set_title("training loss, running mean of 10 steps (DiLoCo: replica 0's)")
+    train_ax.set_title("training loss, mean of 10 steps (DiLoCo: replica 0)")
     for ax in (val_ax, train_ax):
         ax.set_xlabel("tokens (M)")
         ax.set_ylabel("loss")

@@ -126,6 +126,8 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
     assert required_bandwidth(100, 10, 1, 1.0, 1 - 1e-12) == pytest.approx(100)
     # without overlap, u = 0.5 allows the exchange as long as the 10 compute steps
     assert required_bandwidth(100, 10, 0, 1.0, 0.5) == pytest.approx(10)
+    # an overlap beyond the interval hides no more: one exchange per step still has to get through
+    assert required_bandwidth(100, 1, 3, 1.0, 0.5) == pytest.approx(50)
 
 
 @pytest.mark.parametrize(

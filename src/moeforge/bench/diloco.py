@@ -14,7 +14,7 @@ and the bandwidth each method would need to keep a given compute utilisation u:
 
     per sync interval of k steps (step time T), one exchange of B bytes, of which tau*T hides behind
     the next inner steps: wall = k*T + max(0, B/W - tau*T), u = k*T / wall, so
-    W(u) = B / (tau*T + k*T*(1 - u)/u)
+    W(u) = B / (tau*T + k*T*(1 - u)/u)   (tau <= k; a longer overlap counts as k)
 
 with B the largest single exchange (data parallelism: B = 4 x parameters, k = 1, tau = 0). It is
 given for the step time measured here and for a reference model (bytes scaled by its parameter count,
@@ -302,8 +302,11 @@ def required_bandwidth(
     sync_bytes: float, interval: int, overlap: int, step_s: float, utilisation: float
 ) -> float:
     """Bytes/s a replica's link needs so that exchanges of `sync_bytes` every `interval` steps of
-    `step_s`, each hidden behind `overlap` steps, leave compute busy a fraction `utilisation`."""
-    return sync_bytes / (overlap * step_s + interval * step_s * (1 - utilisation) / utilisation)
+    `step_s`, each hidden behind `overlap` steps, leave compute busy a fraction `utilisation`. An
+    overlap longer than the interval hides no more: the link must still carry one exchange per
+    interval, so it counts as `interval` steps."""
+    hidden = min(overlap, interval) * step_s
+    return sync_bytes / (hidden + interval * step_s * (1 - utilisation) / utilisation)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ two compared; no constant is fitted to the runs.
 - **The cluster.** A "device" is one gloo process of one thread; a layout of P processes runs on
   the cluster "cpu-P": one node of P devices that share the machine's cores and memory (4 devices
   on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
-  collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are measured in the same P processes, before any training step:
-  the fp32 GEMM rate of one device while all P multiply at once (a large square matmul, best of a
-  few), the copy bandwidth of one device while all P copy at once (a large tensor, read + write
+  collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
+  measured in the same P processes, before any training step: the fp32 GEMM rate of one device
+  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one device while all P copy at once (a large tensor, read + write
   bytes), and gloo's all-reduce and point-to-point bandwidth and latency at a few sizes. The
   planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls run
   as fast as a large GEMM), its "NVLink" (the link inside a node) is gloo's all-reduce bus
@@ -16,8 +16,8 @@ two compared; no constant is fitted to the runs.
 - **The runs.** For each layout (1 process; 2 processes FSDP; 2 processes EP2; 4 processes FSDP
   with EP2; 4 processes HSDP 2 x 2) and preset, the trainer runs a few real steps on the spawned
   gloo processes in fp32 (`moeforge.train.trainer.Trainer`, handed in by the caller: bench sits
-  beside train in the layers and may not import it); a step's time is the slowest rank's `train_step`,
-  and the figure is the median after the warm-up steps.
+  beside train in the layers and may not import it); a step's time is the slowest rank's
+  `train_step`, and the figure is the median after the warm-up steps.
 - **The comparison.** The planner plans the same layout (fp32 matmuls, activations, all-to-all rows
   and FSDP traffic; the run's batch and micro-batch) on the measured cluster; the table shows both
   step times, their ratio and what the planner says bounds the step.
@@ -31,8 +31,8 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch

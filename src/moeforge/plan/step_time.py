@@ -3,8 +3,8 @@ into a step time, tokens/s, MFU and the resource that bounds the step.
 
 Compute: each block's matmul FLOPs (6 x its active parameters per token, `moeforge.model.flops`) at
 the achieved FLOP/s of the compute format, the attention scores (6 x heads x (qk + v) x seq) at the
-achieved BF16 rate (FP32 in an fp32 layout); backward = 2 x forward, split evenly between inputs (B) and weights (W); full
-recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
+achieved BF16 rate (FP32 in an fp32 layout); backward = 2 x forward, split evenly between inputs (B)
+and weights (W); full recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
 out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
 and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
 only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.

@@ -190,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     diloco.add_argument("--plot", metavar="PNG", help="write the loss-vs-tokens plot here")
     diloco.add_argument("--json", action="store_true")
     diloco.set_defaults(handler=run_bench_diloco)
+    plan_bench = benches.add_parser(
+        "plan",
+        help="the planner's step time vs real training steps of the tiny presets under several layouts, on "
+        "a cluster measured on this CPU (GEMM FLOP/s, copy bandwidth, gloo bandwidth and latency)",
+    )
+    plan_bench.add_argument(
+        "--presets", default="tiny,deepseek-v3-tiny", help="comma-separated model presets"
+    )
+    plan_bench.add_argument(
+        "--layouts",
+        default="single,fsdp2,ep2,fsdp4-ep2,hsdp2x2",
+        help="comma-separated: single (1 process), fsdp2, ep2 (2 processes), fsdp4-ep2, hsdp2x2 (4 processes)",
+    )
+    plan_bench.add_argument("--steps", type=int, default=4, help="timed training steps per layout")
+    plan_bench.add_argument("--warmup", type=int, default=2, help="untimed training steps before them")
+    plan_bench.add_argument(
+        "--clusters-out", metavar="DIR", help="also write each measured cluster as DIR/cpu-P.toml"
+    )
+    plan_bench.add_argument("--json", action="store_true")
+    plan_bench.set_defaults(handler=run_bench_plan)
 
     convert = commands.add_parser("convert", help="Hugging Face safetensors <-> moeforge checkpoints")
     source = convert.add_mutually_exclusive_group(required=True)
@@ -464,6 +484,24 @@ def run_bench_diloco(args: argparse.Namespace, rest: list[str]) -> int:
     print(json.dumps(result) if args.json else format_table(result))
     if args.plot:
         print(f"wrote {write_plot(result, args.plot)}", file=sys.stderr)
+def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.bench.plan import PlanBenchSettings, cluster_toml, format_table, run_plan_bench
+    from moeforge.plan import Cluster
+    from moeforge.train.trainer import Trainer
+
+    settings = PlanBenchSettings(
+        presets=tuple(p for p in args.presets.split(",") if p),
+        layouts=tuple(name for name in args.layouts.split(",") if name),
+        steps=args.steps,
+        warmup=args.warmup,
+    )
+    out = _output_dir(args.clusters_out, "--clusters-out") if args.clusters_out else None
+    result = run_plan_bench(settings, Trainer)
+    if out is not None:
+        for name, fields in result["clusters"].items():
+            (out / f"{name}.toml").write_text(cluster_toml(Cluster(**fields)))
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 

@@ -27,6 +27,8 @@ class Cluster:
     """dense BF16 tensor-core peak of one GPU, FLOP/s"""
     peak_fp8_flops: float = 0.0
     """dense FP8 tensor-core peak of one GPU, FLOP/s"""
+    peak_fp32_flops: float = 0.0
+    """dense FP32 matmul peak of one device, FLOP/s (for fp32 layouts, e.g. a CPU)"""
     hbm_bytes: float = 0.0
     """memory of one GPU, bytes"""
     hbm_bandwidth: float = 0.0
@@ -39,6 +41,8 @@ class Cluster:
     """fraction of the BF16 peak a whole training step reaches (measured MFU of a published run)"""
     fp8_efficiency: float = 0.0
     """fraction of the FP8 peak that FP8 matmuls reach in a training step"""
+    fp32_efficiency: float = 0.0
+    """fraction of the FP32 peak that FP32 matmuls reach in a training step"""
     nvlink_efficiency: float = 0.0
     """fraction of nvlink-bandwidth that all-to-all and collectives reach"""
     network_efficiency: float = 0.0
@@ -48,12 +52,12 @@ class Cluster:
     per-GPU bandwidth times the replica's GPUs"""
 
     def peak_flops(self, dtype: str) -> float:
-        return self.peak_fp8_flops if dtype == "fp8" else self.peak_bf16_flops
+        return {"fp8": self.peak_fp8_flops, "fp32": self.peak_fp32_flops}.get(dtype, self.peak_bf16_flops)
 
     def achieved_flops(self, dtype: str) -> float:
-        """FLOP/s one GPU reaches in `dtype` ('bf16' or 'fp8') during training."""
-        if dtype == "fp8":
-            return self.require("peak_fp8_flops") * self.require("fp8_efficiency")
+        """FLOP/s one GPU reaches in `dtype` ('bf16', 'fp8' or 'fp32') during training."""
+        if dtype in ("fp8", "fp32"):
+            return self.require(f"peak_{dtype}_flops") * self.require(f"{dtype}_efficiency")
         return self.require("peak_bf16_flops") * self.require("bf16_efficiency")
 
     @property

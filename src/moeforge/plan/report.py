@@ -18,6 +18,7 @@ def _seconds(value: float) -> str:
 def format_plan(plan: Plan) -> str:
     """A readable report of one plan: layout, memory per GPU, traffic per step, time."""
     mem, comm = plan.memory, plan.communication
+    peak = "FP32" if plan.layout.compute_dtype == "fp32" else "BF16"
     fit = "fits" if plan.fits else "DOES NOT FIT"
     lines = [
         f"layout      {plan.layout.describe()}",
@@ -58,7 +59,7 @@ def format_plan(plan: Plan) -> str:
         f"  pipeline bubble         {_seconds(plan.bubble_s)}",
         f"  DiLoCo (exposed)        {_seconds(plan.exposed_diloco_s)}",
         f"  step                    {_seconds(plan.step_s)}   bound by {plan.bound_by}",
-        f"  tokens/s {plan.tokens_per_s:,.0f} ({plan.tokens_per_s_per_gpu:,.1f} per GPU), MFU {plan.mfu:.1%} of BF16 peak, "
+        f"  tokens/s {plan.tokens_per_s:,.0f} ({plan.tokens_per_s_per_gpu:,.1f} per GPU), MFU {plan.mfu:.1%} of {peak} peak, "
         f"{plan.gpu_hours_per_trillion_tokens / 1e3:,.1f}K GPU-hours per trillion tokens",
     ]
     return "\n".join(lines)

@@ -3,8 +3,8 @@ into a step time, tokens/s, MFU and the resource that bounds the step.
 
 Compute: each block's matmul FLOPs (6 x its active parameters per token, `moeforge.model.flops`) at
 the achieved FLOP/s of the compute format, the attention scores (6 x heads x (qk + v) x seq) at the
-achieved BF16 rate; backward = 2 x forward, split evenly between inputs (B) and weights (W); full
-recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
+achieved BF16 rate (FP32 in an fp32 layout); backward = 2 x forward, split evenly between inputs (B)
+and weights (W); full recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
 out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
 and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
 only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.
@@ -190,11 +190,17 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         exposed_diloco_s=exposed_diloco,
         step_s=step,
         tokens_per_s=tokens_per_s,
-        mfu=flops_token * tokens_per_s / (world * cluster.require("peak_bf16_flops")),
+        mfu=flops_token * tokens_per_s / (world * cluster.require(_mfu_peak(layout))),
         bound_by=max(parts, key=lambda name: parts[name]),
         communication=comm,
         diloco=diloco,
     )
+
+
+def _mfu_peak(layout: Layout) -> str:
+    """The cluster field MFU is a fraction of: the BF16 peak (also for FP8 runs, as published MFUs
+    are), the FP32 peak for an fp32 layout."""
+    return "peak_fp32_flops" if layout.compute_dtype == "fp32" else "peak_bf16_flops"
 
 
 def _busiest_forward(
@@ -205,7 +211,8 @@ def _busiest_forward(
     rank's two stages (half of them, on average)."""
     flops = flops_per_token_by_block(cfg, seq_len)
     matmul_rate = cluster.achieved_flops(layout.compute_dtype)
-    attention_rate = cluster.achieved_flops("bf16")
+    # attention scores stay BF16 under FP8 matmuls; an fp32 layout computes them in fp32
+    attention_rate = cluster.achieved_flops("fp32" if layout.compute_dtype == "fp32" else "bf16")
     share = 0.5 if layout.pp > 1 and layout.pp_schedule == "dualpipe" else 1.0
     best: tuple[float, float, list[int]] = (-1.0, 0.0, [])
     for pp_rank in range(layout.pp):
@@ -244,8 +251,9 @@ def _communication(
         network_bytes / cluster.achieved_network if network_bytes else 0.0,
     )
     dp_bytes, over_network = _data_parallel_bytes(cfg, layout, cluster, n_micro, blocks)
-    link = cluster.achieved_network if over_network else cluster.achieved_nvlink
-    dp_s = dp_bytes / link if dp_bytes else 0.0
+    dp_s = 0.0
+    if dp_bytes:  # one device sends nothing and needs no link
+        dp_s = dp_bytes / (cluster.achieved_network if over_network else cluster.achieved_nvlink)
     pipe_bytes = 0.0
     if layout.pp > 1:
         pipe_bytes = 2 * n_micro * layout.chunks_per_rank() * tokens_mb * cfg.dim * layout.activation_bytes

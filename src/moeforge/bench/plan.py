@@ -1,0 +1,434 @@
+"""`moeforge bench plan`: the planner's step time against real training steps on this CPU.
+
+First this machine is measured as a planner `Cluster`, then the trainer runs, and only then are the
+two compared; no constant is fitted to the runs.
+
+- **The cluster.** A "device" is one gloo process of one thread; a layout of P processes runs on
+  the cluster "cpu-P": one node of P devices that share the machine's cores and memory (4 devices
+  on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
+  collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
+  measured in the same P processes, before any training step: the fp32 GEMM rate of one device
+  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one device while all P copy at once (a large tensor, read + write
+  bytes), and gloo's all-reduce and point-to-point bandwidth and latency at a few sizes. The
+  planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls run
+  as fast as a large GEMM), its "NVLink" (the link inside a node) is gloo's all-reduce bus
+  bandwidth at the largest size with an efficiency of 1; there is no network (one node).
+- **The runs.** For each layout (1 process; 2 processes FSDP; 2 processes EP2; 4 processes FSDP
+  with EP2; 4 processes HSDP 2 x 2) and preset, the trainer runs a few real steps on the spawned
+  gloo processes in fp32 (`moeforge.train.trainer.Trainer`, handed in by the caller: bench sits
+  beside train in the layers and may not import it); a step's time is the slowest rank's
+  `train_step`, and the figure is the median after the warm-up steps.
+- **The comparison.** The planner plans the same layout (fp32 matmuls, activations, all-to-all rows
+  and FSDP traffic; the run's batch and micro-batch) on the measured cluster; the table shows both
+  step times, their ratio and what the planner says bounds the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from moeforge.config import Config, ConfigError, available_presets, load_config
+from moeforge.parallel.spawn import run_on_processes
+from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
+
+
+class Steps(Protocol):
+    def train_step(self) -> dict[str, Any]: ...
+
+
+TrainerFactory = Callable[[Config, str], Steps]
+"""(run config, run directory) -> a trainer, e.g. `moeforge.train.trainer.Trainer`"""
+
+TOLERANCE = 0.30
+"""issue 15, item 4: the planned step time within 30 % of the measured one"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchLayout:
+    """One layout of the trainer: `processes` gloo processes, HSDP `dp_replicate` x (FSDP with `ep`)."""
+
+    processes: int
+    dp_replicate: int = 1
+    ep: int = 1
+
+
+LAYOUTS = {
+    "single": BenchLayout(1),
+    "fsdp2": BenchLayout(2),
+    "ep2": BenchLayout(2, ep=2),
+    "fsdp4-ep2": BenchLayout(4, ep=2),
+    "hsdp2x2": BenchLayout(4, dp_replicate=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanBenchSettings:
+    presets: tuple[str, ...] = ("tiny", "deepseek-v3-tiny")
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
+    steps: int = 4
+    """timed training steps per layout"""
+    warmup: int = 2
+    """untimed training steps before them"""
+    seq_len: int = 0
+    """0 = the preset's train.seq-len"""
+    global_batch_size: int = 0
+    """0 = the preset's train.global-batch-size"""
+    gemm_size: int = 2048
+    """n of the n x n x n fp32 matmul that measures FLOP/s"""
+    copy_mib: int = 256
+    """MiB of the tensor copied to measure memory bandwidth"""
+    comm_bytes: tuple[int, ...] = (4, 65536, 1 << 20, 16 << 20)
+    """message sizes of the gloo measurements (the smallest gives the latency)"""
+    repeats: int = 5
+    """repeats of each machine measurement (the best counts)"""
+
+    def validate(self) -> None:
+        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats"):
+            value, least = getattr(self, name), 0 if name == "warmup" else 1
+            if value < least:
+                raise ConfigError(f"--{name.replace('_', '-')}: got {value}; allowed: an integer >= {least}")
+        for preset in self.presets:
+            if preset not in available_presets():
+                raise ConfigError(f"--presets: {preset!r} is not one of {', '.join(available_presets())}")
+        for name in self.layouts:
+            if name not in LAYOUTS:
+                raise ConfigError(f"--layouts: {name!r} is not one of {', '.join(LAYOUTS)}")
+        if not self.presets or not self.layouts:
+            raise ConfigError("--presets/--layouts: give at least one of each")
+
+
+def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict[str, Any]:
+    """Measure the machine, run the layouts with `trainer` (a module-level class or function, so
+    that spawned processes can import it), plan them on the measured clusters; a JSON-ready dict."""
+    settings.validate()
+    load_before = os.getloadavg()
+    worlds = sorted({LAYOUTS[name].processes for name in settings.layouts})
+    measured: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in worlds:
+            out = Path(tmp) / f"world{world}.json"
+            run_on_processes(world, _spawned_worker, settings, trainer, str(out), threads=1)
+            measured[world] = json.loads(out.read_text())
+    clusters = {world: machine_cluster(measured[world]["machine"], world) for world in worlds}
+    rows = []
+    for name in settings.layouts:
+        world = LAYOUTS[name].processes
+        for preset in settings.presets:
+            run = measured[world]["runs"][f"{preset}/{name}"]
+            cfg = bench_config(settings, preset, LAYOUTS[name])
+            plan = plan_run(cfg, clusters[world], world)
+            rows.append(comparison_row(name, preset, run, plan, clusters[world]))
+    return {
+        "config": {
+            **dataclasses.asdict(settings),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+        },
+        "machine": {str(world): measured[world]["machine"] for world in worlds},
+        "clusters": {clusters[world].name: dataclasses.asdict(clusters[world]) for world in worlds},
+        "rows": rows,
+    }
+
+
+def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFactory, out: str) -> None:
+    """On each of the world's processes: measure the machine, then run every layout of this world size."""
+    machine = measure_machine(settings)
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        if name in settings.layouts and layout.processes == dist.get_world_size():
+            for preset in settings.presets:
+                cfg = bench_config(settings, preset, layout)
+                runs[f"{preset}/{name}"] = time_training(trainer, cfg, settings)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"machine": machine, "runs": runs}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine
+
+
+def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
+    """This world's devices: GEMM FLOP/s and copy bandwidth of the slowest process while all of them
+    work at once, and gloo's collectives over all of them (point to point: ranks 0 and 1)."""
+    world = dist.get_world_size()
+    best, median = gemm_flops(settings.gemm_size, settings.repeats)
+    result = {
+        "processes": world,
+        "threads_per_process": torch.get_num_threads(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "gemm_flops": _slowest(best, min),
+        "gemm_flops_median": _slowest(median, min),
+        "copy_bandwidth": _slowest(copy_bandwidth(settings.copy_mib << 20, settings.repeats), min),
+    }
+    if world > 1:
+        result["all_reduce"] = [all_reduce_figures(n, settings.repeats) for n in settings.comm_bytes]
+        result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
+    return result
+
+
+def _slowest(value: float, pick: Any) -> float:
+    """`pick` (min or max) of `value` over the ranks."""
+    values = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.float64))
+    return pick(float(v) for v in values)
+
+
+def _seconds(fn: Any, repeats: int, together: bool = False) -> list[float]:
+    """Seconds of `repeats` timed calls of `fn` after an untimed one, every process starting
+    together; `together`: until every process has finished (what P devices that share cores each
+    reach while all of them work, not what one reaches while the others wait for the CPU)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if together:
+            dist.barrier()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _best_seconds(fn: Any, repeats: int, together: bool = False) -> float:
+    return min(_seconds(fn, repeats, together))
+
+
+def gemm_flops(n: int, repeats: int) -> tuple[float, float]:
+    """FLOP/s of an n x n by n x n fp32 matmul (2 n^3 FLOPs) on each process while all of them
+    multiply: the best and the median of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    samples = _seconds(lambda: torch.mm(a, b, out=out), repeats, together=True)
+    return 2 * n**3 / min(samples), 2 * n**3 / statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s a copy of `nbytes` moves (read + write) on each process while all of them copy, best
+    of `repeats`."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), repeats, together=True)
+
+
+def all_reduce_figures(nbytes: int, repeats: int) -> dict[str, float]:
+    """An all-reduce of `nbytes` over the world: seconds (slowest rank, best repeat) and the bus
+    bandwidth, the bytes through each rank's link per second (2 (n-1)/n x size, as `plan.comm`)."""
+    buffer = torch.zeros(max(1, nbytes // 4))
+    seconds = _slowest(_best_seconds(lambda: dist.all_reduce(buffer), repeats), max)
+    world = dist.get_world_size()
+    return {"bytes": nbytes, "seconds": seconds, "bus_bandwidth": 2 * (world - 1) / world * nbytes / seconds}
+
+
+def point_to_point_figures(nbytes: int, repeats: int) -> dict[str, float]:
+    """Rank 0 and 1 bounce `nbytes` back and forth: one-way seconds (half the best round trip) and
+    bandwidth; the other ranks wait."""
+    rank = dist.get_rank()
+    buffer = torch.zeros(max(1, nbytes // 4))
+
+    def round_trip() -> None:
+        if rank == 0:
+            dist.send(buffer, 1)
+            dist.recv(buffer, 1)
+        elif rank == 1:
+            dist.recv(buffer, 0)
+            dist.send(buffer, 0)
+
+    one_way = _slowest(_best_seconds(round_trip, repeats) / 2, max)
+    return {"bytes": nbytes, "seconds": one_way, "bandwidth": nbytes / one_way}
+
+
+def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
+    """The planner's cluster of `processes` devices measured as `machine` (`measure_machine`)."""
+    link = max((f["bus_bandwidth"] for f in machine.get("all_reduce", [])), default=0.0)
+    return Cluster(
+        name=f"cpu-{processes}",
+        gpus_per_node=processes,
+        peak_fp32_flops=machine["gemm_flops"],
+        fp32_efficiency=1.0,
+        hbm_bytes=float(machine["memory_bytes"] // processes),
+        hbm_bandwidth=machine["copy_bandwidth"],
+        nvlink_bandwidth=link,
+        nvlink_efficiency=1.0 if link else 0.0,
+    ).validate()
+
+
+def cluster_toml(cluster: Cluster) -> str:
+    """`cluster` as a TOML file `moeforge plan --cluster FILE` reads back (`plan.load_cluster`)."""
+    lines = [f"# measured by `moeforge bench plan`: {cluster.gpus_per_node} processes of this machine"]
+    for f in dataclasses.fields(cluster):
+        value = getattr(cluster, f.name)
+        lines.append(f"{f.name} = {json.dumps(value) if isinstance(value, str) else repr(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs and the plans
+
+
+def bench_config(settings: PlanBenchSettings, preset: str, layout: BenchLayout) -> Config:
+    """The run config of `preset` under `layout`: fp32 on the CPU, no progress bar, no report."""
+    overrides = {
+        "parallel.dp-replicate": str(layout.dp_replicate),
+        "parallel.ep": str(layout.ep),
+        "train.device": "cpu",
+        "train.dtype": "fp32",
+        "train.progress": "false",
+        "train.report": "false",
+        "train.steps": str(settings.warmup + settings.steps),
+    }
+    if settings.seq_len:
+        overrides["train.seq-len"] = str(settings.seq_len)
+    if settings.global_batch_size:
+        overrides["train.global-batch-size"] = str(settings.global_batch_size)
+    return load_config(preset, overrides=overrides, world_size=layout.processes)
+
+
+def time_training(make_trainer: TrainerFactory, cfg: Config, settings: PlanBenchSettings) -> dict[str, Any]:
+    """Seconds of each `train_step` (the slowest rank's), warm-up steps first."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(cfg, out)
+        seconds = []
+        for _ in range(settings.warmup + settings.steps):
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.train_step()
+            seconds.append(_slowest(time.perf_counter() - start, max))
+        matmul_s, profiled_s = profiled_matmul_seconds(trainer)
+    timed = seconds[settings.warmup :]
+    return {
+        "step_s": seconds,
+        "median_step_s": statistics.median(timed),
+        "profiled_matmul_s": matmul_s,
+        "profiled_step_s": profiled_s,
+    }
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def profiled_matmul_seconds(trainer: Steps) -> tuple[float, float]:
+    """One more step under torch.profiler: (seconds in matmul and attention kernels, the step's
+    seconds), on this rank. Shows where the planner's compute model (only these, at the GEMM rate)
+    parts from the step: how fast its matmuls really run, and how long everything else takes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        trainer.train_step()
+        step = time.perf_counter() - start
+    kernels = sum(
+        e.self_cpu_time_total
+        for e in prof.key_averages()
+        if e.key in MATMUL_OPS or "scaled_dot_product" in e.key
+    )
+    return kernels / 1e6, step
+
+
+def plan_run(cfg: Config, cluster: Cluster, world: int) -> Plan:
+    """The planner's plan of the run `cfg` on `world` devices of `cluster`: its layout, fp32
+    matmuls, activations and all-to-all rows (moeforge's CPU training), its micro-batches."""
+    layout = layout_from_config(cfg)
+    per_rank = cfg.train.global_batch_size // world  # every process is a data-parallel rank
+    layout.micro_batch_size = cfg.train.micro_batch_size or max(1, per_rank)
+    layout.compute_dtype = "fp32"
+    layout.activation_bytes = 4
+    layout.dispatch_bytes = layout.combine_bytes = 4.0
+    layout.validate(world, cluster.gpus_per_node)
+    return plan_layout(
+        cfg.model, layout, cluster, TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
+    )
+
+
+def comparison_row(
+    name: str, preset: str, run: dict[str, Any], plan: Plan, cluster: Cluster
+) -> dict[str, Any]:
+    """One line of the table: measured and planned step time, their ratio, what bounds the step."""
+    measured = run["median_step_s"]
+    flops_per_device = plan.flops_per_token * plan.tokens_per_step / plan.world_size
+    return {
+        "layout": name,
+        "preset": preset,
+        "planner_layout": plan.layout.describe(),
+        "cluster": cluster.name,
+        "processes": plan.world_size,
+        "measured_step_s": measured,
+        "step_s_samples": run["step_s"],
+        "planned_step_s": plan.step_s,
+        "planned_over_measured": plan.step_s / measured,
+        "within_tolerance": abs(plan.step_s / measured - 1) <= TOLERANCE,
+        "bound_by": plan.bound_by,
+        "planned_compute_s": plan.compute_s,
+        "planned_exposed_all_to_all_s": plan.exposed_all_to_all_s,
+        "planned_exposed_data_parallel_s": plan.exposed_data_parallel_s,
+        "planned_all_to_all_s": plan.communication.all_to_all_s,
+        "planned_data_parallel_s": plan.communication.data_parallel_s,
+        "achieved_flops_per_device": flops_per_device / measured,
+        "profiled_matmul_s": run["profiled_matmul_s"],
+        "profiled_step_s": run["profiled_step_s"],
+        "gemm_flops_per_device": cluster.peak_fp32_flops,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    before, after = cfg["load_average_before"][0], cfg["load_average_after"][0]
+    lines = [
+        f"planner step time vs real Trainer steps on this CPU ({cfg['cores']} cores, torch {cfg['torch']}, "
+        f"load average {before:.1f} before, {after:.1f} after); median of {cfg['steps']} steps after "
+        f"{cfg['warmup']} warm-up, slowest rank",
+        "",
+        "measured clusters (a device = one gloo process; constants fixed from these figures only):",
+        f"{'cluster':<8}{'threads':>8}{'GEMM GFLOP/s':>14}{'(median)':>10}{'copy GB/s':>11}{'all-reduce GB/s':>17}"
+        f"{'p2p GB/s':>10}{'p2p latency us':>16}{'all-reduce latency us':>23}",
+    ]
+    for world, machine in result["machine"].items():
+        reduce, p2p = machine.get("all_reduce"), machine.get("point_to_point")
+        link = (
+            f"{max(f['bus_bandwidth'] for f in reduce) / 1e9:>17.2f}{max(f['bandwidth'] for f in p2p) / 1e9:>10.2f}"
+            f"{p2p[0]['seconds'] * 1e6:>16.0f}{reduce[0]['seconds'] * 1e6:>23.0f}"
+            if reduce
+            else f"{'-':>17}{'-':>10}{'-':>16}{'-':>23}"
+        )
+        lines.append(
+            f"{'cpu-' + world:<8}{machine['threads_per_process']:>8}{machine['gemm_flops'] / 1e9:>14.1f}"
+            f"{machine['gemm_flops_median'] / 1e9:>10.1f}"
+            f"{machine['copy_bandwidth'] / 1e9:>11.2f}" + link
+        )
+    lines += [
+        "",
+        f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
+        f"{'  <=30%':<8}{'bound by':<20}{'a2a s':>8}{'dp s':>8}{'GFLOP/s/dev':>13}"
+        f"{'compute s':>11}{'matmul s':>10}{'matmul share':>14}",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"{row['preset']:<18}{row['layout']:<11}{row['processes']:>6}{row['measured_step_s']:>12.3f}"
+            f"{row['planned_step_s']:>11.3f}{row['planned_over_measured']:>14.2f}"
+            f"{'  yes' if row['within_tolerance'] else '  no':<8}{row['bound_by']:<20}"
+            f"{row['planned_all_to_all_s']:>8.3f}{row['planned_data_parallel_s']:>8.3f}"
+            f"{row['achieved_flops_per_device'] / 1e9:>13.1f}"
+            f"{row['planned_compute_s']:>11.3f}{row['profiled_matmul_s']:>10.3f}"
+            f"{row['profiled_matmul_s'] / row['profiled_step_s']:>14.0%}"
+        )
+    lines += [
+        "",
+        "a2a s / dp s: the planner's all-to-all and FSDP/HSDP seconds before overlap; GFLOP/s/dev: the "
+        "run's model FLOPs per device per second (compare with the GEMM rate above); compute s: the planner's "
+        "matmul and attention seconds; matmul s and share: of one more step under torch.profiler (rank 0), the "
+        "seconds in matmul and attention kernels (the only work the planner counts) and their part of that step",
+    ]
+    return "\n".join(lines)

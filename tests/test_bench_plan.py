@@ -1,0 +1,100 @@
+"""`bench plan`: the measured machine as a planner cluster, and the table's structure (no timings
+are asserted: performance is what the benchmark prints, not what a test checks)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from moeforge.bench.plan import (
+    LAYOUTS,
+    PlanBenchSettings,
+    bench_config,
+    cluster_toml,
+    format_table,
+    machine_cluster,
+    plan_run,
+    run_plan_bench,
+)
+from moeforge.config import ConfigError
+from moeforge.plan import load_cluster
+from moeforge.train.trainer import Trainer
+
+MACHINE = {
+    "processes": 2,
+    "threads_per_process": 1,
+    "memory_bytes": 24e9,
+    "gemm_flops": 100e9,
+    "gemm_flops_median": 90e9,
+    "copy_bandwidth": 10e9,
+    "all_reduce": [
+        {"bytes": 4, "seconds": 1e-4, "bus_bandwidth": 4e4},
+        {"bytes": 1 << 20, "seconds": 2e-3, "bus_bandwidth": 0.5e9},
+    ],
+    "point_to_point": [{"bytes": 4, "seconds": 1e-4, "bandwidth": 4e4}],
+}
+SMALL = PlanBenchSettings(
+    presets=("tiny",),
+    layouts=("single",),
+    steps=1,
+    warmup=0,
+    seq_len=32,
+    global_batch_size=4,
+    gemm_size=128,
+    copy_mib=1,
+    comm_bytes=(4, 4096),
+    repeats=1,
+)
+
+
+def test_measured_cluster_round_trips_through_the_planner(tmp_path):
+    cluster = machine_cluster(MACHINE, 2)
+    assert (cluster.name, cluster.gpus_per_node) == ("cpu-2", 2)
+    assert cluster.achieved_flops("fp32") == MACHINE["gemm_flops"]
+    assert cluster.achieved_nvlink == 0.5e9  # the largest message's bus bandwidth
+    path = tmp_path / "cpu-2.toml"
+    path.write_text(cluster_toml(cluster))
+    assert load_cluster(str(path)) == cluster
+
+    # one process: compute is every FLOP of the step at the measured GEMM rate, nothing else
+    single = plan_run(bench_config(SMALL, "tiny", LAYOUTS["single"]), machine_cluster(MACHINE, 1), 1)
+    assert single.compute_s == pytest.approx(single.flops_per_token * single.tokens_per_step / 100e9)
+    assert single.step_s == pytest.approx(single.compute_s)
+    assert single.mfu == pytest.approx(1.0)
+    # two processes with ep 2: the traffic at the measured link bandwidth
+    ep2 = plan_run(bench_config(SMALL, "tiny", LAYOUTS["ep2"]), cluster, 2)
+    comm = ep2.communication
+    assert comm.all_to_all_nvlink_bytes > 0 and comm.data_parallel_bytes > 0
+    assert comm.all_to_all_s == pytest.approx(comm.all_to_all_nvlink_bytes / 0.5e9)
+    assert comm.data_parallel_s == pytest.approx(comm.data_parallel_bytes / 0.5e9)
+
+
+def test_bench_plan_table_structure():
+    result = run_plan_bench(SMALL, Trainer)
+    json.dumps(result)
+    assert set(result["machine"]) == {"1"} and set(result["clusters"]) == {"cpu-1"}
+    assert result["machine"]["1"]["gemm_flops"] >= result["machine"]["1"]["gemm_flops_median"] > 0
+    assert [(row["preset"], row["layout"], row["processes"]) for row in result["rows"]] == [
+        ("tiny", "single", 1)
+    ]
+    for row in result["rows"]:
+        assert len(row["step_s_samples"]) == SMALL.warmup + SMALL.steps
+        assert row["planned_over_measured"] == pytest.approx(row["planned_step_s"] / row["measured_step_s"])
+        assert row["within_tolerance"] == (abs(row["planned_over_measured"] - 1) <= 0.30)
+        assert 0 < row["profiled_matmul_s"] < row["profiled_step_s"]
+    lines = format_table(result).splitlines()
+    assert any(line.startswith("cpu-1 ") for line in lines)
+    assert sum(line.startswith("tiny ") for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layouts": ("ep8",)}, r"^--layouts: 'ep8' is not one of single, fsdp2, ep2, fsdp4-ep2, hsdp2x2$"),
+        ({"presets": ("nope",)}, r"^--presets: 'nope' is not one of "),
+        ({"steps": 0}, r"^--steps: got 0; allowed: an integer >= 1$"),
+    ],
+)
+def test_bench_plan_rejects_bad_settings(change, message):
+    with pytest.raises(ConfigError, match=message):
+        run_plan_bench(dataclasses.replace(SMALL, **change), Trainer)

@@ -1,0 +1,261 @@
+"""Pipeline parallelism: a `Transformer` cut into stage chunks run by `torch.distributed.pipelining`.
+
+A pipeline of `n_stages` stages over `pp` ranks: blocks are cut into contiguous ranges, the
+embedding goes with the first stage, the final norm, the head and the MTP modules with the last.
+A chunk keeps its modules under their full-model names (`layers.5.ffn...`), so a chunk's
+`state_dict` is a slice of the model's and checkpoints do not depend on the split.
+
+Placement of stages on ranks (DualPipeV / ZBV paper figures):
+    loop  (1F1B, interleaved 1F1B)  stage s on rank s % pp; rank r holds r, r+pp, r+2pp, ...
+    V     (ZBV, DualPipeV)          rank r holds stages r and 2pp-1-r: the first and the last stage
+                                    share rank 0, so the MTP modules' embedding is the first stage's.
+
+Two things the single-process loss does that a pipeline must redo:
+  * The MoE balance losses are computed in the middle of the model, on stages that never see the
+    loss. Each MoE layer's output carries its balance loss through an identity autograd function
+    whose backward hands the loss the gradient `grad_scale` (Megatron's `MoEAuxLossAutoScaler`);
+    any schedule that back-propagates through the layer's output (full B, or zero-bubble I then W)
+    thus adds d(grad_scale * loss)/d(params), exactly the single-process term of `loss / n_micro`.
+  * The MTP modules read the embedding of the tokens ahead on the last stage. With V placement it
+    is the first stage's module on the same rank; with loop placement the last rank holds its own
+    copy (same initial values) and `sum_tied_embedding_grads` adds the two gradients.
+
+Gradients are scaled by 1/n_microbatches inside the loss (and the balance-loss gradient), not by
+the schedule (`scale_grads=False`): torch divides each stage's `submod.parameters()` grads after the
+step (`PipelineStage.scale_grads`), which would divide a module shared by two stages of one rank
+twice. Shapes are given to `PipelineStage` up front (static mode): the dynamic mode's metadata
+inference runs an extra real forward/backward (middle stages on uninitialised tensors), which would
+route garbage through the MoE layers and record their loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+from torch.utils.hooks import RemovableHandle
+
+from moeforge.model.moe import MoE, MoEStats
+from moeforge.model.mtp import mtp_inputs_and_labels
+from moeforge.model.transformer import ModelOutput, Transformer
+
+SCHEDULES: dict[str, tuple[type, int, str]] = {
+    "1f1b": (Schedule1F1B, 1, "loop"),
+    "interleaved-1f1b": (ScheduleInterleaved1F1B, 2, "loop"),
+    "zbv": (ScheduleZBVZeroBubble, 2, "v"),
+    "dualpipev": (ScheduleDualPipeV, 2, "v"),
+}
+"""schedule name -> (torch schedule class, stages per rank, placement style)"""
+
+
+def stage_rank(stage: int, pp: int, style: str) -> int:
+    """The pp rank that runs `stage` (module docstring: loop or V placement)."""
+    if style == "v":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def rank_stages(rank: int, pp: int, n_stages: int, style: str) -> list[int]:
+    """The stages of pp rank `rank`, in increasing order (the order torch's schedules expect)."""
+    return [s for s in range(n_stages) if stage_rank(s, pp, style) == rank]
+
+
+def block_ranges(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous block ranges, one per stage, sizes differing by at most one (earlier stages get
+    fewer: they also hold the embedding)."""
+    if n_stages > n_layers:
+        raise ValueError(f"parallel.pp: {n_stages} stages need at least as many blocks, got {n_layers}")
+    return [range(s * n_layers // n_stages, (s + 1) * n_layers // n_stages) for s in range(n_stages)]
+
+
+class PipelineChunk(nn.Module):
+    """One stage of a `Transformer`: tokens [B, S] (first) or hidden [B, S, dim] -> hidden [B, S, dim]
+    (the last stage's is normalised: h^0 of the MTP modules, what the head reads in `loss_fn`).
+
+    Holds references to the model's own modules under their model names, so a chunk's parameters
+    are the model's parameters and its state-dict keys are the model's keys."""
+
+    def __init__(self, model: Transformer, blocks: range, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        if first or (last and model.cfg.mtp_depth):
+            self.tok_embeddings = model.tok_embeddings
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in blocks})
+        if last:
+            self.norm, self.output, self.mtp = model.norm, model.output, model.mtp
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.first else x
+        cos, sin = self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]
+        for layer in self.layers.values():
+            h, _ = layer(h, cos, sin)  # MoE stats leave through `attach_balance_losses`' hook
+        return self.norm(h) if self.last else h
+
+    def head(self, hidden: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """The last stage's logits and MTP logits from its normalised hidden state [B, S, dim]
+        (as `Transformer.forward` with `mtp_targets`, eqs. 21-23)."""
+        mtp_logits, h = [], hidden
+        for depth, module in enumerate(self.mtp, start=1):
+            ahead, _ = mtp_inputs_and_labels(targets, depth)
+            seq = ahead.shape[1]
+            h, _ = module(h[:, :seq], self.tok_embeddings(ahead), self.rope_cos[:seq], self.rope_sin[:seq])
+            mtp_logits.append(self.output(h))
+        return ModelOutput(self.output(hidden), hidden, mtp_logits=mtp_logits)
+
+
+class _AttachLossGradient(torch.autograd.Function):
+    """y = x; in backward, dy flows to x unchanged and the scalar `loss` gets the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, dtype=grad.dtype, device=grad.device), None
+
+
+def attach_balance_losses(
+    model: Transformer, grad_scale: float, record: list[MoEStats]
+) -> list[RemovableHandle]:
+    """Forward hooks on every MoE layer of `model` (MTP blocks' included): each output carries the
+    layer's balance loss (gradient `grad_scale`, see the module docstring), and each call's stats
+    are appended to `record` (for the metrics and the aux-loss-free bias update). The block's
+    residual add after the MoE layer makes the stage output a fresh tensor, not a view (the
+    zero-bubble schedules `detach_()` stage outputs, which a view refuses)."""
+
+    def hook(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, MoEStats]):
+        out, stats = output
+        record.append(stats)
+        if stats.balance_losses:
+            out = _AttachLossGradient.apply(out, stats.balance_loss, grad_scale)
+        return out, stats
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoE)]
+
+
+def pipeline_loss_fn(
+    chunk: PipelineChunk | None, loss: Callable[[ModelOutput, torch.Tensor], torch.Tensor], grad_scale: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`loss_fn(hidden, targets)` for the schedule: the caller's `loss(ModelOutput, targets)` (the
+    trainer's objective; the output has no MoE stats, their losses travel by hook) on the last
+    chunk's `head`, times `grad_scale`.
+
+    Every rank must pass a loss_fn (torch sets `has_backward` from it: schedules.py
+    `self._has_backward = self._loss_fn is not None`; without it the other ranks skip backward and
+    the pipeline deadlocks), but only the last stage calls it: `chunk` is None elsewhere."""
+
+    def loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert chunk is not None and chunk.last, "loss_fn runs on the last stage only"
+        return loss(chunk.head(hidden, targets), targets) * grad_scale
+
+    return loss_fn
+
+
+@dataclass
+class Pipeline:
+    """What `build_pipeline` made for one rank: `schedule.step(tokens, target=targets)` on the whole
+    step's batch (tokens on the rank with stage 0, targets on the rank with the last stage)."""
+
+    schedule: PipelineScheduleSingle | PipelineScheduleMulti
+    chunks: list[PipelineChunk]
+    stages: list[int]
+    tied_group: dist.ProcessGroup | None
+    """the ranks of the first and the last stage when they differ (loop placement with MTP)"""
+    hooks: list[RemovableHandle]
+    """the balance-loss hooks on the model's MoE layers (remove them to run the model unpipelined)"""
+    moe_stats: list[MoEStats] = field(default_factory=list)
+    """every MoE call of this rank's stages, in execution order (the schedule interleaves
+    micro-batches); it grows with each step: the caller reads and clears it"""
+
+    @property
+    def has_first(self) -> bool:
+        return any(c.first for c in self.chunks)
+
+    @property
+    def has_last(self) -> bool:
+        return any(c.last for c in self.chunks)
+
+
+def build_pipeline(
+    model: Transformer,
+    schedule: str,
+    pp: int,
+    rank: int,
+    n_microbatches: int,
+    micro_batch: int,
+    seq_len: int,
+    loss: Callable[[ModelOutput, torch.Tensor], torch.Tensor],
+) -> Pipeline:
+    """This rank's stage chunks of `model` and the torch schedule that runs them over the default
+    process group (ranks 0..pp-1). Every rank builds the same `model` (same seed or checkpoint)."""
+    cls, per_rank, style = SCHEDULES[schedule]
+    n_stages = pp * per_rank
+    if style == "v" and model.cfg.tie_embeddings and model.cfg.mtp_depth:
+        # the last stage would use the tied weight as the MTP embedding and as the head: torch's
+        # split weight backward (_backward.py stage_backward_weight) then walks a freed graph
+        raise ValueError(f"parallel.pp-schedule: {schedule} does not support model.tie-embeddings with MTP")
+    ranges = block_ranges(model.cfg.n_layers, n_stages)
+    ids = rank_stages(rank, pp, n_stages, style)
+    chunks = [PipelineChunk(model, ranges[s], s == 0, s == n_stages - 1) for s in ids]
+    grad_scale = 1.0 / n_microbatches
+    moe_stats: list[MoEStats] = []
+    hooks = attach_balance_losses(model, grad_scale, moe_stats)
+    last = next((c for c in chunks if c.last), None)
+    loss_fn = pipeline_loss_fn(last, loss, grad_scale)
+    stages = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim) for c, s in zip(chunks, ids)]
+    kwargs = {"n_microbatches": n_microbatches, "loss_fn": loss_fn, "scale_grads": False}
+    sched = cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)
+    tied_group = _tied_embedding_group(model, pp, n_stages, style)
+    return Pipeline(sched, chunks, ids, tied_group, hooks, moe_stats)
+
+
+def _stage(
+    chunk: PipelineChunk, stage: int, n_stages: int, micro_batch: int, seq_len: int, dim: int
+) -> PipelineStage:
+    """A static-shape stage: tokens [mb, S] int64 into the first, hidden [mb, S, dim] elsewhere.
+    The hidden examples must require grad: torch derives the gradient buffers from them and sends
+    no gradient for an example that does not (`_utils._derive_grad_metas`)."""
+
+    def hidden() -> torch.Tensor:
+        return torch.empty(micro_batch, seq_len, dim, device="meta", requires_grad=True)
+
+    tokens = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
+    inputs = tokens if chunk.first else hidden()
+    return PipelineStage(chunk, stage, n_stages, torch.device("cpu"), input_args=inputs, output_args=hidden())
+
+
+def _tied_embedding_group(model: Transformer, pp: int, n_stages: int, style: str) -> dist.ProcessGroup | None:
+    """The group of the first and the last stage's ranks when the last stage holds its own copy of
+    the embedding (MTP modules, or a head tied to the embedding) on another rank; created on every
+    rank, as `new_group` requires."""
+    ranks = sorted({stage_rank(0, pp, style), stage_rank(n_stages - 1, pp, style)})
+    if not (model.cfg.mtp_depth or model.cfg.tie_embeddings) or len(ranks) == 1:
+        return None
+    return dist.new_group(ranks)
+
+
+def sum_tied_embedding_grads(pipe: Pipeline) -> None:
+    """Sum the embedding gradient of the first stage's rank and the last stage's copy (call after
+    `schedule.step`, before the optimizer): both copies then take the same update and stay equal."""
+    if pipe.tied_group is None or not (pipe.has_first or pipe.has_last):
+        return
+    chunk = next(c for c in pipe.chunks if c.first or c.last)
+    weight = chunk.tok_embeddings.weight if hasattr(chunk, "tok_embeddings") else chunk.output.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=pipe.tied_group)

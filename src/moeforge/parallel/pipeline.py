@@ -194,15 +194,16 @@ class Pipeline:
 def build_pipeline(
     model: Transformer,
     schedule: str,
-    pp: int,
-    rank: int,
     n_microbatches: int,
     micro_batch: int,
     seq_len: int,
     loss: Callable[[ModelOutput, torch.Tensor], torch.Tensor],
+    group: dist.ProcessGroup | None = None,
 ) -> Pipeline:
-    """This rank's stage chunks of `model` and the torch schedule that runs them over the default
-    process group (ranks 0..pp-1). Every rank builds the same `model` (same seed or checkpoint)."""
+    """This rank's stage chunks of `model` and the torch schedule that runs them over the pp process
+    `group` (default: the world; `mesh["pp"].get_group()` beside other mesh dims). Every rank
+    builds the same `model` (same seed or checkpoint), with EP applied if any."""
+    pp, rank = dist.get_world_size(group), dist.get_rank(group)
     cls, per_rank, style = SCHEDULES[schedule]
     n_stages = pp * per_rank
     if style == "v" and model.cfg.tie_embeddings and model.cfg.mtp_depth:
@@ -217,15 +218,21 @@ def build_pipeline(
     hooks = attach_balance_losses(model, grad_scale, moe_stats)
     last = next((c for c in chunks if c.last), None)
     loss_fn = pipeline_loss_fn(last, loss, grad_scale)
-    stages = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim) for c, s in zip(chunks, ids)]
+    stages = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim, group) for c, s in zip(chunks, ids)]
     kwargs = {"n_microbatches": n_microbatches, "loss_fn": loss_fn, "scale_grads": False}
     sched = cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)
-    tied_group = _tied_embedding_group(model, pp, n_stages, style)
+    tied_group = _tied_embedding_group(model, n_stages, style, group)
     return Pipeline(sched, chunks, ids, tied_group, hooks, moe_stats)
 
 
 def _stage(
-    chunk: PipelineChunk, stage: int, n_stages: int, micro_batch: int, seq_len: int, dim: int
+    chunk: PipelineChunk,
+    stage: int,
+    n_stages: int,
+    micro_batch: int,
+    seq_len: int,
+    dim: int,
+    group: dist.ProcessGroup | None,
 ) -> PipelineStage:
     """A static-shape stage: tokens [mb, S] int64 into the first, hidden [mb, S, dim] elsewhere.
     The hidden examples must require grad: torch derives the gradient buffers from them and sends
@@ -236,17 +243,26 @@ def _stage(
 
     tokens = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
     inputs = tokens if chunk.first else hidden()
-    return PipelineStage(chunk, stage, n_stages, torch.device("cpu"), input_args=inputs, output_args=hidden())
+    return PipelineStage(
+        chunk, stage, n_stages, torch.device("cpu"), input_args=inputs, output_args=hidden(), group=group
+    )
 
 
-def _tied_embedding_group(model: Transformer, pp: int, n_stages: int, style: str) -> dist.ProcessGroup | None:
+def _tied_embedding_group(
+    model: Transformer, n_stages: int, style: str, group: dist.ProcessGroup | None
+) -> dist.ProcessGroup | None:
     """The group of the first and the last stage's ranks when the last stage holds its own copy of
-    the embedding (MTP modules, or a head tied to the embedding) on another rank; created on every
-    rank, as `new_group` requires."""
-    ranks = sorted({stage_rank(0, pp, style), stage_rank(n_stages - 1, pp, style)})
-    if not (model.cfg.mtp_depth or model.cfg.tie_embeddings) or len(ranks) == 1:
+    the embedding (MTP modules, or a head tied to the embedding) on another rank. Only its two
+    members create it (`use_local_synchronization`): each pp group beside other mesh dims has its
+    own pair, and every rank creates its groups in the same order."""
+    pp, rank = dist.get_world_size(group), dist.get_rank(group)
+    pair = sorted({stage_rank(0, pp, style), stage_rank(n_stages - 1, pp, style)})
+    if not (model.cfg.mtp_depth or model.cfg.tie_embeddings) or len(pair) == 1 or rank not in pair:
         return None
-    return dist.new_group(ranks)
+    if len(pair) == pp:
+        return group or dist.group.WORLD
+    ranks = [dist.get_global_rank(group, r) if group is not None else r for r in pair]
+    return dist.new_group(ranks, use_local_synchronization=True)
 
 
 def sum_tied_embedding_grads(pipe: Pipeline) -> None:

@@ -26,6 +26,14 @@ step (`PipelineStage.scale_grads`), which would divide a module shared by two st
 twice. Shapes are given to `PipelineStage` up front (static mode): the dynamic mode's metadata
 inference runs an extra real forward/backward (middle stages on uninitialised tensors), which would
 route garbage through the MoE layers and record their loads.
+
+Composing (checked on gloo, not applied here): expert parallelism inside the stages works as is
+(`apply_expert_parallel` on the model before `build_pipeline`, the pp group from the mesh). FSDP2
+inside the stages works with one `fully_shard` root per chunk; per-block units need
+`reshard_after_forward=False` under the zero-bubble schedules (their split backward maps
+`submod.parameters()` to the autograd graph, which a resharded parameter is no longer in), and the
+V placement then needs its own embedding module on the last stage (FSDP refuses one module under
+two roots), its gradient summed with the first stage's.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from moeforge.model.moe import MoE, MoEStats
@@ -267,11 +276,14 @@ def _tied_embedding_group(
 
 def sum_tied_embedding_grads(pipe: Pipeline) -> None:
     """Sum the embedding gradient of the first stage's rank and the last stage's copy (call after
-    `schedule.step`, before the optimizer): both copies then take the same update and stay equal."""
-    if pipe.tied_group is None or not (pipe.has_first or pipe.has_last):
+    `schedule.step`, before the optimizer): both copies then take the same update and stay equal.
+    Under FSDP both copies are sharded alike over the same data-parallel dim, so the local shards
+    are summed."""
+    if pipe.tied_group is None:
         return
     chunk = next(c for c in pipe.chunks if c.first or c.last)
     weight = chunk.tok_embeddings.weight if hasattr(chunk, "tok_embeddings") else chunk.output.weight
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=pipe.tied_group)
+    grad = weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad
+    dist.all_reduce(grad, group=pipe.tied_group)

@@ -75,7 +75,8 @@ def pipeline_grads(rank: int, out_dir: str) -> None:
         model = new_model()
         pipe = build_pipeline(model, schedule, N_MICRO, MICRO, SEQ, objective)
         for _ in range(2):
-            model.zero_grad()
+            for param in pipe.parameters():  # the model's and the last stage's embedding copy
+                param.grad = None
             pipe.moe_stats.clear()
             losses: list[torch.Tensor] = []  # (lm + mtp) / n_micro of each micro-batch, last stage only
             args = [inputs] if pipe.has_first else []

@@ -8,7 +8,7 @@ A chunk keeps its modules under their full-model names (`layers.5.ffn...`), so a
 Placement of stages on ranks (DualPipeV / ZBV paper figures):
     loop  (1F1B, interleaved 1F1B)  stage s on rank s % pp; rank r holds r, r+pp, r+2pp, ...
     V     (ZBV, DualPipeV)          rank r holds stages r and 2pp-1-r: the first and the last stage
-                                    share rank 0, so the MTP modules' embedding is the first stage's.
+                                    share rank 0.
 
 Two things the single-process loss does that a pipeline must redo:
   * The MoE balance losses are computed in the middle of the model, on stages that never see the
@@ -16,14 +16,18 @@ Two things the single-process loss does that a pipeline must redo:
     whose backward hands the loss the gradient `grad_scale` (Megatron's `MoEAuxLossAutoScaler`);
     any schedule that back-propagates through the layer's output (full B, or zero-bubble I then W)
     thus adds d(grad_scale * loss)/d(params), exactly the single-process term of `loss / n_micro`.
-  * The MTP modules read the embedding of the tokens ahead on the last stage. With V placement it
-    is the first stage's module on the same rank; with loop placement the last rank holds its own
-    copy (same initial values) and `sum_tied_embedding_grads` adds the two gradients.
+  * The MTP modules read the embedding of the tokens ahead on the last stage (and a head tied to
+    the embedding is the embedding). The last stage holds its own copy (same values): on another
+    rank (loop placement) its rank's module, on the first stage's rank (V placement) a deep copy,
+    since no module may belong to two stages (torch scales each stage's grads, FSDP refuses a
+    module under two roots). `sum_tied_embedding_grads` adds the two gradients into both copies,
+    which then take the same update (Megatron's tied-embedding all-reduce).
 
-Gradients are scaled by 1/n_microbatches inside the loss (and the balance-loss gradient), not by
-the schedule (`scale_grads=False`): torch divides each stage's `submod.parameters()` grads after the
-step (`PipelineStage.scale_grads`), which would divide a module shared by two stages of one rank
-twice. Shapes are given to `PipelineStage` up front (static mode): the dynamic mode's metadata
+Gradients are scaled by 1/n_microbatches inside the loss (and the balance-loss gradient), as the
+single-process trainer scales each micro-batch's loss, not by the schedule (`scale_grads=False`):
+torch divides each stage's whole `.grad` after the step (`PipelineStage.scale_grads`), which would
+also divide what was accumulated before the step and, for a module in two stages, divide twice.
+Shapes are given to `PipelineStage` up front (static mode): the dynamic mode's metadata
 inference runs an extra real forward/backward (middle stages on uninitialised tensors), which would
 route garbage through the MoE layers and record their loads.
 
@@ -31,13 +35,12 @@ Composing (checked on gloo, not applied here): expert parallelism inside the sta
 (`apply_expert_parallel` on the model before `build_pipeline`, the pp group from the mesh). FSDP2
 inside the stages works with one `fully_shard` root per chunk; per-block units need
 `reshard_after_forward=False` under the zero-bubble schedules (their split backward maps
-`submod.parameters()` to the autograd graph, which a resharded parameter is no longer in), and the
-V placement then needs its own embedding module on the last stage (FSDP refuses one module under
-two roots), its gradient summed with the first stage's.
+`submod.parameters()` to the autograd graph, which a resharded parameter is no longer in).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -183,13 +186,19 @@ class Pipeline:
     schedule: PipelineScheduleSingle | PipelineScheduleMulti
     chunks: list[PipelineChunk]
     stages: list[int]
+    ties_embedding: bool
+    """the last stage holds a copy of the embedding (MTP modules or a tied head)"""
     tied_group: dist.ProcessGroup | None
-    """the ranks of the first and the last stage when they differ (loop placement with MTP)"""
+    """the ranks of the first and the last stage when they differ (loop placement), with a copy"""
     hooks: list[RemovableHandle]
     """the balance-loss hooks on the model's MoE layers (remove them to run the model unpipelined)"""
     moe_stats: list[MoEStats] = field(default_factory=list)
     """every MoE call of this rank's stages, in execution order (the schedule interleaves
     micro-batches); it grows with each step: the caller reads and clears it"""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once (the optimizer's; they include the last stage's copy)."""
+        return list({id(p): p for c in self.chunks for p in c.parameters()}.values())
 
     @property
     def has_first(self) -> bool:
@@ -222,6 +231,8 @@ def build_pipeline(
     ranges = block_ranges(model.cfg.n_layers, n_stages)
     ids = rank_stages(rank, pp, n_stages, style)
     chunks = [PipelineChunk(model, ranges[s], s == 0, s == n_stages - 1) for s in ids]
+    if len(chunks) > 1 and chunks[0].first and chunks[-1].last:
+        _own_embedding_copy(chunks[-1], model)
     grad_scale = 1.0 / n_microbatches
     moe_stats: list[MoEStats] = []
     hooks = attach_balance_losses(model, grad_scale, moe_stats)
@@ -230,8 +241,18 @@ def build_pipeline(
     stages = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim, group) for c, s in zip(chunks, ids)]
     kwargs = {"n_microbatches": n_microbatches, "loss_fn": loss_fn, "scale_grads": False}
     sched = cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)
-    tied_group = _tied_embedding_group(model, n_stages, style, group)
-    return Pipeline(sched, chunks, ids, tied_group, hooks, moe_stats)
+    ties = bool(model.cfg.mtp_depth or model.cfg.tie_embeddings)
+    tied_group = _tied_embedding_group(ties, n_stages, style, group)
+    return Pipeline(sched, chunks, ids, ties, tied_group, hooks, moe_stats)
+
+
+def _own_embedding_copy(last: PipelineChunk, model: Transformer) -> None:
+    """Give the last stage, on the first stage's rank, its own copy of what it shares with it: the
+    embedding of the MTP modules, or else a head tied to the embedding."""
+    if hasattr(last, "tok_embeddings"):
+        last.tok_embeddings = copy.deepcopy(model.tok_embeddings)
+    elif model.cfg.tie_embeddings:
+        last.output = copy.deepcopy(model.output)
 
 
 def _stage(
@@ -258,15 +279,15 @@ def _stage(
 
 
 def _tied_embedding_group(
-    model: Transformer, n_stages: int, style: str, group: dist.ProcessGroup | None
+    ties: bool, n_stages: int, style: str, group: dist.ProcessGroup | None
 ) -> dist.ProcessGroup | None:
-    """The group of the first and the last stage's ranks when the last stage holds its own copy of
-    the embedding (MTP modules, or a head tied to the embedding) on another rank. Only its two
-    members create it (`use_local_synchronization`): each pp group beside other mesh dims has its
-    own pair, and every rank creates its groups in the same order."""
+    """The group of the first and the last stage's ranks when they differ and the last stage holds
+    a copy of the embedding. Only its two members create it (`use_local_synchronization`): each pp
+    group beside other mesh dims has its own pair, and every rank creates its groups in the same
+    order."""
     pp, rank = dist.get_world_size(group), dist.get_rank(group)
     pair = sorted({stage_rank(0, pp, style), stage_rank(n_stages - 1, pp, style)})
-    if not (model.cfg.mtp_depth or model.cfg.tie_embeddings) or len(pair) == 1 or rank not in pair:
+    if not ties or len(pair) == 1 or rank not in pair:
         return None
     if len(pair) == pp:
         return group or dist.group.WORLD
@@ -274,16 +295,35 @@ def _tied_embedding_group(
     return dist.new_group(ranks, use_local_synchronization=True)
 
 
+def _tied_weights(pipe: Pipeline) -> list[nn.Parameter]:
+    """This rank's copies of the embedding: the first stage's, the last stage's (its MTP embedding,
+    else its tied head). Read at call time: `fully_shard` replaces the parameters."""
+    if not pipe.ties_embedding:
+        return []
+    weights = [c.tok_embeddings.weight for c in pipe.chunks if c.first]
+    for chunk in (c for c in pipe.chunks if c.last):
+        weights.append(
+            chunk.tok_embeddings.weight if hasattr(chunk, "tok_embeddings") else chunk.output.weight
+        )
+    return weights
+
+
 def sum_tied_embedding_grads(pipe: Pipeline) -> None:
-    """Sum the embedding gradient of the first stage's rank and the last stage's copy (call after
-    `schedule.step`, before the optimizer): both copies then take the same update and stay equal.
-    Under FSDP both copies are sharded alike over the same data-parallel dim, so the local shards
-    are summed."""
-    if pipe.tied_group is None:
+    """Sum the gradients of the first stage's embedding and the last stage's copy into both (call
+    after `schedule.step`, before the optimizer step): the copies then take the same update and
+    stay equal. Under FSDP both copies are sharded alike over the same data-parallel dim, so the
+    local shards are summed."""
+    weights = _tied_weights(pipe)
+    if not weights:
         return
-    chunk = next(c for c in pipe.chunks if c.first or c.last)
-    weight = chunk.tok_embeddings.weight if hasattr(chunk, "tok_embeddings") else chunk.output.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    grad = weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad
-    dist.all_reduce(grad, group=pipe.tied_group)
+    grads = []
+    for weight in weights:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grads.append(weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad)
+    total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+    if pipe.tied_group is not None:
+        dist.all_reduce(total, group=pipe.tied_group)
+    for grad in grads:
+        if grad is not total:
+            grad.copy_(total)

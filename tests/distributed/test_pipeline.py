@@ -83,7 +83,7 @@ def pipeline_grads(rank: int, out_dir: str) -> None:
             pipe.schedule.step(*args, target=targets if pipe.has_last else None, losses=losses)
             sum_tied_embedding_grads(pipe)
         grads = {name: p.grad for c in pipe.chunks for name, p in c.named_parameters() if p.grad is not None}
-        balance = sum(stats.balance_loss.detach() for stats in pipe.moe_stats) / N_MICRO
+        balance = sum(stats.balance_loss.detach() for _, stats in pipe.moe_stats) / N_MICRO
         torch.save((grads, sum(losses) + balance), f"{out_dir}/{schedule}.{rank}")
 
 

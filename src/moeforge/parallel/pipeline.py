@@ -142,22 +142,26 @@ class _AttachLossGradient(torch.autograd.Function):
 
 
 def attach_balance_losses(
-    model: Transformer, grad_scale: float, record: list[MoEStats]
+    model: Transformer, grad_scale: float, record: list[tuple[str, MoEStats]]
 ) -> list[RemovableHandle]:
     """Forward hooks on every MoE layer of `model` (MTP blocks' included): each output carries the
-    layer's balance loss (gradient `grad_scale`, see the module docstring), and each call's stats
-    are appended to `record` (for the metrics and the aux-loss-free bias update). The block's
-    residual add after the MoE layer makes the stage output a fresh tensor, not a view (the
-    zero-bubble schedules `detach_()` stage outputs, which a view refuses)."""
+    layer's balance loss (gradient `grad_scale`, see the module docstring), and each call's
+    (layer name, stats) is appended to `record`, for the metrics and the aux-loss-free bias update
+    (the schedule interleaves micro-batches, so the name says which layer's counts they are). The
+    block's residual add after the MoE layer makes the stage output a fresh tensor, not a view (the
+    zero-bubble schedules `detach_()` stage outputs, which a view refuses: _backward.py:265)."""
 
-    def hook(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, MoEStats]):
-        out, stats = output
-        record.append(stats)
-        if stats.balance_losses:
-            out = _AttachLossGradient.apply(out, stats.balance_loss, grad_scale)
-        return out, stats
+    def hook(name: str):
+        def attach(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, MoEStats]):
+            out, stats = output
+            record.append((name, stats))
+            if stats.balance_losses:
+                out = _AttachLossGradient.apply(out, stats.balance_loss, grad_scale)
+            return out, stats
 
-    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoE)]
+        return attach
+
+    return [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MoE)]
 
 
 def pipeline_loss_fn(
@@ -192,9 +196,9 @@ class Pipeline:
     """the ranks of the first and the last stage when they differ (loop placement), with a copy"""
     hooks: list[RemovableHandle]
     """the balance-loss hooks on the model's MoE layers (remove them to run the model unpipelined)"""
-    moe_stats: list[MoEStats] = field(default_factory=list)
-    """every MoE call of this rank's stages, in execution order (the schedule interleaves
-    micro-batches); it grows with each step: the caller reads and clears it"""
+    moe_stats: list[tuple[str, MoEStats]] = field(default_factory=list)
+    """(MoE layer name, stats) of every MoE call of this rank's stages, in execution order; it
+    grows with each step: the caller reads and clears it"""
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (the optimizer's; they include the last stage's copy)."""
@@ -234,7 +238,7 @@ def build_pipeline(
     if len(chunks) > 1 and chunks[0].first and chunks[-1].last:
         _own_embedding_copy(chunks[-1], model)
     grad_scale = 1.0 / n_microbatches
-    moe_stats: list[MoEStats] = []
+    moe_stats: list[tuple[str, MoEStats]] = []
     hooks = attach_balance_losses(model, grad_scale, moe_stats)
     last = next((c for c in chunks if c.last), None)
     loss_fn = pipeline_loss_fn(last, loss, grad_scale)

@@ -137,6 +137,7 @@ def expert_parallel_grads(rank: int, out_dir: str) -> None:
             torch.save(grads, f"{out_dir}/{schedule}.{mesh['pp'].get_local_rank()}")
 
 
+@pytest.mark.slow
 def test_pipeline_with_expert_parallel_equals_single_process(tmp_path):
     """Micro-batch i of one process = micro-batch i of both ep ranks (the batch aux loss reads the
     counts summed over them, as one process reads its whole micro-batch)."""

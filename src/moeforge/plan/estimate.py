@@ -75,7 +75,9 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     per_rank = cfg.train.global_batch_size // (layout.diloco_replicas * layout.data_parallel)
     layout.micro_batch_size = cfg.train.micro_batch_size or max(1, per_rank)
     on_gpu = device.type == "cuda" and cfg.train.dtype != "fp32"
+    # activations, and the rows the expert all-to-all carries, in the compute precision
     layout.activation_bytes = 2 if on_gpu else 4
+    layout.dispatch_bytes = layout.combine_bytes = layout.activation_bytes
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
     if cluster.name in available_clusters():
         plan = plan_layout(cfg.model, layout, cluster, shape)

@@ -228,7 +228,7 @@ class Trainer:
         meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh, replica=replica)
         self.diloco.after_load(replica.load_inner)
         if saved_diloco is None:
-            self._say(f"diloco: {path.name} has no DiLoCo replicas; every replica starts from its model")
+            self._say(f"diloco: {path.name} has no DiLoCo replicas; each replica starts from its model, fresh optimizer")
         elif self.cfg.diloco.replicas != saved_replicas:
             self._say(
                 f"diloco: {path.name} has {saved_replicas} replicas, this run {self.cfg.diloco.replicas}: "

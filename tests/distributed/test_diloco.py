@@ -300,3 +300,20 @@ def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tmp_path):
     for rank in (0, 1):  # the vote cast after step 3 travels during step 4
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [4, True]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
+
+
+def test_a_run_without_diloco_resumes_as_diloco_replicas_from_its_model(tmp_path, capfd):
+    out = tmp_path / "run"
+    plain = Trainer(small_config(**without_diloco(STREAMING)), out)
+    plain.fit(2)
+    saved = plain.model.state_dict()
+    run_on_processes(2, resume_then_train, 2, STREAMING, str(out), 4)
+    assert "has no DiLoCo replicas; each replica starts from its model" in capfd.readouterr().err
+    for rank in (0, 1):
+        resumed = torch.load(out / f"rank{rank}.resumed.pt")
+        for name, value in saved.items():
+            assert torch.equal(resumed[name], value), f"rank {rank}: {name}"
+    assert (
+        json.loads((out / "checkpoints/step_000004/meta.json").read_text())["extra"]["diloco"]["replicas"]
+        == 2
+    )

@@ -40,6 +40,7 @@ from moeforge.config import Config, ConfigError, load_config
 from moeforge.diloco.codecs import FP4_MAGNITUDES
 from moeforge.parallel.process_group import init_distributed, launched_distributed
 from moeforge.parallel.spawn import run_on_processes
+from moeforge.plan.comm import bandwidth_for_utilisation
 from moeforge.run import read_metrics
 
 REPLICAS = 2
@@ -305,8 +306,8 @@ def required_bandwidth(
     `step_s`, each hidden behind `overlap` steps, leave compute busy a fraction `utilisation`. An
     overlap longer than the interval hides no more: the link must still carry one exchange per
     interval, so it counts as `interval` steps."""
-    hidden = min(overlap, interval) * step_s
-    return sync_bytes / (hidden + interval * step_s * (1 - utilisation) / utilisation)
+    hidden_s = min(overlap, interval) * step_s
+    return bandwidth_for_utilisation(sync_bytes, 1 / interval, hidden_s, step_s, utilisation)
 
 
 # ----------------------------------------------------------------------------------------------

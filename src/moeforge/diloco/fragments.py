@@ -21,7 +21,8 @@ from torch import nn
 _BLOCK = re.compile(r"layers\.(\d+)\.")
 _FIRST = ("tok_embeddings.",)
 _LAST = ("norm.", "output.", "mtp.")
-_BIAS_SUFFIX = "router.expert_bias"
+ROUTER_BIAS_SUFFIX = "router.expert_bias"
+"""the name ending of the aux-loss-free balancing's bias buffers"""
 
 
 @dataclass
@@ -50,7 +51,7 @@ def split_into_fragments(model: nn.Module, n_fragments: int) -> list[Fragment]:
     for name, param in model.named_parameters():  # a tied weight once, under its first name
         fragments[fragment_of(name, n_fragments)].params[name] = param
     for name, buffer in model.named_buffers():
-        if name.endswith(_BIAS_SUFFIX):
+        if name.endswith(ROUTER_BIAS_SUFFIX):
             fragments[fragment_of(name, n_fragments)].biases[name] = buffer
     return fragments
 

@@ -55,12 +55,12 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
-from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.parallel.replicas import local_shard
 
 SCHEDULES: dict[str, tuple[type, int, str]] = {
     "1f1b": (Schedule1F1B, 1, "loop"),
@@ -324,7 +324,7 @@ def sum_tied_embedding_grads(pipe: Pipeline) -> None:
     for weight in weights:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        grads.append(weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad)
+        grads.append(local_shard(weight.grad))
     total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
     if pipe.tied_group is not None:
         dist.all_reduce(total, group=pipe.tied_group)

@@ -11,11 +11,11 @@ from math import prod
 import torch
 
 from moeforge.config import ModelConfig
+from moeforge.diloco.fragments import ROUTER_BIAS_SUFFIX
 from moeforge.model.transformer import Transformer
 
 EXPERT_TENSORS = ("experts.w13", "experts.w2")
 """the routed experts' stacked weights [E, ...]: sharded over ep, then over efsdp"""
-ROUTER_BIAS = "router.expert_bias"
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def parameter_tensors(cfg: ModelConfig) -> tuple[ParamTensor, ...]:
         _BIASES[key] = tuple(
             ParamTensor(name, tuple(b.shape), _block_of(name, cfg.n_layers), False)
             for name, b in model.named_buffers()
-            if name.endswith(ROUTER_BIAS)
+            if name.endswith(ROUTER_BIAS_SUFFIX)
         )
     return _BUILT[key]
 

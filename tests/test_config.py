@@ -5,7 +5,6 @@ import pytest
 from moeforge import cli
 from moeforge.cli import parse_overrides
 from moeforge.config import (
-    RETIRED_FIELDS,
     Config,
     ConfigError,
     MoEConfig,
@@ -26,6 +25,7 @@ CHOICES = {
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "diloco.quantize": ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"),
+    "parallel.pp-schedule": ("1f1b", "interleaved-1f1b", "zbv", "dualpipev"),
 }
 """every field typed as a choice of strings, with its allowed values in order"""
 
@@ -92,7 +92,7 @@ def test_errors_are_one_line_naming_the_field(overrides, message):
 
 
 def test_mesh_product_must_match_world_size():
-    with pytest.raises(ConfigError, match="parallel.dp-shard: got 3; allowed: a value with dp-replicate"):
+    with pytest.raises(ConfigError, match="parallel.dp-shard: got 3; allowed: a value with pp\\*dp-replicate"):
         load_config(overrides={"parallel.dp-shard": "3"}, world_size=4)
     cfg = load_config(
         overrides={"parallel.dp-replicate": "2", "parallel.ep": "2", "model.moe.n-experts": "8"}, world_size=4
@@ -208,12 +208,9 @@ def test_cli_does_not_report_an_internal_value_error_as_a_user_error(monkeypatch
     assert "error:" not in capsys.readouterr().err
 
 
-def test_a_saved_config_with_retired_fields_still_loads():
+def test_a_saved_config_loads_and_unknown_fields_are_refused():
     cfg = load_config()
     old = cfg.to_dict()
-    for dotted in RETIRED_FIELDS:
-        section, name = dotted.split(".")
-        old[section][name] = 1  # as an older moeforge wrote it
     assert config_from_dict(old) == cfg
     old["parallel"]["bogus"] = 1
     with pytest.raises(ConfigError, match=r"^parallel\.bogus: unknown field"):
@@ -233,3 +230,51 @@ def test_ep_nodes_must_divide_ep_and_hold_whole_expert_groups():
         world_size=4,
     )
     assert cfg.parallel.ep_nodes == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        ({"parallel.pp": "3"}, 4, r"^parallel\.pp: got 3; allowed: a divisor of the world size 4$"),
+        ({"parallel.pp-schedule": "gpipe"}, 1, r"^parallel\.pp-schedule: got 'gpipe'; allowed: '1f1b' \|"),
+        (
+            {"parallel.pp": "2", "parallel.pp-schedule": "dualpipev", "train.micro-batch-size": "8"},
+            2,
+            r"^train\.micro-batch-size: got '2 micro-batches per step'; allowed: at least 4 micro-batches "
+            r"for pp-schedule='dualpipev' with pp=2 \(",
+        ),
+        (
+            {"parallel.pp": "2", "parallel.pp-schedule": "1f1b"},
+            2,
+            r"^train\.micro-batch-size: got '1 micro-batches per step'; allowed: at least 2",
+        ),
+        (
+            {"parallel.pp": "4", "parallel.pp-schedule": "zbv", "train.micro-batch-size": "1"},
+            4,
+            r"^parallel\.pp: got 4; allowed: at most 2 for pp-schedule='zbv' \(8 stages of model\.n-layers=4",
+        ),
+        (
+            {"parallel.pp": "2", "parallel.pp-stage-blocks": "1,0,3", "train.micro-batch-size": "2"},
+            2,
+            r"^parallel\.pp-stage-blocks: got '1,0,3'; allowed: 2 counts summing to model\.n-layers=4",
+        ),
+        (
+            {"parallel.pp": "2", "parallel.pp-stage-blocks": "1,x", "train.micro-batch-size": "2"},
+            2,
+            r"^parallel\.pp-stage-blocks: '1,x' is not a comma-separated list of integers$",
+        ),
+    ],
+)
+def test_pipeline_layout_errors_name_the_flag(overrides, world_size, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=overrides, world_size=world_size)
+    assert "\n" not in str(info.value)
+
+
+def test_pipeline_ranks_come_out_of_the_data_parallel_ranks():
+    cfg = load_config(overrides={"parallel.pp": "2", "train.micro-batch-size": "2"}, world_size=4)
+    assert cfg.parallel.resolved_dp_shard(4) == 2
+    assert cfg.parallel.pp_stages() == 2
+    v_shape = {"parallel.pp": "2", "parallel.pp-schedule": "zbv", "parallel.pp-stage-blocks": "0,2,2,0"}
+    cfg = load_config(overrides={**v_shape, "train.micro-batch-size": "2"}, world_size=2)
+    assert cfg.parallel.pp_stages() == 4

@@ -16,7 +16,6 @@ from moeforge.config.checks import ConfigError, field_docs, format_choices
 from moeforge.config.loading import (
     DEFAULT_PRESET,
     PRESETS_DIR,
-    RETIRED_FIELDS,
     Option,
     apply_mapping,
     available_presets,
@@ -32,7 +31,6 @@ from moeforge.config.training import Config, DataConfig, ParallelConfig, TrainCo
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS_DIR",
-    "RETIRED_FIELDS",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -74,24 +74,11 @@ def _layered_config(
     return cfg
 
 
-RETIRED_FIELDS = ("parallel.pp",)
-"""Fields an older moeforge saved with every run, at their one allowed value, that no longer exist"""
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict` (e.g. from a checkpoint), dropping `RETIRED_FIELDS`."""
+    """Rebuild a Config saved with `Config.to_dict` (e.g. from a checkpoint)."""
     cfg = Config()
-    apply_mapping(cfg, _without_retired_fields(data))
+    apply_mapping(cfg, data)
     return cfg
-
-
-def _without_retired_fields(data: dict[str, Any]) -> dict[str, Any]:
-    kept = dict(data)
-    for dotted in RETIRED_FIELDS:
-        section, name = dotted.split(".")
-        if isinstance(kept.get(section), dict):
-            kept[section] = {key: value for key, value in kept[section].items() if key != name}
-    return kept
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moeforge.config.checks import _check, _check_choices, _flag
+from moeforge.config.checks import ConfigError, _check, _check_choices, _flag
 from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
 
@@ -161,11 +161,28 @@ class ParallelConfig:
     """nodes the ep group spans (contiguous blocks of ep ranks); > 1 ties group-limited routing to
     them: model.moe.n-groups must be a multiple, so a token's experts, and the all-to-all rows it
     sends, reach at most model.moe.topk-groups nodes (DeepSeek-V3 node-limited routing)"""
+    pp: int = 1
+    """pipeline-parallel degree: ranks the model's blocks are cut across (outside dp-replicate,
+    dp-shard and ep; inside DiLoCo replicas)"""
+    pp_schedule: Literal["1f1b", "interleaved-1f1b", "zbv", "dualpipev"] = "1f1b"
+    """with pp > 1: '1f1b', 'interleaved-1f1b' (several stages per rank), 'zbv' (zero-bubble V: two
+    stages per rank, weight gradients split off) or 'dualpipev' (DeepSeek's DualPipe on a V: two
+    stages per rank, a forward and a backward overlapped); micro-batches are train.micro-batch-size's"""
+    pp_stage_blocks: str = ""
+    """blocks of each pipeline stage in stage order, comma-separated (e.g. '3,5,5,3'); the first and
+    the last stage, which also hold the embedding and the head (+ MTP modules), may hold 0; V
+    schedules have 2 stages per rank, interleaved-1f1b any multiple of pp; '' = balanced by training
+    FLOPs (interleaved-1f1b: 2 stages per rank)"""
+    ep_overlap: bool = False
+    """hide the expert all-to-all under compute: each micro-batch runs as two halves, one half's
+    all-to-all in flight while the other half computes (DeepSeek's two-micro-batch overlap)"""
     timeout_s: float = 300.0
     """seconds any rank waits for a peer (the first rendezvous, each collective, a checkpoint's
     barriers) before it stops with an error naming what it waited for, instead of hanging"""
 
     def validate(self, world_size: int = 1) -> None:
+        _check_choices(self, "parallel")
+        _check(self.pp >= 1 and world_size % self.pp == 0, "parallel.pp", self.pp, f"a divisor of the world size {world_size}")
         _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")
         _check(
             self.dp_shard == -1 or self.dp_shard >= 1,
@@ -183,10 +200,10 @@ class ParallelConfig:
         _check(self.timeout_s > 0, "parallel.timeout-s", self.timeout_s, "a number of seconds > 0")
         shard = self.resolved_dp_shard(world_size)
         _check(
-            shard >= 1 and self.dp_replicate * shard == world_size,
+            shard >= 1 and self.pp * self.dp_replicate * shard == world_size,
             "parallel.dp-shard",
             self.dp_shard,
-            f"a value with dp-replicate*dp-shard = world size {world_size}",
+            f"a value with pp*dp-replicate*dp-shard = world size {world_size}",
         )
         _check(shard % self.ep == 0, "parallel.ep", self.ep, f"a divisor of dp-shard={shard}")
 
@@ -208,7 +225,65 @@ class ParallelConfig:
     def resolved_dp_shard(self, world_size: int) -> int:
         if self.dp_shard != -1:
             return self.dp_shard
-        return world_size // self.dp_replicate
+        return world_size // (self.pp * self.dp_replicate)
+
+    def pp_stages(self) -> int:
+        """Pipeline stages: pp (1F1B), 2 x pp (V schedules), the stage-blocks list's length or
+        2 x pp (interleaved 1F1B); 1 without pipelining."""
+        if self.pp == 1:
+            return 1
+        if self.pp_schedule == "interleaved-1f1b" and self.pp_stage_blocks:
+            return len(self.pp_stage_blocks.split(","))
+        return self.pp if self.pp_schedule == "1f1b" else 2 * self.pp
+
+    def validate_pipeline(self, n_layers: int, micro_batches: int) -> None:
+        """The checks that tie the pipeline to the model's blocks and the step's micro-batches."""
+        if self.pp == 1:
+            return
+        stages = self.pp_stages()
+        if self.pp_stage_blocks:
+            parse_stage_blocks(self.pp_stage_blocks, stages, n_layers, "parallel.pp-stage-blocks")
+            _check(
+                stages % self.pp == 0,
+                "parallel.pp-stage-blocks",
+                self.pp_stage_blocks,
+                f"a multiple of pp={self.pp} counts (whole stages per rank)",
+            )
+        else:
+            _check(
+                stages <= n_layers,
+                "parallel.pp",
+                self.pp,
+                f"at most {n_layers // (stages // self.pp)} for pp-schedule={self.pp_schedule!r} "
+                f"({stages} stages of model.n-layers={n_layers} blocks)",
+            )
+        needed = 2 * self.pp if self.pp_schedule == "dualpipev" else self.pp
+        ok = micro_batches >= needed and (self.pp_schedule != "interleaved-1f1b" or micro_batches % self.pp == 0)
+        _check(
+            ok,
+            "train.micro-batch-size",
+            f"{micro_batches} micro-batches per step",
+            f"at least {needed} micro-batches for pp-schedule={self.pp_schedule!r} with pp={self.pp}"
+            + (f", a multiple of {self.pp}" if self.pp_schedule == "interleaved-1f1b" else "")
+            + " (a smaller micro-batch-size, or a larger global-batch-size)",
+        )
+
+
+def parse_stage_blocks(text: str, n_stages: int, n_blocks: int, where: str) -> list[int]:
+    """'3,5,5,3' -> [3, 5, 5, 3], checked: `n_stages` counts summing to `n_blocks`, middle stages
+    hold at least one block (the first and the last also hold the embedding and the head)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a comma-separated list of integers") from None
+    middle = counts[1:-1]
+    _check(
+        len(counts) == n_stages and sum(counts) == n_blocks and min(counts) >= 0 and min(middle, default=1) >= 1,
+        where,
+        text,
+        f"{n_stages} counts summing to model.n-layers={n_blocks}, >= 1 except the first and the last",
+    )
+    return counts
 
 
 @dataclass
@@ -228,6 +303,7 @@ class Config:
         self.diloco.validate()
         self.parallel.validate(self._replica_world_size(world_size))
         self.parallel.validate_for(self.model.moe)
+        self.parallel.validate_pipeline(self.model.n_layers, self._micro_batches(world_size))
         _check(
             self.diloco.fragments <= self.model.n_layers,
             "diloco.fragments",
@@ -264,6 +340,11 @@ class Config:
             "1 with diloco.replicas > 1 (DiLoCo replicas take the place of HSDP's every-step all-reduce)",
         )
         return world_size // replicas
+
+    def _micro_batches(self, world_size: int) -> int:
+        """Micro-batches per step on one rank (the data-parallel ranks are the world over pp)."""
+        per_rank = self.train.global_batch_size // max(1, world_size // self.parallel.pp)
+        return per_rank // self.train.micro_batch_size if self.train.micro_batch_size else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
-from moeforge.config import Config, ConfigError, ModelConfig, apply_mapping
+from moeforge.config import Config, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
+from moeforge.config.training import parse_stage_blocks
 from moeforge.plan.flops import flops_per_token_by_block
 
 Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
@@ -211,7 +212,12 @@ def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> 
     """The layout a moeforge run of `cfg` uses (its `parallel.*`, `diloco.*` and micro-batch size,
     fp32 parameters with BF16 autocast), then the `{field-name: text}` overrides."""
     par, dil = cfg.parallel, cfg.diloco
+    stages = par.pp_stages()
     layout = Layout(
+        pp=par.pp,
+        pp_schedule="interleaved" if par.pp_schedule == "interleaved-1f1b" else par.pp_schedule,
+        pp_virtual=max(1, stages // par.pp) if par.pp_schedule == "interleaved-1f1b" else 2,
+        stage_blocks=par.pp_stage_blocks,
         dp_replicate=par.dp_replicate,
         dp_shard=par.dp_shard,
         ep=par.ep,
@@ -316,16 +322,4 @@ def stage_block_counts(layout: Layout, cfg: ModelConfig) -> list[int]:
         flops = flops_per_token_by_block(cfg, cfg.max_seq_len)
         costs = tuple(flops[b].total for b in range(n_blocks))
         return balanced_stage_blocks(layout, costs, flops[-1].total, flops[n_blocks].total)
-    try:
-        counts = [int(part) for part in layout.stage_blocks.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"layout.stage-blocks: {layout.stage_blocks!r} is not a comma-separated list of integers"
-        ) from None
-    _check(
-        len(counts) == n_stages and sum(counts) == n_blocks and min(counts) >= 0,
-        "layout.stage-blocks",
-        layout.stage_blocks,
-        f"{n_stages} counts >= 0 summing to model.n-layers={n_blocks}",
-    )
-    return counts
+    return parse_stage_blocks(layout.stage_blocks, n_stages, n_blocks, "layout.stage-blocks")

@@ -46,6 +46,11 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     """router z-loss coefficient (ST-MoE, 1e-3); 0 = off"""
 
+    def balance_loss_names(self) -> tuple[str, ...]:
+        """The balance losses an MoE layer computes while training, in `MoEStats` order."""
+        coefs = (("seq_aux", self.seq_aux_coef), ("batch_aux", self.aux_coef), ("z_loss", self.z_loss_coef))
+        return tuple(name for name, coef in coefs if coef > 0)
+
     def validate(self, prefix: str = "moe") -> None:
         _check_choices(self, prefix)
         _check(self.dim >= 0, f"{prefix}.dim", self.dim, "an integer >= 0")

@@ -157,9 +157,11 @@ class Transformer(nn.Module):
         return logits
 
     def moe_layers(self) -> Iterator[MoE]:
-        for module in self.modules():
-            if isinstance(module, MoE):
-                yield module
+        """The MoE layers in `ModelOutput.moe_stats` order: main blocks, then the MTP modules'."""
+        return (module for _, module in self.named_moe_layers())
+
+    def named_moe_layers(self) -> Iterator[tuple[str, MoE]]:
+        return ((name, m) for name, m in self.named_modules() if isinstance(m, MoE))
 
     def setup_caches(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, with_mtp: bool = False

@@ -30,10 +30,22 @@ from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.expert_parallel import AllToAllDispatcher, ExpertParallelExperts
 from moeforge.parallel.mesh import ParallelMesh
+from moeforge.parallel.pipeline import StageModel
 
 
-def parallelize(model: Transformer, mesh: ParallelMesh, cfg: ParallelConfig | None = None) -> Transformer:
+def parallelize(
+    model: Transformer | StageModel,
+    mesh: ParallelMesh,
+    cfg: ParallelConfig | None = None,
+    stages: list[nn.Module] | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Shard `model` in place over `mesh` (see `build_mesh`) and return it.
+
+    Under pipelining, `model` is this rank's `StageModel` and `stages` its stage chunks: each chunk
+    is an FSDP root of its own (a module may not sit under two roots), and the zero-bubble schedules
+    need `reshard_after_forward=False` (their split backward finds the weights in the autograd graph
+    by the parameters the forward used).
 
     With the `cfg` the mesh was built from, the layout is first checked against the mesh and the
     model: experts divisible by ep, routing groups whole on each of the ep-nodes (node-limited
@@ -49,7 +61,7 @@ def parallelize(model: Transformer, mesh: ParallelMesh, cfg: ParallelConfig | No
     dp_group = mesh["dp"].get_group()
     for layer in model.moe_layers():
         layer.sum_over_data_parallel = functools.partial(sum_across_ranks, group=dp_group)
-    apply_fsdp(model, mesh)
+    apply_fsdp(model, mesh, stages or [model], reshard_after_forward)
     return model
 
 
@@ -64,21 +76,29 @@ def apply_expert_parallel(layer: MoE, ep_mesh: DeviceMesh) -> None:
     layer.dispatcher = AllToAllDispatcher(layer.cfg.n_experts, ep_mesh.get_group())
 
 
-def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
-    """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then the root."""
+def apply_fsdp(
+    model: nn.Module, mesh: ParallelMesh, roots: list[nn.Module], reshard_after_forward: bool = True
+) -> None:
+    """One FSDP unit per block (main and MTP blocks), experts their own unit under EP, then each of
+    the `roots` (the model, or each pipeline stage chunk)."""
     dp_mesh = mesh["dp_replicate", "dp_shard"]
     expert_mesh = mesh["dp_replicate", "efsdp"]
     expert_parallel = mesh["ep"].size() > 1
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     for block in blocks:
         if expert_parallel and isinstance(block.ffn, MoE):
-            fully_shard(block.ffn.experts, mesh=expert_mesh)
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+            fully_shard(block.ffn.experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    for root in roots:
+        fully_shard(root, mesh=dp_mesh)
 
 
 def clip_grad_norm_(
-    parameters: list[nn.Parameter], max_norm: float, shard_group: dist.ProcessGroup | None = None
+    parameters: list[nn.Parameter],
+    max_norm: float,
+    shard_group: dist.ProcessGroup | None = None,
+    counted: list[nn.Parameter] | None = None,
+    stage_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Clip to the global gradient norm and return it.
 
@@ -87,13 +107,18 @@ def clip_grad_norm_(
     parts of the whole; replicas (dp_replicate) hold the same gradients. Each rank adds its shards'
     squares and one all-reduce over the group gives every rank the same bits, so replicated
     parameters stay identical (a DTensor's full_tensor() would reduce mesh dim by mesh dim, in an
-    order that can differ between ranks)."""
+    order that can differ between ranks). Under pipelining, the norm counts the `counted` subset
+    (each model parameter once over the stages) and a second all-reduce over the pp `stage_group`
+    adds the stages; every parameter is scaled."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    squares = torch.stack([_local_square_sum(grad) for grad in grads]).sum()
+    counted_grads = grads if counted is None else [p.grad for p in counted if p.grad is not None]
+    squares = torch.stack([_local_square_sum(grad) for grad in counted_grads]).sum()
     if shard_group is not None:
         dist.all_reduce(squares, group=shard_group)
+    if stage_group is not None:
+        dist.all_reduce(squares, group=stage_group)
     total = squares.sqrt()
     if max_norm != float("inf"):
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -41,7 +41,7 @@ inside the stages works with one `fully_shard` root per chunk; per-block units n
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +91,12 @@ def block_ranges(n_layers: int, n_stages: int) -> list[range]:
     return [range(s * n_layers // n_stages, (s + 1) * n_layers // n_stages) for s in range(n_stages)]
 
 
+def ranges_of_counts(counts: list[int]) -> list[range]:
+    """[2, 3, 1] -> [range(0, 2), range(2, 5), range(5, 6)]: each stage's blocks."""
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
 class PipelineChunk(nn.Module):
     """One stage of a `Transformer`: tokens [B, S] (first) or hidden [B, S, dim] -> hidden [B, S, dim]
     (the last stage's is normalised: h^0 of the MTP modules, what the head reads in `loss_fn`).
@@ -126,6 +132,50 @@ class PipelineChunk(nn.Module):
             h, _ = module(h[:, :seq], self.tok_embeddings(ahead), self.rope_cos[:seq], self.rope_sin[:seq])
             mtp_logits.append(self.output(h))
         return ModelOutput(self.output(hidden), hidden, mtp_logits=mtp_logits)
+
+
+class StageModel(nn.Module):
+    """This pp rank's part of a `Transformer`, under the model's own names (`tok_embeddings`,
+    `layers.<i>`, `norm`, `output`, `mtp`): what the optimizer, the gradient norm, the bias update
+    and checkpoints see. Its state-dict keys are a subset of the model's, the same whatever the
+    split, so a checkpoint loads into any other pipeline layout or into one process.
+
+    The last stage's copy of the embedding on the first stage's rank (V placement) is not part of
+    it: `Pipeline.sync_embedding_copy` sets that copy from the embedding after each update. On
+    another rank (loop placement) the last stage's embedding is the model's module, kept here and
+    updated by this rank's optimizer with the same summed gradient as the first stage's."""
+
+    def __init__(self, model: Transformer, chunks: list[PipelineChunk]):
+        super().__init__()
+        self.cfg = model.cfg
+        self.layers = nn.ModuleDict()
+        for chunk in chunks:
+            self.layers.update(chunk.layers)
+        has_first, has_last = any(c.first for c in chunks), any(c.last for c in chunks)
+        self.holds_embedding_copy = has_last and not has_first and hasattr(chunks[-1], "tok_embeddings")
+        """the embedding here is the last stage's copy of the first stage's (loop placement)"""
+        if has_first or self.holds_embedding_copy:
+            self.tok_embeddings = model.tok_embeddings
+        if has_last:
+            self.norm, self.output, self.mtp = model.norm, model.output, model.mtp
+
+    def moe_layers(self) -> Iterator[MoE]:
+        """This rank's MoE layers, in model order (as `Transformer.moe_layers`)."""
+        return (module for _, module in self.named_moe_layers())
+
+    def named_moe_layers(self) -> Iterator[tuple[str, MoE]]:
+        """(model name, layer) of this rank's MoE layers, in model order."""
+        return ((name, m) for name, m in self.named_modules() if isinstance(m, MoE))
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """The parameters the global gradient norm counts on this rank: each model parameter once
+        over the pipeline, so not the last stage's embedding copy (nor a head tied to it)."""
+        skip = set()
+        if self.holds_embedding_copy:
+            skip.add(id(self.tok_embeddings.weight))
+        if hasattr(self, "output") and self.cfg.tie_embeddings and not hasattr(self, "tok_embeddings"):
+            skip.add(id(self.output.weight))
+        return [p for p in self.parameters() if id(p) not in skip]
 
 
 class _AttachLossGradient(torch.autograd.Function):
@@ -196,6 +246,11 @@ class Pipeline:
     """the ranks of the first and the last stage when they differ (loop placement), with a copy"""
     hooks: list[RemovableHandle]
     """the balance-loss hooks on the model's MoE layers (remove them to run the model unpipelined)"""
+    style: str
+    """'loop' or 'v' placement of stages on ranks"""
+    n_stages: int
+    dim: int
+    """the model width: hidden states between stages are [micro-batch, seq, dim]"""
     moe_stats: list[tuple[str, MoEStats]] = field(default_factory=list)
     """(MoE layer name, stats) of every MoE call of this rank's stages, in execution order; it
     grows with each step: the caller reads and clears it"""
@@ -207,6 +262,44 @@ class Pipeline:
     @property
     def has_first(self) -> bool:
         return any(c.first for c in self.chunks)
+
+    @torch.no_grad()
+    def sync_embedding_copy(self) -> None:
+        """Set the last stage's own copy of the embedding (V placement: on the first stage's rank)
+        from the embedding, after an optimizer step or a checkpoint load changed the latter, and
+        drop the copy's gradient (no optimizer clears it: it is in none)."""
+        if not (self.ties_embedding and self.has_first and self.has_last and len(self.chunks) > 1):
+            return
+        weights = _tied_weights(self)
+        for copy_weight in weights[1:]:
+            local_shard(copy_weight).copy_(local_shard(weights[0]))
+            copy_weight.grad = None
+
+    @torch.no_grad()
+    def logits(
+        self, tokens: torch.Tensor | None, shape: tuple[int, int], group: dist.ProcessGroup | None = None
+    ) -> torch.Tensor | None:
+        """The model's logits [B, S, vocab] for `tokens` of `shape` (B, S), without a schedule: the
+        stages run one after the other, each sending its output to the next stage's rank
+        (evaluation). Every rank of the pp `group` calls it; the tokens are read on the first
+        stage's rank, the logits come back on the last stage's (None elsewhere)."""
+        pp, rank = dist.get_world_size(group), dist.get_rank(group)
+        by_stage = dict(zip(self.stages, self.chunks))
+        device = self.chunks[0].rope_cos.device
+        hidden = None
+        for stage in range(self.n_stages):
+            owner = stage_rank(stage, pp, self.style)
+            previous = stage_rank(stage - 1, pp, self.style) if stage else owner
+            if owner != rank:
+                if previous == rank and stage:
+                    dist.send(hidden.contiguous(), group_dst=owner, group=group)
+                continue
+            if stage and previous != rank:
+                hidden = torch.empty(*shape, self.dim, device=device)
+                dist.recv(hidden, group_src=previous, group=group)
+            hidden = by_stage[stage](tokens if stage == 0 else hidden)
+        last = by_stage.get(self.n_stages - 1)
+        return last.output(hidden) if last is not None else None
 
     @property
     def has_last(self) -> bool:
@@ -221,33 +314,70 @@ def build_pipeline(
     seq_len: int,
     loss: Callable[[ModelOutput, torch.Tensor], torch.Tensor],
     group: dist.ProcessGroup | None = None,
+    stage_blocks: list[int] | None = None,
 ) -> Pipeline:
     """This rank's stage chunks of `model` and the torch schedule that runs them over the pp process
     `group` (default: the world; `mesh["pp"].get_group()` beside other mesh dims). Every rank
-    builds the same `model` (same seed or checkpoint), with EP applied if any."""
-    pp, rank = dist.get_world_size(group), dist.get_rank(group)
-    cls, per_rank, style = SCHEDULES[schedule]
-    n_stages = pp * per_rank
+    builds the same `model` (same seed or checkpoint), with EP applied if any. `stage_blocks`:
+    blocks per stage (default: as even as they go). To shard the chunks (FSDP) before the schedule
+    is made, call `cut_into_stages` and `schedule_stages` with the sharding in between."""
+    stages = cut_into_stages(model, schedule, dist.get_rank(group), dist.get_world_size(group), stage_blocks)
+    return schedule_stages(model, stages, n_microbatches, micro_batch, seq_len, loss, group)
+
+
+@dataclass
+class RankStages:
+    """What `cut_into_stages` gives one pp rank."""
+
+    schedule: str
+    chunks: list[PipelineChunk]
+    stages: list[int]
+    """the stage index of each chunk"""
+    n_stages: int
+
+
+def cut_into_stages(
+    model: Transformer, schedule: str, pp_rank: int, pp: int, stage_blocks: list[int] | None = None
+) -> RankStages:
+    """The chunks of the stages pp rank `pp_rank` runs under `schedule` (module docstring)."""
+    _, per_rank, style = SCHEDULES[schedule]
+    n_stages = pp * per_rank if stage_blocks is None else len(stage_blocks)
     if style == "v" and model.cfg.tie_embeddings and model.cfg.mtp_depth:
         # the last stage would use the tied weight as the MTP embedding and as the head: torch's
         # split weight backward (_backward.py stage_backward_weight) then walks a freed graph
         raise ValueError(f"parallel.pp-schedule: {schedule} does not support model.tie-embeddings with MTP")
-    ranges = block_ranges(model.cfg.n_layers, n_stages)
-    ids = rank_stages(rank, pp, n_stages, style)
+    ranges = block_ranges(model.cfg.n_layers, n_stages) if stage_blocks is None else ranges_of_counts(stage_blocks)
+    ids = rank_stages(pp_rank, pp, n_stages, style)
     chunks = [PipelineChunk(model, ranges[s], s == 0, s == n_stages - 1) for s in ids]
     if len(chunks) > 1 and chunks[0].first and chunks[-1].last:
         _own_embedding_copy(chunks[-1], model)
+    return RankStages(schedule, chunks, ids, n_stages)
+
+
+def schedule_stages(
+    model: Transformer,
+    stages: RankStages,
+    n_microbatches: int,
+    micro_batch: int,
+    seq_len: int,
+    loss: Callable[[ModelOutput, torch.Tensor], torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+) -> Pipeline:
+    """The torch schedule over this rank's (possibly sharded) chunks, with the balance-loss hooks
+    on the model's MoE layers."""
+    cls, per_rank, style = SCHEDULES[stages.schedule]
+    chunks, ids, n_stages = stages.chunks, stages.stages, stages.n_stages
     grad_scale = 1.0 / n_microbatches
     moe_stats: list[tuple[str, MoEStats]] = []
     hooks = attach_balance_losses(model, grad_scale, moe_stats)
     last = next((c for c in chunks if c.last), None)
     loss_fn = pipeline_loss_fn(last, loss, grad_scale)
-    stages = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim, group) for c, s in zip(chunks, ids)]
+    built = [_stage(c, s, n_stages, micro_batch, seq_len, model.cfg.dim, group) for c, s in zip(chunks, ids)]
     kwargs = {"n_microbatches": n_microbatches, "loss_fn": loss_fn, "scale_grads": False}
-    sched = cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)
+    sched = cls(built[0], **kwargs) if len(built) == 1 and per_rank == 1 else cls(built, **kwargs)
     ties = bool(model.cfg.mtp_depth or model.cfg.tie_embeddings)
     tied_group = _tied_embedding_group(ties, n_stages, style, group)
-    return Pipeline(sched, chunks, ids, ties, tied_group, hooks, moe_stats)
+    return Pipeline(sched, chunks, ids, ties, tied_group, hooks, style, n_stages, model.cfg.dim, moe_stats)
 
 
 def _own_embedding_copy(last: PipelineChunk, model: Transformer) -> None:

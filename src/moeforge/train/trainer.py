@@ -23,21 +23,30 @@ from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.flops import peak_flops, training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
-from moeforge.model.transformer import Transformer
+from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.parallel import (
     ParallelMesh,
     World,
     build_mesh,
     clip_grad_norm_,
+    data_parallel_rank,
     init_distributed,
     launched_distributed,
     parallelize,
     sum_across_ranks,
 )
+from moeforge.parallel.pipeline import (
+    Pipeline,
+    StageModel,
+    cut_into_stages,
+    schedule_stages,
+    sum_tied_embedding_grads,
+)
 from moeforge.plan import estimate_run
+from moeforge.plan.layout import layout_from_config, stage_block_counts
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
-from moeforge.train.losses import token_cross_entropy, training_losses
+from moeforge.train.losses import TrainingLosses, token_cross_entropy, training_losses
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.step_sums import StepSums
 
@@ -126,9 +135,7 @@ class Trainer:
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self._check_plan()
-        torch.manual_seed(tcfg.seed)
-        self.model = Transformer(cfg.model).to(self.device)
-        replicas = cfg.diloco.replicas
+        replicas, pp = cfg.diloco.replicas, cfg.parallel.pp
         self.replica_size = self.world_size // replicas
         """ranks of one DiLoCo replica (the whole world without DiLoCo)"""
         self.mesh = (
@@ -136,10 +143,41 @@ class Trainer:
             if self.replica_size > 1
             else None
         )
+        data_rank, data_ranks = data_parallel_rank(self.rank, self.world_size, pp, replicas)
+        self.data_parallel_size = data_ranks // replicas
+        """data-parallel ranks of one replica: what the step's summed losses are averaged over"""
+        self.loader = PackedLoader(
+            train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks
+        )
+        self.local_batch = tcfg.global_batch_size // data_ranks
+        """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch;
+        the stages of one pipeline the same ones)"""
+        self.micro_batch = tcfg.micro_batch_size or self.local_batch
+        if self.local_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.micro-batch-size: got {self.micro_batch}; allowed: a divisor of the per-rank batch "
+                f"{self.local_batch}"
+            )
+        self.n_micro = self.local_batch // self.micro_batch
+        self._mtp_weight = 0.0
+        """the MTP loss weight lambda of the current step"""
+        self._stage_losses: list[TrainingLosses] = []
+        """the last pipeline stage's losses of each micro-batch of the current step"""
+
+        torch.manual_seed(tcfg.seed)
+        model = Transformer(cfg.model).to(self.device)
+        self.moe_rows = {name: row for row, (name, _) in enumerate(model.named_moe_layers())}
+        """each MoE layer's row in the step's [L, E] load counts (whole model, MTP modules' included)"""
+        self.pipeline: Pipeline | None = None
+        self.model: Transformer | StageModel = model
+        """this rank's model: the whole Transformer, or under pipelining its stages' part (StageModel)"""
         self.shard_group = None
         """the dp_shard group the gradient norm is reduced over (None in one process)"""
         if self.mesh is not None:
-            parallelize(self.model, self.mesh, cfg.parallel)
+            if pp > 1:
+                self.pipeline, self.model = self._build_pipeline(model)
+            else:
+                parallelize(model, self.mesh, cfg.parallel)
             self.shard_group = self.mesh["dp_shard"].get_group()
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
             if init_weights is None:
@@ -148,6 +186,7 @@ class Trainer:
                     "(pass moeforge.interop.hf_weights_loader(cfg), as `moeforge train` does)"
                 )
             init_weights(self.model, self.mesh)
+            self._sync_embedding_copy()
         self.diloco = None
         if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
             group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
@@ -155,17 +194,6 @@ class Trainer:
             self.diloco = StreamingDiLoCo(self.model, cfg.diloco, replica, group, self.device)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
-        self.loader = PackedLoader(
-            train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, self.rank, self.world_size
-        )
-        self.local_batch = tcfg.global_batch_size // self.world_size
-        """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch)"""
-        self.micro_batch = tcfg.micro_batch_size or self.local_batch
-        if self.local_batch % self.micro_batch:
-            raise ConfigError(
-                f"train.micro-batch-size: got {self.micro_batch}; allowed: a divisor of the per-rank batch "
-                f"{self.local_batch}"
-            )
         self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.step = 0
@@ -187,6 +215,36 @@ class Trainer:
                 "with `moeforge plan --search`, or pass --train.force true to start anyway"
             )
 
+    def _build_pipeline(self, model: Transformer) -> tuple[Pipeline, StageModel]:
+        """Cut `model` into this rank's pipeline stages (blocks per stage: parallel.pp-stage-blocks,
+        or the planner's balance by FLOPs), shard them (EP and FSDP inside each stage) and make the
+        schedule over the pp ranks."""
+        cfg, mesh = self.cfg, self.mesh
+        assert mesh is not None
+        pp_group = mesh["pp"].get_group()
+        blocks = stage_block_counts(layout_from_config(cfg), cfg.model)
+        stages = cut_into_stages(
+            model, cfg.parallel.pp_schedule, mesh["pp"].get_local_rank(), cfg.parallel.pp, blocks
+        )
+        stage_model = StageModel(model, stages.chunks)
+        zero_bubble = cfg.parallel.pp_schedule in ("zbv", "dualpipev")
+        parallelize(stage_model, mesh, cfg.parallel, stages.chunks, reshard_after_forward=not zero_bubble)
+        pipeline = schedule_stages(
+            model, stages, self.n_micro, self.micro_batch, cfg.train.seq_len, self._pipeline_loss, pp_group
+        )
+        return pipeline, stage_model
+
+    def _pipeline_loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's objective for one micro-batch (the balance losses reach the gradients
+        by their own hooks); its terms are kept for the step's sums."""
+        losses = training_losses(out, targets, self._mtp_weight)
+        self._stage_losses.append(losses)
+        return losses.total
+
+    def _sync_embedding_copy(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.sync_embedding_copy()
+
     # ------------------------------------------------------------------------------------------
     # Resume and checkpoints
 
@@ -198,6 +256,7 @@ class Trainer:
         saved = ckpt.read_meta(path)
         check_resume_compatible(saved.config, self.cfg, path)
         meta = self._load_checkpoint(path, saved.extra.get("diloco"))
+        self._sync_embedding_copy()
         self.step = meta.step
         self.loader.load_state_dict(meta.extra["data"])
         self.scheduler.load_state_dict(meta.extra["scheduler"])
@@ -275,29 +334,41 @@ class Trainer:
         self.model.train()
         inputs, targets = self.loader.next_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        n_micro = self.local_batch // self.micro_batch
-        mtp_weight = mtp_lambda(self.step, self.cfg.train)
-        sums = StepSums(n_micro, self.device)
-        for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
-            with autocast_context(self.cfg.train.dtype, self.device):
-                out = self.model(inp, mtp_targets=tgt)
-            losses = training_losses(out, tgt, mtp_weight)
-            (losses.total / n_micro).backward()
-            sums.add(losses, out)
+        self._mtp_weight = mtp_lambda(self.step, self.cfg.train)
+        moe = self.cfg.model.moe
+        sums = StepSums(
+            self.n_micro,
+            self.device,
+            moe.balance_loss_names(),
+            self.cfg.model.mtp_depth,
+            (len(self.moe_rows), moe.n_experts),
+        )
+        if self.pipeline is not None:
+            self._pipeline_forward_backward(inputs, targets, sums)
+        else:
+            for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
+                with autocast_context(self.cfg.train.dtype, self.device):
+                    out = self.model(inp, mtp_targets=tgt)
+                losses = training_losses(out, tgt, self._mtp_weight)
+                (losses.total / self.n_micro).backward()
+                sums.add(losses, out)
         grad_norm = self._clip_gradients()
         reduced = self._sum_over_replica(sums.packed(stop_requested=self._stop_signal is not None))
-        host = sums.to_host(reduced, grad_norm, self.replica_size)
+        host = sums.to_host(reduced, grad_norm, self.data_parallel_size)
         if not math.isfinite(host.lm_loss):
             raise TrainingDiverged(
                 f"loss is {host.lm_loss} at step {self.step + 1}; the last good checkpoint "
                 f"{self.last_checkpoint or '(none yet)'} is intact — lower train.lr or raise train.warmup-steps"
             )
         self.optimizer.step()
+        self._sync_embedding_copy()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        biases = [layer.router.expert_bias for layer in self.model.moe_layers()]
-        update_expert_biases(biases, sums.load_rows(reduced), self._bias_rate())
+        layers = list(self.model.named_moe_layers())
+        rows = [self.moe_rows[name] for name, _ in layers]
+        biases = [layer.router.expert_bias for _, layer in layers]
+        update_expert_biases(biases, sums.load_rows(reduced)[rows], self._bias_rate())
         if self.diloco is None:
             self._stop_agreed = host.stop_requested  # every rank stops at the same step
         else:
@@ -313,7 +384,7 @@ class Trainer:
         }
         if host.mtp_depths:
             depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
-            metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
+            metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": self._mtp_weight, **depths})
         if self.diloco is not None:
             synced = self.diloco.after_inner_step(self.step)
             if self.step == self.cfg.train.steps:
@@ -322,16 +393,39 @@ class Trainer:
                 metrics["diloco"] = synced
         return metrics
 
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
+        """The step's micro-batches through the pipeline schedule: tokens enter on the first
+        stage's rank, targets on the last's; this rank's part of the losses and counts goes to
+        `sums`, and the two copies of the embedding get their summed gradient."""
+        pipe = self.pipeline
+        assert pipe is not None
+        self._stage_losses.clear()
+        args = [inputs] if pipe.has_first else []
+        with autocast_context(self.cfg.train.dtype, self.device):
+            pipe.schedule.step(*args, target=targets if pipe.has_last else None)
+        for losses in self._stage_losses:
+            sums.add_losses(losses)
+        for name, stats in pipe.moe_stats:
+            sums.add_moe_stats(self.moe_rows[name], stats)
+        pipe.moe_stats.clear()
+        sum_tied_embedding_grads(pipe)
+
     def _sum_over_replica(self, packed: torch.Tensor) -> torch.Tensor:
-        """The step's sums over the ranks of this replica (of the world, without DiLoCo): the losses
-        logged, the counts the biases follow. DiLoCo replicas share nothing between syncs."""
+        """The step's sums over the ranks of this replica (of the world, without DiLoCo), pipeline
+        stages included: the losses logged, the counts the biases follow. DiLoCo replicas share
+        nothing between syncs."""
         if self.mesh is None:
             return packed
-        return sum_across_ranks(packed, self.mesh["dp"].get_group())
+        return sum_across_ranks(packed, self.mesh["replica_world"].get_group())
 
     def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.grad_clip or float("inf")
-        return clip_grad_norm_(list(self.model.parameters()), max_norm, self.shard_group)
+        parameters = list(self.model.parameters())
+        if self.pipeline is None:
+            return clip_grad_norm_(parameters, max_norm, self.shard_group)
+        counted = self.model.norm_parameters()
+        pp_group = self.mesh["pp"].get_group()
+        return clip_grad_norm_(parameters, max_norm, self.shard_group, counted=counted, stage_group=pp_group)
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps
@@ -343,14 +437,24 @@ class Trainer:
         batches = validation_batches(
             self.val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
         )
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for inputs, targets in batches:
             with autocast_context(self.cfg.train.dtype, self.device):
-                logits = self.model(inputs.to(self.device)).logits
-            total += float(token_cross_entropy(logits, targets.to(self.device))) * targets.numel()
+                logits = self._logits(inputs.to(self.device))
+            if logits is not None:
+                total += token_cross_entropy(logits, targets.to(self.device)).double() * targets.numel()
             count += targets.numel()
+        if self.pipeline is not None:  # the loss is on the last stage's rank
+            self.pipeline.moe_stats.clear()
+            total = sum_across_ranks(total, self.mesh["pp"].get_group())
         self.model.train()
-        return total / count
+        return float(total) / count
+
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The model's logits for `inputs`; under pipelining on the last stage's rank only."""
+        if self.pipeline is None:
+            return self.model(inputs).logits
+        return self.pipeline.logits(inputs, tuple(inputs.shape), self.mesh["pp"].get_group())
 
     # ------------------------------------------------------------------------------------------
     # The loop

@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp_bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     pp_bench.add_argument("--dim", type=int, default=256, help="model width (default: 256)")
     pp_bench.add_argument("--layers", type=int, default=8, help="transformer blocks (default: 8)")
-    pp_bench.add_argument("--repeats", type=int, default=5, help="timed steps per schedule (default: 5)")
-    pp_bench.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    pp_bench.add_argument("--repeats", type=int, default=4, help="timed steps per schedule (default: 4)")
+    pp_bench.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps before them, after one memory step (default: 1)"
+    )
     pp_bench.add_argument("--json", action="store_true")
     pp_bench.set_defaults(handler=run_bench_pp)
     plan_bench = benches.add_parser(

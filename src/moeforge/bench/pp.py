@@ -70,8 +70,8 @@ class PpBenchSettings:
     dim: int = 256
     layers: int = 8
     """transformer blocks (the V schedules need 2 x pp stages, one block each at least)"""
-    repeats: int = 5
-    warmup: int = 2
+    repeats: int = 4
+    warmup: int = 1
     seed: int = 0
 
     def validate(self) -> None:
@@ -438,6 +438,19 @@ def schedule_summary(
     }
 
 
+HEADER = [
+    "schedule",
+    "step s",
+    "eff. alone",
+    "eff. beside",
+    "idle per rank",
+    "formula",
+    "F/I/W ms per chunk",
+    "saved MiB per rank",
+    "held mb (formula)",
+]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as a plain-text table, one row per schedule."""
     cfg = result["config"]
@@ -462,21 +475,26 @@ def format_table(result: dict[str, Any]) -> str:
             f"NOTE: {cfg['pp']} processes on {cfg['cpus']} CPUs: they take turns on the cores, so idle time and "
             "step time measure the OS scheduler as much as the schedule"
         )
-    header = (
-        f"{'schedule':<18}{'step s':>16}{'eff. alone':>11}{'eff. beside':>12}{'idle per rank':>16}{'formula':>9}"
-        f"{'F/I/W ms per chunk':>22}{'saved MiB per rank':>22}{'held mb (formula)':>26}"
-    )
-    lines += ["", header]
+    rows = [HEADER]
     for name, s in result["schedules"].items():
         chunk = s["chunk_s"]
-        fiw = "/".join(f"{chunk[k] * 1e3:.0f}" for k in ("forward", "backward_input", "backward_weight"))
-        held = " ".join(
-            f"{h:.1f}({f:g})" for h, f in zip(s["held_micro_batches"], s["formula_held_micro_batches"])
+        held = zip(s["held_micro_batches"], s["formula_held_micro_batches"])
+        rows.append(
+            [
+                name,
+                f"{s['step_s']['median']:.3f} ({s['step_s']['best']:.3f})",
+                f"{s['efficiency']:.2f}",
+                f"{s['efficiency_beside']:.2f}",
+                " ".join(f"{i:.2f}" for i in s["idle_fraction"]),
+                f"{s['formula']['idle_fraction']:.2f}",
+                "/".join(f"{chunk[k] * 1e3:.0f}" for k in ("forward", "backward_input", "backward_weight")),
+                " ".join(f"{b / 2**20:.0f}" for b in s["saved_peak_bytes"]),
+                " ".join(f"{h:.1f}({f:g})" for h, f in held),
+            ]
         )
-        lines.append(
-            f"{name:<18}{s['step_s']['median']:>8.3f} ({s['step_s']['best']:.3f})"
-            f"{s['efficiency']:>11.2f}{s['efficiency_beside']:>12.2f}{' '.join(f'{i:.2f}' for i in s['idle_fraction']):>16}"
-            f"{s['formula']['idle_fraction']:>9.2f}{fiw:>22}"
-            f"{' '.join(f'{b / 2**20:.0f}' for b in s['saved_peak_bytes']):>22}{held:>26}"
-        )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(HEADER))]
+    lines.append("")
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells))
     return "\n".join(lines)

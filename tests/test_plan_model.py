@@ -18,7 +18,7 @@ from moeforge.plan.comm import expected_rows, hit_probability, rows_from_counts
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import stage_block_counts
 from moeforge.plan.memory import sharded_state
-from moeforge.plan.pipeline import bubble_time
+from moeforge.plan.pipeline import activations_in_flight, bubble_time
 
 
 @pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-tiny", "deepseek-v3-671b"])
@@ -74,12 +74,30 @@ def test_node_limited_routing_bounds_the_nodes_a_token_reaches():
         ("1f1b", 4, 3 * 3.0),  # (PP-1)(F+B+W), F = B = W = 1
         ("interleaved", 4, 3 * 1.5),  # 2 chunks: (PP-1)(F+B+W)/v
         ("zbv", 4, 0.0),  # (PP-1)(F+B-2W) = 0 when F = B = W
-        ("dualpipe", 8, 3 * 1.0),  # (PP/2-1)(F&B + B - 3W), F&B = F+B+W
+        # (PP/2-1)(F&B + B - 3W) in DeepSeek's terms: F&B = F+B+W, and its B the full backward B+W
+        ("dualpipe", 8, 3 * 2.0),
+        # DualPipeV: DeepSeek's PP counts stages, 2 per rank: (8/2-1), chunks of half the rank's times
+        ("dualpipev", 4, 3 * (1.5 + 1.0 - 1.5)),
     ],
 )
 def test_bubble_formulas(schedule, pp, expected):
     layout = Layout(pp=pp, pp_schedule=schedule)
     assert bubble_time(layout, 1.0, 1.0, 1.0) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "schedule, pp, expected",
+    [
+        ("1f1b", 4, 4.0),  # PP on the first rank
+        ("interleaved", 4, 4 + 3 / 2),  # PP + (PP-1)/v
+        ("dualpipe", 8, 4.5),  # PP+1 stages, two per rank
+        ("dualpipev", 2, 2.5),  # 2PP+1 chunks (DeepSeek's PP+1 with PP = 4 stages), two per rank
+    ],
+)
+def test_activations_in_flight_on_the_first_rank(schedule, pp, expected):
+    """Micro-batches' worth of the first rank's chunks (the DualPipe repository's table; `bench pp`
+    measured 2.7 and 2.5 on DualPipeV's two ranks at pp = 2, the first rank also holding the head)."""
+    assert activations_in_flight(Layout(pp=pp, pp_schedule=schedule), 16) == pytest.approx(expected)
 
 
 def test_stages_cover_the_model_and_balance_its_cost():

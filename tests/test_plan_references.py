@@ -46,7 +46,7 @@ def deepseek_v3_layout() -> Layout:
 
 
 DEEPSEEK_MISS = (
-    "planned 128K (-29 %): the FP8 fraction is assumed equal to the BF16 one (FP8 matmuls twice as "
+    "planned 131K (-27 %): the FP8 fraction is assumed equal to the BF16 one (FP8 matmuls twice as "
     "fast), while DeepSeek-V3's fine-grained FP8 (1x128/128x128 scales, promotion to CUDA cores every "
     "128 products, §3.3) and its 20 of 132 SMs reserved for communication (§3.2.2) take part of that "
     "away; with the stage split as even as possible instead of balanced by FLOPs (the split is not "

@@ -190,6 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     diloco.add_argument("--plot", metavar="PNG", help="write the loss-vs-tokens plot here")
     diloco.add_argument("--json", action="store_true")
     diloco.set_defaults(handler=run_bench_diloco)
+    pp_bench = benches.add_parser(
+        "pp",
+        help="each pipeline schedule (1f1b, interleaved-1f1b, zbv, dualpipev) on pp spawned gloo processes: "
+        "step time, idle fraction per rank from timestamps next to the formula's bubble, saved activations, "
+        "and efficiency against one process without pipeline; pp > CPUs measures the OS scheduler too",
+    )
+    pp_bench.add_argument("--pp", type=int, default=2, help="pipeline ranks (processes) (default: 2)")
+    pp_bench.add_argument(
+        "--schedules",
+        default="1f1b,interleaved-1f1b,zbv,dualpipev",
+        help="comma-separated: 1f1b, interleaved-1f1b, zbv, dualpipev (default: all)",
+    )
+    pp_bench.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default: 8)")
+    pp_bench.add_argument(
+        "--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: 2)"
+    )
+    pp_bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    pp_bench.add_argument("--dim", type=int, default=256, help="model width (default: 256)")
+    pp_bench.add_argument("--layers", type=int, default=8, help="transformer blocks (default: 8)")
+    pp_bench.add_argument("--repeats", type=int, default=4, help="timed steps per schedule (default: 4)")
+    pp_bench.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps before them, after one memory step (default: 1)"
+    )
+    pp_bench.add_argument("--json", action="store_true")
+    pp_bench.set_defaults(handler=run_bench_pp)
     plan_bench = benches.add_parser(
         "plan",
         help="the planner's step time vs real training steps of the tiny presets under several layouts, on "
@@ -501,6 +526,26 @@ def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
     if out is not None:
         for name, fields in result["clusters"].items():
             (out / f"{name}.toml").write_text(cluster_toml(Cluster(**fields)))
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.bench.pp import PpBenchSettings, format_table, run_pp_bench
+
+    settings = PpBenchSettings(
+        pp=args.pp,
+        schedules=tuple(s for s in args.schedules.split(",") if s),
+        microbatches=args.microbatches,
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        dim=args.dim,
+        layers=args.layers,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    result = run_pp_bench(settings)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

@@ -1,19 +1,34 @@
 """`--parallel.ep-overlap`: the micro-batch in two halves, one half's all-to-all in flight while the
-other computes, equals the plain forward (losses, gradients, loads), and really overlaps."""
+other computes, equals the plain forward (losses, gradients, loads), and really overlaps; under
+DualPipeV (pp=2 x ep=2) the forward and the backward of an OVERLAP_F_B action run at once, exactly.
+The pipeline test reuses test_pipeline.py's model, batch and objective."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from conftest import small_config
 from moeforge.config import ParallelConfig
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, parallelize
-from moeforge.parallel.overlap import OverlapTimeline, overlapped_forward
+from moeforge.parallel.overlap import (
+    ForwardBackwardSpans,
+    OverlapTimeline,
+    overlap_forward_and_backward,
+    overlapped_forward,
+)
+from moeforge.parallel.parallelize import apply_expert_parallel, sum_across_ranks
+from moeforge.parallel.pipeline import build_pipeline, sum_tied_embedding_grads
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.train.losses import training_losses
+from test_pipeline import MICRO, N_MICRO, SEQ, objective
+from test_pipeline import batch as pipeline_batch
+from test_pipeline import new_model as new_pipeline_model
 
 MTP_WEIGHT = 0.3
 
@@ -115,3 +130,52 @@ def check_overlap(timeline: OverlapTimeline) -> None:
 
 def test_overlap_under_expert_parallelism_equals_the_plain_forward():
     run_on_processes(2, overlap_equals_plain_under_ep, timeout_s=60)
+
+
+def dualpipev_grads(rank: int, out_dir: str) -> None:
+    """pp=2 x ep=2 under DualPipeV, forward and backward of each OVERLAP_F_B action at once or one
+    after the other; per pp rank its stages' gradients (experts whole, the rest averaged over ep)."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    ep_group, ep_rank = mesh["ep"].get_group(), mesh["ep"].get_local_rank()
+    inputs, targets = pipeline_batch()
+    inputs, targets = inputs[ep_rank::2], targets[ep_rank::2]
+    for overlap in (False, True):
+        model = new_pipeline_model()
+        for layer in model.moe_layers():
+            apply_expert_parallel(layer, mesh["ep"])
+            layer.sum_over_data_parallel = functools.partial(sum_across_ranks, group=ep_group)
+        pipe = build_pipeline(model, "dualpipev", N_MICRO, MICRO // 2, SEQ, objective, mesh["pp"].get_group())
+        spans: list[ForwardBackwardSpans] = []
+        if overlap:
+            overlap_forward_and_backward(pipe, spans)
+        pipe.schedule.step(*([inputs] if pipe.has_first else []), target=targets if pipe.has_last else None)
+        sum_tied_embedding_grads(pipe)
+        grads = {}
+        for chunk in pipe.chunks:
+            for name, param in chunk.named_parameters():
+                if isinstance(param.grad, DTensor):
+                    grads[name] = param.grad.full_tensor()
+                else:
+                    grads[name] = sum_across_ranks(param.grad.clone(), ep_group) / 2
+        if ep_rank == 0:
+            torch.save((grads, spans), f"{out_dir}/{overlap}.{mesh['pp'].get_local_rank()}")
+
+
+@pytest.mark.slow
+def test_dualpipev_forward_backward_overlap_is_exact(tmp_path):
+    """Overlapped: the same bits as one after the other, both equal to one process; the forward and
+    the backward of every OVERLAP_F_B action ran at the same time."""
+    model = new_pipeline_model()
+    inputs, targets = pipeline_batch()
+    for i in range(N_MICRO):
+        rows = [2 * i, 2 * i + 1]  # sequence i of ep rank 0 and of ep rank 1
+        (objective(model(inputs[rows], mtp_targets=targets[rows]), targets[rows]) / N_MICRO).backward()
+    run_on_processes(4, dualpipev_grads, str(tmp_path), timeout_s=60)
+    for pp_rank in (0, 1):
+        sequential, _ = torch.load(tmp_path / f"False.{pp_rank}", weights_only=False)
+        overlapped, spans = torch.load(tmp_path / f"True.{pp_rank}", weights_only=False)
+        assert spans and all(span.overlap_seconds > 0 for span in spans)
+        assert overlapped.keys() == sequential.keys()
+        for name, grad in overlapped.items():
+            assert torch.equal(grad, sequential[name]), name
+            torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -47,6 +47,7 @@ class _Link:
     """What the start node and the wait node of one exchange share."""
 
     group: dist.ProcessGroup
+    grad_group: dist.ProcessGroup
     recv_splits: list[int]
     send_splits: list[int]
     times: AllToAllTimes = field(default_factory=AllToAllTimes)
@@ -54,9 +55,11 @@ class _Link:
     in_flight: tuple[torch.Tensor, ...] = ()
     """the send and receive buffers of the exchange in flight (kept alive until it is waited on)"""
 
-    def issue(self, received: torch.Tensor, sent: torch.Tensor, recv: list[int], send: list[int]) -> None:
+    def issue(
+        self, received: torch.Tensor, sent: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup
+    ) -> None:
         self.in_flight = (received, sent)
-        self.work = dist.all_to_all_single(received, sent, recv, send, group=self.group, async_op=True)
+        self.work = dist.all_to_all_single(received, sent, recv, send, group=group, async_op=True)
 
     def wait(self) -> torch.Tensor:
         """Block until the exchange in flight is done; its received rows."""
@@ -83,11 +86,17 @@ class AllToAllInFlight:
 
 
 def start_all_to_all(
-    x: torch.Tensor, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup
+    x: torch.Tensor,
+    recv_splits: list[int],
+    send_splits: list[int],
+    group: dist.ProcessGroup,
+    grad_group: dist.ProcessGroup | None = None,
 ) -> AllToAllInFlight:
     """Issue the exchange of the rows of x [sum(send_splits), ...]: send_splits[r] rows to rank r,
-    recv_splits[r] rows from it (the arguments of `all_to_all_single_autograd`, in its order)."""
-    link = _Link(group, recv_splits, send_splits)
+    recv_splits[r] rows from it (the arguments of `all_to_all_single_autograd`, in its order). The
+    gradient's reverse exchange runs on `grad_group` (default: `group`), a second group over the
+    same ranks when a forward and a backward run at once, each keeping its own collective order."""
+    link = _Link(group, grad_group or group, recv_splits, send_splits)
     return AllToAllInFlight(_StartAllToAll.apply(x, link), link)
 
 
@@ -100,7 +109,7 @@ class _StartAllToAll(torch.autograd.Function):
         ctx.link = link
         received = x.new_empty(sum(link.recv_splits), *x.shape[1:])
         link.times.issued = time.perf_counter()
-        link.issue(received, x.contiguous(), link.recv_splits, link.send_splits)
+        link.issue(received, x.contiguous(), link.recv_splits, link.send_splits, link.group)
         return received
 
     @staticmethod
@@ -131,5 +140,5 @@ class _WaitAllToAll(torch.autograd.Function):
         grad = grad.contiguous()
         grad_sent = grad.new_empty(sum(link.send_splits), *grad.shape[1:])
         link.times.grad_issued = time.perf_counter()
-        link.issue(grad_sent, grad, link.send_splits, link.recv_splits)
+        link.issue(grad_sent, grad, link.send_splits, link.recv_splits, link.grad_group)
         return grad, None

@@ -80,6 +80,9 @@ class AllToAllDispatcher:
 
     def __init__(self, n_experts: int, group: dist.ProcessGroup):
         self.group = group
+        self.grad_group: dist.ProcessGroup | None = None
+        """the group of the backward's exchanges, over the same ranks; None: `group` (a second one
+        lets a backward run while a forward does, see `overlap_forward_and_backward`)"""
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
@@ -101,7 +104,7 @@ class AllToAllDispatcher:
         """`dispatch` with its two row exchanges left in flight (the counts exchange still blocks:
         its sizes are needed to issue them); `wait()` returns what `dispatch` returns."""
         counts, rows = self._plan_dispatch(x, expert_indices)
-        splits = (counts.recv_splits, counts.send_splits, self.group)
+        splits = (counts.recv_splits, counts.send_splits, self.group, self.grad_group)
         received = start_all_to_all(fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), *splits)
         routing_received = start_all_to_all(self._routing_to_send(gates, rows), *splits)
 
@@ -114,13 +117,13 @@ class AllToAllDispatcher:
         # The receiver sums each row's gate-weighted expert outputs and sends one row back per
         # (token, rank); the sender adds a token's rows.
         per_received = self._sum_per_received_row(expert_out, state)
-        returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
+        returned = self._exchange(per_received, state.send_splits, state.recv_splits)
         return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
 
     def start_combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> Pending[torch.Tensor]:
         """`combine` with its exchange left in flight; `wait()` returns what `combine` returns."""
         per_received = self._sum_per_received_row(expert_out, state)
-        returned = start_all_to_all(per_received, state.send_splits, state.recv_splits, self.group)
+        returned = start_all_to_all(per_received, state.send_splits, state.recv_splits, self.group, self.grad_group)
 
         def finish() -> torch.Tensor:
             return fan_in_rows(returned.wait(), state.sent_of_token, state.token_of_sent)
@@ -208,7 +211,13 @@ class AllToAllDispatcher:
         return torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
 
     def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged) -> torch.Tensor:
-        return all_to_all_single_autograd(rows, counts.recv_splits, counts.send_splits, self.group)
+        return self._exchange(rows, counts.recv_splits, counts.send_splits)
+
+    def _exchange(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
+        """The rows exchanged (`all_to_all_single_autograd`), the gradient's way on `grad_group` if set."""
+        if self.grad_group is None:
+            return all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        return start_all_to_all(rows, recv_splits, send_splits, self.group, self.grad_group).wait()
 
 
 class ExpertParallelExperts(RoutedExperts):

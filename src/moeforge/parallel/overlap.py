@@ -24,10 +24,23 @@ halves'.
 
 A block runs as one call of the block module (`_call_as`), so whatever wraps it (FSDP2's
 all-gather before and reshard after) sees one forward of the block on both halves.
+
+DualPipeV (`overlap_forward_and_backward(pipe)`): torch's `ScheduleDualPipeV` pairs the forward of
+one micro-batch on one of a rank's stages with the full backward of another micro-batch on its other
+stage (an OVERLAP_F_B action), but runs the two one after the other. The function registered here
+runs the backward on a second thread while the forward runs on the calling one: whenever one waits on
+its all-to-all (or on anything else), the other computes. The two directions must not share an
+ordered stream of collectives, whose order would then depend on thread timing and differ between
+ranks, so every expert-parallel dispatcher's backward exchanges move to a second process group over
+the same ranks (`AllToAllDispatcher.grad_group`): forward exchanges (counts, rows, the batch-aux
+count sum) are issued by forward work only, backward exchanges by backward work only, each in the
+schedule's order on every rank. Exact: the two threads share no tensor; each computes what the
+sequential run computes, in the same order.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +48,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining.schedules import (
+    FORWARD,
+    FULL_BACKWARD,
+    OVERLAP_F_B,
+    ScheduleDualPipeV,
+    _Action,
+    _PipelineContext,
+    _wait_batch_p2p,
+)
 
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.moe.dispatch import Pending
@@ -43,6 +66,8 @@ from moeforge.model.moe.router import RouterOutput
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import Block, ModelOutput, Transformer
 from moeforge.parallel.async_all_to_all import AllToAllTimes
+from moeforge.parallel.expert_parallel import AllToAllDispatcher
+from moeforge.parallel.pipeline import Pipeline
 
 
 @dataclass
@@ -233,3 +258,109 @@ def _call_as(module: nn.Module, forward: Callable[..., Any], *args: Any) -> Any:
         return module(*args)
     finally:
         del module.forward
+
+
+@dataclass
+class ForwardBackwardSpans:
+    """perf_counter seconds of one OVERLAP_F_B action: its forward (calling thread) and its
+    backward (second thread)."""
+
+    forward: tuple[float, float]
+    backward: tuple[float, float]
+
+    @property
+    def overlap_seconds(self) -> float:
+        """How long the two ran at the same time."""
+        return max(0.0, min(self.forward[1], self.backward[1]) - max(self.forward[0], self.backward[0]))
+
+
+def overlap_forward_and_backward(pipe: Pipeline, spans: list[ForwardBackwardSpans] | None = None) -> None:
+    """Run the forward and the backward of each OVERLAP_F_B action of `pipe`'s DualPipeV schedule
+    at once (module docstring); each action's times are appended to `spans` when given. Call it on
+    every rank after `build_pipeline` (it creates a process group per ep group: collective)."""
+    schedule = pipe.schedule
+    if not isinstance(schedule, ScheduleDualPipeV):
+        raise ValueError(f"parallel.ep-overlap: a pipeline overlaps forward and backward under dualpipev only, got {type(schedule).__name__}")
+    _separate_backward_exchanges(pipe)
+
+    def run(action: _Action, ctx: _PipelineContext) -> None:
+        spans_of_action = _forward_and_backward_at_once(action, ctx)
+        if spans is not None:
+            spans.append(spans_of_action)
+
+    schedule.register_custom_function(OVERLAP_F_B, run)
+
+
+def _separate_backward_exchanges(pipe: Pipeline) -> None:
+    """Give every expert-parallel dispatcher of the pipeline's stages a second group over the ranks
+    of its own, for its backward exchanges (one new group per distinct ep group)."""
+    grad_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    for chunk in pipe.chunks:
+        for layer in (m for m in chunk.modules() if isinstance(m, MoE)):
+            if isinstance(layer.dispatcher, AllToAllDispatcher):
+                ranks = tuple(dist.get_process_group_ranks(layer.dispatcher.group))
+                if ranks not in grad_groups:
+                    grad_groups[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+                layer.dispatcher.grad_group = grad_groups[ranks]
+
+
+def _forward_and_backward_at_once(action: _Action, ctx: _PipelineContext) -> ForwardBackwardSpans:
+    """The FORWARD sub-action on this thread while the FULL_BACKWARD one runs on another; an error
+    in either is raised here after both ended."""
+    forward, backward = action.sub_actions or ()
+    assert forward.computation_type == FORWARD and backward.computation_type == FULL_BACKWARD, action
+    backward_times: list[float] = []
+    errors: list[BaseException] = []
+
+    def run_backward() -> None:
+        backward_times.append(time.perf_counter())
+        try:
+            _full_backward(ctx, backward)
+        except BaseException as error:  # re-raised on the calling thread
+            errors.append(error)
+        backward_times.append(time.perf_counter())
+
+    thread = threading.Thread(target=run_backward, name=f"backward {backward}")
+    thread.start()
+    forward_start = time.perf_counter()
+    try:
+        _forward(ctx, forward)
+    finally:
+        forward_end = time.perf_counter()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return ForwardBackwardSpans((forward_start, forward_end), (backward_times[0], backward_times[1]))
+
+
+def _forward(ctx: _PipelineContext, action: _Action) -> None:
+    """What the schedule runtime does for a FORWARD action: wait for the input (unless the previous
+    stage is on this rank), run the stage, the loss on the last stage, hand the output on locally."""
+    schedule = ctx.schedule_ref
+    stages = {stage.stage_index: stage for stage in schedule._stages}
+    index, micro = action.stage_index, action.microbatch_index
+    stage = stages[index]
+    schedule._assert_unsharded(stage)
+    if not stage.is_first and index - 1 not in stages:
+        _wait_batch_p2p(schedule.fwd_recv_ops.pop((index, micro)))
+    output = stage.forward_one_chunk(micro, ctx.arg_mbs[micro], ctx.kwarg_mbs[micro])
+    schedule._maybe_compute_loss(stage, output, ctx.target_mbs, micro)
+    if index + 1 in stages:
+        stages[index + 1].set_local_fwd_input(output, micro)
+
+
+def _full_backward(ctx: _PipelineContext, action: _Action) -> None:
+    """What the schedule runtime does for a FULL_BACKWARD action: wait for the output's gradient
+    (unless the next stage is on this rank), back-propagate, hand the input's gradient on locally."""
+    schedule = ctx.schedule_ref
+    stages = {stage.stage_index: stage for stage in schedule._stages}
+    index, micro = action.stage_index, action.microbatch_index
+    stage = stages[index]
+    schedule._assert_unsharded(stage)
+    if not stage.is_last and index + 1 not in stages:
+        _wait_batch_p2p(schedule.bwd_recv_ops.pop((index, micro)))
+    schedule.backward_counter[index] += 1
+    last = schedule.backward_counter[index] == schedule._n_microbatches
+    stage.backward_one_chunk(micro, loss=schedule._maybe_get_loss(stage, micro), full_backward=True, last_backward=last)
+    if index - 1 in stages:
+        stages[index - 1].set_local_bwd_input(stage.get_local_bwd_output(micro), micro)

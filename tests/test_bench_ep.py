@@ -32,8 +32,14 @@ def test_bench_ep_tiny_on_two_processes():
     assert result["node_limited_vs_unlimited"] == pytest.approx(
         unlimited["bytes_off_node_per_token"] / limited["bytes_off_node_per_token"]
     )
+    overlap = result["overlap"]
+    for case in ("whole", "halves"):
+        assert 0 < overlap[case]["exposed_forward_ms"] <= overlap[case]["exposed_ms"] < overlap[case]["step_ms"]
+    assert overlap["hidden_fraction"] == pytest.approx(
+        1 - overlap["halves"]["exposed_ms"] / overlap["whole"]["exposed_ms"]
+    )
     table = format_table(result)
-    assert "ep=2" in table and "node-limited M=1" in table
+    assert "ep=2" in table and "node-limited M=1" in table and "hidden fraction" in table
 
 
 @pytest.mark.parametrize(
@@ -43,6 +49,7 @@ def test_bench_ep_tiny_on_two_processes():
         ({"ep_nodes": 3}, r"^--ep-nodes: got 3; allowed: a divisor of --ep=2$"),
         ({"topk_nodes": 3}, r"^--topk-nodes: got 3; allowed: an integer in \[1, 2\]$"),
         ({"tokens": 0}, r"^--tokens: got 0; allowed: at least 1$"),
+        ({"tokens": 4}, r"^--tokens: got 4; allowed: at least 8 \(the overlap case cuts them into 8 sequences\)$"),
     ],
 )
 def test_bench_ep_rejects_bad_settings(change, message):

@@ -8,6 +8,13 @@ Each rank computes the same expected expert FLOPs in both, so the ratio is the p
 instead of holding every expert. The forward is timed phase by phase (router, dispatch, experts,
 combine) and forward+backward as a whole; a figure is the slowest rank's, best of the repeats.
 
+Overlap (`--parallel.ep-overlap`): a small transformer of MoE blocks of the same layer (one shared
+expert, attention before it) runs forward+backward with the micro-batch whole (`parts=1`: each
+exchange waited on as soon as it is issued) and in two halves taking turns (`parts=2`: one half's
+exchange in flight while the other computes), interleaved in the same run. The exposed all-to-all
+time is what the calling thread spends blocked in the waits (forward and backward, from the
+exchanges' timestamps); hidden fraction = 1 - exposed(2 halves) / exposed(whole).
+
 Traffic: the rows the dispatcher sends off-rank and off-node (ranks split into ep-nodes contiguous
 blocks), with routing not limited and limited to M nodes (groups = nodes, topk-groups = M), next to
 what a dispatcher sending one row per (token, expert) would send.
@@ -34,13 +41,18 @@ from moeforge.bench.moe import (
     seeded_layer,
     synchronize,
 )
-from moeforge.config import ConfigError, MoEConfig
+from moeforge.config import ConfigError, ModelConfig, MoEConfig
 from moeforge.model.moe.layer import MoE
+from moeforge.model.transformer import Transformer
+from moeforge.parallel.overlap import OverlapTimeline, overlapped_forward
 from moeforge.parallel.process_group import init_distributed, launched_distributed
 from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.parallel.spawn import run_on_processes
 
 PHASES = ("router", "dispatch", "experts", "combine", "forward", "forward_backward")
+OVERLAP_BLOCKS = 2
+OVERLAP_SEQUENCES = 8
+"""the overlap model's depth (all MoE blocks) and the sequences each rank's tokens are cut into"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +80,11 @@ class EpBenchSettings:
     def validate(self) -> None:
         check_bench_sizes(tokens=self.tokens, repeats=self.repeats)
         resolve_dtype(self.dtype)
+        if self.tokens < OVERLAP_SEQUENCES:
+            raise ConfigError(
+                f"--tokens: got {self.tokens}; allowed: at least {OVERLAP_SEQUENCES} (the overlap case "
+                f"cuts them into {OVERLAP_SEQUENCES} sequences)"
+            )
         if self.ep < 2 or self.n_experts % self.ep:
             raise ConfigError(
                 f"--ep: got {self.ep}; allowed: an integer >= 2 dividing --experts={self.n_experts}"
@@ -157,6 +174,7 @@ def measure(settings: EpBenchSettings, device: torch.device) -> dict[str, Any]:
             label: t["per_expert_bytes_off_node_per_token"] / max(t["bytes_off_node_per_token"], 1e-12)
             for label, t in traffic.items()
         },
+        "overlap": time_overlap(settings, timed_routing, ep_mesh, device, dtype),
     }
 
 
@@ -186,6 +204,65 @@ def time_cases(
         best = slowest.min(dim=0).values.cpu()
         result[name] = {phase: float(best[i]) * 1e3 for i, phase in enumerate(PHASES)}
     return result
+
+
+def overlap_model(settings: EpBenchSettings, routing: MoEConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """`OVERLAP_BLOCKS` MoE blocks of the timed layer with one shared expert, heads of width 64 (or
+    one head), the same weights on every rank."""
+    heads = max(1, settings.dim // 64)
+    cfg = ModelConfig(
+        dim=settings.dim,
+        n_layers=OVERLAP_BLOCKS,
+        n_dense_layers=0,
+        n_heads=heads,
+        n_kv_heads=heads,
+        ffn_dim=settings.ffn_dim,
+        max_seq_len=settings.tokens // OVERLAP_SEQUENCES,
+        moe=dataclasses.replace(routing, n_shared_experts=1),
+    )
+    torch.manual_seed(settings.seed)
+    return Transformer(cfg).to(device, dtype).train()
+
+
+def time_overlap(
+    settings: EpBenchSettings, routing: MoEConfig, ep_mesh: DeviceMesh, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """{whole, halves: {step_ms, exposed_ms, exposed_forward_ms}} (slowest rank, best repeat) and
+    the hidden fraction 1 - exposed(halves) / exposed(whole)."""
+    model = overlap_model(settings, routing, device, dtype)
+    for layer in model.moe_layers():
+        apply_expert_parallel(layer, ep_mesh)
+    torch.manual_seed(settings.seed + 1 + dist.get_rank())
+    seq = settings.tokens // OVERLAP_SEQUENCES
+    tokens = torch.randint(0, model.cfg.vocab_size, (OVERLAP_SEQUENCES, seq), device=device)
+    samples: dict[str, list[torch.Tensor]] = {"whole": [], "halves": []}
+    for repeat in range(settings.warmup + settings.repeats):
+        for name, parts in (("whole", 1), ("halves", 2)):
+            dist.barrier()
+            seconds = _overlapped_step_seconds(model, tokens, parts, device)
+            if repeat >= settings.warmup:
+                samples[name].append(torch.tensor(seconds, dtype=torch.float64))
+    figures = {}
+    for name, rows in samples.items():
+        slowest = torch.stack(rows).to(device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        best = slowest.min(dim=0).values.cpu() * 1e3
+        figures[name] = dict(zip(("step_ms", "exposed_ms", "exposed_forward_ms"), best.tolist()))
+    hidden = 1.0 - figures["halves"]["exposed_ms"] / max(figures["whole"]["exposed_ms"], 1e-12)
+    return {"sequences": OVERLAP_SEQUENCES, "seq_len": seq, "blocks": OVERLAP_BLOCKS, **figures, "hidden_fraction": hidden}
+
+
+def _overlapped_step_seconds(model: Transformer, tokens: torch.Tensor, parts: int, device: torch.device) -> list[float]:
+    """(forward+backward, exposed all-to-all of both, exposed all-to-all of the forward) seconds."""
+    model.zero_grad(set_to_none=True)
+    timeline = OverlapTimeline()
+    synchronize(device)
+    start = time.perf_counter()
+    out = overlapped_forward(model, tokens, parts=parts, timeline=timeline)
+    forward_exposed = timeline.exposed_seconds()
+    out.logits.float().square().mean().backward()
+    synchronize(device)
+    return [time.perf_counter() - start, timeline.exposed_seconds(), forward_exposed]
 
 
 def forward_phases(layer: MoE, tokens: torch.Tensor, device: torch.device) -> list[float]:
@@ -289,6 +366,24 @@ def format_table(result: dict[str, Any]) -> str:
             f"{label:<20}{t['per_expert_rows_off_node_per_token']:>18.2f}{t['rows_off_node_per_token']:>16.2f}"
             f"{t['per_expert_bytes_off_node_per_token'] / 1e3:>16.2f}{t['bytes_off_node_per_token'] / 1e3:>14.2f}"
         )
+    overlap = result["overlap"]
+    lines += [
+        "",
+        (
+            f"all-to-all hidden under compute ({overlap['blocks']} MoE blocks + 1 shared expert, "
+            f"{overlap['sequences']} sequences of {overlap['seq_len']} per rank, forward+backward):"
+        ),
+        f"{'micro-batch':<22}{'step ms':>10}{'exposed a2a ms':>16}{'of which fwd':>14}",
+    ]
+    for name, label in (("whole", "whole"), ("halves", "2 halves in turns")):
+        fig = overlap[name]
+        lines.append(
+            f"{label:<22}{fig['step_ms']:>10.1f}{fig['exposed_ms']:>16.2f}{fig['exposed_forward_ms']:>14.2f}"
+        )
+    lines.append(
+        f"hidden fraction 1 - exposed(halves)/exposed(whole) = {overlap['hidden_fraction']:.2f}; "
+        f"step halves/whole = {overlap['halves']['step_ms'] / overlap['whole']['step_ms']:.2f}"
+    )
     per_rank = result["per_rank_vs_per_expert"]
     lines += [
         "",

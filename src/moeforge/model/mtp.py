@@ -49,9 +49,12 @@ class MTPModule(nn.Module):
     ) -> tuple[torch.Tensor, Any]:
         """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22), and
         what the block's MoE layer measured (None for a dense block)."""
-        merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(embedded)], dim=-1))
-        out, stats = self.block(merged, cos, sin, start_pos)
+        out, stats = self.block(self.merge(hidden, embedded), cos, sin, start_pos)
         return self.norm(out), stats
+
+    def merge(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """h'^k = M_k [RMSNorm(h^{k-1}); RMSNorm(Emb(t_{i+k}))] (eq. 21), [B, S, dim]: the block's input."""
+        return self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(embedded)], dim=-1))
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.proj.weight, std=std)

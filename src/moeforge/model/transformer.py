@@ -68,11 +68,15 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's output and, for an MoE block, what its MoE layer measured."""
-        x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        x = self.attend(x, cos, sin, start_pos)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """The first half of the block: x + attention(norm(x)), [B, S, dim]."""
+        return x + self.attention(self.attention_norm(x), cos, sin, start_pos)
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal(0, std) on the projections, Normal(0, out_std) on the residual outputs, ones on norms."""

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moeforge.model.moe.dispatch import fan_in_rows, fan_out_rows
+from moeforge.model.moe.dispatch import Pending, fan_in_rows, fan_out_rows
 from moeforge.model.moe.experts import RoutedExperts
+from moeforge.parallel.async_all_to_all import start_all_to_all
 
 
 class ExpertParallelDispatch(NamedTuple):
@@ -79,6 +80,9 @@ class AllToAllDispatcher:
 
     def __init__(self, n_experts: int, group: dist.ProcessGroup):
         self.group = group
+        self.grad_group: dist.ProcessGroup | None = None
+        """the group of the backward's exchanges, over the same ranks; None: `group` (a second one
+        lets a backward run while a forward does, see `overlap_forward_and_backward`)"""
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
@@ -86,25 +90,71 @@ class AllToAllDispatcher:
     def dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+        counts, rows = self._plan_dispatch(x, expert_indices)
+        # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
+        received = self._all_to_all(
+            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts
+        )
+        routing_received = self._all_to_all(self._routing_to_send(gates, rows), counts)
+        return self._group_by_expert(received, routing_received, rows, counts)
+
+    def start_dispatch(
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
+    ) -> Pending[tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]]:
+        """`dispatch` with its two row exchanges left in flight (the counts exchange still blocks:
+        its sizes are needed to issue them); `wait()` returns what `dispatch` returns."""
+        counts, rows = self._plan_dispatch(x, expert_indices)
+        splits = (counts.recv_splits, counts.send_splits, self.group, self.grad_group)
+        received = start_all_to_all(fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), *splits)
+        routing_received = start_all_to_all(self._routing_to_send(gates, rows), *splits)
+
+        def finish() -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+            return self._group_by_expert(received.wait(), routing_received.wait(), rows, counts)
+
+        return Pending(finish, (received.times, routing_received.times))
+
+    def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
+        # The receiver sums each row's gate-weighted expert outputs and sends one row back per
+        # (token, rank); the sender adds a token's rows.
+        per_received = self._sum_per_received_row(expert_out, state)
+        returned = self._exchange(per_received, state.send_splits, state.recv_splits)
+        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
+
+    def start_combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> Pending[torch.Tensor]:
+        """`combine` with its exchange left in flight; `wait()` returns what `combine` returns."""
+        per_received = self._sum_per_received_row(expert_out, state)
+        returned = start_all_to_all(per_received, state.send_splits, state.recv_splits, self.group, self.grad_group)
+
+        def finish() -> torch.Tensor:
+            return fan_in_rows(returned.wait(), state.sent_of_token, state.token_of_sent)
+
+        return Pending(finish, (returned.times,))
+
+    def _plan_dispatch(self, x: torch.Tensor, expert_indices: torch.Tensor) -> tuple[_CountsExchanged, _RowsToSend]:
+        """Steps 1-2 of a dispatch: the split sizes of its exchanges and the rows to send."""
         # 1. Where each token goes: the ranks that own at least one of its k experts.
         rank_of_slot = torch.div(expert_indices, self.local_experts, rounding_mode="floor")
         goes_to = torch.zeros(expert_indices.shape[0], self.ep, dtype=torch.bool, device=x.device)
         goes_to.scatter_(1, rank_of_slot, True)
         # 2. Exchange counts (rows each way, assignments per local expert): the split sizes.
         counts = self._exchange_counts(goes_to, expert_indices)
-        rows = self._rows_to_send(goes_to, expert_indices, rank_of_slot, sum(counts.send_splits))
-        # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
-        received = self._all_to_all(
-            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts
-        )
-        gates_received, received_expert = self._send_routing(gates, rows, counts)
-        # 4. On the receiver: copy each row once per local expert it serves, grouped by expert.
+        return counts, self._rows_to_send(goes_to, expert_indices, rank_of_slot, sum(counts.send_splits))
+
+    def _group_by_expert(
+        self, received: torch.Tensor, routing_received: torch.Tensor, rows: _RowsToSend, counts: _CountsExchanged
+    ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+        """Step 4 of a dispatch, on the receiver: copy each received row [M, D] once per local expert
+        it serves, grouped by expert; `routing_received` [M, 2k] is each row's k gates, then its k
+        local expert ids (-1 where served elsewhere)."""
+        top_k = routing_received.shape[1] // 2
+        gates_received, received_expert = routing_received.split(top_k, dim=1)
+        received_expert = received_expert.detach().long()
         sort_key = torch.where(received_expert >= 0, received_expert, self.local_experts).reshape(-1)
         slot_of_sorted = torch.argsort(sort_key, stable=True)[: counts.n_assignments]
         sorted_of_slot = torch.full_like(sort_key, counts.n_assignments)
-        sorted_of_slot[slot_of_sorted] = torch.arange(counts.n_assignments, device=x.device)
-        sorted_of_slot = sorted_of_slot.view(-1, expert_indices.shape[1])
-        received_of_sorted = torch.div(slot_of_sorted, expert_indices.shape[1], rounding_mode="floor")
+        sorted_of_slot[slot_of_sorted] = torch.arange(counts.n_assignments, device=received.device)
+        sorted_of_slot = sorted_of_slot.view(-1, top_k)
+        received_of_sorted = torch.div(slot_of_sorted, top_k, rounding_mode="floor")
         by_expert = fan_out_rows(received, received_of_sorted, sorted_of_slot, padded=True)
         state = ExpertParallelDispatch(
             rows.token_of_sent,
@@ -117,13 +167,10 @@ class AllToAllDispatcher:
         )
         return by_expert, counts.tokens_per_expert, state
 
-    def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        # The receiver sums each row's gate-weighted expert outputs and sends one row back per
-        # (token, rank); the sender adds a token's rows.
+    def _sum_per_received_row(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
+        """The gate-weighted sum of each received row's expert outputs, [M, D]."""
         weighted = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
-        per_received = fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
-        returned = all_to_all_single_autograd(per_received, state.send_splits, state.recv_splits, self.group)
-        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
+        return fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
 
     def _exchange_counts(self, goes_to: torch.Tensor, expert_indices: torch.Tensor) -> _CountsExchanged:
         """One small all-to-all of [rows, assignments per local expert] per destination rank; its
@@ -157,18 +204,20 @@ class AllToAllDispatcher:
         )
         return _RowsToSend(token_of_sent, sent_of_token, slot_served, local_expert)
 
-    def _send_routing(
-        self, gates: torch.Tensor, rows: _RowsToSend, counts: _CountsExchanged
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gates [M, k], local expert ids [M, k]) of the M received rows, in one exchange: expert
-        ids are exact in fp32, and only the gates carry a gradient."""
+    def _routing_to_send(self, gates: torch.Tensor, rows: _RowsToSend) -> torch.Tensor:
+        """[S, 2k]: each sent row's k gates (0 where served elsewhere), then its k local expert ids,
+        for one exchange: expert ids are exact in fp32, and only the gates carry a gradient."""
         gates_sent = fan_out_rows(gates.float(), rows.token_of_sent, rows.sent_of_token, padded=True)
-        routing_sent = torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
-        gates_received, expert_received = self._all_to_all(routing_sent, counts).split(gates.shape[1], dim=1)
-        return gates_received, expert_received.detach().long()
+        return torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
 
     def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged) -> torch.Tensor:
-        return all_to_all_single_autograd(rows, counts.recv_splits, counts.send_splits, self.group)
+        return self._exchange(rows, counts.recv_splits, counts.send_splits)
+
+    def _exchange(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
+        """The rows exchanged (`all_to_all_single_autograd`), the gradient's way on `grad_group` if set."""
+        if self.grad_group is None:
+            return all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        return start_all_to_all(rows, recv_splits, send_splits, self.group, self.grad_group).wait()
 
 
 class ExpertParallelExperts(RoutedExperts):

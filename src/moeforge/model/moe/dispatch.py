@@ -12,9 +12,29 @@ permutation (no atomic scatter-add), so runs are bit-reproducible.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """A result whose exchange may still be in flight: `wait()` finishes it and returns it (call it
+    once). `exchanges` are the timings of the exchanges it waits on (the expert-parallel
+    dispatcher's `AllToAllTimes`; empty when nothing was in flight)."""
+
+    def __init__(self, finish: Callable[[], T], exchanges: tuple[Any, ...] = ()):
+        self._finish = finish
+        self.exchanges = exchanges
+
+    @classmethod
+    def ready(cls, value: T) -> Pending[T]:
+        return cls(lambda: value)
+
+    def wait(self) -> T:
+        return self._finish()
 
 
 class TokenDispatcher(Protocol):
@@ -29,6 +49,16 @@ class TokenDispatcher(Protocol):
 
     def combine(self, expert_out: torch.Tensor, state: Any) -> torch.Tensor:
         """Gate-weighted sum over each token's k expert outputs, [N, D] in the original token order."""
+        ...
+
+    def start_dispatch(
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
+    ) -> Pending[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """`dispatch` with its exchanges left in flight, so that other work can run meanwhile."""
+        ...
+
+    def start_combine(self, expert_out: torch.Tensor, state: Any) -> Pending[torch.Tensor]:
+        """`combine` with its exchange left in flight."""
         ...
 
 
@@ -66,6 +96,15 @@ class LocalDispatcher:
         per_token = _PermuteRows.apply(expert_out, state.sorted_of_flat, state.flat_of_sorted)
         per_token = per_token.view(n_tokens, top_k, -1)
         return torch.bmm(gates.to(per_token.dtype).unsqueeze(1), per_token).squeeze(1)
+
+    def start_dispatch(
+        self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
+    ) -> Pending[tuple[torch.Tensor, torch.Tensor, LocalDispatch]]:
+        """Nothing to exchange: `dispatch`, already done."""
+        return Pending.ready(self.dispatch(x, expert_indices, gates))
+
+    def start_combine(self, expert_out: torch.Tensor, state: LocalDispatch) -> Pending[torch.Tensor]:
+        return Pending.ready(self.combine(expert_out, state))
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ one micro-batch's all-to-all while another computes (`forward` is them in a row)
     out      = layer.compute_experts(sorted, per_expert)   one grouped GEMM per projection
     y        = layer.combine(out, state, tokens)           gate-weighted sum back in token order + shared
 
+`start_dispatch` / `start_combine` are the two exchanges left in flight (`wait()` finishes them), for
+a schedule that computes something else meanwhile (parallel/overlap.py).
+
 Two seams let `parallel/` distribute the layer without the layer knowing: `dispatcher` (local, or
 the all-to-all one under expert parallelism) and `sum_over_data_parallel` (the identity, or an
 all-reduce over the data-parallel ranks for the batch-wise aux loss, which counts the global batch).
@@ -26,7 +29,7 @@ from torch import nn
 from moeforge.config import ConfigError, MoEConfig
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe.balance import batch_aux_loss, router_z_loss, sequence_aux_loss
-from moeforge.model.moe.dispatch import LocalDispatcher, TokenDispatcher
+from moeforge.model.moe.dispatch import LocalDispatcher, Pending, TokenDispatcher
 from moeforge.model.moe.experts import RoutedExperts
 from moeforge.model.moe.router import Router, RouterOutput
 
@@ -103,10 +106,24 @@ class MoE(nn.Module):
     def combine(self, expert_out: torch.Tensor, state: Any, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's gate-weighted expert outputs [N, dim] (brought back first under expert
         parallelism), plus the shared experts' output on `tokens`."""
-        out = self.dispatcher.combine(expert_out, state)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(tokens)
-        return out
+        return self.add_shared_output(self.dispatcher.combine(expert_out, state), self.shared_output(tokens))
+
+    def start_dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> Pending[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """`dispatch` with its exchanges left in flight: `wait()` returns what `dispatch` returns."""
+        return self.dispatcher.start_dispatch(tokens, routing.expert_indices, routing.gates)
+
+    def start_combine(self, expert_out: torch.Tensor, state: Any) -> Pending[torch.Tensor]:
+        """The routed half of `combine` with its exchange left in flight: `wait()` returns the routed
+        output [N, dim] (`add_shared_output` completes it)."""
+        return self.dispatcher.start_combine(expert_out, state)
+
+    def shared_output(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output on tokens [N, dim] (None without shared experts)."""
+        return None if self.shared_experts is None else self.shared_experts(tokens)
+
+    @staticmethod
+    def add_shared_output(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return routed if shared is None else routed + shared
 
     def stats(self, routing: RouterOutput, batch: int, seq: int) -> MoEStats:
         counts = torch.bincount(routing.expert_indices.reshape(-1), minlength=self.cfg.n_experts)

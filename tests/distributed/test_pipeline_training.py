@@ -110,9 +110,10 @@ def test_uneven_stages_from_the_layout_flag_train_the_same_model(tmp_path, singl
 
 
 @pytest.mark.slow
-def test_pipeline_with_expert_parallel_and_fsdp_equals_single_process(tmp_path):
+def test_pipeline_with_expert_parallel_fsdp_and_overlap_equals_single_process(tmp_path):
     """pp=2 x ep=2 with DualPipeV on 4 processes: each stage's experts over its 2 ep ranks, its dense
-    weights FSDP-sharded over them, 4 micro-batches of 1 sequence per rank. One process runs 4
+    weights FSDP-sharded over them, 4 micro-batches of 1 sequence per rank, the forward and the
+    backward chunk of each overlapped pair run at once (parallel.ep-overlap). One process runs 4
     micro-batches of 2: the same sequences, grouped otherwise (each data-parallel rank reads a
     contiguous slice of the batch), which only the batch-wise aux loss could tell apart (its counts
     are per micro-batch), so it is off here; test_pipeline.py checks it per micro-batch."""
@@ -121,7 +122,11 @@ def test_pipeline_with_expert_parallel_and_fsdp_equals_single_process(tmp_path):
     trainer = Trainer(small_config(**{**options(), **batch, "train__micro_batch_size": "2"}), reference)
     trainer.fit()
     # validation reads eval-batches batches of one micro-batch: the same 2 sequences in both runs
-    opts = {**options(pp="2", ep="2", pp_schedule="dualpipev"), **batch, "train__eval_batches": "2"}
+    opts = {
+        **options(pp="2", ep="2", pp_schedule="dualpipev", ep_overlap="true"),
+        **batch,
+        "train__eval_batches": "2",
+    }
     run_on_processes(4, train_and_save_stage_state, 4, opts, str(tmp_path / "run"), str(tmp_path))
     expected = (losses(reference), val_loss(reference), trainer.model.state_dict())
     assert_same_run(tmp_path / "run", gathered_state(tmp_path, 4), expected)
@@ -138,3 +143,20 @@ def test_checkpoint_moves_from_pp2_to_one_process_and_back(tmp_path, single_proc
     Trainer(small_config(**options()), tmp_path / "b").fit(until_step=2)
     run_on_processes(2, train_and_save_stage_state, 2, pipelined, str(tmp_path / "b"), str(tmp_path))
     assert_same_run(tmp_path / "b", gathered_state(tmp_path, 2), single_process)
+
+
+def test_expert_overlap_in_training_equals_no_overlap(tmp_path):
+    """parallel.ep-overlap without a pipeline on 2 processes (ep=2, all balance losses on): each
+    micro-batch of 2 sequences runs as two halves whose all-to-alls overlap the other half's
+    compute; the run equals the same one without overlap."""
+    batch = {"train__micro_batch_size": "2", "train__global_batch_size": "8"}
+    for overlap in ("false", "true"):
+        opts = {**options(ep="2", ep_overlap=overlap), **batch}
+        run_on_processes(
+            2, train_and_save_stage_state, 2, opts, str(tmp_path / overlap), str(tmp_path / overlap)
+        )
+    assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "false"), rel=1e-5)
+    expected = gathered_state(tmp_path / "false", 1)
+    got = gathered_state(tmp_path / "true", 1)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)

@@ -304,6 +304,7 @@ class Config:
         self.parallel.validate(self._replica_world_size(world_size))
         self.parallel.validate_for(self.model.moe)
         self.parallel.validate_pipeline(self.model.n_layers, self._micro_batches(world_size))
+        self._validate_overlap(world_size)
         _check(
             self.diloco.fragments <= self.model.n_layers,
             "diloco.fragments",
@@ -340,6 +341,29 @@ class Config:
             "1 with diloco.replicas > 1 (DiLoCo replicas take the place of HSDP's every-step all-reduce)",
         )
         return world_size // replicas
+
+    def _validate_overlap(self, world_size: int) -> None:
+        """parallel.ep-overlap splits each micro-batch in two halves, or under a pipeline pairs the
+        forward of one micro-batch with the backward of another (DualPipeV's overlapped chunks)."""
+        par = self.parallel
+        if not par.ep_overlap:
+            return
+        if par.pp > 1:
+            _check(
+                par.pp_schedule == "dualpipev",
+                "parallel.ep-overlap",
+                True,
+                "false unless pp-schedule='dualpipev' (a pipeline overlaps a forward with a backward there)",
+            )
+            return
+        per_rank = self.train.global_batch_size // max(1, world_size)
+        micro = self.train.micro_batch_size or per_rank
+        _check(
+            micro >= 2,
+            "train.micro-batch-size",
+            micro,
+            "at least 2 sequences per micro-batch with parallel.ep-overlap (each runs as two halves)",
+        )
 
     def _micro_batches(self, world_size: int) -> int:
         """Micro-batches per step on one rank (the data-parallel ranks are the world over pp)."""

@@ -35,6 +35,7 @@ from moeforge.parallel import (
     parallelize,
     sum_across_ranks,
 )
+from moeforge.parallel.overlap import overlap_forward_and_backward, overlapped_forward
 from moeforge.parallel.pipeline import (
     Pipeline,
     StageModel,
@@ -232,6 +233,8 @@ class Trainer:
         pipeline = schedule_stages(
             model, stages, self.n_micro, self.micro_batch, cfg.train.seq_len, self._pipeline_loss, pp_group
         )
+        if cfg.parallel.ep_overlap:  # DualPipeV (config-checked): forward and backward chunks at once
+            overlap_forward_and_backward(pipeline)
         return pipeline, stage_model
 
     def _pipeline_loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
@@ -348,7 +351,7 @@ class Trainer:
         else:
             for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
                 with autocast_context(self.cfg.train.dtype, self.device):
-                    out = self.model(inp, mtp_targets=tgt)
+                    out = self._forward(inp, tgt)
                 losses = training_losses(out, tgt, self._mtp_weight)
                 (losses.total / self.n_micro).backward()
                 sums.add(losses, out)
@@ -392,6 +395,13 @@ class Trainer:
             if synced:
                 metrics["diloco"] = synced
         return metrics
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """One micro-batch through the whole model (MTP modules included), with the expert
+        all-to-all of each half hidden under the other half's compute under parallel.ep-overlap."""
+        if self.cfg.parallel.ep_overlap:
+            return overlapped_forward(self.model, inputs, targets)
+        return self.model(inputs, mtp_targets=targets)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
         """The step's micro-batches through the pipeline schedule: tokens enter on the first

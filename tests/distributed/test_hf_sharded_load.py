@@ -111,3 +111,30 @@ def test_hsdp_replica_0_reads_and_the_other_replica_receives(tmp_path):
     run_on_processes(
         4, load_into_shards, 4, {"dp_replicate": 2, "ep": 2}, str(tmp_path / "hf"), str(tmp_path / "reference.pt")
     )
+
+
+def pipeline_stage_from_hf(rank: int, world_size: int, hf_dir: str, reference_path: str, out: str) -> None:
+    """`moeforge train --init-from-hf` with pp=2: each rank reads the tensors of its own stages only."""
+    overrides = {"train.init-from-hf": hf_dir, "parallel.pp": "2", "train.seq-len": "16",
+                 "train.global-batch-size": "2", "train.micro-batch-size": "1", "train.progress": "false",
+                 "train.report": "false"}  # fmt: skip
+    cfg = load_config(overrides=overrides, world_size=world_size, apply_init_from=apply_hf_model)
+    trainer = Trainer(cfg, out, init_weights=hf_weights_loader(cfg))
+    reference = torch.load(reference_path)
+    assert_equals_reference(trainer.model, reference)
+    torch.save(sorted(trainer.model.state_dict()), f"{out}.keys.{rank}")
+
+
+@pytest.mark.slow
+def test_pipeline_stages_load_their_own_tensors(tmp_path):
+    """Two processes, pp=2, DeepSeek with MTP: each stage equals the single-process import, and the
+    two stages together hold every tensor (the last stage's embedding copy on both)."""
+    from hf_models import save_deepseek_with_mtp
+
+    save_deepseek_with_mtp(tmp_path / "hf")
+    save_reference(tmp_path / "hf", tmp_path / "reference.pt")
+    out = str(tmp_path / "run")
+    run_on_processes(2, pipeline_stage_from_hf, 2, str(tmp_path / "hf"), str(tmp_path / "reference.pt"), out)
+    keys = [set(torch.load(f"{out}.keys.{rank}")) for rank in (0, 1)]
+    assert keys[0] | keys[1] == set(torch.load(tmp_path / "reference.pt")["state"])
+    assert keys[0] & keys[1] == {"tok_embeddings.weight"}

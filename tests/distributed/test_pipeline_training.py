@@ -160,3 +160,32 @@ def test_expert_overlap_in_training_equals_no_overlap(tmp_path):
     got = gathered_state(tmp_path / "true", 1)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
+    """2 DiLoCo replicas x pp=2 (4 processes) run as 2 replicas of one process each: the replicas'
+    outer steps see the same fragments whether their blocks sit on one rank or on two stages."""
+    diloco = {"diloco__replicas": "2", "diloco__sync_every": "2", "train__global_batch_size": "8"}
+    run_on_processes(
+        2,
+        train_and_save_stage_state,
+        2,
+        {**options(), **diloco},
+        str(tmp_path / "plain"),
+        str(tmp_path / "plain"),
+    )
+    run_on_processes(
+        4,
+        train_and_save_stage_state,
+        4,
+        {**options(pp="2"), **diloco},
+        str(tmp_path / "pp"),
+        str(tmp_path / "pp"),
+    )
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    assert val_loss(tmp_path / "pp") == pytest.approx(val_loss(tmp_path / "plain"), rel=1e-5)
+    expected = gathered_state(tmp_path / "plain", 1)
+    got = gathered_state(tmp_path / "pp", 2)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)

@@ -48,6 +48,7 @@ from moeforge.interop.hf.safetensors_io import (
 )
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.mesh import ParallelMesh
+from moeforge.parallel.pipeline import StageModel
 from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, replicated
 from moeforge.parallel.sharded_load import LocalPart, index_box, local_part, overlap
 
@@ -64,7 +65,7 @@ def from_hf(path: Path | str, progress: bool = True) -> Transformer:
 
 @torch.no_grad()
 def load_hf_weights(
-    model: Transformer, path: Path | str, progress: bool = True, mesh: ParallelMesh | None = None
+    model: Transformer | StageModel, path: Path | str, progress: bool = True, mesh: ParallelMesh | None = None
 ) -> dict[str, int]:
     """Copy a Hugging Face checkpoint into `model`, whole or sharded by `parallelize`, in place.
 
@@ -85,6 +86,8 @@ def load_hf_weights(
     With the `mesh` of an HSDP run (dp_replicate > 1), only replica 0 reads; the other replicas
     receive their shards from it (parallel/replicas.py).
 
+    Under pipelining, `model` is the rank's `StageModel`: it reads the tensors of its own stages only.
+
     Returns the bytes this process read from each tensor it read any part of.
     """
     path = Path(path)
@@ -99,6 +102,8 @@ def load_hf_weights(
     skipped_layers = range(cfg.n_layers + mtp_layers, cfg.n_layers + declared)
     located = _locate(path, names, layout, cfg, arch, skipped_layers)
     state = model.state_dict(keep_vars=True)
+    # a pipeline stage's model (StageModel) holds some blocks only: it reads the tensors of those
+    located = {name: file for name, file in located.items() if layout[name].param in state}
     if not replicated(mesh):
         return _read_local_parts(state, located, layout, progress)
     read, error = {}, None
@@ -123,7 +128,7 @@ def _read_local_parts(
     read: dict[str, int] = {}
     in_order = sorted(located, key=lambda name: layout[name].duplicate)  # copies after what they repeat
     with (
-        tqdm(total=len(layout), desc="import", unit="tensor", disable=not progress) as bar,
+        tqdm(total=len(located), desc="import", unit="tensor", disable=not progress) as bar,
         closing(stored_tensors(located, in_order)) as tensors,  # an error closes the open shard at once
     ):
         for name, stored in tensors:

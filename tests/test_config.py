@@ -259,6 +259,22 @@ def test_ep_nodes_must_divide_ep_and_hold_whole_expert_groups():
             r"^parallel\.pp-stage-blocks: got '1,0,3'; allowed: 2 counts summing to model\.n-layers=4",
         ),
         (
+            {"parallel.pp": "2", "parallel.pp-schedule": "zbv", "train.micro-batch-size": "2",
+             "model.tie-embeddings": "true", "model.mtp-depth": "1"},  # fmt: skip
+            2,
+            r"^parallel\.pp-schedule: got 'zbv'; allowed: '1f1b' or 'interleaved-1f1b' with model\.tie-embeddings",
+        ),
+        (
+            {"parallel.ep-overlap": "true", "parallel.pp": "2", "train.micro-batch-size": "2"},
+            2,
+            r"^parallel\.ep-overlap: got True; allowed: false unless pp-schedule='dualpipev'",
+        ),
+        (
+            {"parallel.ep-overlap": "true", "train.micro-batch-size": "1"},
+            1,
+            r"^train\.micro-batch-size: got 1; allowed: at least 2 sequences per micro-batch with parallel\.ep-overlap",
+        ),
+        (
             {"parallel.pp": "2", "parallel.pp-stage-blocks": "1,x", "train.micro-batch-size": "2"},
             2,
             r"^parallel\.pp-stage-blocks: '1,x' is not a comma-separated list of integers$",

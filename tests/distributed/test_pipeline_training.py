@@ -189,3 +189,16 @@ def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
     got = gathered_state(tmp_path / "pp", 2)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_from_pp2_ep2_to_one_process(tmp_path):
+    """2 steps on pp=2 x ep=2 (4 processes, experts sharded over ep inside each stage), 2 more in one
+    process: the losses of the uninterrupted one-process run (batch aux loss off: see above)."""
+    batch = {"train__global_batch_size": "8", "model__moe__aux_coef": "0"}
+    single = {**options(), **batch, "train__micro_batch_size": "2"}
+    Trainer(small_config(**single), tmp_path / "single").fit()
+    opts = {**options(pp="2", ep="2", pp_schedule="zbv"), **batch}
+    run_on_processes(4, train_and_save_stage_state, 4, opts, str(tmp_path / "run"), str(tmp_path), 2)
+    Trainer(small_config(**single), tmp_path / "run").fit()
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)

@@ -304,6 +304,15 @@ class Config:
         self.parallel.validate(self._replica_world_size(world_size))
         self.parallel.validate_for(self.model.moe)
         self.parallel.validate_pipeline(self.model.n_layers, self._micro_batches(world_size))
+        _check(
+            self.parallel.pp == 1
+            or self.parallel.pp_schedule not in ("zbv", "dualpipev")
+            or not (self.model.tie_embeddings and self.model.mtp_depth),
+            "parallel.pp-schedule",
+            self.parallel.pp_schedule,
+            "'1f1b' or 'interleaved-1f1b' with model.tie-embeddings and MTP modules (the V schedules' split "
+            "weight backward cannot use one tied weight as the last stage's embedding and head)",
+        )
         self._validate_overlap(world_size)
         _check(
             self.diloco.fragments <= self.model.n_layers,

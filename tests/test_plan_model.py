@@ -178,9 +178,10 @@ def test_cli_plan_prints_a_table_and_json(capsys):
     assert code == 0 and "memory per GPU" in out and "tokens/s" in out and "EP4" in out
     code, out, _ = run_cli(capsys, "--cluster", "h100", "--gpus", "8", "--json", "--layout.pp", "2")
     data = json.loads(out)
-    assert (
-        code == 0 and data["layout"]["pp"] == 2 and data["memory"]["total"] > 0 and not data["runnable_now"]
-    )
+    assert code == 0 and data["layout"]["pp"] == 2 and data["memory"]["total"] > 0 and data["runnable_now"]
+    dualpipe = ("--layout.pp-schedule", "dualpipe")
+    code, out, _ = run_cli(capsys, "--cluster", "h100", "--gpus", "8", "--json", "--layout.pp", "2", *dualpipe)
+    assert code == 0 and not json.loads(out)["runnable_now"]  # DualPipe's two copies: moeforge runs DualPipeV
 
 
 def test_cli_plan_search_marks_what_runs_today(capsys):

@@ -145,10 +145,11 @@ class Layout:
 
     @property
     def runnable_now(self) -> bool:
-        """Whether moeforge runs this layout today: FSDP/HSDP + EP + DiLoCo, no pipeline, no ZeRO-1,
-        no FP8, no node-level dispatch, no optimizer-held master copy."""
+        """Whether moeforge runs this layout today: pipelines (not DualPipe's two copies: DualPipeV)
+        of FSDP/HSDP + EP, DiLoCo; no ZeRO-1, no FP8, no node-level dispatch, no optimizer-held
+        master copy."""
         return (
-            self.pp == 1
+            self.pp_schedule != "dualpipe"
             and self.data_sharding == "fsdp"
             and self.compute_dtype != "fp8"
             and self.dispatch_dedup == "rank"

@@ -56,6 +56,18 @@ def train_and_save_stage_state(
     torch.save(full, f"{state_dir}/state.{rank}")
 
 
+def train_on_processes(world_size: int, opts: dict, run_dir) -> dict[str, torch.Tensor]:
+    """Train `opts` on `world_size` processes into `run_dir`; the final weights, gathered."""
+    run_on_processes(world_size, train_and_save_stage_state, world_size, opts, str(run_dir), str(run_dir))
+    return gathered_state(run_dir, world_size)
+
+
+def assert_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+
+
 def gathered_state(state_dir, world_size: int) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for rank in range(world_size):
@@ -76,9 +88,7 @@ def assert_same_run(run_dir, state, single_process) -> None:
     expected_losses, expected_val, expected_state = single_process
     assert losses(run_dir) == pytest.approx(expected_losses, rel=1e-5)
     assert val_loss(run_dir) == pytest.approx(expected_val, rel=1e-5)
-    assert state.keys() == expected_state.keys()
-    for name, expected in expected_state.items():
-        torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+    assert_same_weights(state, expected_state)
 
 
 @pytest.mark.parametrize(
@@ -91,22 +101,15 @@ def assert_same_run(run_dir, state, single_process) -> None:
     ],
 )
 def test_pipelined_training_equals_single_process(tmp_path, schedule, single_process):
-    run_on_processes(
-        2,
-        train_and_save_stage_state,
-        2,
-        options(pp="2", pp_schedule=schedule),
-        str(tmp_path / "run"),
-        str(tmp_path),
-    )
-    assert_same_run(tmp_path / "run", gathered_state(tmp_path, 2), single_process)
+    state = train_on_processes(2, options(pp="2", pp_schedule=schedule), tmp_path)
+    assert_same_run(tmp_path, state, single_process)
 
 
+@pytest.mark.slow
 def test_uneven_stages_from_the_layout_flag_train_the_same_model(tmp_path, single_process):
     """Blocks moved off the first and last stages (they carry embedding, head and MTP module)."""
     opts = options(pp="2", pp_schedule="dualpipev", pp_stage_blocks="0,2,2,0")
-    run_on_processes(2, train_and_save_stage_state, 2, opts, str(tmp_path / "run"), str(tmp_path))
-    assert_same_run(tmp_path / "run", gathered_state(tmp_path, 2), single_process)
+    assert_same_run(tmp_path, train_on_processes(2, opts, tmp_path), single_process)
 
 
 @pytest.mark.slow
@@ -127,9 +130,9 @@ def test_pipeline_with_expert_parallel_fsdp_and_overlap_equals_single_process(tm
         **batch,
         "train__eval_batches": "2",
     }
-    run_on_processes(4, train_and_save_stage_state, 4, opts, str(tmp_path / "run"), str(tmp_path))
+    state = train_on_processes(4, opts, tmp_path / "run")
     expected = (losses(reference), val_loss(reference), trainer.model.state_dict())
-    assert_same_run(tmp_path / "run", gathered_state(tmp_path, 4), expected)
+    assert_same_run(tmp_path / "run", state, expected)
 
 
 def test_checkpoint_moves_from_pp2_to_one_process_and_back(tmp_path, single_process):
@@ -141,25 +144,19 @@ def test_checkpoint_moves_from_pp2_to_one_process_and_back(tmp_path, single_proc
     assert losses(tmp_path / "a") == pytest.approx(single_process[0], rel=1e-5)
 
     Trainer(small_config(**options()), tmp_path / "b").fit(until_step=2)
-    run_on_processes(2, train_and_save_stage_state, 2, pipelined, str(tmp_path / "b"), str(tmp_path))
-    assert_same_run(tmp_path / "b", gathered_state(tmp_path, 2), single_process)
+    assert_same_run(tmp_path / "b", train_on_processes(2, pipelined, tmp_path / "b"), single_process)
 
 
+@pytest.mark.slow
 def test_expert_overlap_in_training_equals_no_overlap(tmp_path):
     """parallel.ep-overlap without a pipeline on 2 processes (ep=2, all balance losses on): each
     micro-batch of 2 sequences runs as two halves whose all-to-alls overlap the other half's
     compute; the run equals the same one without overlap."""
     batch = {"train__micro_batch_size": "2", "train__global_batch_size": "8"}
-    for overlap in ("false", "true"):
-        opts = {**options(ep="2", ep_overlap=overlap), **batch}
-        run_on_processes(
-            2, train_and_save_stage_state, 2, opts, str(tmp_path / overlap), str(tmp_path / overlap)
-        )
-    assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "false"), rel=1e-5)
-    expected = gathered_state(tmp_path / "false", 1)
-    got = gathered_state(tmp_path / "true", 1)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+    plain = train_on_processes(2, {**options(ep="2"), **batch}, tmp_path / "plain")
+    overlapped = train_on_processes(2, {**options(ep="2", ep_overlap="true"), **batch}, tmp_path / "overlap")
+    assert losses(tmp_path / "overlap") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    assert_same_weights(overlapped, plain)
 
 
 @pytest.mark.slow
@@ -167,28 +164,11 @@ def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
     """2 DiLoCo replicas x pp=2 (4 processes) run as 2 replicas of one process each: the replicas'
     outer steps see the same fragments whether their blocks sit on one rank or on two stages."""
     diloco = {"diloco__replicas": "2", "diloco__sync_every": "2", "train__global_batch_size": "8"}
-    run_on_processes(
-        2,
-        train_and_save_stage_state,
-        2,
-        {**options(), **diloco},
-        str(tmp_path / "plain"),
-        str(tmp_path / "plain"),
-    )
-    run_on_processes(
-        4,
-        train_and_save_stage_state,
-        4,
-        {**options(pp="2"), **diloco},
-        str(tmp_path / "pp"),
-        str(tmp_path / "pp"),
-    )
+    plain = train_on_processes(2, {**options(), **diloco}, tmp_path / "plain")
+    pipelined = train_on_processes(4, {**options(pp="2"), **diloco}, tmp_path / "pp")
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     assert val_loss(tmp_path / "pp") == pytest.approx(val_loss(tmp_path / "plain"), rel=1e-5)
-    expected = gathered_state(tmp_path / "plain", 1)
-    got = gathered_state(tmp_path / "pp", 2)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+    assert_same_weights(pipelined, plain)
 
 
 @pytest.mark.slow

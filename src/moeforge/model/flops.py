@@ -10,12 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from moeforge.config import ModelConfig
-
-# Dense bf16 tensor-core peak (no sparsity) per device, for MFU. Unknown devices report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
 
 @dataclass(frozen=True)
@@ -137,12 +133,3 @@ def kv_cache_comparison(cfg: ModelConfig, element_size: int) -> dict[str, int]:
     return {kind: kv_cache_bytes_per_token(cfg, element_size, kind) for kind in kinds}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of a known CUDA device, None elsewhere (no honest CPU figure exists)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None

@@ -8,7 +8,7 @@ and `estimate` (the one-line estimate the trainer prints).
 """
 
 from moeforge.plan.cluster import Cluster, available_clusters, load_cluster
-from moeforge.plan.estimate import RunEstimate, estimate_run
+from moeforge.plan.estimate import RunEstimate, device_peak_flops, estimate_run
 from moeforge.plan.layout import Layout, layout_from_config
 from moeforge.plan.search import search_layouts
 from moeforge.plan.step_time import Plan, TrainingShape, plan_layout, sharded_bytes
@@ -20,6 +20,7 @@ __all__ = [
     "RunEstimate",
     "TrainingShape",
     "available_clusters",
+    "device_peak_flops",
     "estimate_run",
     "layout_from_config",
     "load_cluster",

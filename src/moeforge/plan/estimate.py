@@ -87,6 +87,14 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     return RunEstimate(memory.total, device_memory, None, None)
 
 
+def device_peak_flops(device: torch.device | str) -> float | None:
+    """The dense BF16 peak of a CUDA device whose name matches a shipped cluster preset (the
+    trainer's MFU denominator); None elsewhere: no preset, or the CPU (no honest nominal figure)."""
+    device = torch.device(device)
+    cluster, _ = _device_cluster(device)
+    return cluster.peak_bf16_flops or None
+
+
 def _device_cluster(device: torch.device) -> tuple[Cluster, float | None]:
     """The shipped preset whose name is in the CUDA device's name, else a blank cluster; and the
     device's memory (None on the CPU)."""

@@ -21,7 +21,7 @@ from moeforge.config import Config, ConfigError, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
 from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
-from moeforge.model.flops import peak_flops, training_flops_per_token
+from moeforge.model.flops import training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
 from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.parallel import (
@@ -43,7 +43,7 @@ from moeforge.parallel.pipeline import (
     schedule_stages,
     sum_tied_embedding_grads,
 )
-from moeforge.plan import estimate_run
+from moeforge.plan import device_peak_flops, estimate_run
 from moeforge.plan.layout import layout_from_config, stage_block_counts
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
@@ -196,7 +196,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = device_peak_flops(self.device)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None

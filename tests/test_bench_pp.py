@@ -1,20 +1,33 @@
-"""`bench pp`: the idle fraction from timestamps, the formula column, and one tiny run on 2 gloo processes."""
+"""`bench pp`: the idle fraction from timestamps, the formula column, and one tiny run on 2 gloo processes;
+`--ep`: the exposed all-to-all arithmetic on made-up timestamps, and one tiny pp=2 x ep=2 run."""
 
 import json
 
 import pytest
 
 from moeforge.bench.pp import (
+    ExchangeWait,
     Interval,
     PpBenchSettings,
     chunk_seconds,
+    exchange_waits,
+    exposed_all_to_all_seconds,
     formula_bubble,
     format_table,
+    hidden_fraction,
     idle_fraction,
+    in_flight_under_compute,
+    intersected,
+    merged,
     planner_layout,
     run_pp_bench,
+    subtracted,
+    waited_seconds,
 )
 from moeforge.config import ConfigError
+from moeforge.parallel.async_all_to_all import AllToAllTimes
+from moeforge.parallel.expert_parallel import RecordedExchange
+from moeforge.parallel.overlap import ForwardBackwardSpans
 from moeforge.plan.pipeline import bubble_time
 
 
@@ -109,3 +122,105 @@ def test_bench_pp_tiny_run_on_two_processes():
     assert zbv["stages"] == [[0, 3], [1, 2]]
     assert all(b > 0 for b in zbv["saved_peak_bytes"]) and all(h >= 1 for h in zbv["held_micro_batches"])
     assert "zbv" in format_table(result)
+
+
+# ---- --ep: the expert all-to-all --------------------------------------------------------------
+
+
+def times(issued, wait_began, wait_ended, grad=None) -> AllToAllTimes:
+    """An exchange's times; `grad` the (issued, wait began, wait ended) of its backward, if any."""
+    grad_issued, grad_began, grad_ended = grad or (None, None, None)
+    return AllToAllTimes(issued, wait_began, wait_ended, grad_issued, grad_began, grad_ended)
+
+
+def test_exchange_waits_take_both_directions_once_backward_ran():
+    recorded = [
+        RecordedExchange("counts", times(0.0, 0.0, 0.5)),
+        RecordedExchange("combine", times(1.0, 2.0, 3.0, grad=(6.0, 7.0, 7.5))),
+    ]
+    assert exchange_waits(recorded) == [
+        ExchangeWait("forward", 0.0, 0.0, 0.5),
+        ExchangeWait("forward", 1.0, 2.0, 3.0),
+        ExchangeWait("backward", 6.0, 7.0, 7.5),
+    ]
+
+
+def test_segment_arithmetic():
+    assert merged([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0), (5.0, 5.0)]) == [(0.0, 2.0), (3.0, 4.0)]
+    assert subtracted([(0.0, 10.0)], [(1.0, 2.0), (4.0, 5.0)]) == [(0.0, 1.0), (2.0, 4.0), (5.0, 10.0)]
+    assert intersected([(0.0, 3.0), (5.0, 8.0)], [(2.0, 6.0)]) == [(2.0, 3.0), (5.0, 6.0)]
+
+
+def test_exposed_all_to_all_one_thread_is_the_sum_of_its_waits():
+    """F 0-4 waits on a forward exchange 1-2, B 5-9 on a backward one 6-8: 3 s exposed of 3 waited."""
+    intervals = [Interval("F", 0, 0.0, 4.0), Interval("B", 1, 5.0, 9.0)]
+    waits = [ExchangeWait("forward", 1.0, 1.0, 2.0), ExchangeWait("backward", 5.5, 6.0, 8.0)]
+    assert exposed_all_to_all_seconds(intervals, waits, 0.0, 10.0) == pytest.approx(3.0)
+    assert waited_seconds(waits) == pytest.approx(3.0)
+
+
+def test_overlapped_threads_hide_each_others_waits():
+    """One F&B action: the forward thread computes 0-4 but waits 1-2 (exchange issued at 0.5), the
+    backward thread computes 0-5 but waits 3-4.5 (issued at 2.5). Some thread computes at every
+    moment except 4-4.5 (forward done, backward waiting): 0.5 s exposed of 2.5 waited; against the
+    3 s of the sequential run above, 5/6 hidden. In flight under the other thread's compute: the
+    forward exchange 0.5-2 all of it (backward computes 0-3), the backward one 2.5-4 of 2.5-4.5."""
+    intervals = [Interval("F", 0, 0.0, 4.0), Interval("B", 3, 0.0, 5.0)]
+    waits = [ExchangeWait("forward", 0.5, 1.0, 2.0), ExchangeWait("backward", 2.5, 3.0, 4.5)]
+    exposed = exposed_all_to_all_seconds(intervals, waits, 0.0, 5.0)
+    assert exposed == pytest.approx(0.5)
+    assert waited_seconds(waits) == pytest.approx(2.5)
+    assert hidden_fraction(3.0, exposed) == pytest.approx(5 / 6)
+    span = ForwardBackwardSpans(forward=(0.0, 4.0), backward=(0.0, 5.0))
+    under, in_flight = in_flight_under_compute(span, intervals, waits)
+    assert under == pytest.approx(1.5 + 1.5) and in_flight == pytest.approx(1.5 + 2.0)
+
+
+def test_nothing_hidden_when_the_other_thread_does_not_compute():
+    """The backward thread waits on p2p (no B action) while the forward waits on its exchange."""
+    intervals = [Interval("F", 0, 0.0, 4.0), Interval("B", 3, 3.0, 5.0)]
+    waits = [ExchangeWait("forward", 0.5, 1.0, 2.0)]
+    span = ForwardBackwardSpans(forward=(0.0, 4.0), backward=(0.0, 5.0))
+    assert in_flight_under_compute(span, intervals, waits) == (0.0, pytest.approx(1.5))
+    assert exposed_all_to_all_seconds(intervals, waits, 0.0, 5.0) == pytest.approx(1.0)
+    assert hidden_fraction(1.0, 1.0) == 0.0 and hidden_fraction(0.0, 0.0) == 0.0
+
+
+def test_bench_pp_rejects_an_ep_that_does_not_divide_the_experts():
+    with pytest.raises(ConfigError, match=r"^--ep: got 3; allowed: an integer >= 1 dividing the 16 experts$"):
+        PpBenchSettings(ep=3).validate()
+
+
+@pytest.mark.slow
+def test_bench_pp_dualpipev_with_ep_on_four_processes():
+    """pp=2 x ep=2: the overlap off and on, all-to-all figures per rank, the table's overlap lines."""
+    settings = PpBenchSettings(
+        ep=2,
+        schedules=("dualpipev",),
+        microbatches=4,
+        micro_batch_size=1,
+        seq_len=16,
+        dim=32,
+        layers=4,
+        repeats=1,
+        warmup=0,
+    )
+    result = run_pp_bench(settings)
+    json.dumps(result)
+    assert result["config"]["ranks"] == ["0.0", "0.1", "1.0", "1.1"]
+    dualpipev = result["schedules"]["dualpipev"]
+    off, on = dualpipev["all_to_all"], dualpipev["overlap"]
+    # 4 stages of one block, the first dense: pp rank 0 runs 1 MoE layer, pp rank 1 runs 2; per layer
+    # and micro-batch 4 forward exchanges (counts, rows, routing, combine) and 3 backward ones
+    assert off["exchanges_per_step"] == on["exchanges_per_step"] == [28, 28, 56, 56]
+    for figures in (off, on):
+        assert all(0 <= e <= w for e, w in zip(figures["exposed_s"], figures["waited_s"]))
+    assert all(e > 0 for e in off["exposed_s"])
+    assert off["exposed_s"] == pytest.approx(off["waited_s"])  # one thread: every wait exposed
+    assert on["hidden_fraction"] == pytest.approx([1 - b / a for a, b in zip(off["exposed_s"], on["exposed_s"])])
+    assert on["step_ratio"] == pytest.approx(on["step_s"]["median"] / dualpipev["step_s"]["median"])
+    assert on["overlapped_actions_per_step"] == [3, 3, 3, 3]  # 4 micro-batches, 2 ranks: 4 - 2 + 1
+    assert all(0 < f <= 1 for f in on["actions_with_a2a_under_compute"])
+    assert all(0 < f <= 1 for f in on["in_flight_under_compute"])
+    table = format_table(result)
+    assert "dualpipev +overlap" in table and "hidden fraction" in table and "a2a exposed" in table

@@ -192,11 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     diloco.set_defaults(handler=run_bench_diloco)
     pp_bench = benches.add_parser(
         "pp",
-        help="each pipeline schedule (1f1b, interleaved-1f1b, zbv, dualpipev) on pp spawned gloo processes: "
+        help="each pipeline schedule (1f1b, interleaved-1f1b, zbv, dualpipev) on pp (x ep) spawned gloo processes: "
         "step time, idle fraction per rank from timestamps next to the formula's bubble, saved activations, "
         "and efficiency against one process without pipeline; pp > CPUs measures the OS scheduler too",
     )
-    pp_bench.add_argument("--pp", type=int, default=2, help="pipeline ranks (processes) (default: 2)")
+    pp_bench.add_argument("--pp", type=int, default=2, help="pipeline ranks (default: 2)")
+    pp_bench.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel ranks per pipeline rank, pp x ep processes; > 1 adds the exposed expert "
+        "all-to-all time per rank, and dualpipev runs with its F&B overlap off and on (default: 1)",
+    )
     pp_bench.add_argument(
         "--schedules",
         default="1f1b,interleaved-1f1b,zbv,dualpipev",
@@ -536,6 +543,7 @@ def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:
 
     settings = PpBenchSettings(
         pp=args.pp,
+        ep=args.ep,
         schedules=tuple(s for s in args.schedules.split(",") if s),
         microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size,

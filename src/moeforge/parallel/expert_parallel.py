@@ -20,6 +20,7 @@ repeated rows has a slot-ordered backward (no atomics), so a run stays bit-repro
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moeforge.model.moe.dispatch import Pending, fan_in_rows, fan_out_rows
 from moeforge.model.moe.experts import RoutedExperts
-from moeforge.parallel.async_all_to_all import start_all_to_all
+from moeforge.parallel.async_all_to_all import AllToAllTimes, start_all_to_all
 
 
 class ExpertParallelDispatch(NamedTuple):
@@ -74,6 +75,15 @@ class _RowsToSend(NamedTuple):
     """[S, k] the slot's expert numbered within the destination rank, or -1 where served elsewhere"""
 
 
+class RecordedExchange(NamedTuple):
+    """One exchange of a dispatcher that has a recorder: what it carried and when."""
+
+    kind: str
+    """counts (blocking, forward only), dispatch (rows), dispatch routing (gates, expert ids) or combine"""
+    times: AllToAllTimes
+    """issue and wait; the backward fields fill in when backward reaches the exchange"""
+
+
 class AllToAllDispatcher:
     """Dispatch to experts sharded contiguously over an ep process group (rank r owns experts
     [r*E/ep, (r+1)*E/ep))."""
@@ -83,6 +93,10 @@ class AllToAllDispatcher:
         self.grad_group: dist.ProcessGroup | None = None
         """the group of the backward's exchanges, over the same ranks; None: `group` (a second one
         lets a backward run while a forward does, see `overlap_forward_and_backward`)"""
+        self.recorder: list[RecordedExchange] | None = None
+        """None: nothing is recorded. A list: every exchange is appended to it when issued (a
+        benchmark's timeline, `moeforge bench pp --ep`); the blocking ones then run as
+        `start_all_to_all(...).wait()`, the same exchange with its issue and waits timed"""
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
@@ -93,9 +107,9 @@ class AllToAllDispatcher:
         counts, rows = self._plan_dispatch(x, expert_indices)
         # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
         received = self._all_to_all(
-            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts
+            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts, "dispatch"
         )
-        routing_received = self._all_to_all(self._routing_to_send(gates, rows), counts)
+        routing_received = self._all_to_all(self._routing_to_send(gates, rows), counts, "dispatch routing")
         return self._group_by_expert(received, routing_received, rows, counts)
 
     def start_dispatch(
@@ -107,6 +121,8 @@ class AllToAllDispatcher:
         splits = (counts.recv_splits, counts.send_splits, self.group, self.grad_group)
         received = start_all_to_all(fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), *splits)
         routing_received = start_all_to_all(self._routing_to_send(gates, rows), *splits)
+        self._record("dispatch", received.times)
+        self._record("dispatch routing", routing_received.times)
 
         def finish() -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
             return self._group_by_expert(received.wait(), routing_received.wait(), rows, counts)
@@ -117,13 +133,14 @@ class AllToAllDispatcher:
         # The receiver sums each row's gate-weighted expert outputs and sends one row back per
         # (token, rank); the sender adds a token's rows.
         per_received = self._sum_per_received_row(expert_out, state)
-        returned = self._exchange(per_received, state.send_splits, state.recv_splits)
+        returned = self._exchange(per_received, state.send_splits, state.recv_splits, "combine")
         return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
 
     def start_combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> Pending[torch.Tensor]:
         """`combine` with its exchange left in flight; `wait()` returns what `combine` returns."""
         per_received = self._sum_per_received_row(expert_out, state)
         returned = start_all_to_all(per_received, state.send_splits, state.recv_splits, self.group, self.grad_group)
+        self._record("combine", returned.times)
 
         def finish() -> torch.Tensor:
             return fan_in_rows(returned.wait(), state.sent_of_token, state.token_of_sent)
@@ -180,7 +197,10 @@ class AllToAllDispatcher:
             [goes_to.sum(0).unsqueeze(1), assignments.view(self.ep, self.local_experts)], 1
         )
         recv_counts = torch.empty_like(send_counts)
+        issued = time.perf_counter() if self.recorder is not None else 0.0
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        if self.recorder is not None:  # blocking: issued and waited on at once
+            self._record("counts", AllToAllTimes(issued, issued, time.perf_counter()))
         tokens_per_expert = recv_counts[:, 1:].sum(0)
         sizes = torch.cat(
             [send_counts[:, 0], recv_counts[:, 0], tokens_per_expert.sum(0, keepdim=True)]
@@ -210,14 +230,21 @@ class AllToAllDispatcher:
         gates_sent = fan_out_rows(gates.float(), rows.token_of_sent, rows.sent_of_token, padded=True)
         return torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
 
-    def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged) -> torch.Tensor:
-        return self._exchange(rows, counts.recv_splits, counts.send_splits)
+    def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged, kind: str) -> torch.Tensor:
+        return self._exchange(rows, counts.recv_splits, counts.send_splits, kind)
 
-    def _exchange(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
-        """The rows exchanged (`all_to_all_single_autograd`), the gradient's way on `grad_group` if set."""
-        if self.grad_group is None:
+    def _exchange(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int], kind: str) -> torch.Tensor:
+        """The rows exchanged (`all_to_all_single_autograd`), the gradient's way on `grad_group` if
+        set; through `start_all_to_all`, timed, when there is a grad group or a recorder."""
+        if self.grad_group is None and self.recorder is None:
             return all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
-        return start_all_to_all(rows, recv_splits, send_splits, self.group, self.grad_group).wait()
+        exchange = start_all_to_all(rows, recv_splits, send_splits, self.group, self.grad_group)
+        self._record(kind, exchange.times)
+        return exchange.wait()
+
+    def _record(self, kind: str, times: AllToAllTimes) -> None:
+        if self.recorder is not None:
+            self.recorder.append(RecordedExchange(kind, times))
 
 
 class ExpertParallelExperts(RoutedExperts):

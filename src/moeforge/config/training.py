@@ -175,7 +175,9 @@ class ParallelConfig:
     FLOPs (interleaved-1f1b: 2 stages per rank)"""
     ep_overlap: bool = False
     """hide the expert all-to-all under compute: each micro-batch runs as two halves, one half's
-    all-to-all in flight while the other half computes (DeepSeek's two-micro-batch overlap)"""
+    all-to-all in flight while the other half computes (DeepSeek's two-micro-batch overlap); under
+    pp-schedule 'dualpipev', the forward chunk of one micro-batch and the backward chunk of another
+    run at once instead"""
     timeout_s: float = 300.0
     """seconds any rank waits for a peer (the first rendezvous, each collective, a checkpoint's
     barriers) before it stops with an error naming what it waited for, instead of hanging"""

@@ -196,3 +196,15 @@ def test_layer_fused_path_equals_stage_by_stage_path():
         results.append([out.detach(), leaf.grad, *(p.grad.clone() for p in layer.parameters())])
     for fused, staged in zip(*results):
         torch.testing.assert_close(fused, staged, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_forward_backward_is_bit_reproducible():
+    def run():
+        torch.manual_seed(0)
+        layer = MoE(MoEConfig(dim=16, n_experts=8, top_k=3, expert_ffn_dim=8, n_shared_experts=1)).train()
+        x = torch.randn(2, 12, 16, requires_grad=True)
+        out, stats = layer(x)
+        (out.square().sum() + stats.balance_loss).backward()
+        return [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(), run()))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moeforge.bench.moe import format_table, run_moe_bench, swiglu_expert_flops
+from moeforge.bench.moe import SHAPES, bench_shapes, format_table, run_moe_bench, swiglu_expert_flops
 from moeforge.config import ConfigError
 
 
@@ -14,12 +14,20 @@ def test_swiglu_expert_flops_hand_count():
 
 
 def test_run_moe_bench_tiny():
-    result = run_moe_bench(dim=16, ffn_dim=8, n_experts=4, top_k=2, tokens=32, repeats=2, warmup=1)
+    result = run_moe_bench(
+        dim=16, ffn_dim=8, n_experts=4, top_k=2, tokens=32, backends=("grouped", "loop"), repeats=2, warmup=1
+    )
     json.dumps(result)
-    assert set(result["cases"]) == {"dense", "experts/grouped", "experts/loop", "layer/grouped", "layer/loop"}
+    assert set(result["cases"]) == {
+        "gemm", "dense", "experts/grouped", "experts/loop", "layer/grouped", "layer/loop"
+    }
     assert result["config"]["rows"] == 64
     assert result["expert_gflop"] == pytest.approx(swiglu_expert_flops(64, 16, 8) / 1e9)
     assert result["cases"]["dense"]["vs_dense"] == pytest.approx(1.0)
+    assert result["cases"]["gemm"]["vs_gemm"] == pytest.approx(1.0)
+    assert result["cases"]["experts/grouped"]["vs_experts"] == pytest.approx(1.0)
+    layer = result["cases"]["layer/grouped"]
+    assert layer["vs_experts"] == pytest.approx(result["cases"]["experts/grouped"]["best_ms"] / layer["best_ms"])
     for figures in result["cases"].values():
         assert figures["best_ms"] > 0 and figures["median_ms"] >= figures["best_ms"]
         assert figures["expert_gflops"] > 0
@@ -29,7 +37,9 @@ def test_run_moe_bench_tiny():
     assert sum(result["routing_load"]["tokens_per_expert"]) == 64
     assert result["grouped_fallback"] is None
     table = format_table(result)
-    assert "experts/grouped" in table and "grouped vs loop" in table
+    for label in ("plain GEMMs", "dense SwiGLU", "grouped experts alone (grouped)", "whole MoE layer (grouped)"):
+        assert label in table
+    assert "grouped vs loop" in table
 
 
 def test_run_moe_bench_single_backend_has_no_ratio():
@@ -58,3 +68,20 @@ def test_run_moe_bench_rejects_bad_arguments(kwargs):
                 **kwargs,
             }
         )
+
+
+def test_bench_shapes():
+    assert bench_shapes("both") == [SHAPES["coarse"], SHAPES["fine"]]
+    assert bench_shapes("fine") == [SHAPES["fine"]]
+    assert bench_shapes("both", n_experts=8) == [SHAPES["coarse"] | {"n_experts": 8}]
+    with pytest.raises(ConfigError, match="--shape"):
+        bench_shapes("medium")
+
+
+def test_run_moe_bench_peers_are_timed_or_noted():
+    result = run_moe_bench(dim=16, ffn_dim=8, n_experts=4, top_k=2, tokens=16, repeats=1, warmup=0, peers=True)
+    peers = [name for name in result["cases"] if name.startswith("peer/")]
+    assert len(peers) + len(result["peer_notes"]) >= 3  # Qwen3-MoE, DeepSeek-V3, torchtitan
+    assert any(note.startswith("torchtitan") for note in result["peer_notes"])
+    table = format_table(result)
+    assert all(name.removeprefix("peer/") in table for name in peers)

@@ -139,11 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     moe = benches.add_parser(
         "moe",
         parents=[_bench_flags()],
-        help="one MoE layer forward+backward per expert backend vs a dense matmul",
+        help="one MoE layer forward+backward vs plain GEMMs, a dense SwiGLU and its experts alone (same FLOPs)",
     )
-    moe.add_argument("--backends", default="grouped,loop", help="comma-separated: grouped, loop")
+    moe.add_argument("--backends", default="grouped", help="comma-separated: grouped, loop")
     moe.add_argument("--device", default="cpu")
-    moe.set_defaults(handler=run_bench_moe, tokens=4096)
+    moe.add_argument(
+        "--shape",
+        default="both",
+        help="coarse (32 experts of ffn 256, top-4), fine (64 of ffn 128, top-6) or both (default); "
+        "--experts/--ffn-dim/--top-k give one shape of their own instead",
+    )
+    moe.add_argument(
+        "--peers", action="store_true", help="also time the peers' MoE layers that are installed (transformers)"
+    )
+    moe.set_defaults(handler=run_bench_moe, tokens=4096, experts=None, ffn_dim=None, top_k=None)
     ep = benches.add_parser(
         "ep",
         parents=[_bench_flags()],
@@ -452,20 +461,22 @@ def _speculative_report(args, loaded, prompt, sampling, plain) -> dict:
 
 def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
-    from moeforge.bench.moe import format_table, run_moe_bench
+    from moeforge.bench.moe import bench_shapes, format_table, run_moe_bench
 
-    result = run_moe_bench(
-        dim=args.dim,
-        ffn_dim=args.ffn_dim,
-        n_experts=args.experts,
-        top_k=args.top_k,
-        tokens=args.tokens,
-        backends=tuple(b for b in args.backends.split(",") if b),
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    print(json.dumps(result) if args.json else format_table(result))
+    results = [
+        run_moe_bench(
+            dim=args.dim,
+            **shape,
+            tokens=args.tokens,
+            backends=tuple(b for b in args.backends.split(",") if b),
+            repeats=args.repeats,
+            device=args.device,
+            dtype=args.dtype,
+            peers=args.peers,
+        )
+        for shape in bench_shapes(args.shape, args.ffn_dim, args.experts, args.top_k)
+    ]
+    print(json.dumps(results) if args.json else "\n\n".join(map(format_table, results)))
     return 0
 
 

@@ -1,11 +1,17 @@
-"""`moeforge bench moe`: forward+backward of one MoE layer per expert backend vs a dense matmul.
+"""`moeforge bench moe`: forward+backward of one MoE layer against three baselines of the same FLOPs.
 
 Timed in one run, interleaved so that background load hits every case alike:
-- dense: a dense SwiGLU over all N*k routed rows (same dim/ffn, hence exactly the experts' FLOPs);
-- experts/<backend>: the routed experts alone on the dispatched rows of a real router's routing;
-- layer/<backend>: the whole MoE layer (router, dispatch, experts, combine, balance loss).
-Ratios use the best of the repeats: "vs_dense" is the dense time over the case's time (= ratio of
-GFLOP/s), "grouped_vs_loop" the loop time over the grouped time.
+- gemm ("plain GEMMs", the roofline): the six matmuls of a SwiGLU's forward and backward over all
+  N*k routed rows, as `torch.mm` into preallocated outputs: the experts' FLOPs and nothing else;
+- dense ("dense SwiGLU"): a dense SwiGLU module over the same N*k rows (matmuls + pointwise +
+  autograd, one big GEMM per projection);
+- experts/<backend> ("grouped experts alone"): the routed experts on the dispatched rows of a real
+  router's routing;
+- layer/<backend>: the whole MoE layer (router, dispatch, experts, combine, balance loss);
+- peer/<name> (with `peers`): a peer's MoE layer at the same shape (bench/moe_peers.py).
+Ratios use the best of the repeats and are a baseline's time over the case's time (= ratio of
+GFLOP/s): "vs_gemm", "vs_dense", and "vs_experts" against the grouped experts alone (the first
+backend's); "grouped_vs_loop" is the loop time over the grouped time.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moeforge.bench.moe_peers import peer_layers
 from moeforge.config import ConfigError, MoEConfig
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe.balance import load_stats
@@ -24,6 +31,15 @@ from moeforge.model.moe.experts import grouped_mm_unsupported_reason
 from moeforge.model.moe.layer import MoE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+SHAPES = {
+    "coarse": {"ffn_dim": 256, "n_experts": 32, "top_k": 4},
+    "fine": {"ffn_dim": 128, "n_experts": 64, "top_k": 6},
+}
+"""the two shapes `bench moe` runs by default (dim 512, 4096 tokens): 32 experts of ffn 256, top-4, and
+the fine-grained 64 experts of ffn 128, top-6 (the same active expert width, 1024 vs 768)"""
+
+CASE_LABELS = {"gemm": "plain GEMMs (roofline)", "dense": "dense SwiGLU, same rows"}
 
 
 def swiglu_expert_flops(rows: int, dim: int, ffn_dim: int) -> int:
@@ -37,14 +53,16 @@ def run_moe_bench(
     n_experts: int = 32,
     top_k: int = 4,
     tokens: int = 4096,
-    backends: Sequence[str] = ("grouped", "loop"),
+    backends: Sequence[str] = ("grouped",),
     repeats: int = 5,
     warmup: int = 2,
     dtype: str | torch.dtype = "fp32",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    peers: bool = False,
 ) -> dict[str, Any]:
-    """Time dense / experts / layer forward+backward per backend; a JSON-ready dict of the results."""
+    """Time plain GEMMs / dense SwiGLU / experts / layer (/ peers) forward+backward; a JSON-ready
+    dict of the results."""
     torch_dtype = resolve_dtype(dtype)
     torch_device = torch.device(device)
     check_bench_sizes(tokens=tokens, repeats=repeats, backends=len(backends))
@@ -69,14 +87,24 @@ def run_moe_bench(
     dense = SwiGLU(dim, ffn_dim).to(torch_device, torch_dtype)
     dense.init_weights(0.02)
 
-    steps = {"dense": forward_backward_step(dense, (x_sorted,))}
+    steps = {
+        "gemm": plain_gemm_step(rows, dim, ffn_dim, torch_device, torch_dtype),
+        "dense": forward_backward_step(dense, (x_sorted,)),
+    }
     for backend, layer in layers.items():
         steps[f"experts/{backend}"] = forward_backward_step(layer.experts, (x_sorted, tokens_per_expert))
     for backend, layer in layers.items():
         steps[f"layer/{backend}"] = forward_backward_step(layer, (x,))
+    peer_notes: list[str] = []
+    if peers:
+        peer_modules, peer_notes = peer_layers(any_layer)
+        for name, module in peer_modules.items():
+            steps[f"peer/{name}"] = forward_backward_step(module, (x,))
     times = time_interleaved(steps, repeats, warmup, torch_device)
 
-    cases = {name: case_figures(ts, flops, min(times["dense"])) for name, ts in times.items()}
+    baselines = {"gemm": min(times["gemm"]), "dense": min(times["dense"])}
+    baselines["experts"] = min(times[f"experts/{backends[0]}"])
+    cases = {name: case_figures(ts, flops, baselines) for name, ts in times.items()}
     result: dict[str, Any] = {
         "config": {
             "dim": dim,
@@ -91,6 +119,7 @@ def run_moe_bench(
             "repeats": repeats,
             "warmup": warmup,
             "seed": seed,
+            "peers": peers,
         },
         "expert_gflop": flops / 1e9,
         "routing_load": load_stats(tokens_per_expert),
@@ -98,12 +127,28 @@ def run_moe_bench(
             x_sorted, any_layer.experts.w13, any_layer.experts.w2
         ),
         "cases": cases,
+        "peer_notes": peer_notes,
     }
     if "grouped" in layers and "loop" in layers:
         result["grouped_vs_loop"] = {
             part: min(times[f"{part}/loop"]) / min(times[f"{part}/grouped"]) for part in ("experts", "layer")
         }
     return result
+
+
+def bench_shapes(
+    shape: str, ffn_dim: int | None = None, n_experts: int | None = None, top_k: int | None = None
+) -> list[dict[str, int]]:
+    """The shapes to run: `shape` ('coarse', 'fine' or 'both'), or the one shape the explicit
+    sizes give (the coarse shape's value for any left out)."""
+    explicit = {"ffn_dim": ffn_dim, "n_experts": n_experts, "top_k": top_k}
+    if any(v is not None for v in explicit.values()):
+        return [SHAPES["coarse"] | {k: v for k, v in explicit.items() if v is not None}]
+    if shape == "both":
+        return list(SHAPES.values())
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape: got {shape!r}; allowed: 'coarse' | 'fine' | 'both'")
+    return [SHAPES[shape]]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -125,6 +170,33 @@ def seeded_layer(cfg: MoEConfig, seed: int, device: torch.device, dtype: torch.d
     MoE validates the config."""
     torch.manual_seed(seed)
     return MoE(cfg).to(device, dtype).train()
+
+
+def plain_gemm_step(rows: int, dim: int, ffn_dim: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """A closure running the six matmuls of a SwiGLU's forward and backward over `rows` rows, as
+    `torch.mm` into preallocated outputs (the same FLOPs as `swiglu_expert_flops`, nothing else):
+
+        forward   gate_up = x @ w13 [R, 2F]      out = h @ w2 [R, D]
+        backward  dw2 = h^T @ dout   dh = dout @ w2^T   dw13 = x^T @ dgate_up   dx = dgate_up @ w13^T
+    """
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    x, w13, w2, h = randn(rows, dim), randn(dim, 2 * ffn_dim), randn(ffn_dim, dim), randn(rows, ffn_dim)
+    grad_out, grad_gate_up = randn(rows, dim), randn(rows, 2 * ffn_dim)
+    gate_up, out, grad_h, grad_x = torch.empty_like(grad_gate_up), torch.empty_like(x), torch.empty_like(h), torch.empty_like(x)
+    grad_w13, grad_w2 = torch.empty_like(w13), torch.empty_like(w2)
+
+    def step() -> None:
+        torch.mm(x, w13, out=gate_up)
+        torch.mm(h, w2, out=out)
+        torch.mm(h.t(), grad_out, out=grad_w2)
+        torch.mm(grad_out, w2.t(), out=grad_h)
+        torch.mm(x.t(), grad_gate_up, out=grad_w13)
+        torch.mm(grad_gate_up, w13.t(), out=grad_x)
+
+    return step
 
 
 def forward_backward_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
@@ -180,18 +252,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def case_figures(seconds: list[float], flops: int, dense_best: float) -> dict[str, float]:
+def case_figures(seconds: list[float], flops: int, baselines: dict[str, float]) -> dict[str, float]:
+    """Best and median ms, GFLOP/s of the experts' FLOPs, and the ratio to each baseline's best time."""
     best = min(seconds)
-    return {
+    figures = {
         "best_ms": best * 1e3,
         "median_ms": statistics.median(seconds) * 1e3,
         "expert_gflops": flops / best / 1e9,
-        "vs_dense": dense_best / best,
     }
+    return figures | {f"vs_{name}": baseline / best for name, baseline in baselines.items()}
+
+
+def case_label(name: str) -> str:
+    """The plain name of a case in the table."""
+    if name in CASE_LABELS:
+        return CASE_LABELS[name]
+    part, _, detail = name.partition("/")
+    return {"experts": f"grouped experts alone ({detail})", "layer": f"whole MoE layer ({detail})"}.get(part, detail)
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The result as a human-readable table."""
+    """The result of one shape as a human-readable table."""
     cfg = result["config"]
     load = result["routing_load"]
     lines = [
@@ -201,19 +282,20 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         (
             f"expert FLOPs {result['expert_gflop']:.1f} GFLOP per step; routing max/mean {load['max_over_mean']:.2f}, "
-            f"best of {cfg['repeats']} repeats"
+            f"best of {cfg['repeats']} repeats; ratios = baseline time / case time"
         ),
         "",
-        f"{'case':<18}{'best ms':>10}{'median ms':>12}{'GFLOP/s':>10}{'vs dense':>10}",
+        f"{'case':<34}{'best ms':>9}{'median ms':>11}{'GFLOP/s':>9}{'vs GEMMs':>10}{'vs dense':>10}{'vs experts':>12}",
     ]
     for name, fig in result["cases"].items():
         lines.append(
-            f"{name:<18}{fig['best_ms']:>10.1f}{fig['median_ms']:>12.1f}"
-            f"{fig['expert_gflops']:>10.1f}{fig['vs_dense']:>10.2f}"
+            f"{case_label(name):<34}{fig['best_ms']:>9.1f}{fig['median_ms']:>11.1f}{fig['expert_gflops']:>9.1f}"
+            f"{fig['vs_gemm']:>10.2f}{fig['vs_dense']:>10.2f}{fig['vs_experts']:>12.2f}"
         )
     if "grouped_vs_loop" in result:
         ratio = result["grouped_vs_loop"]
         lines += ["", f"grouped vs loop: {ratio['experts']:.2f}x experts, {ratio['layer']:.2f}x layer"]
     if result["grouped_fallback"]:
         lines.append(f"note: grouped ran as loop: {result['grouped_fallback']}")
+    lines += [f"note: {note}" for note in result["peer_notes"]]
     return "\n".join(lines)

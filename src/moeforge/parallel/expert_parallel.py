@@ -45,8 +45,18 @@ class ExpertParallelDispatch(NamedTuple):
     """[A] the received row behind each expert-sorted assignment on this rank"""
     sorted_of_slot: torch.Tensor
     """[M, k] the expert-sorted assignment of each received row's slot, A where it is served elsewhere"""
-    gate_of_sorted: torch.Tensor
-    """[A] the gate of each expert-sorted assignment"""
+    gate_of_sorted: torch.Tensor | None
+    """[A] the gate of each expert-sorted assignment; None once the experts applied them"""
+
+    @property
+    def row_gates(self) -> torch.Tensor:
+        """[A] the gates of the rows `dispatch` returned, for experts that apply them."""
+        assert self.gate_of_sorted is not None, "the gates were applied already"
+        return self.gate_of_sorted
+
+    def gates_applied(self) -> ExpertParallelDispatch:
+        """This state for expert outputs already scaled by `row_gates`: `combine` then only sums."""
+        return self._replace(gate_of_sorted=None)
 
 
 class _CountsExchanged(NamedTuple):
@@ -185,9 +195,11 @@ class AllToAllDispatcher:
         return by_expert, counts.tokens_per_expert, state
 
     def _sum_per_received_row(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        """The gate-weighted sum of each received row's expert outputs, [M, D]."""
-        weighted = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
-        return fan_in_rows(weighted, state.sorted_of_slot, state.received_of_sorted)
+        """The gate-weighted sum of each received row's expert outputs, [M, D] (a plain sum when the
+        experts applied the gates)."""
+        if state.gate_of_sorted is not None:
+            expert_out = expert_out * state.gate_of_sorted.to(expert_out.dtype).unsqueeze(1)
+        return fan_in_rows(expert_out, state.sorted_of_slot, state.received_of_sorted)
 
     def _exchange_counts(self, goes_to: torch.Tensor, expert_indices: torch.Tensor) -> _CountsExchanged:
         """One small all-to-all of [rows, assignments per local expert] per destination rank; its

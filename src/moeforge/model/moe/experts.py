@@ -32,10 +32,12 @@ CUDA_ROW_ALIGN = 16
 
 
 class RoutedExperts(nn.Module):
-    """`RoutedExperts(E, dim, hidden)(x_sorted [N, dim], tokens_per_expert [E]) -> [N, dim]`.
+    """`RoutedExperts(E, dim, hidden)(x_sorted [N, dim], tokens_per_expert [E], row_gates [N] | None)
+    -> [N, dim]`.
 
     Rows of `x_sorted` are grouped by expert in expert order: the first `tokens_per_expert[0]` rows
-    go to expert 0, and so on. Any count may be zero.
+    go to expert 0, and so on. Any count may be zero. With `row_gates`, each output row is scaled by
+    its gate, applied on the hidden activations: g * w2(silu(a) * b) = w2(g * silu(a) * b).
     """
 
     def __init__(self, n_experts: int, dim: int, hidden: int, backend: str = "grouped"):
@@ -55,15 +57,17 @@ class RoutedExperts(nn.Module):
         expert-parallel DTensor."""
         return local_weight(self.w13), local_weight(self.w2)
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         w13, w2 = self.local_weights()
         if self.backend == "grouped":
             reason = grouped_mm_unsupported_reason(x_sorted, w13, w2)
             if reason is None:
                 row_align = CUDA_ROW_ALIGN if x_sorted.is_cuda else 1
-                return grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_align)
+                return grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_align, row_gates)
             warnings.warn(f"grouped experts fall back to the loop backend: {reason}", stacklevel=2)
-        return looped_swiglu(x_sorted, w13, w2, tokens_per_expert)
+        return looped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_gates)
 
 
 def local_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -101,8 +105,10 @@ def grouped_swiglu(
     w2: torch.Tensor,
     tokens_per_expert: torch.Tensor,
     row_align: int = 1,
+    row_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SwiGLU of each group of rows with its expert's weights, as two grouped GEMMs, [N, dim].
+    """SwiGLU of each group of rows with its expert's weights, as two grouped GEMMs, [N, dim]; each
+    row scaled by its gate in `row_gates` [N] when given.
 
     With `row_align` > 1 (CUDA) each group is first copied into a zero-padded buffer in which it
     starts on a multiple of `row_align` rows; the buffer size is a static upper bound so that no
@@ -114,14 +120,19 @@ def grouped_swiglu(
         padded_rows, ends = aligned_group_layout(tokens_per_expert, x.shape[0], row_align)
         x_padded = x.new_zeros(padded_capacity(x.shape[0], ends.shape[0], row_align), x.shape[1])
         x_padded = x_padded.index_copy(0, padded_rows, x)
-        return _grouped_swiglu(x_padded, w13, w2, ends.to(torch.int32)).index_select(0, padded_rows)
+        if row_gates is not None:
+            row_gates = row_gates.new_zeros(x_padded.shape[0]).index_copy(0, padded_rows, row_gates)
+        out = _grouped_swiglu(x_padded, w13, w2, ends.to(torch.int32), row_gates)
+        return out.index_select(0, padded_rows)
     offs = tokens_per_expert.cumsum(0).to(torch.int32)
-    return _grouped_swiglu(x, w13, w2, offs)
+    return _grouped_swiglu(x, w13, w2, offs, row_gates)
 
 
-def _grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _grouped_swiglu(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, row_gates: torch.Tensor | None
+) -> torch.Tensor:
     hidden = torch._grouped_mm(x, w13, offs=offs)
-    out = torch._grouped_mm(swiglu(hidden), w2, offs=offs)
+    out = torch._grouped_mm(swiglu(hidden, row_gates), w2, offs=offs)
     return contiguous_grad(out)
 
 
@@ -154,11 +165,21 @@ def padded_capacity(n_rows: int, n_experts: int, row_align: int) -> int:
 
 
 def looped_swiglu(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    row_gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference: one plain SwiGLU per expert on its slice of rows, [N, dim]."""
-    groups = x.split(tokens_per_expert.tolist())
-    outs = [swiglu(group @ w13_e) @ w2_e for group, w13_e, w2_e in zip(groups, w13.unbind(0), w2.unbind(0))]
+    """The reference: one plain SwiGLU per expert on its slice of rows (gated by `row_gates` [N]
+    when given), [N, dim]."""
+    counts = tokens_per_expert.tolist()
+    groups = x.split(counts)
+    gates = [None] * len(counts) if row_gates is None else row_gates.split(counts)
+    outs = [
+        swiglu(group @ w13_e, gates_e) @ w2_e
+        for group, gates_e, w13_e, w2_e in zip(groups, gates, w13.unbind(0), w2.unbind(0))
+    ]
     return torch.cat(outs)
 
 

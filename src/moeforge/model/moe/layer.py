@@ -10,6 +10,12 @@ one micro-batch's all-to-all while another computes (`forward` is them in a row)
     out      = layer.compute_experts(sorted, per_expert)   one grouped GEMM per projection
     y        = layer.combine(out, state, tokens)           gate-weighted sum back in token order + shared
 
+`forward` runs them with the gates applied inside the experts instead (Megatron's permuted probs):
+`compute_experts(sorted, per_expert, state.row_gates)` scales each row's hidden activations by its
+gate, where rows are `expert_ffn_dim` wide rather than `dim` wide, and `combine(out,
+state.gates_applied(), tokens)` only sums. The output is the same; the gates' gradient is a row-wise
+dot over the hidden width instead of a gather of the outputs in token order.
+
 `start_dispatch` / `start_combine` are the two exchanges left in flight (`wait()` finishes them), for
 a schedule that computes something else meanwhile (parallel/overlap.py).
 
@@ -87,8 +93,8 @@ class MoE(nn.Module):
         tokens = x.reshape(batch * seq, dim)
         routing = self.route(tokens)
         x_sorted, tokens_per_expert, state = self.dispatch(tokens, routing)
-        expert_out = self.compute_experts(x_sorted, tokens_per_expert)
-        out = self.combine(expert_out, state, tokens)
+        expert_out = self.compute_experts(x_sorted, tokens_per_expert, state.row_gates)
+        out = self.combine(expert_out, state.gates_applied(), tokens)
         return out.view(batch, seq, dim), self.stats(routing, batch, seq)
 
     def route(self, tokens: torch.Tensor) -> RouterOutput:
@@ -100,8 +106,12 @@ class MoE(nn.Module):
         parallelism this is where tokens leave for the ranks that own their experts."""
         return self.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
 
-    def compute_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return self.experts(x_sorted, tokens_per_expert)
+    def compute_experts(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The routed experts' outputs on the grouped rows [R, dim], each scaled by its gate in
+        `row_gates` [R] when given (then `combine` needs `state.gates_applied()`)."""
+        return self.experts(x_sorted, tokens_per_expert, row_gates)
 
     def combine(self, expert_out: torch.Tensor, state: Any, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's gate-weighted expert outputs [N, dim] (brought back first under expert

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -152,13 +153,23 @@ def run_train_bench(
             for name, job in _peer_jobs(settings, trainer, apply_init_from, Path(tmp)):
                 jobs.append((name, *job))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in jobs}
-        for _ in range(settings.repeats):
+        for round_ in range(settings.repeats):
             for name, fn, args in jobs:
                 runs[name].append(_in_fresh_process(fn, args))
+                _say_done(name, round_, runs[name][-1])
     result["cases"] = {name: summarise(r, peak) for name, r in runs.items()}
     if settings.peers:
         result["peers"] = peer_ratios(result["cases"])
     return result
+
+
+def _say_done(name: str, round_: int, run: dict[str, Any]) -> None:
+    """One line on stderr per finished measurement: the bench takes minutes (compilation)."""
+    if "error" in run:
+        figure = run["error"]
+    else:
+        figure = f"{run['tokens_per_step'] / statistics.median(run['step_s']):,.0f} tokens/s"
+    print(f"bench train: round {round_ + 1}, {name}: {figure}", file=sys.stderr, flush=True)
 
 
 def _device(cfg: Config) -> str:

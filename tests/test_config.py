@@ -24,6 +24,7 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.activation-checkpoint": ("none", "experts", "block"),
     "diloco.quantize": ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"),
     "parallel.pp-schedule": ("1f1b", "interleaved-1f1b", "zbv", "dualpipev"),
 }

@@ -49,3 +49,14 @@ def test_one_step_converts_one_tensor(tmp_path, conversions, micro_batch):
     metrics = trainer.train_step()
     assert len(conversions) == 1, conversions
     assert len(metrics["load"]) >= 3 and metrics["aux"].keys() == {"seq_aux", "batch_aux", "z_loss"}
+
+
+@pytest.mark.parametrize("mode", ["experts", "block"])
+def test_a_checkpointed_step_converts_one_tensor(tmp_path, conversions, mode):
+    """The recomputation in the backward reaches the host no more than the forward did."""
+    cfg = small_config(train__steps="2", train__activation_checkpoint=mode, model__mtp_depth="1")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.train_step()
+    conversions.clear()
+    trainer.train_step()
+    assert len(conversions) == 1, conversions

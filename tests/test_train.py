@@ -117,3 +117,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a, b = _final_state(whole), _final_state(split)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_adamw_is_fused_only_on_cuda():
+    from moeforge.train.optim import build_optimizer
+
+    cpu = build_optimizer(Transformer(small_config().model), small_config().train)
+    assert not cpu.defaults["fused"]  # torch's default (foreach) implementation on the CPU

@@ -231,6 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp_bench.add_argument("--json", action="store_true")
     pp_bench.set_defaults(handler=run_bench_pp)
+    train_bench = benches.add_parser(
+        "train",
+        help="training steps of a preset (with --model.* / --train.* overrides) eager, compiled and with "
+        "activation checkpointing, each in a fresh process: tokens/s, peak memory (RSS on CPU, max allocated "
+        "on CUDA) and MFU (CPU: against a GEMM measured in the same run); --peers: vs transformers",
+    )
+    train_bench.add_argument("--preset", help=f"{', '.join(available_presets())} (default: tiny)")
+    train_bench.add_argument(
+        "--variants",
+        default="eager,compile,ac-experts,ac-block",
+        help="comma-separated: eager, compile, ac-experts, ac-block, compile+ac-block (default: the first four)",
+    )
+    train_bench.add_argument("--steps", type=int, default=4, help="timed steps per run (default: 4)")
+    train_bench.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps before them, compilation included (default: 2)"
+    )
+    train_bench.add_argument(
+        "--repeats", type=int, default=2, help="interleaved rounds of fresh processes (default: 2)"
+    )
+    train_bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="also a 4-layer DeepSeek-V3-like and Qwen3-MoE-like model built with transformers (batch 8 x 256): "
+        "moeforge (eager, compiled) vs transformers' eager training step on the same weights",
+    )
+    train_bench.add_argument("--json", action="store_true")
+    train_bench.set_defaults(handler=run_bench_train)
     plan_bench = benches.add_parser(
         "plan",
         help="the planner's step time vs real training steps of the tiny presets under several layouts, on "
@@ -546,6 +573,33 @@ def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
             (out / f"{name}.toml").write_text(cluster_toml(Cluster(**fields)))
     print(json.dumps(result) if args.json else format_table(result))
     return 0
+
+
+def run_bench_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from moeforge.bench.train import TrainBenchSettings, format_table, run_train_bench
+    from moeforge.interop import apply_hf_model
+
+    settings = TrainBenchSettings(
+        preset=args.preset,
+        overrides=tuple(parse_overrides(rest).items()),
+        variants=tuple(v for v in args.variants.split(",") if v),
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        peers=args.peers,
+    )
+    result = run_train_bench(settings, bench_trainer, apply_hf_model)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def bench_trainer(cfg, out: str):
+    """`bench train`'s trainer, in its spawned processes: `moeforge train`'s, with the weights of
+    train.init-from-hf when set."""
+    from moeforge.interop import hf_weights_loader
+    from moeforge.train.trainer import Trainer
+
+    return Trainer(cfg, out, init_weights=hf_weights_loader(cfg) if cfg.train.init_from_hf else None)
 
 
 def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:

@@ -58,3 +58,27 @@ def test_distributed_training_equals_single_process(tmp_path, world_size, parall
     state = torch.load(state_path)
     for name, expected in reference_state.items():
         torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+
+
+WRAPPED = [
+    pytest.param({"train__activation_checkpoint": "block"}, 1e-4, id="ep2-ac-block"),
+    pytest.param(
+        {"train__compile": "true", "train__activation_checkpoint": "experts"},
+        1e-3,
+        id="ep2-compile-ac-experts",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize("wrappers, rtol", WRAPPED)
+def test_checkpointed_and_compiled_blocks_under_ep_and_fsdp_equal_one_process(tmp_path, wrappers, rtol):
+    """Activation checkpointing and compiled blocks (the all-to-all left eager) inside EP + FSDP."""
+    reference_state, reference_losses = single_process_reference(tmp_path / "single")
+    out, state_path = tmp_path / "dist", tmp_path / "state.pt"
+    options = {**overrides(ep="2"), **wrappers}
+    run_on_processes(2, train_and_save_full_state, 2, options, str(out), str(state_path))
+    assert [r["loss"] for r in read_metrics(out)] == pytest.approx(reference_losses, rel=rtol / 10)
+    state = torch.load(state_path)
+    for name, expected in reference_state.items():
+        torch.testing.assert_close(state[name], expected, rtol=rtol, atol=rtol / 5, msg=name)

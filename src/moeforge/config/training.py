@@ -60,6 +60,13 @@ class TrainConfig:
     """compute precision: 'fp32', 'bf16' (autocast) or 'auto' (bf16 on CUDA, fp32 on CPU)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where to train; 'auto' = CUDA when available, else the CPU"""
+    compile: bool = False
+    """torch.compile each transformer block (main and MTP) on its own, before FSDP wraps it (regional
+    compilation: short compile times, one graph per block); not with pp-schedule 'zbv' or 'dualpipev'"""
+    activation_checkpoint: Literal["none", "experts", "block"] = "none"
+    """recompute in the backward instead of keeping activations: 'experts' (the routed experts' grouped
+    GEMMs and activation only), 'block' (whole blocks), or 'none'; load counts and bias updates are
+    unchanged"""
     log_every: int = 10
     """steps between metrics.jsonl / TensorBoard records"""
     eval_every: int = 100
@@ -317,6 +324,13 @@ class Config:
         )
         self._validate_overlap(world_size)
         _check(
+            not (self.train.compile and self.parallel.pp > 1 and self.parallel.pp_schedule in ("zbv", "dualpipev")),
+            "train.compile",
+            True,
+            f"false with parallel.pp-schedule={self.parallel.pp_schedule!r} (torch's split input/weight backward "
+            "cannot run compiled stages; '1f1b' and 'interleaved-1f1b' can)",
+        )
+        _check(
             self.diloco.fragments <= self.model.n_layers,
             "diloco.fragments",
             self.diloco.fragments,
@@ -359,6 +373,18 @@ class Config:
         par = self.parallel
         if not par.ep_overlap:
             return
+        _check(
+            not self.train.compile,
+            "train.compile",
+            True,
+            "false with parallel.ep-overlap (the overlap runs each block's phases itself, outside its compiled call)",
+        )
+        _check(
+            self.train.activation_checkpoint != "block",
+            "train.activation-checkpoint",
+            "block",
+            "'none' or 'experts' with parallel.ep-overlap (the overlap runs each block's phases itself)",
+        )
         if par.pp > 1:
             _check(
                 par.pp_schedule == "dualpipev",

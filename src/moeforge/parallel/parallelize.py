@@ -5,6 +5,8 @@
   (HSDP: replicated across dp_replicate, sharded over efsdp).
 - Everything else: FSDP over ("dp_replicate", "dp_shard"), one unit per block plus the root.
 - The batch-wise aux loss counts the global batch: each MoE layer sums its counts over "dp".
+- Between EP and FSDP (torchtitan's order), activation checkpointing and regional compilation of
+  each block when asked for (`regional.py`).
 
 Gradient scale: an expert's gradient on its owner already sums the contributions of every ep rank's
 tokens (through the all-to-all backward), and FSDP then reduces it over R x efsdp ranks. Dividing that
@@ -31,6 +33,7 @@ from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.expert_parallel import AllToAllDispatcher, ExpertParallelExperts
 from moeforge.parallel.mesh import ParallelMesh
 from moeforge.parallel.pipeline import StageModel
+from moeforge.parallel.regional import apply_block_wrappers
 
 
 def parallelize(
@@ -39,13 +42,16 @@ def parallelize(
     cfg: ParallelConfig | None = None,
     stages: list[nn.Module] | None = None,
     reshard_after_forward: bool = True,
+    activation_checkpoint: str = "none",
+    compile: bool = False,
 ) -> nn.Module:
     """Shard `model` in place over `mesh` (see `build_mesh`) and return it.
 
     Under pipelining, `model` is this rank's `StageModel` and `stages` its stage chunks: each chunk
     is an FSDP root of its own (a module may not sit under two roots), and the zero-bubble schedules
     need `reshard_after_forward=False` (their split backward finds the weights in the autograd graph
-    by the parameters the forward used).
+    by the parameters the forward used). `activation_checkpoint` ('none' | 'experts' | 'block') and
+    `compile` wrap each block before FSDP does (`apply_block_wrappers`).
 
     With the `cfg` the mesh was built from, the layout is first checked against the mesh and the
     model: experts divisible by ep, routing groups whole on each of the ep-nodes (node-limited
@@ -61,6 +67,7 @@ def parallelize(
     dp_group = mesh["dp"].get_group()
     for layer in model.moe_layers():
         layer.sum_over_data_parallel = functools.partial(sum_across_ranks, group=dp_group)
+    apply_block_wrappers(model, activation_checkpoint, compile)
     apply_fsdp(model, mesh, stages or [model], reshard_after_forward)
     return model
 

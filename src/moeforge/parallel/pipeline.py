@@ -60,6 +60,7 @@ from torch.utils.hooks import RemovableHandle
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.parallel.regional import recomputing
 from moeforge.parallel.replicas import local_shard
 
 SCHEDULES: dict[str, tuple[type, int, str]] = {
@@ -204,7 +205,8 @@ def attach_balance_losses(
     def hook(name: str):
         def attach(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, MoEStats]):
             out, stats = output
-            record.append((name, stats))
+            if not recomputing():  # activation checkpointing's second forward: counted already
+                record.append((name, stats))
             if stats.balance_losses:
                 out = _AttachLossGradient.apply(out, stats.balance_loss, grad_scale)
             return out, stats

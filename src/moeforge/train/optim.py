@@ -29,10 +29,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over `parameter_groups`; AdamW's fused kernel when every parameter is on CUDA
+    (one kernel for all the updates, no host sync), torch's default (foreach) implementation elsewhere."""
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    fused = on_cuda([p for group in groups for p in group["params"]])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+
+
+def on_cuda(params: list[torch.Tensor]) -> bool:
+    """True when there are parameters and all of them live on CUDA (plain tensors or DTensors)."""
+    return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

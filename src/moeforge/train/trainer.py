@@ -27,6 +27,7 @@ from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.parallel import (
     ParallelMesh,
     World,
+    apply_block_wrappers,
     build_mesh,
     clip_grad_norm_,
     data_parallel_rank,
@@ -174,12 +175,16 @@ class Trainer:
         """this rank's model: the whole Transformer, or under pipelining its stages' part (StageModel)"""
         self.shard_group = None
         """the dp_shard group the gradient norm is reduced over (None in one process)"""
+        # per-block recomputation and compilation, applied between EP and FSDP (parallel/regional.py)
+        wrappers = {"activation_checkpoint": tcfg.activation_checkpoint, "compile": tcfg.compile}
         if self.mesh is not None:
             if pp > 1:
-                self.pipeline, self.model = self._build_pipeline(model)
+                self.pipeline, self.model = self._build_pipeline(model, wrappers)
             else:
-                parallelize(model, self.mesh, cfg.parallel)
+                parallelize(model, self.mesh, cfg.parallel, **wrappers)
             self.shard_group = self.mesh["dp_shard"].get_group()
+        else:
+            apply_block_wrappers(model, **wrappers)
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
             if init_weights is None:
                 raise ConfigError(
@@ -216,10 +221,10 @@ class Trainer:
                 "with `moeforge plan --search`, or pass --train.force true to start anyway"
             )
 
-    def _build_pipeline(self, model: Transformer) -> tuple[Pipeline, StageModel]:
+    def _build_pipeline(self, model: Transformer, wrappers: dict[str, Any]) -> tuple[Pipeline, StageModel]:
         """Cut `model` into this rank's pipeline stages (blocks per stage: parallel.pp-stage-blocks,
-        or the planner's balance by FLOPs), shard them (EP and FSDP inside each stage) and make the
-        schedule over the pp ranks."""
+        or the planner's balance by FLOPs), shard them (EP, the block `wrappers` and FSDP inside each
+        stage) and make the schedule over the pp ranks."""
         cfg, mesh = self.cfg, self.mesh
         assert mesh is not None
         pp_group = mesh["pp"].get_group()
@@ -229,7 +234,9 @@ class Trainer:
         )
         stage_model = StageModel(model, stages.chunks)
         zero_bubble = cfg.parallel.pp_schedule in ("zbv", "dualpipev")
-        parallelize(stage_model, mesh, cfg.parallel, stages.chunks, reshard_after_forward=not zero_bubble)
+        parallelize(
+            stage_model, mesh, cfg.parallel, stages.chunks, reshard_after_forward=not zero_bubble, **wrappers
+        )
         pipeline = schedule_stages(
             model, stages, self.n_micro, self.micro_batch, cfg.train.seq_len, self._pipeline_loss, pp_group
         )

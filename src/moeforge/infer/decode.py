@@ -1,0 +1,91 @@
+"""The decoding step: one forward of a few new tokens over the static KV caches, built for the compiler.
+
+`decode_forward` is `Transformer.forward` for decoding. It runs the same blocks over the same caches,
+with two differences that keep every shape static and the graph free of host syncs, so that
+`torch.compile` takes the whole step as one graph (and, on CUDA, replays it as a CUDA graph):
+
+- an MoE layer computes its few tokens without dispatch (`moe_output`): the chosen experts' weights
+  are gathered per token and applied as batched matmuls, instead of sorting and counting the tokens
+  per expert (a `bincount` has a data-dependent shape);
+- nothing is measured: no balance losses, no tokens per expert.
+
+Its logits equal the full forward's up to float rounding (tests/test_generate.py checks the tokens).
+`decode_step(compile=...)` returns the eager function or the compiled one, compiled once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from moeforge.model.attention import cache_slots
+from moeforge.model.mlp import swiglu
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+
+DecodeStep = Callable[
+    [Transformer, torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def decode_forward(
+    model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, S, vocab] and the final normalised hidden state [B, S, dim] of tokens [B, S] at
+    cache slots `input_pos` [S], rows left-padded by `pad` [B] (None: no padding). Writes their keys
+    and values into the caches (`model.setup_caches` first)."""
+    slots = cache_slots(input_pos, model.cache_len, pad)
+    cos, sin = model.rope_at(model.positions(input_pos, pad))
+    h = model.tok_embeddings(tokens)
+    for block in model.layers:
+        h = block.attend(h, cos, sin, slots)
+        x = block.ffn_norm(h)
+        h = h + (moe_output(block.ffn, x) if isinstance(block.ffn, MoE) else block.ffn(x))
+    hidden = model.norm(h)
+    return model.output(hidden), hidden
+
+
+def moe_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's output for the few tokens x [B, S, dim] of a decoding step, [B, S, dim].
+
+    The router is the layer's own. With fewer (token, expert) pairs than experts (N*k < E), each
+    token's k experts' weights are gathered and applied as a batched matmul: only the active experts
+    are read, as decoding should. With as many pairs as experts or more (large batches), every expert
+    runs on every token and the gates, zero outside the chosen experts, weight the sum: one read of
+    each expert instead of N*k gathered copies.
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = moe.route(tokens)
+    w13, w2 = moe.experts.local_weights()
+    n_tokens, top_k = routing.expert_indices.shape
+    if n_tokens * top_k < w13.shape[0]:
+        chosen = routing.expert_indices
+        hidden = swiglu(torch.matmul(tokens[:, None, None, :], w13[chosen]))  # [N, k, 1, hidden]
+        per_expert = torch.matmul(hidden, w2[chosen]).squeeze(2)  # [N, k, dim]
+        routed = torch.bmm(routing.gates.to(x.dtype).unsqueeze(1), per_expert).squeeze(1)
+    else:
+        gates = torch.zeros(n_tokens, w13.shape[0], dtype=x.dtype, device=x.device)
+        gates = gates.scatter(1, routing.expert_indices, routing.gates.to(x.dtype))  # [N, E]
+        per_expert = torch.matmul(swiglu(torch.matmul(tokens, w13)), w2)  # [E, N, dim]
+        routed = torch.einsum("ne,end->nd", gates, per_expert)
+    return moe.add_shared_output(routed, moe.shared_output(tokens)).view_as(x)
+
+
+def compile_mode(device: torch.device) -> str:
+    """"reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
+    kernel launch costs host time; inductor's default elsewhere (CPU: generated C++ kernels)."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+@functools.cache
+def _compiled(mode: str) -> DecodeStep:
+    # fullgraph: a graph break would be a host round trip inside the step; better an error.
+    # dynamic=False: one specialised graph per batch size and cache length (a run has one of each).
+    return torch.compile(decode_forward, mode=mode, fullgraph=True, dynamic=False)
+
+
+def decode_step(compile: bool, device: torch.device) -> DecodeStep:
+    """`decode_forward`, or its compiled form for `device` (compiled at its first call, then cached)."""
+    return _compiled(compile_mode(device)) if compile else decode_forward

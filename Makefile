@@ -24,6 +24,7 @@ test-quick: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) -m moeforge bench moe
 	$(PY) -m moeforge bench ep
+	$(PY) -m moeforge bench decode
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests

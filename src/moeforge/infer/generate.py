@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeforge.config import ConfigError
-from moeforge.infer.decode import DecodeStep, decode_step
+from moeforge.infer.decode import DecodeStep, decode_step, steady_state
 from moeforge.model.flops import kv_cache_bytes_per_token, parameter_counts
 from moeforge.model.transformer import Transformer
 
@@ -203,7 +203,8 @@ def generate_batch(
         first = sample_next(logits[:, -1], sampling, generator)
         prefill_s = _now(device) - started
         started = _now(device)
-        out = decode_loop(step, model, first, longest, max(limits), sampling, generator, eos_id, row_pad)
+        with steady_state(compile):
+            out = decode_loop(step, model, first, longest, max(limits), sampling, generator, eos_id, row_pad)
         decode_s = _now(device) - started
     finally:
         model.clear_caches()

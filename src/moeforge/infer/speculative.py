@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from moeforge.config import ConfigError
-from moeforge.infer.decode import DecodeStep, decode_step
+from moeforge.infer.decode import DecodeStep, decode_step, steady_state
 from moeforge.infer.generate import (
     GenerationResult,
     SamplingConfig,
@@ -227,12 +227,13 @@ def speculative_generate(
         tokens = [*prompt_tokens, int(sample_next(logits[:, -1], sampling, generator))]
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
-        while len(tokens) - len(prompt_tokens) < max_new_tokens and eos_id not in tokens[len(prompt_tokens) :]:
-            drafts, draft_probs = drafter.draft(tokens, sampling, generator)
-            new_tokens, hidden = verify(step, model, tokens, drafts, draft_probs, sampling, generator)
-            drafter.record_main_hidden(len(tokens) - 1, hidden[: len(new_tokens)])
-            tokens += new_tokens
-            drafted, accepted, rounds = drafted + len(drafts), accepted + len(new_tokens) - 1, rounds + 1
+        with steady_state(compile):
+            while len(tokens) - len(prompt_tokens) < max_new_tokens and eos_id not in tokens[len(prompt_tokens) :]:
+                drafts, draft_probs = drafter.draft(tokens, sampling, generator)
+                new_tokens, hidden = verify(step, model, tokens, drafts, draft_probs, sampling, generator)
+                drafter.record_main_hidden(len(tokens) - 1, hidden[: len(new_tokens)])
+                tokens += new_tokens
+                drafted, accepted, rounds = drafted + len(drafts), accepted + len(new_tokens) - 1, rounds + 1
         decode_s = time.perf_counter() - started
     finally:
         model.clear_caches()

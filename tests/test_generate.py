@@ -14,6 +14,7 @@ from moeforge.infer.generate import (
     generate_batch,
     token_probabilities,
 )
+from moeforge.infer.speculative import speculative_generate
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
 
@@ -154,10 +155,12 @@ def test_sampled_batch_rows_are_reproducible():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_compiled_decoding_equals_eager(attention):
-    model = model_of(attention)
+def test_compiled_decoding_and_speculative_verifying_equal_eager(attention):
+    """Slow: compiling two graphs (the one-token step, the verify) takes 35-55 s on the 2-core VM."""
+    model = model_of(attention, mtp_depth=1)
     prompt = [3, 14, 15, 9, 2]
     eager = generate(model, prompt, 24, GREEDY)
     compiled = generate(model, prompt, 24, GREEDY, compile=True)
     assert compiled.new_tokens == eager.new_tokens
     assert compiled.compile_s > 0
+    assert speculative_generate(model, prompt, 24, GREEDY, compile=True).new_tokens == eager.new_tokens

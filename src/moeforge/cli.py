@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode_bench.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default: 128)")
     decode_bench.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
-    decode_bench.add_argument("--repeats", type=int, default=3, help="timed runs of each case (default: 3)")
+    decode_bench.add_argument("--repeats", type=int, default=5, help="timed runs of each case (default: 5)")
     decode_bench.add_argument(
         "--threads", type=int, default=1, help="torch threads, the same for every case (default: 1)"
     )

@@ -9,7 +9,8 @@ In one process, repeats interleaved so that background load hits every case alik
 - moeforge compiled: the same with the step compiled (compilation timed apart, before the repeats).
 
 Speeds are new tokens over the whole call, prefill included (transformers' `generate` does not
-split them), best of the repeats, and the range over the repeats. The tokens must be identical; a
+split them): the best of the repeats and their range. Ratios: of the bests, and per repeat (the
+cases of one repeat run back to back, under the same background load) their median and range. The tokens must be identical; a
 difference counts as a tie when the top two of transformers' logits at that step are within
 `TIE_GAP` (float rounding may then pick either). Bandwidth: (active weight bytes + KV cache bytes up
 to the token) per token x tokens/s, against the machine's copy bandwidth measured in the same run
@@ -19,6 +20,7 @@ to the token) per token x tokens/s, against the machine's copy bandwidth measure
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,7 +64,7 @@ class DecodeBenchSettings:
     models: tuple[str, ...] = tuple(MODELS)
     new_tokens: int = 128
     prompt_len: int = 16
-    repeats: int = 3
+    repeats: int = 5
     threads: int = 1
     """torch threads for every case (1: a 2-core VM shared with other jobs makes 2 threads wait on each other)"""
     compile: bool = True
@@ -161,11 +163,21 @@ def _bench_model(
         "kv_bytes_per_token": result.kv_bytes_per_token,
     }
     row["vs_transformers"] = {c: speeds[c][0] / speeds["transformers"][0] for c in cases if c != "transformers"}
+    row["vs_transformers_per_repeat"] = {
+        c: paired_ratios(times["transformers"].seconds, times[c].seconds) for c in cases if c != "transformers"
+    }
     if settings.compile:
         row["compiled_vs_eager"] = speeds["compiled"][0] / speeds["eager"][0]
     row["bandwidth_gb_s"] = {c: row["bytes_per_token"] * speeds[c][0] / 1e9 for c in cases}
     row["tokens"] = {c: compare_tokens(tokens["transformers"], tokens[c], _hf_logits(hf, prompt, n)) for c in cases}
     return row
+
+
+def paired_ratios(baseline_s: list[float], case_s: list[float]) -> dict[str, float]:
+    """Speed-up over the baseline within each repeat (the two ran back to back, under the same
+    background load): median, min and max over the repeats."""
+    ratios = sorted(base / case for base, case in zip(baseline_s, case_s))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
 def compare_tokens(reference: list[int], tokens: list[int], logits: torch.Tensor) -> dict[str, Any]:
@@ -223,17 +235,16 @@ def format_table(result: dict[str, Any]) -> str:
         f"greedy decoding, batch 1, {result['settings']['new_tokens']} new tokens, {result['threads']} thread(s); "
         f"copy bandwidth {copy_gb_s:.1f} GB/s on {result['cores']} cores (\"of copy\"), "
         f"{result['copy_at_threads_gb_s']:.1f} GB/s on {result['threads']} thread(s)",
-        f"{'model':<12} {'case':<13} {'tokens/s (range)':>22} {'vs hf':>6} {'GB/s':>6} {'of copy':>8}  tokens",
+        f"{'model':<12} {'case':<13} {'tokens/s (range)':>22} {'vs hf: best, per repeat':>28} {'GB/s':>6} "
+        f"{'of copy':>8}  tokens",
     ]
     for row in result["models"]:
         for case, best in row["tokens_per_s"].items():
             low, high = row["tokens_per_s_range"][case]
-            ratio = row["vs_transformers"].get(case)
             bandwidth = row["bandwidth_gb_s"][case]
             lines.append(
-                f"{row['model']:<12} {case:<13} {best:>8.1f} ({low:>5.1f}-{high:>5.1f}) "
-                f"{'' if ratio is None else f'{ratio:.2f}x':>6} {bandwidth:>6.2f} {bandwidth / copy_gb_s:>8.1%}  "
-                f"{_tokens_verdict(row['tokens'][case])}"
+                f"{row['model']:<12} {case:<13} {best:>8.1f} ({low:>5.1f}-{high:>5.1f}) {_ratios(row, case):>28} "
+                f"{bandwidth:>6.2f} {bandwidth / copy_gb_s:>8.1%}  {_tokens_verdict(row['tokens'][case])}"
             )
         extra = f"; compiled vs eager {row['compiled_vs_eager']:.2f}x, compile {row['compile_s']:.0f} s" if (
             "compiled_vs_eager" in row
@@ -242,6 +253,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'':<12} {row['bytes_per_token'] / 1e6:.2f} MB read per token ({row['attention']}){extra}"
         )
     return "\n".join(lines)
+
+
+def _ratios(row: dict[str, Any], case: str) -> str:
+    if case not in row["vs_transformers"]:
+        return ""
+    paired = row["vs_transformers_per_repeat"][case]
+    return (
+        f"{row['vs_transformers'][case]:.2f}x, {paired['median']:.2f}x "
+        f"({paired['min']:.2f}-{paired['max']:.2f})"
+    )
 
 
 def _tokens_verdict(comparison: dict[str, Any]) -> str:

@@ -61,10 +61,16 @@ def moe_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     routing = moe.route(tokens)
     w13, w2 = moe.experts.local_weights()
     chosen = routing.expert_indices  # [N, k]
-    hidden = swiglu(torch.matmul(tokens[:, None, None, :], w13[chosen]))  # [N, k, 1, hidden]
-    per_expert = torch.matmul(hidden, w2[chosen]).squeeze(2)  # [N, k, dim]
+    hidden = swiglu(torch.matmul(tokens[:, None, None, :], _rows(w13, chosen)))  # [N, k, 1, hidden]
+    per_expert = torch.matmul(hidden, _rows(w2, chosen)).squeeze(2)  # [N, k, dim]
     routed = torch.bmm(routing.gates.to(x.dtype).unsqueeze(1), per_expert).squeeze(1)
     return moe.add_shared_output(routed, moe.shared_output(tokens)).view_as(x)
+
+
+def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """weights[chosen], [N, k, ...]: by `index_select`, a plain copy per expert, which runs at copy
+    speed on CPU where advanced indexing takes ~1.5x longer (eager; compiled, both fuse the same)."""
+    return weights.index_select(0, chosen.reshape(-1)).view(*chosen.shape, *weights.shape[1:])
 
 
 def compile_mode(device: torch.device) -> str:

@@ -25,6 +25,7 @@ bench: $(VENV_STAMP)
 	$(PY) -m moeforge bench moe
 	$(PY) -m moeforge bench ep
 	$(PY) -m moeforge bench train --preset deepseek-v3-tiny --peers
+	$(PY) -m moeforge bench decode
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests

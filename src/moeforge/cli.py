@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="draft with the model's MTP modules, verify with one forward per round; plain decoding is "
         "timed too, for the speed-up",
     )
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (CUDA: as a CUDA graph); costs ~30-100 s of compilation on a "
+        "2-core CPU before the first token, so off by default",
+    )
     gen.set_defaults(handler=run_generate)
 
     bench = commands.add_parser(
@@ -278,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_bench.add_argument("--json", action="store_true")
     plan_bench.set_defaults(handler=run_bench_plan)
+    decode_bench = benches.add_parser(
+        "decode",
+        help="greedy decoding, batch 1, of small DeepSeek-V3-like and Qwen3-MoE-like models made with "
+        "transformers and imported: moeforge eager and compiled vs transformers' generate on the same "
+        "weights, tokens compared, bandwidth vs this machine's copy bandwidth (needs moeforge[hf])",
+    )
+    decode_bench.add_argument(
+        "--models", default="deepseek-v3,qwen3-moe", help="comma-separated: deepseek-v3, qwen3-moe"
+    )
+    decode_bench.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default: 128)")
+    decode_bench.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
+    decode_bench.add_argument("--repeats", type=int, default=5, help="timed runs of each case (default: 5)")
+    decode_bench.add_argument(
+        "--threads", type=int, default=1, help="torch threads, the same for every case (default: 1)"
+    )
+    decode_bench.add_argument("--no-compile", action="store_true", help="skip the compiled case")
+    decode_bench.add_argument("--json", action="store_true")
+    decode_bench.set_defaults(handler=run_bench_decode)
 
     convert = commands.add_parser("convert", help="Hugging Face safetensors <-> moeforge checkpoints")
     source = convert.add_mutually_exclusive_group(required=True)
@@ -439,7 +463,9 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(f"--max-new-tokens: got {args.max_new_tokens}; allowed: an integer >= 1")
     loaded = load_model(args.checkpoint, args.device)
     prompt = loaded.tokenizer.encode(args.prompt)
-    result = generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id)
+    result = generate(
+        loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id, args.compile
+    )
     text = loaded.tokenizer.decode(result.new_tokens)
     element_size = loaded.model.tok_embeddings.weight.element_size()
     report = {
@@ -448,6 +474,7 @@ def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
         "new_tokens": len(result.new_tokens),
         "tokens_per_s": result.tokens_per_s,
         "prefill_s": result.prefill_s,
+        "compile_s": result.compile_s,
         "bytes_per_token": result.bytes_per_token,
         "bandwidth_gb_s": result.bandwidth_gb_s,
         "kv_bytes_per_token": result.kv_bytes_per_token,
@@ -481,7 +508,7 @@ def _speculative_report(args, loaded, prompt, sampling, plain) -> dict:
     from moeforge.infer.speculative import comparison_with_plain, speculative_generate
 
     eos = loaded.tokenizer.eos_id
-    spec = speculative_generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, eos)
+    spec = speculative_generate(loaded.model, prompt, args.max_new_tokens, sampling, args.seed, eos, args.compile)
     figures = comparison_with_plain(spec, plain, greedy=sampling.temperature == 0)
     return {"text": loaded.tokenizer.decode(spec.new_tokens), "new_tokens": len(spec.new_tokens), **figures}
 
@@ -619,6 +646,28 @@ def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:
         warmup=args.warmup,
     )
     result = run_pp_bench(settings)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def run_bench_decode(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.bench.decode import DecodeBenchSettings, format_table, run_decode_bench
+    from moeforge.infer import SamplingConfig, generate
+    from moeforge.interop import from_hf
+
+    def greedy(model, prompt, new_tokens, compile):
+        return generate(model, prompt, new_tokens, SamplingConfig(temperature=0), compile=compile)
+
+    settings = DecodeBenchSettings(
+        models=tuple(m for m in args.models.split(",") if m),
+        new_tokens=args.new_tokens,
+        prompt_len=args.prompt_len,
+        repeats=args.repeats,
+        threads=args.threads,
+        compile=not args.no_compile,
+    )
+    result = run_decode_bench(settings, greedy, lambda path: from_hf(path, progress=False))
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from moeforge.config import ConfigError
-from moeforge.model.flops import parameter_counts
+from moeforge.infer.decode import DecodeStep, decode_step, steady_state
+from moeforge.model.flops import kv_cache_bytes_per_token, parameter_counts
 from moeforge.model.transformer import Transformer
 
 
@@ -44,6 +45,8 @@ class GenerationResult:
     decode_s: float
     active_weight_bytes: int
     kv_bytes_per_token: int
+    compile_s: float = 0.0
+    """time of the untimed first call of a compiled step (compilation, and CUDA graph recording)"""
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,12 +67,35 @@ class GenerationResult:
         return self.bytes_per_token * self.tokens_per_s / 1e9
 
 
+@dataclass
+class BatchResult:
+    """What `generate_batch` returns: each row's new tokens, cut at its own limit and end token."""
+
+    prompts: list[list[int]]
+    new_tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    steps: int
+    """decoding steps run (each computes one token of every row, finished or not)"""
+    compile_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens the decoding steps kept, per second, over all rows."""
+        kept = sum(max(len(tokens) - 1, 0) for tokens in self.new_tokens)
+        return kept / self.decode_s if self.decode_s > 0 else 0.0
+
+
 def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of logits [B, vocab]."""
+    """One token id per row of logits [B, vocab], on their device, without a host sync.
+
+    Sampling races exponential clocks: argmax of p / E with E ~ Exp(1) is distributed as p (the
+    Gumbel-max trick in another form), and needs neither `multinomial` nor a sync."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = token_probabilities(logits, sampling)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    clocks = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / clocks).argmax(dim=-1)
 
 
 def token_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -122,27 +148,126 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     eos_id: int | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
-    """Continue `prompt_tokens` by up to `max_new_tokens` tokens (stops early at `eos_id`)."""
-    total = check_request(model, prompt_tokens, max_new_tokens, sampling)
+    """Continue `prompt_tokens` by up to `max_new_tokens` tokens (stops early at `eos_id`); with
+    `compile` the decoding step runs compiled (`infer/decode.py`)."""
+    batch = generate_batch(model, [prompt_tokens], max_new_tokens, sampling, seed, eos_id, compile)
+    return GenerationResult(
+        list(prompt_tokens),
+        batch.new_tokens[0],
+        batch.prefill_s,
+        batch.decode_s,
+        active_weight_bytes(model),
+        model_kv_bytes_per_token(model),
+        batch.compile_s,
+    )
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int | list[int],
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    eos_id: int | None = None,
+    compile: bool = False,
+) -> BatchResult:
+    """Continue several prompts at once, each by up to its own `max_new_tokens` (one int for all, or
+    one per prompt), each row stopping at its own `eos_id`.
+
+    Prompts are left-padded to the longest: every row writes the same cache slot at each step, row b's
+    first `pad[b]` slots hold padding that the attention mask hides from its tokens, and its RoPE
+    positions start at 0 on its first real token, so that each row computes what it would alone.
+    Finished rows keep stepping with the others (the shapes stay static) and are cut afterwards.
+    """
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if not prompts or len(limits) != len(prompts):
+        raise ConfigError(f"--prompt: got {len(prompts)} prompts and {len(limits)} token limits; allowed: one each")
+    longest = max(len(prompt) for prompt in prompts)
+    for prompt, limit in zip(prompts, limits):
+        check_request(model, [0] * (longest - len(prompt)) + prompt, limit, sampling)
     model.eval()
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    kv_bytes = model.setup_caches(batch=1, max_len=total)
+    pad = torch.tensor([longest - len(prompt) for prompt in prompts], device=device)
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    model.setup_caches(batch=len(prompts), max_len=longest + max(limits))
     try:
-        started = time.perf_counter()
-        logits = model(torch.tensor([prompt_tokens], device=device), start_pos=0).logits
-        token = sample_next(logits[:, -1], sampling, generator)
-        new_tokens = [int(token)]
-        prefill_s = time.perf_counter() - started
-        started = time.perf_counter()
-        position = len(prompt_tokens)
-        while len(new_tokens) < max_new_tokens and new_tokens[-1] != eos_id:
-            logits = model(token.view(1, 1), start_pos=position).logits
-            token = sample_next(logits[:, -1], sampling, generator)
-            new_tokens.append(int(token))
-            position += 1
-        decode_s = time.perf_counter() - started
+        step = decode_step(compile, device)
+        row_pad = pad if pad.any() else None  # one host read, before timing; no padding: a simpler mask
+        compile_s = warm_up(step, model, len(prompts), row_pad) if compile else 0.0
+        started = _now(device)
+        logits = model(tokens, input_pos=torch.arange(longest, device=device), pad=row_pad).logits
+        first = sample_next(logits[:, -1], sampling, generator)
+        prefill_s = _now(device) - started
+        started = _now(device)
+        with steady_state(compile):
+            out = decode_loop(step, model, first, longest, max(limits), sampling, generator, eos_id, row_pad)
+        decode_s = _now(device) - started
     finally:
         model.clear_caches()
-    return GenerationResult(prompt_tokens, new_tokens, prefill_s, decode_s, active_weight_bytes(model), kv_bytes)
+    rows = [_cut(row, limit, eos_id) for row, limit in zip(out.tolist(), limits)]
+    return BatchResult([list(p) for p in prompts], rows, prefill_s, decode_s, out.shape[1] - 1, compile_s)
+
+
+EOS_CHECK_EVERY = 16
+"""decoding steps between two looks (host syncs) at whether every row has produced its end token"""
+
+
+def decode_loop(
+    step: DecodeStep,
+    model: Transformer,
+    first: torch.Tensor,
+    start: int,
+    n_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    eos_id: int | None,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tokens [B, <= n_tokens] of every row, starting with `first` [B] (sampled from the prefill) at
+    cache slot `start`. Everything stays on the device: the slot is a tensor advanced in place, the
+    tokens go into a preallocated buffer, and the end token is looked for every `EOS_CHECK_EVERY`
+    steps only (the loop may run a few steps past the last row's end; they are cut)."""
+    out = torch.empty(first.shape[0], n_tokens, dtype=torch.long, device=first.device)
+    out[:, 0] = first
+    token, input_pos = first, torch.tensor([start], device=first.device)
+    for i in range(1, n_tokens):
+        logits, _ = step(model, token.view(-1, 1), input_pos, pad)
+        token = sample_next(logits[:, -1], sampling, generator)
+        out[:, i] = token
+        input_pos += 1
+        if eos_id is not None and i % EOS_CHECK_EVERY == 0 and bool((out[:, : i + 1] == eos_id).any(dim=1).all()):
+            return out[:, : i + 1]
+    return out
+
+
+def warm_up(step: DecodeStep, model: Transformer, batch: int, pad: torch.Tensor | None) -> float:
+    """Call a compiled step before timing (it compiles, and on CUDA records its graph: a few calls);
+    it writes slot 0 of the caches, which the prefill overwrites. Returns the seconds it took."""
+    device = model.tok_embeddings.weight.device
+    started = _now(device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    for _ in range(3 if device.type == "cuda" else 1):
+        step(model, token, torch.zeros(1, dtype=torch.long, device=device), pad)
+    return _now(device) - started
+
+
+def _now(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _cut(tokens: list[int], limit: int, eos_id: int | None) -> list[int]:
+    """A row's first `limit` tokens, up to and including its first end token."""
+    tokens = tokens[:limit]
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def model_kv_bytes_per_token(model: Transformer) -> int:
+    """KV cache bytes one token of one sequence takes in the main model's layers (see `setup_caches`)."""
+    return kv_cache_bytes_per_token(model.cfg, model.tok_embeddings.weight.element_size())

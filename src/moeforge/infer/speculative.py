@@ -11,8 +11,10 @@ the first disagreement (or after the last draft), so every round yields 1 to D+1
   norm(max(0, p - q)) (Leviathan et al. 2023, alg. 1; Chen et al. 2023), which leaves every token
   distributed exactly as in plain sampling from p.
 
-Rolling the cache back is free: caches are indexed by position and attention reads only up to the
-current length, so the entries of rejected drafts are overwritten by the next round.
+It runs on the path plain decoding takes (`infer/decode.py`): static caches written at slot tensors,
+and a verify forward of fixed shape [1, D+1] that `compile` compiles like the one-token step.
+Rolling the caches back is free: attention masks every slot past the newest token, so the entries of
+rejected drafts are simply overwritten by the next round.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from moeforge.config import ConfigError
+from moeforge.infer.decode import DecodeStep, decode_step, steady_state
 from moeforge.infer.generate import (
     GenerationResult,
     SamplingConfig,
@@ -31,6 +34,7 @@ from moeforge.infer.generate import (
     sample_next,
     token_probabilities,
 )
+from moeforge.model.attention import cache_slots
 from moeforge.model.transformer import Transformer
 
 
@@ -123,13 +127,14 @@ class MTPDrafter:
         their cache entries); returns the logits [1, vocab] of its draft for t_{n+depth}."""
         model, module = self.model, self.model.mtp[depth - 1]
         start = self.first_unsettled[depth - 1]
-        embed_tokens = torch.tensor([sequence[start + depth : n + depth]], device=self.hidden.device)
+        device = self.hidden.device
+        embed_tokens = torch.tensor([sequence[start + depth : n + depth]], device=device)
+        input_pos = torch.arange(start, n, device=device)
         hidden, _ = module(
             self.hidden[depth - 1, start:n].unsqueeze(0),
             model.tok_embeddings(embed_tokens),
-            model.rope_cos[start:n],
-            model.rope_sin[start:n],
-            start_pos=start,
+            *model.rope_at(input_pos),
+            cache_slots(input_pos, model.cache_len),
         )
         hidden = hidden[0]
         if depth < len(model.mtp):
@@ -164,6 +169,7 @@ def accept_sampled(
 
 
 def verify(
+    step: DecodeStep,
     model: Transformer,
     tokens: list[int],
     drafts: list[int],
@@ -171,12 +177,12 @@ def verify(
     sampling: SamplingConfig,
     generator: torch.Generator,
 ) -> tuple[list[int], torch.Tensor]:
-    """One main-model forward over [t_n, d_1..d_D] at positions n..n+D: the round's new tokens and
-    the main model's h^0 at those positions [D+1, dim]."""
+    """One main-model forward (`step`) over [t_n, d_1..d_D] at positions n..n+D: the round's new
+    tokens and the main model's h^0 at those positions [D+1, dim]."""
     device = model.tok_embeddings.weight.device
     inputs = torch.tensor([[tokens[-1], *drafts]], device=device)
-    out = model(inputs, start_pos=len(tokens) - 1)
-    logits, hidden = out.logits, out.hidden
+    start = len(tokens) - 1
+    logits, hidden = step(model, inputs, torch.arange(start, start + len(inputs[0]), device=device), None)
     if sampling.temperature == 0:
         new_tokens = accept_greedy(drafts, logits[0].argmax(dim=-1).tolist())
     else:
@@ -192,9 +198,10 @@ def speculative_generate(
     sampling: SamplingConfig | None = None,
     seed: int = 0,
     eos_id: int | None = None,
+    compile: bool = False,
 ) -> SpeculativeResult:
     """Continue `prompt_tokens` by up to `max_new_tokens` tokens, drafting with the MTP modules
-    (sampling: `SamplingConfig()` when None, as in `generate`)."""
+    (sampling: `SamplingConfig()` when None, as in `generate`); `compile` compiles the verify step."""
     sampling = sampling or SamplingConfig()
     depth = model.cfg.mtp_depth
     if depth == 0:
@@ -208,7 +215,11 @@ def speculative_generate(
     model.setup_caches(batch=1, max_len=max_len, with_mtp=True)
     drafter = MTPDrafter(model, max_len)
     drafted = accepted = rounds = 0
+    step = decode_step(compile, device)
     try:
+        if compile:  # compiles before timing; writes slots 0..D, which the prefill overwrites
+            slots = torch.arange(depth + 1, device=device)
+            step(model, torch.zeros_like(slots).view(1, -1), slots, None)
         started = time.perf_counter()
         out = model(torch.tensor([prompt_tokens], device=device))
         logits, hidden = out.logits, out.hidden
@@ -216,12 +227,13 @@ def speculative_generate(
         tokens = [*prompt_tokens, int(sample_next(logits[:, -1], sampling, generator))]
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
-        while len(tokens) - len(prompt_tokens) < max_new_tokens and eos_id not in tokens[len(prompt_tokens) :]:
-            drafts, draft_probs = drafter.draft(tokens, sampling, generator)
-            new_tokens, hidden = verify(model, tokens, drafts, draft_probs, sampling, generator)
-            drafter.record_main_hidden(len(tokens) - 1, hidden[: len(new_tokens)])
-            tokens += new_tokens
-            drafted, accepted, rounds = drafted + len(drafts), accepted + len(new_tokens) - 1, rounds + 1
+        with steady_state(compile):
+            while len(tokens) - len(prompt_tokens) < max_new_tokens and eos_id not in tokens[len(prompt_tokens) :]:
+                drafts, draft_probs = drafter.draft(tokens, sampling, generator)
+                new_tokens, hidden = verify(step, model, tokens, drafts, draft_probs, sampling, generator)
+                drafter.record_main_hidden(len(tokens) - 1, hidden[: len(new_tokens)])
+                tokens += new_tokens
+                drafted, accepted, rounds = drafted + len(drafts), accepted + len(new_tokens) - 1, rounds + 1
         decode_s = time.perf_counter() - started
     finally:
         model.clear_caches()

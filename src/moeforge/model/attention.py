@@ -1,7 +1,15 @@
 """Attention: rotary position embeddings, KV caches, grouped-query attention via SDPA, and multi-head
-latent attention (MLA) with its compressed cache."""
+latent attention (MLA) with its compressed cache.
+
+The caches are static, as gpt-fast's: allocated once at their full length, written at a tensor of
+slot indices, and read whole under a mask, so that a decoding step has the same shapes at every
+position (what `torch.compile` and CUDA graphs need). Slots past the newest token are masked, so
+overwriting a slot is all it takes to roll a cache back (speculative decoding does).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class CacheSlots(NamedTuple):
+    """Where a forward with KV caches writes its S new tokens, and which cached slots each reads."""
+
+    index: torch.Tensor
+    """[S] int64, the cache slot of each new token (the same for every row)"""
+    mask: torch.Tensor
+    """[B or 1, 1, S, max_len] bool, True where a new token's query may read a slot"""
+
+
+def cache_slots(index: torch.Tensor, max_len: int, pad: torch.Tensor | None = None) -> CacheSlots:
+    """The slots of new tokens at cache slots `index` [S]: causal (a query reads its own slot and the
+    ones before), and with left padding `pad` [B] (row b's first `pad[b]` slots hold no token) the
+    padding slots are hidden from every real token. A padding token reads only itself, so that no
+    row of the mask is empty (an empty row would make NaNs)."""
+    slot = torch.arange(max_len, device=index.device)
+    mask = slot <= index[:, None]  # [S, max_len]
+    if pad is None:
+        return CacheSlots(index, mask[None, None])
+    visible = (slot >= pad[:, None, None]) | (slot == index[:, None])  # [B, S, max_len]
+    return CacheSlots(index, (mask & visible).unsqueeze(1))
+
+
 class KVCache(nn.Module):
     """Keys and values of one attention layer for incremental decoding, [B, n_kv_heads, max_len, head_dim]."""
 
@@ -34,23 +64,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v at positions [start_pos, start_pos + S) and return everything up to there."""
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_heads, S, head_dim] at slots `index` [S]; return the whole cache."""
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        return self.k, self.v
 
     def bytes_per_token(self) -> int:
         """Bytes this layer's cache holds for one token of one sequence."""
         return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
-
-
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [q_len, kv_len] mask for queries that sit at the last q_len of kv_len positions."""
-    offset = kv_len - q_len
-    q_pos = torch.arange(q_len, device=device)[:, None] + offset
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos
 
 
 class GroupedQueryAttention(nn.Module):
@@ -69,7 +91,10 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+    ) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or with `slots` over the cache as well."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -77,18 +102,13 @@ class GroupedQueryAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-        out = self._attend(q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         gqa = self.n_kv_heads != self.n_heads
-        q_len, kv_len = q.shape[2], k.shape[2]
-        if q_len == kv_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        mask = causal_mask(q_len, kv_len, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if slots is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = self.cache.update(slots.index, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=slots.mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
         self.cache = KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
@@ -103,11 +123,9 @@ class LatentCache(nn.Module):
         super().__init__()
         self.register_buffer("kv", torch.zeros(batch, max_len, width, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
-        """Store [B, S, width] at positions [start_pos, start_pos + S); return everything up to there."""
-        end = start_pos + latent_and_rope_key.shape[1]
-        self.kv[:, start_pos:end] = latent_and_rope_key
-        return self.kv[:, :end]
+    def update(self, index: torch.Tensor, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
+        """Store [B, S, width] at slots `index` [S]; return the whole cache."""
+        return self.kv.index_copy_(1, index, latent_and_rope_key)
 
     def bytes_per_token(self) -> int:
         """Bytes this layer's cache holds for one token of one sequence."""
@@ -151,18 +169,21 @@ class MultiHeadLatentAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.cache: LatentCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+    ) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or with `slots` over the cache as well."""
         batch, seq, _ = x.shape
         q_nope, q_rope = self.queries(x)
         q_rope = apply_rope(q_rope, cos, sin)
         latent, rope_key = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
         rope_key = apply_rope(rope_key.unsqueeze(1), cos, sin).squeeze(1)
-        if self.cache is None:
+        if slots is None:
             out = self._attend_expanded(q_nope, q_rope, latent, rope_key)
         else:
-            cached = self.cache.update(start_pos, torch.cat([latent, rope_key], dim=-1))
-            out = self._attend_latent(q_nope, q_rope, cached)
+            cached = self.cache.update(slots.index, torch.cat([latent, rope_key], dim=-1))
+            out = self._attend_latent(q_nope, q_rope, cached, slots.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,20 +204,18 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def _attend_latent(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-        """The newest queries over the cached [c^KV; k^R] [B, T, r + rope], W^UK and W^UV absorbed, [B, H, S, v]."""
+    def _attend_latent(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The newest queries over the cached [c^KV; k^R] [B, T, r + rope] where `mask` [B or 1, 1, S, T]
+        allows, W^UK and W^UV absorbed, [B, H, S, v]."""
         w_uk, w_uv = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
             [self.nope_dim, self.v_dim], dim=1
         )
         q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)
         keys = cached.unsqueeze(1)
         values = keys[..., : self.kv_lora_rank]
-        q_len, kv_len = q.shape[2], keys.shape[2]
-        if q_len == kv_len:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            mask = causal_mask(q_len, kv_len, q.device)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out @ w_uv.transpose(1, 2)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:

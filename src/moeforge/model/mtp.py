@@ -45,11 +45,12 @@ class MTPModule(nn.Module):
         embedded: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start_pos: int = 0,
+        slots: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22), and
-        what the block's MoE layer measured (None for a dense block)."""
-        out, stats = self.block(self.merge(hidden, embedded), cos, sin, start_pos)
+        what the block's MoE layer measured (None for a dense block). With the block's KV cache set
+        up, `slots` (`CacheSlots`) say where these positions sit in it."""
+        out, stats = self.block(self.merge(hidden, embedded), cos, sin, slots)
         return self.norm(out), stats
 
     def merge(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:

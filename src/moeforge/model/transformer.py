@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeforge.config import ConfigError, ModelConfig
-from moeforge.model.attention import build_attention, rope_tables
+from moeforge.model.attention import CacheSlots, build_attention, cache_slots, rope_tables
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.mtp import MTPModule, mtp_inputs_and_labels
@@ -65,18 +65,20 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's output and, for an MoE block, what its MoE layer measured."""
-        x = self.attend(x, cos, sin, start_pos)
+        x = self.attend(x, cos, sin, slots)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """The first half of the block: x + attention(norm(x)), [B, S, dim]."""
-        return x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def attend(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+    ) -> torch.Tensor:
+        """The first half of the block: x + attention(norm(x)), [B, S, dim] (over the KV cache with `slots`)."""
+        return x + self.attention(self.attention_norm(x), cos, sin, slots)
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal(0, std) on the projections, Normal(0, out_std) on the residual outputs, ones on norms."""
@@ -91,7 +93,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """`Transformer(cfg)(tokens [B, S]) -> ModelOutput` (logits [B, S, vocab], ...).
 
-    With KV caches set up (`setup_caches`), `start_pos` gives the position of tokens[:, 0].
+    With KV caches set up (`setup_caches`), `start_pos` gives the cache slot of tokens[:, 0], or
+    `input_pos` [S] the slots of all S tokens, and `pad` [B] the left padding of each row (see
+    `positions`).
     `mtp` holds `cfg.mtp_depth` multi-token prediction modules, run only when `mtp_targets` are given.
     """
 
@@ -111,6 +115,8 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len: int | None = None
+        """the length of the KV caches while they are set up"""
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -127,17 +133,28 @@ class Transformer(nn.Module):
             module.init_weights(std, out_std)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, mtp_targets: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        mtp_targets: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        pad: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model on tokens [B, S]; with the next-token `mtp_targets` [B, S] the MTP modules
         run too (they read the embeddings of the tokens ahead, eqs. 21-23)."""
         seq = tokens.shape[1]
-        cos = self.rope_cos[start_pos : start_pos + seq]
-        sin = self.rope_sin[start_pos : start_pos + seq]
+        slots = None
+        if self.cache_len is None:
+            cos, sin = self.rope_cos[start_pos : start_pos + seq], self.rope_sin[start_pos : start_pos + seq]
+        else:
+            if input_pos is None:
+                input_pos = torch.arange(start_pos, start_pos + seq, device=tokens.device)
+            slots = cache_slots(input_pos, self.cache_len, pad)
+            cos, sin = self.rope_at(self.positions(input_pos, pad))
         h = self.tok_embeddings(tokens)
         moe_stats: list[MoEStats] = []
         for layer in self.layers:
-            h, stats = layer(h, cos, sin, start_pos)
+            h, stats = layer(h, cos, sin, slots)
             _keep(moe_stats, stats)
         hidden = self.norm(h)
         out = ModelOutput(self.output(hidden), hidden, moe_stats)
@@ -160,6 +177,22 @@ class Transformer(nn.Module):
             logits.append(self.output(hidden))
         return logits
 
+    @staticmethod
+    def positions(input_pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions (RoPE's) of tokens at cache slots `input_pos` [S]: the slots themselves, [S],
+        or with left padding `pad` [B] the slot minus the row's padding, [B, S] (0 on padding)."""
+        if pad is None:
+            return input_pos
+        return (input_pos[None, :] - pad[:, None]).clamp(min=0)
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions` [S] -> [S, head_dim], or [B, S] -> [B, 1, S, head_dim] (per row,
+        broadcast over the heads)."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
     def moe_layers(self) -> Iterator[MoE]:
         """The MoE layers in `ModelOutput.moe_stats` order: main blocks, then the MTP modules'."""
         return (module for _, module in self.named_moe_layers())
@@ -176,6 +209,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"max_len {max_len} exceeds model.max-seq-len={self.cfg.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
+        self.cache_len = max_len
         caches = [layer.attention.setup_cache(batch, max_len, dtype, device) for layer in self.layers]
         if with_mtp:
             for module in self.mtp:
@@ -183,6 +217,7 @@ class Transformer(nn.Module):
         return sum(c.bytes_per_token() for c in caches)
 
     def clear_caches(self) -> None:
+        self.cache_len = None
         for block in [*self.layers, *(module.block for module in self.mtp)]:
             block.attention.cache = None
 

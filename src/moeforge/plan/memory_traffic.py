@@ -120,7 +120,9 @@ def mtp_module_elements(cfg: ModelConfig) -> float:
     """Forward elements per token of one MTP module: the embedding gather 2d, the two input norms
     4d, their cat 4d, a block like the main model's last, the final norm and the loss over V."""
     d = cfg.dim
-    return 2.0 * d + 2 * rms_norm(d) + 4.0 * d + block_elements(cfg, cfg.n_layers - 1) + head_loss_elements(cfg)
+    return (
+        2.0 * d + 2 * rms_norm(d) + 4.0 * d + block_elements(cfg, cfg.n_layers - 1) + head_loss_elements(cfg)
+    )
 
 
 def forward_elements_by_block(cfg: ModelConfig) -> dict[int, float]:

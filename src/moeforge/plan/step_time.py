@@ -32,7 +32,11 @@ from moeforge.plan.comm import (
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import Layout
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
-from moeforge.plan.memory_traffic import BACKWARD_FACTOR, forward_elements_by_block, optimizer_elements_per_parameter
+from moeforge.plan.memory_traffic import (
+    BACKWARD_FACTOR,
+    forward_elements_by_block,
+    optimizer_elements_per_parameter,
+)
 from moeforge.plan.op_counts import step_operators
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
 from moeforge.plan.tensors import parameter_tensors
@@ -290,7 +294,9 @@ def _busiest_micro_batch(
         per_token = sum(
             flops[b].matmul / 3 / matmul_rate + flops[b].attention / 3 / attention_rate for b in blocks
         )
-        record = MicroBatchSeconds(pp_rank, blocks, share * _moe_layers(cfg, blocks), share * tokens_mb * per_token)
+        record = MicroBatchSeconds(
+            pp_rank, blocks, share * _moe_layers(cfg, blocks), share * tokens_mb * per_token
+        )
         if elements:
             moved = share * tokens_mb * layout.activation_bytes * sum(elements[b] for b in blocks)
             memory = moved / cluster.elementwise_bandwidth
@@ -307,8 +313,10 @@ def _busiest_micro_batch(
                 operators=fwd + bwd,
                 optimizer_operators=tensors * ops.optimizer_per_tensor,
             )
-        if best is None or record.forward + 2 * record.matmul + record.memory_backward + record.launch_backward > (
-            best.forward + 2 * best.matmul + best.memory_backward + best.launch_backward
+        if (
+            best is None
+            or record.forward + 2 * record.matmul + record.memory_backward + record.launch_backward
+            > (best.forward + 2 * best.matmul + best.memory_backward + best.launch_backward)
         ):
             best = record
     assert best is not None

@@ -333,7 +333,9 @@ def _optimizer_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, pp_ra
     state = sharded_state(cfg, layout, rank)
     seconds = 0.0
     if cluster.elementwise_bandwidth:
-        moved = state.param_elements * optimizer_elements_per_parameter() * layout.master_bytes
+        # the optimizer works on the fp32 master copy, or on the parameters where they are the master
+        width = layout.master_bytes or layout.param_bytes
+        moved = state.param_elements * optimizer_elements_per_parameter() * width
         seconds += moved / cluster.elementwise_bandwidth
     if cluster.operator_overhead:
         seconds += state.param_tensors * step_operators(cfg).optimizer_per_tensor * cluster.operator_overhead

@@ -8,11 +8,15 @@ two compared; no constant is fitted to the runs.
   on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
   collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
   measured in the same P processes, before any training step: the fp32 GEMM rate of one device
-  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one device while all P copy at once (a large tensor, read + write
-  bytes), and gloo's all-reduce and point-to-point bandwidth and latency at a few sizes. The
-  planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls run
-  as fast as a large GEMM), its "NVLink" (the link inside a node) is gloo's all-reduce bus
-  bandwidth at the largest size with an efficiency of 1; there is no network (one node).
+  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one
+  device while all P copy at once (a large tensor, read + write bytes), the host seconds of one
+  operator while all P run a chain of tiny operators forward and backward, and gloo's all-reduce
+  and point-to-point bandwidth and latency at a few sizes and the latency of a small all-to-all.
+  The planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls
+  run as fast as a large GEMM), its elementwise bandwidth the copy bandwidth, its operator
+  overhead the chain's seconds per operator, its "NVLink" (the link inside a node) gloo's
+  all-reduce bus bandwidth at the largest size with an efficiency of 1, its latencies those of the
+  smallest all-reduce and all-to-all; there is no network (one node).
 - **The runs.** For each layout (1 process; 2 processes FSDP; 2 processes EP2; 4 processes FSDP
   with EP2; 4 processes HSDP 2 x 2) and preset, the trainer runs a few real steps on the spawned
   gloo processes in fp32 (`moeforge.train.trainer.Trainer`, handed in by the caller: bench sits
@@ -20,7 +24,8 @@ two compared; no constant is fitted to the runs.
   `train_step`, and the figure is the median after the warm-up steps.
 - **The comparison.** The planner plans the same layout (fp32 matmuls, activations, all-to-all rows
   and FSDP traffic; the run's batch and micro-batch) on the measured cluster; the table shows both
-  step times, their ratio and what the planner says bounds the step.
+  step times, their ratio, what the planner says bounds the step, the planned step's parts, and
+  the ratio of the earlier model (matmul FLOPs and communication bytes only) for comparison.
 """
 
 from __future__ import annotations

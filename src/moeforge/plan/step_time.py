@@ -8,6 +8,15 @@ and weights (W); full recomputation adds a forward to B. Under EP a rank compute
 out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
 and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
 only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.
+
+Where the cluster gives the constants (a measured CPU does; the GPU presets leave them 0, since their
+bf16-efficiency is a published whole-step MFU that already contains these costs), a step also pays:
+the memory-bound work of forward and backward (`plan.memory_traffic`, backward = 2 x forward) at
+`elementwise-bandwidth`, split between B and W like the matmuls; launching each operator the
+micro-batch dispatches (`plan.op_counts`) at `operator-overhead`; the optimizer step (clipping and
+AdamW over the rank's shard: bytes and operators), not overlapped; and a latency per collective
+(`collective-latency` for FSDP/HSDP/ZeRO and the step's all-reduces, `all-to-all-latency` for the
+dispatcher's exchanges), on top of its bytes over the link.
 """
 
 from __future__ import annotations

@@ -135,9 +135,11 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
         for preset in settings.presets:
             run = measured[world]["runs"][f"{preset}/{name}"]
             cfg = bench_config(settings, preset, LAYOUTS[name])
-            plan = plan_run(cfg, clusters[world], world)
-            matmul_only = plan_run(cfg, without_overheads(clusters[world]), world)
-            rows.append(comparison_row(name, preset, run, plan, clusters[world], matmul_only.step_s))
+            # the cluster measured in the run's processes right before it
+            cluster = machine_cluster(run["machine"], world)
+            plan = plan_run(cfg, cluster, world)
+            matmul_only = plan_run(cfg, without_overheads(cluster), world)
+            rows.append(comparison_row(name, preset, run, plan, cluster, matmul_only.step_s))
     return {
         "config": {
             **dataclasses.asdict(settings),
@@ -153,14 +155,20 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
 
 
 def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFactory, out: str) -> None:
-    """On each of the world's processes: measure the machine, then run every layout of this world size."""
-    machine = measure_machine(settings)
+    """On each of the world's processes: every layout of this world size, each run measuring the
+    machine right before it (on a shared machine the share our processes get drifts; the first
+    measurement is the world's cluster, `--clusters-out`) and its GEMM rate again right after it."""
+    machine = None
     runs = {}
     for name, layout in LAYOUTS.items():
         if name in settings.layouts and layout.processes == dist.get_world_size():
             for preset in settings.presets:
                 cfg = bench_config(settings, preset, layout)
-                runs[f"{preset}/{name}"] = time_training(trainer, cfg, settings)
+                before = measure_machine(settings)
+                machine = machine or before
+                run = time_training(trainer, cfg, settings)
+                after = _slowest(gemm_flops(settings.gemm_size, settings.repeats)[0], min)
+                runs[f"{preset}/{name}"] = {**run, "machine": before, "gemm_flops_after": after}
     if rank == 0:
         Path(out).write_text(json.dumps({"machine": machine, "runs": runs}))
 
@@ -455,6 +463,9 @@ def comparison_row(
         "planned_latency_s": latency,
         "planned_operators_per_step": plan.operators_per_step,
         "collectives_per_step": comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls,
+        "machine": run["machine"],
+        "gemm_flops_after": run["gemm_flops_after"],
+        "gemm_drift": run["gemm_flops_after"] / cluster.peak_fp32_flops,
         "matmul_only_planned_s": matmul_only_s,
         "matmul_only_over_measured": matmul_only_s / measured,
     }
@@ -469,26 +480,29 @@ def format_table(result: dict[str, Any]) -> str:
         f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} after); "
         f"median of {cfg['steps']} steps after {cfg['warmup']} warm-up, slowest rank",
         "",
-        "measured clusters (a device = one gloo process; every constant comes from these microbenchmarks, run "
-        "before the training steps; no layout sets any constant):",
-        f"{'cluster':<8}{'threads':>8}{'GEMM GFLOP/s':>14}{'(median)':>10}{'copy GB/s':>11}{'us/op':>7}"
-        f"{'all-reduce GB/s':>17}{'p2p GB/s':>10}{'p2p latency us':>16}{'all-reduce latency us':>23}"
-        f"{'all-to-all latency us':>23}",
+        "the machine as measured in each run's processes right before it (a device = one gloo process, cluster "
+        "cpu-P for P processes; every constant of that row's cluster comes from these microbenchmarks; no layout "
+        "sets any constant; --clusters-out writes each world's first):",
+        f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'copy GB/s':>10}{'us/op':>7}"
+        f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
+        f"{'all-to-all lat. us':>19}",
     ]
-    for world, machine in result["machine"].items():
+    firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
+    labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
+    labelled += [(f"{row['preset']}/{row['layout']}", row["machine"]) for row in result["rows"]]
+    for label, machine in labelled:
         reduce, p2p, a2a = machine.get("all_reduce"), machine.get("point_to_point"), machine.get("all_to_all")
         link = (
-            f"{max(f['bus_bandwidth'] for f in reduce) / 1e9:>17.2f}{max(f['bandwidth'] for f in p2p) / 1e9:>10.2f}"
-            f"{p2p[0]['seconds'] * 1e6:>16.0f}{reduce[0]['seconds'] * 1e6:>23.0f}"
-            + (f"{a2a[0]['seconds'] * 1e6:>23.0f}" if a2a else f"{'-':>23}")
+            f"{max(f['bus_bandwidth'] for f in reduce) / 1e9:>16.2f}{max(f['bandwidth'] for f in p2p) / 1e9:>9.2f}"
+            f"{p2p[0]['seconds'] * 1e6:>12.0f}{reduce[0]['seconds'] * 1e6:>19.0f}"
+            + (f"{a2a[0]['seconds'] * 1e6:>19.0f}" if a2a else f"{'-':>19}")
             if reduce
-            else f"{'-':>17}{'-':>10}{'-':>16}{'-':>23}{'-':>23}"
+            else f"{'-':>16}{'-':>9}{'-':>12}{'-':>19}{'-':>19}"
         )
         operator = machine.get("operator_seconds")
         lines.append(
-            f"{'cpu-' + world:<8}{machine['threads_per_process']:>8}{machine['gemm_flops'] / 1e9:>14.1f}"
-            f"{machine['gemm_flops_median'] / 1e9:>10.1f}"
-            f"{machine['copy_bandwidth'] / 1e9:>11.2f}"
+            f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
+            f"{machine['gemm_flops_median'] / 1e9:>9.1f}{machine['copy_bandwidth'] / 1e9:>10.2f}"
             + (f"{operator * 1e6:>7.1f}" if operator else f"{'-':>7}")
             + link
         )
@@ -496,7 +510,8 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
         f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
-        f"{'latency s':>10}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}",
+        f"{'latency s':>10}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
         lines.append(
@@ -508,6 +523,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['planned_latency_s']:>10.3f}{row['planned_operators_per_step']:>9.0f}"
             f"{row['collectives_per_step']:>6.0f}{row['matmul_only_over_measured']:>9.2f}"
             f"{row['profiled_matmul_s']:>15.3f}{row['profiled_step_s'] - row['profiled_matmul_s']:>13.3f}"
+            f"{row['gemm_drift']:>18.2f}"
         )
     lines += [
         "",
@@ -518,6 +534,8 @@ def format_table(result: dict[str, Any]) -> str:
         "planned step too); ops/step: operators the planner counts per step; old/meas: the earlier model "
         "(matmul FLOPs and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "
-        "attention kernels (compare with matmul s) and in everything else (compare with the other parts)",
+        "attention kernels (compare with matmul s) and in everything else (compare with the other parts); GEMM "
+        "after/before: the GEMM rate measured right after the run over the one before it (how much the share of "
+        "the machine our processes got moved during the run)",
     ]
     return "\n".join(lines)

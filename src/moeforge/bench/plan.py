@@ -7,7 +7,9 @@ two compared; no constant is fitted to the runs.
   the cluster "cpu-P": one node of P devices that share the machine's cores and memory (4 devices
   on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
   collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
-  measured in the same P processes, before any training step: the fp32 GEMM rate of one device
+  measured in the same P processes right before each run (the share of a shared machine that our
+  processes get drifts; the GEMM rate is measured again after the run to show by how much): the
+  fp32 GEMM rate of one device
   while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one
   device while all P copy at once (a large tensor, read + write bytes), the host seconds of one
   operator while all P run a chain of tiny operators forward and backward, and gloo's all-reduce

@@ -8,11 +8,11 @@ two compared; no constant is fitted to the runs.
   on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
   collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
   measured in the same P processes right before each run (the share of a shared machine that our
-  processes get drifts; the GEMM rate is measured again after the run to show by how much): the
-  fp32 GEMM rate of one device
-  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one
-  device while all P copy at once (a large tensor, read + write bytes), the host seconds of one
-  operator while all P run a chain of tiny operators forward and backward, and gloo's all-reduce
+  processes get drifts; the GEMM rate is measured again after the run, once, to show by how
+  much): the fp32 GEMM rate of one device while all P multiply at once (a large square matmul,
+  best of a few), the copy bandwidth of one device while all P copy at once (a large tensor,
+  read + write bytes), the host seconds of one operator while all P run a chain of tiny
+  operators forward and backward, and gloo's all-reduce
   and point-to-point bandwidth and latency at a few sizes and the latency of a small all-to-all.
   The planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls
   run as fast as a large GEMM), its elementwise bandwidth the copy bandwidth, its operator
@@ -169,7 +169,7 @@ def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFact
                 before = measure_machine(settings)
                 machine = machine or before
                 run = time_training(trainer, cfg, settings)
-                after = _slowest(gemm_flops(settings.gemm_size, settings.repeats)[0], min)
+                after = _slowest(gemm_flops(settings.gemm_size, 1)[0], min)  # one repeat: a drift check
                 runs[f"{preset}/{name}"] = {**run, "machine": before, "gemm_flops_after": after}
     if rank == 0:
         Path(out).write_text(json.dumps({"machine": machine, "runs": runs}))

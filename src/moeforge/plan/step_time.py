@@ -268,10 +268,13 @@ class MicroBatchSeconds:
     memory_forward: float = 0.0
     """forward seconds of the memory-bound work (`plan.memory_traffic`) at the elementwise bandwidth"""
     memory_backward: float = 0.0
+    """the same for the backward (`memory_traffic.BACKWARD_FACTOR` x the forward's bytes)"""
     launch_forward: float = 0.0
     """forward seconds of launching operators (`plan.op_counts`) at the operator overhead"""
     launch_backward: float = 0.0
+    """the same for the backward's operators"""
     operators_forward: float = 0.0
+    """operators of the forward"""
     operators: float = 0.0
     """operators of the forward and the backward"""
     optimizer_operators: float = 0.0
@@ -280,6 +283,11 @@ class MicroBatchSeconds:
     @property
     def forward(self) -> float:
         return self.matmul + self.memory_forward + self.launch_forward
+
+    @property
+    def total(self) -> float:
+        """Forward and backward seconds (without recomputation)."""
+        return self.forward + 2 * self.matmul + self.memory_backward + self.launch_backward
 
 
 def _busiest_micro_batch(
@@ -322,11 +330,7 @@ def _busiest_micro_batch(
                 operators=fwd + bwd,
                 optimizer_operators=tensors * ops.optimizer_per_tensor,
             )
-        if (
-            best is None
-            or record.forward + 2 * record.matmul + record.memory_backward + record.launch_backward
-            > (best.forward + 2 * best.matmul + best.memory_backward + best.launch_backward)
-        ):
+        if best is None or record.total > best.total:
             best = record
     assert best is not None
     return best

@@ -15,6 +15,7 @@ from moeforge.bench.plan import (
     machine_cluster,
     plan_run,
     run_plan_bench,
+    without_overheads,
 )
 from moeforge.config import ConfigError
 from moeforge.plan import load_cluster
@@ -56,17 +57,28 @@ def test_measured_cluster_round_trips_through_the_planner(tmp_path):
     path.write_text(cluster_toml(cluster))
     assert load_cluster(str(path)) == cluster
 
-    # one process: compute is every FLOP of the step at the measured GEMM rate, nothing else
+    # one process: every FLOP of the step at the measured GEMM rate, plus the memory-bound bytes and
+    # the optimizer at the copy bandwidth (MACHINE has no operator figure: no launches are charged)
     single = plan_run(bench_config(SMALL, "tiny", LAYOUTS["single"]), machine_cluster(MACHINE, 1), 1)
     assert single.compute_s == pytest.approx(single.flops_per_token * single.tokens_per_step / 100e9)
-    assert single.step_s == pytest.approx(single.compute_s)
-    assert single.mfu == pytest.approx(1.0)
+    assert single.memory_bound_s > 0 and single.optimizer_s > 0 and single.operator_launch_s == 0
+    assert single.step_s == pytest.approx(single.compute_s + single.memory_bound_s + single.optimizer_s)
+    # without those terms (the earlier model), the step is its FLOPs alone
+    matmul_only = plan_run(
+        bench_config(SMALL, "tiny", LAYOUTS["single"]), without_overheads(machine_cluster(MACHINE, 1)), 1
+    )
+    assert matmul_only.step_s == pytest.approx(single.compute_s)
+    assert matmul_only.mfu == pytest.approx(1.0)
     # two processes with ep 2: the traffic at the measured link bandwidth
     ep2 = plan_run(bench_config(SMALL, "tiny", LAYOUTS["ep2"]), cluster, 2)
     comm = ep2.communication
     assert comm.all_to_all_nvlink_bytes > 0 and comm.data_parallel_bytes > 0
+    # and each collective at the smallest all-reduce's seconds (MACHINE has no all-to-all figure)
     assert comm.all_to_all_s == pytest.approx(comm.all_to_all_nvlink_bytes / 0.5e9)
-    assert comm.data_parallel_s == pytest.approx(comm.data_parallel_bytes / 0.5e9)
+    assert comm.data_parallel_calls > 0
+    assert comm.data_parallel_s == pytest.approx(
+        comm.data_parallel_bytes / 0.5e9 + comm.data_parallel_calls * 1e-4
+    )
 
 
 def test_bench_plan_table_structure():

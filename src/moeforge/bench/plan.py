@@ -7,12 +7,18 @@ two compared; no constant is fitted to the runs.
   the cluster "cpu-P": one node of P devices that share the machine's cores and memory (4 devices
   on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
   collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
-  measured in the same P processes, before any training step: the fp32 GEMM rate of one device
-  while all P multiply at once (a large square matmul, best of a few), the copy bandwidth of one device while all P copy at once (a large tensor, read + write
-  bytes), and gloo's all-reduce and point-to-point bandwidth and latency at a few sizes. The
-  planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls run
-  as fast as a large GEMM), its "NVLink" (the link inside a node) is gloo's all-reduce bus
-  bandwidth at the largest size with an efficiency of 1; there is no network (one node).
+  measured in the same P processes right before each run (the share of a shared machine that our
+  processes get drifts; the GEMM rate is measured again after the run, once, to show by how
+  much): the fp32 GEMM rate of one device while all P multiply at once (a large square matmul,
+  best of a few), the copy bandwidth of one device while all P copy at once (a large tensor,
+  read + write bytes), the host seconds of one operator while all P run a chain of tiny
+  operators forward and backward, and gloo's all-reduce
+  and point-to-point bandwidth and latency at a few sizes and the latency of a small all-to-all.
+  The planner's FP32 peak is the GEMM rate with an efficiency of 1 (it assumes a step's matmuls
+  run as fast as a large GEMM), its elementwise bandwidth the copy bandwidth, its operator
+  overhead the chain's seconds per operator, its "NVLink" (the link inside a node) gloo's
+  all-reduce bus bandwidth at the largest size with an efficiency of 1, its latencies those of the
+  smallest all-reduce and all-to-all; there is no network (one node).
 - **The runs.** For each layout (1 process; 2 processes FSDP; 2 processes EP2; 4 processes FSDP
   with EP2; 4 processes HSDP 2 x 2) and preset, the trainer runs a few real steps on the spawned
   gloo processes in fp32 (`moeforge.train.trainer.Trainer`, handed in by the caller: bench sits
@@ -20,7 +26,8 @@ two compared; no constant is fitted to the runs.
   `train_step`, and the figure is the median after the warm-up steps.
 - **The comparison.** The planner plans the same layout (fp32 matmuls, activations, all-to-all rows
   and FSDP traffic; the run's batch and micro-batch) on the measured cluster; the table shows both
-  step times, their ratio and what the planner says bounds the step.
+  step times, their ratio, what the planner says bounds the step, the planned step's parts, and
+  the ratio of the earlier model (matmul FLOPs and communication bytes only) for comparison.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch.distributed as dist
 from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
+from moeforge.plan.op_counts import count_operators
 
 
 class Steps(Protocol):
@@ -92,9 +100,11 @@ class PlanBenchSettings:
     """message sizes of the gloo measurements (the smallest gives the latency)"""
     repeats: int = 5
     """repeats of each machine measurement (the best counts)"""
+    operator_chain: int = 200
+    """tiny operators in the chain that measures the launch overhead of one operator"""
 
     def validate(self) -> None:
-        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats"):
+        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats", "operator_chain"):
             value, least = getattr(self, name), 0 if name == "warmup" else 1
             if value < least:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value}; allowed: an integer >= {least}")
@@ -127,8 +137,11 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
         for preset in settings.presets:
             run = measured[world]["runs"][f"{preset}/{name}"]
             cfg = bench_config(settings, preset, LAYOUTS[name])
-            plan = plan_run(cfg, clusters[world], world)
-            rows.append(comparison_row(name, preset, run, plan, clusters[world]))
+            # the cluster measured in the run's processes right before it
+            cluster = machine_cluster(run["machine"], world)
+            plan = plan_run(cfg, cluster, world)
+            matmul_only = plan_run(cfg, without_overheads(cluster), world)
+            rows.append(comparison_row(name, preset, run, plan, cluster, matmul_only.step_s))
     return {
         "config": {
             **dataclasses.asdict(settings),
@@ -144,14 +157,20 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
 
 
 def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFactory, out: str) -> None:
-    """On each of the world's processes: measure the machine, then run every layout of this world size."""
-    machine = measure_machine(settings)
+    """On each of the world's processes: every layout of this world size, each run measuring the
+    machine right before it (on a shared machine the share our processes get drifts; the first
+    measurement is the world's cluster, `--clusters-out`) and its GEMM rate again right after it."""
+    machine = None
     runs = {}
     for name, layout in LAYOUTS.items():
         if name in settings.layouts and layout.processes == dist.get_world_size():
             for preset in settings.presets:
                 cfg = bench_config(settings, preset, layout)
-                runs[f"{preset}/{name}"] = time_training(trainer, cfg, settings)
+                before = measure_machine(settings)
+                machine = machine or before
+                run = time_training(trainer, cfg, settings)
+                after = _slowest(gemm_flops(settings.gemm_size, 1)[0], min)  # one repeat: a drift check
+                runs[f"{preset}/{name}"] = {**run, "machine": before, "gemm_flops_after": after}
     if rank == 0:
         Path(out).write_text(json.dumps({"machine": machine, "runs": runs}))
 
@@ -172,10 +191,12 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         "gemm_flops": _slowest(best, min),
         "gemm_flops_median": _slowest(median, min),
         "copy_bandwidth": _slowest(copy_bandwidth(settings.copy_mib << 20, settings.repeats), min),
+        "operator_seconds": _slowest(operator_seconds(settings.operator_chain, settings.repeats), max),
     }
     if world > 1:
         result["all_reduce"] = [all_reduce_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
+        result["all_to_all"] = [all_to_all_figures(settings.comm_bytes[0], settings.repeats)]
     return result
 
 
@@ -223,6 +244,34 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), repeats, together=True)
 
 
+def operator_seconds(chain: int, repeats: int) -> float:
+    """Host seconds per operator on each process while all of them run it: a chain of `chain` tiny
+    multiply-adds on a 4-element tensor that requires grad, its sum and the backward, timed (best
+    of `repeats`) and divided by the aten operators it dispatches (`plan.op_counts`, as the planner
+    counts a step's). The kernels do next to nothing, so this is the dispatcher, autograd's
+    recording and the Python around one operator."""
+    x = torch.ones(4, requires_grad=True)
+
+    def forward_backward() -> None:
+        y = x
+        for _ in range(chain):
+            y = y * 1.0001 + 0.5
+        y.sum().backward()
+
+    operators = count_operators(forward_backward)
+    return _best_seconds(forward_backward, repeats, together=True) / operators
+
+
+def all_to_all_figures(nbytes: int, repeats: int) -> dict[str, float]:
+    """An all-to-all of `nbytes` to each rank (`all_to_all_single`, as the expert-parallel
+    dispatcher sends): seconds (slowest rank, best repeat)."""
+    world = dist.get_world_size()
+    send = torch.zeros(world * max(1, nbytes // 4))
+    recv = torch.empty_like(send)
+    seconds = _slowest(_best_seconds(lambda: dist.all_to_all_single(recv, send), repeats), max)
+    return {"bytes": nbytes, "seconds": seconds}
+
+
 def all_reduce_figures(nbytes: int, repeats: int) -> dict[str, float]:
     """An all-reduce of `nbytes` over the world: seconds (slowest rank, best repeat) and the bus
     bandwidth, the bytes through each rank's link per second (2 (n-1)/n x size, as `plan.comm`)."""
@@ -251,8 +300,15 @@ def point_to_point_figures(nbytes: int, repeats: int) -> dict[str, float]:
 
 
 def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
-    """The planner's cluster of `processes` devices measured as `machine` (`measure_machine`)."""
-    link = max((f["bus_bandwidth"] for f in machine.get("all_reduce", [])), default=0.0)
+    """The planner's cluster of `processes` devices measured as `machine` (`measure_machine`): the
+    GEMM rate as the FP32 peak, the copy bandwidth as the memory and elementwise bandwidth, the
+    operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
+    link, the smallest all-reduce's and all-to-all's seconds as the latencies."""
+    reduce = machine.get("all_reduce", [])
+    link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
+    latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
+    a2a = machine.get("all_to_all", [])
+    a2a_latency = min(a2a, key=lambda f: f["bytes"])["seconds"] if a2a else 0.0
     return Cluster(
         name=f"cpu-{processes}",
         gpus_per_node=processes,
@@ -262,7 +318,23 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         hbm_bandwidth=machine["copy_bandwidth"],
         nvlink_bandwidth=link,
         nvlink_efficiency=1.0 if link else 0.0,
+        elementwise_bandwidth=machine["copy_bandwidth"],
+        operator_overhead=machine.get("operator_seconds", 0.0),
+        collective_latency=latency,
+        all_to_all_latency=a2a_latency,
     ).validate()
+
+
+def without_overheads(cluster: Cluster) -> Cluster:
+    """`cluster` as the planner saw it before it counted memory-bound work, operator launches and
+    latencies: matmul FLOPs and communication bytes only (the earlier model, for comparison)."""
+    return dataclasses.replace(
+        cluster,
+        elementwise_bandwidth=0.0,
+        operator_overhead=0.0,
+        collective_latency=0.0,
+        all_to_all_latency=0.0,
+    )
 
 
 def cluster_toml(cluster: Cluster) -> str:
@@ -354,10 +426,17 @@ def plan_run(cfg: Config, cluster: Cluster, world: int) -> Plan:
 
 
 def comparison_row(
-    name: str, preset: str, run: dict[str, Any], plan: Plan, cluster: Cluster
+    name: str, preset: str, run: dict[str, Any], plan: Plan, cluster: Cluster, matmul_only_s: float
 ) -> dict[str, Any]:
-    """One line of the table: measured and planned step time, their ratio, what bounds the step."""
+    """One line of the table: measured and planned step time, their ratio, what bounds the step,
+    the planned step's parts, and the plan of the matmul-and-bytes-only model (`matmul_only_s`)."""
     measured = run["median_step_s"]
+    comm = plan.communication
+    latency = (
+        comm.all_to_all_calls * cluster.all_to_all_latency
+        + comm.data_parallel_calls * cluster.collective_latency
+        + comm.step_calls_s
+    )
     flops_per_device = plan.flops_per_token * plan.tokens_per_step / plan.world_size
     return {
         "layout": name,
@@ -380,55 +459,85 @@ def comparison_row(
         "profiled_matmul_s": run["profiled_matmul_s"],
         "profiled_step_s": run["profiled_step_s"],
         "gemm_flops_per_device": cluster.peak_fp32_flops,
+        "planned_memory_bound_s": plan.memory_bound_s,
+        "planned_operator_launch_s": plan.operator_launch_s,
+        "planned_optimizer_s": plan.optimizer_s,
+        "planned_latency_s": latency,
+        "planned_operators_per_step": plan.operators_per_step,
+        "collectives_per_step": comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls,
+        "machine": run["machine"],
+        "gemm_flops_after": run["gemm_flops_after"],
+        "gemm_drift": run["gemm_flops_after"] / cluster.peak_fp32_flops,
+        "matmul_only_planned_s": matmul_only_s,
+        "matmul_only_over_measured": matmul_only_s / measured,
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    before, after = cfg["load_average_before"][0], cfg["load_average_after"][0]
+    before, after = cfg["load_average_before"], cfg["load_average_after"]
     lines = [
         f"planner step time vs real Trainer steps on this CPU ({cfg['cores']} cores, torch {cfg['torch']}, "
-        f"load average {before:.1f} before, {after:.1f} after); median of {cfg['steps']} steps after "
-        f"{cfg['warmup']} warm-up, slowest rank",
+        f"load average {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} before, "
+        f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} after); "
+        f"median of {cfg['steps']} steps after {cfg['warmup']} warm-up, slowest rank",
         "",
-        "measured clusters (a device = one gloo process; constants fixed from these figures only):",
-        f"{'cluster':<8}{'threads':>8}{'GEMM GFLOP/s':>14}{'(median)':>10}{'copy GB/s':>11}{'all-reduce GB/s':>17}"
-        f"{'p2p GB/s':>10}{'p2p latency us':>16}{'all-reduce latency us':>23}",
+        "the machine as measured in each run's processes right before it (a device = one gloo process, cluster "
+        "cpu-P for P processes; every constant of that row's cluster comes from these microbenchmarks; no layout "
+        "sets any constant; --clusters-out writes each world's first):",
+        f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'copy GB/s':>10}{'us/op':>7}"
+        f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
+        f"{'all-to-all lat. us':>19}",
     ]
-    for world, machine in result["machine"].items():
-        reduce, p2p = machine.get("all_reduce"), machine.get("point_to_point")
+    firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
+    labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
+    labelled += [(f"{row['preset']}/{row['layout']}", row["machine"]) for row in result["rows"]]
+    for label, machine in labelled:
+        reduce, p2p, a2a = machine.get("all_reduce"), machine.get("point_to_point"), machine.get("all_to_all")
         link = (
-            f"{max(f['bus_bandwidth'] for f in reduce) / 1e9:>17.2f}{max(f['bandwidth'] for f in p2p) / 1e9:>10.2f}"
-            f"{p2p[0]['seconds'] * 1e6:>16.0f}{reduce[0]['seconds'] * 1e6:>23.0f}"
+            f"{max(f['bus_bandwidth'] for f in reduce) / 1e9:>16.2f}{max(f['bandwidth'] for f in p2p) / 1e9:>9.2f}"
+            f"{p2p[0]['seconds'] * 1e6:>12.0f}{reduce[0]['seconds'] * 1e6:>19.0f}"
+            + (f"{a2a[0]['seconds'] * 1e6:>19.0f}" if a2a else f"{'-':>19}")
             if reduce
-            else f"{'-':>17}{'-':>10}{'-':>16}{'-':>23}"
+            else f"{'-':>16}{'-':>9}{'-':>12}{'-':>19}{'-':>19}"
         )
+        operator = machine.get("operator_seconds")
         lines.append(
-            f"{'cpu-' + world:<8}{machine['threads_per_process']:>8}{machine['gemm_flops'] / 1e9:>14.1f}"
-            f"{machine['gemm_flops_median'] / 1e9:>10.1f}"
-            f"{machine['copy_bandwidth'] / 1e9:>11.2f}" + link
+            f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
+            f"{machine['gemm_flops_median'] / 1e9:>9.1f}{machine['copy_bandwidth'] / 1e9:>10.2f}"
+            + (f"{operator * 1e6:>7.1f}" if operator else f"{'-':>7}")
+            + link
         )
     lines += [
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
-        f"{'  <=30%':<8}{'bound by':<20}{'a2a s':>8}{'dp s':>8}{'GFLOP/s/dev':>13}"
-        f"{'compute s':>11}{'matmul s':>10}{'matmul share':>14}",
+        f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
+        f"{'latency s':>10}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
         lines.append(
             f"{row['preset']:<18}{row['layout']:<11}{row['processes']:>6}{row['measured_step_s']:>12.3f}"
             f"{row['planned_step_s']:>11.3f}{row['planned_over_measured']:>14.2f}"
-            f"{'  yes' if row['within_tolerance'] else '  no':<8}{row['bound_by']:<20}"
-            f"{row['planned_all_to_all_s']:>8.3f}{row['planned_data_parallel_s']:>8.3f}"
-            f"{row['achieved_flops_per_device'] / 1e9:>13.1f}"
-            f"{row['planned_compute_s']:>11.3f}{row['profiled_matmul_s']:>10.3f}"
-            f"{row['profiled_matmul_s'] / row['profiled_step_s']:>14.0%}"
+            f"{'  yes' if row['within_tolerance'] else '  no':<8}{row['bound_by']:<19}"
+            f"{row['planned_compute_s']:>9.3f}{row['planned_memory_bound_s']:>9.3f}"
+            f"{row['planned_operator_launch_s']:>9.3f}{row['planned_optimizer_s']:>8.3f}"
+            f"{row['planned_latency_s']:>10.3f}{row['planned_operators_per_step']:>9.0f}"
+            f"{row['collectives_per_step']:>6.0f}{row['matmul_only_over_measured']:>9.2f}"
+            f"{row['profiled_matmul_s']:>15.3f}{row['profiled_step_s'] - row['profiled_matmul_s']:>13.3f}"
+            f"{row['gemm_drift']:>18.2f}"
         )
     lines += [
         "",
-        "a2a s / dp s: the planner's all-to-all and FSDP/HSDP seconds before overlap; GFLOP/s/dev: the "
-        "run's model FLOPs per device per second (compare with the GEMM rate above); compute s: the planner's "
-        "matmul and attention seconds; matmul s and share: of one more step under torch.profiler (rank 0), the "
-        "seconds in matmul and attention kernels (the only work the planner counts) and their part of that step",
+        "matmul s: the planner's matmul and attention FLOPs at the GEMM rate; memory s: the non-matmul bytes of "
+        "forward and backward (plan.memory_traffic) at the copy bandwidth; launch s: the operators of forward and "
+        "backward (plan.op_counts) at us/op; optim s: clipping and AdamW over the rank's shard, bytes and "
+        "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
+        "planned step too); ops/step: operators the planner counts per step; old/meas: the earlier model "
+        "(matmul FLOPs and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
+        "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "
+        "attention kernels (compare with matmul s) and in everything else (compare with the other parts); GEMM "
+        "after/before: the GEMM rate measured right after the run over the one before it (how much the share of "
+        "the machine our processes got moved during the run)",
     ]
     return "\n".join(lines)

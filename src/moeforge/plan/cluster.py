@@ -50,6 +50,20 @@ class Cluster:
     cross_replica_bandwidth: float = 0.0
     """bandwidth between DiLoCo replicas (e.g. datacenters) per replica, bytes/s; 0 = the network's
     per-GPU bandwidth times the replica's GPUs"""
+    elementwise_bandwidth: float = 0.0
+    """bytes/s the memory-bound work of a step (norms, elementwise ops, routing, the loss, the
+    optimizer; `plan.memory_traffic`) moves at on one device, e.g. a measured copy bandwidth;
+    0 = folded into the whole-step efficiency (the GPU presets: their bf16-efficiency is a
+    published whole-step MFU)"""
+    operator_overhead: float = 0.0
+    """host seconds to launch one operator (dispatcher and autograd recording), times the
+    operators a step dispatches (`plan.op_counts`); 0 = folded into the whole-step efficiency"""
+    collective_latency: float = 0.0
+    """seconds of a small all-reduce, all-gather or reduce-scatter beyond its bytes/bandwidth,
+    charged per collective; 0 = folded into the whole-step efficiency"""
+    all_to_all_latency: float = 0.0
+    """seconds of a small all-to-all beyond its bytes/bandwidth, charged per all-to-all; 0 =
+    folded into the whole-step efficiency"""
 
     def peak_flops(self, dtype: str) -> float:
         return {"fp8": self.peak_fp8_flops, "fp32": self.peak_fp32_flops}.get(dtype, self.peak_bf16_flops)

@@ -54,6 +54,7 @@ def format_plan(plan: Plan) -> str:
         "",
         "time per step",
         f"  compute                 {_seconds(plan.compute_s)}",
+        *_overhead_lines(plan),
         f"  all-to-all (exposed)    {_seconds(plan.exposed_all_to_all_s)}",
         f"  data-parallel (exposed) {_seconds(plan.exposed_data_parallel_s)}",
         f"  pipeline bubble         {_seconds(plan.bubble_s)}",
@@ -63,6 +64,21 @@ def format_plan(plan: Plan) -> str:
         f"{plan.gpu_hours_per_trillion_tokens / 1e3:,.1f}K GPU-hours per trillion tokens",
     ]
     return "\n".join(lines)
+
+
+def _overhead_lines(plan: Plan) -> list[str]:
+    """The step's memory-bound work, operator launches, optimizer and unhidden all-reduces, where the
+    cluster gives their constants (none on the GPU presets: folded into their efficiency)."""
+    if not (
+        plan.memory_bound_s or plan.operator_launch_s or plan.optimizer_s or plan.communication.step_calls_s
+    ):
+        return []
+    return [
+        f"  memory-bound work       {_seconds(plan.memory_bound_s)}",
+        f"  operator launches       {_seconds(plan.operator_launch_s)}   {plan.operators_per_step:,.0f} operators",
+        f"  optimizer               {_seconds(plan.optimizer_s)}",
+        f"  step all-reduces        {_seconds(plan.communication.step_calls_s)}",
+    ]
 
 
 def format_search(shown: list[tuple[int, Plan]], fitting: int, considered: int) -> str:

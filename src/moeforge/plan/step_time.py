@@ -8,11 +8,20 @@ and weights (W); full recomputation adds a forward to B. Under EP a rank compute
 out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
 and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
 only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.
+
+Where the cluster gives the constants (a measured CPU does; the GPU presets leave them 0, since their
+bf16-efficiency is a published whole-step MFU that already contains these costs), a step also pays:
+the memory-bound work of forward and backward (`plan.memory_traffic`, backward = 2 x forward) at
+`elementwise-bandwidth`, split between B and W like the matmuls; launching each operator the
+micro-batch dispatches (`plan.op_counts`) at `operator-overhead`; the optimizer step (clipping and
+AdamW over the rank's shard: bytes and operators), not overlapped; and a latency per collective
+(`collective-latency` for FSDP/HSDP/ZeRO and the step's all-reduces, `all-to-all-latency` for the
+dispatcher's exchanges), on top of its bytes over the link.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from moeforge.config import ConfigError, ModelConfig
 from moeforge.model.flops import (
@@ -32,6 +41,12 @@ from moeforge.plan.comm import (
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import Layout
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
+from moeforge.plan.memory_traffic import (
+    BACKWARD_FACTOR,
+    forward_elements_by_block,
+    optimizer_elements_per_parameter,
+)
+from moeforge.plan.op_counts import step_operators
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
 from moeforge.plan.tensors import parameter_tensors
 
@@ -57,6 +72,16 @@ class Communication:
     all_to_all_s: float
     data_parallel_s: float
     pipeline_s: float
+    all_to_all_calls: float = 0.0
+    """all-to-alls per step (4 per MoE layer forward, 3 backward), each charged the cluster's
+    all-to-all latency (included in all_to_all_s)"""
+    data_parallel_calls: float = 0.0
+    """FSDP/HSDP/ZeRO collectives per step, each charged the collective latency (included in
+    data_parallel_s)"""
+    step_calls: float = 0.0
+    """the step's own all-reduces (the gradient norm, the logged sums), charged the latency and
+    never hidden"""
+    step_calls_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,15 @@ class Plan:
     communication: Communication
     diloco: DiLoCoTraffic | None = None
     notes: list[str] = field(default_factory=list)
+    memory_bound_s: float = 0.0
+    """seconds of the step's non-matmul memory traffic at `cluster.elementwise_bandwidth`
+    (forward and backward of every micro-batch, not the optimizer's)"""
+    operator_launch_s: float = 0.0
+    """seconds of launching the micro-batches' operators at `cluster.operator_overhead`"""
+    optimizer_s: float = 0.0
+    """seconds of the clipping and the AdamW step over the rank's shard: bytes and launches"""
+    operators_per_step: float = 0.0
+    """operators the busiest rank dispatches per step (0 when the cluster has no operator overhead)"""
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -147,19 +181,29 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     tokens_mb = layout.micro_batch_size * shape.seq_len
     rows = expected_rows(cfg, layout, cluster.gpus_per_node)
     memory = memory_estimate(cfg, layout, shape.seq_len, n_micro, rows.total)
-    forward, moe_layers, blocks = _busiest_forward(cfg, layout, cluster, shape.seq_len, tokens_mb)
-    # full recomputation repeats the forward in the backward; selective recomputes only elementwise
-    # work and a few small projections, counted as free
-    backward_input = forward * (2 if layout.recompute == "full" else 1)
-    compute = n_micro * (forward + backward_input + forward)
-    comm = _communication(cfg, layout, cluster, rows, n_micro, tokens_mb, moe_layers, blocks)
+    mb = _busiest_micro_batch(cfg, layout, cluster, shape.seq_len, tokens_mb)
+    recompute = layout.recompute == "full"
+    # the backward: twice the forward's matmuls, split evenly between inputs (B) and weights (W),
+    # and so are its memory traffic and operator launches; full recomputation repeats the forward
+    # in B (selective recomputes only elementwise work and a few small projections, counted as free)
+    forward = mb.forward
+    half_backward = (mb.memory_backward + mb.launch_backward) / 2
+    backward_input = mb.matmul + half_backward + (forward if recompute else 0.0)
+    backward_weight = mb.matmul + half_backward
+    compute = n_micro * mb.matmul * (4 if recompute else 3)
+    busy = n_micro * (forward + backward_input + backward_weight)
+    forwards = 2 if recompute else 1
+    memory_bound = n_micro * (forwards * mb.memory_forward + mb.memory_backward)
+    launches = n_micro * (forwards * mb.launch_forward + mb.launch_backward)
+    comm = _communication(cfg, layout, cluster, rows, n_micro, tokens_mb, mb.moe_layers, mb.blocks)
     overlapped = layout.pp > 1 and layout.pp_schedule in ("dualpipe", "dualpipev")
-    exposed_a2a = max(0.0, comm.all_to_all_s - compute) if overlapped else comm.all_to_all_s
-    exposed_dp = max(0.0, comm.data_parallel_s + comm.pipeline_s - compute)
-    stretch = (compute + exposed_a2a) / compute if compute else 1.0
-    bubble = bubble_time(layout, forward, backward_input, forward) * stretch
-    base_step = compute + exposed_a2a + exposed_dp + bubble
-    diloco = _diloco(cfg, layout, cluster, base_step, compute)
+    exposed_a2a = max(0.0, comm.all_to_all_s - busy) if overlapped else comm.all_to_all_s
+    exposed_dp = max(0.0, comm.data_parallel_s + comm.pipeline_s - busy)
+    stretch = (busy + exposed_a2a) / busy if busy else 1.0
+    bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
+    optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
+    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s
+    diloco = _diloco(cfg, layout, cluster, base_step, busy)
     exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
     step = base_step + exposed_diloco
     tokens_step = shape.global_batch_size * shape.seq_len
@@ -168,8 +212,11 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     tokens_per_s = tokens_step / step
     parts = {
         "compute": compute,
+        "memory-bound work": memory_bound,
+        "operator launches": launches,
+        "optimizer": optimizer,
         "all-to-all": exposed_a2a,
-        "data-parallel comm": exposed_dp,
+        "data-parallel comm": exposed_dp + comm.step_calls_s,
         "pipeline bubble": bubble,
         "DiLoCo exchange": exposed_diloco,
     }
@@ -194,6 +241,11 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         bound_by=max(parts, key=lambda name: parts[name]),
         communication=comm,
         diloco=diloco,
+        memory_bound_s=memory_bound,
+        operator_launch_s=launches,
+        optimizer_s=optimizer,
+        operators_per_step=n_micro * (mb.operators + mb.operators_forward * (forwards - 1))
+        + mb.optimizer_operators,
     )
 
 
@@ -203,27 +255,104 @@ def _mfu_peak(layout: Layout) -> str:
     return "peak_fp32_flops" if layout.compute_dtype == "fp32" else "peak_bf16_flops"
 
 
-def _busiest_forward(
+@dataclass(frozen=True)
+class MicroBatchSeconds:
+    """What one micro-batch costs the busiest pipeline rank, forward and backward apart."""
+
+    pp_rank: int
+    blocks: list[int]
+    moe_layers: float
+    """MoE layers a micro-batch passes on that rank"""
+    matmul: float
+    """forward matmul and attention seconds (the backward's are twice these)"""
+    memory_forward: float = 0.0
+    """forward seconds of the memory-bound work (`plan.memory_traffic`) at the elementwise bandwidth"""
+    memory_backward: float = 0.0
+    """the same for the backward (`memory_traffic.BACKWARD_FACTOR` x the forward's bytes)"""
+    launch_forward: float = 0.0
+    """forward seconds of launching operators (`plan.op_counts`) at the operator overhead"""
+    launch_backward: float = 0.0
+    """the same for the backward's operators"""
+    operators_forward: float = 0.0
+    """operators of the forward"""
+    operators: float = 0.0
+    """operators of the forward and the backward"""
+    optimizer_operators: float = 0.0
+    """operators of one optimizer step over the rank's parameter tensors"""
+
+    @property
+    def forward(self) -> float:
+        return self.matmul + self.memory_forward + self.launch_forward
+
+    @property
+    def total(self) -> float:
+        """Forward and backward seconds (without recomputation)."""
+        return self.forward + 2 * self.matmul + self.memory_backward + self.launch_backward
+
+
+def _busiest_micro_batch(
     cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_len: int, tokens_mb: int
-) -> tuple[float, float, list[int]]:
-    """(forward seconds of one micro-batch through the busiest pipeline rank's chunks, the MoE layers
-    a micro-batch passes there, that rank's blocks). Under DualPipe a micro-batch passes one of the
-    rank's two stages (half of them, on average)."""
+) -> MicroBatchSeconds:
+    """The seconds of one micro-batch through the busiest pipeline rank's chunks: its matmul and
+    attention FLOPs at the achieved rate, and, where the cluster gives them, its memory traffic at
+    the elementwise bandwidth and its operators at the launch overhead. Under DualPipe a
+    micro-batch passes one of the rank's two stages (half of them, on average)."""
     flops = flops_per_token_by_block(cfg, seq_len)
     matmul_rate = cluster.achieved_flops(layout.compute_dtype)
     # attention scores stay BF16 under FP8 matmuls; an fp32 layout computes them in fp32
     attention_rate = cluster.achieved_flops("fp32" if layout.compute_dtype == "fp32" else "bf16")
     share = 0.5 if layout.pp > 1 and layout.pp_schedule == "dualpipe" else 1.0
-    best: tuple[float, float, list[int]] = (-1.0, 0.0, [])
+    elements = forward_elements_by_block(cfg) if cluster.elementwise_bandwidth else {}
+    ops = step_operators(cfg) if cluster.operator_overhead else None
+    ops_by_block = ops.by_block(cfg) if ops else {}
+    best: MicroBatchSeconds | None = None
     for pp_rank in range(layout.pp):
         blocks = blocks_of_rank(layout, cfg, pp_rank)
         per_token = sum(
             flops[b].matmul / 3 / matmul_rate + flops[b].attention / 3 / attention_rate for b in blocks
         )
-        seconds = share * tokens_mb * per_token
-        if seconds > best[0]:
-            best = (seconds, share * _moe_layers(cfg, blocks), blocks)
+        record = MicroBatchSeconds(
+            pp_rank, blocks, share * _moe_layers(cfg, blocks), share * tokens_mb * per_token
+        )
+        if elements:
+            moved = share * tokens_mb * layout.activation_bytes * sum(elements[b] for b in blocks)
+            memory = moved / cluster.elementwise_bandwidth
+            record = replace(record, memory_forward=memory, memory_backward=BACKWARD_FACTOR * memory)
+        if ops:
+            fwd = share * sum(ops_by_block[b].forward for b in blocks)
+            bwd = share * sum(ops_by_block[b].backward for b in blocks)
+            tensors = sum(1 for t in parameter_tensors(cfg) if t.block in blocks)
+            record = replace(
+                record,
+                launch_forward=fwd * cluster.operator_overhead,
+                launch_backward=bwd * cluster.operator_overhead,
+                operators_forward=fwd,
+                operators=fwd + bwd,
+                optimizer_operators=tensors * ops.optimizer_per_tensor,
+            )
+        if best is None or record.total > best.total:
+            best = record
+    assert best is not None
     return best
+
+
+def _optimizer_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, pp_rank: int) -> float:
+    """Seconds of one optimizer step on the first rank of pipeline rank `pp_rank`: the clipping's and
+    AdamW's bytes over its parameter shard at the elementwise bandwidth, and their operators (per
+    parameter tensor) at the launch overhead; 0 where the cluster gives neither."""
+    if not (cluster.elementwise_bandwidth or cluster.operator_overhead):
+        return 0.0
+    rank = pp_rank * layout.dp_replicate * layout.dp_shard
+    state = sharded_state(cfg, layout, rank)
+    seconds = 0.0
+    if cluster.elementwise_bandwidth:
+        # the optimizer works on the fp32 master copy, or on the parameters where they are the master
+        width = layout.master_bytes or layout.param_bytes
+        moved = state.param_elements * optimizer_elements_per_parameter() * width
+        seconds += moved / cluster.elementwise_bandwidth
+    if cluster.operator_overhead:
+        seconds += state.param_tensors * step_operators(cfg).optimizer_per_tensor * cluster.operator_overhead
+    return seconds
 
 
 def _moe_layers(cfg: ModelConfig, blocks: list[int]) -> int:
@@ -250,10 +379,20 @@ def _communication(
         nvlink_bytes / cluster.achieved_nvlink if nvlink_bytes else 0.0,
         network_bytes / cluster.achieved_network if network_bytes else 0.0,
     )
+    a2a_calls = 0.0
+    if layout.ep > 1:
+        # forward: counts, rows, gates and ids, rows back; backward: the three that carry gradients
+        forwards = 2 if layout.recompute == "full" else 1
+        a2a_calls = n_micro * moe_layers * (4 * forwards + 3)
+        a2a_s += a2a_calls * cluster.all_to_all_latency
     dp_bytes, over_network = _data_parallel_bytes(cfg, layout, cluster, n_micro, blocks)
     dp_s = 0.0
     if dp_bytes:  # one device sends nothing and needs no link
         dp_s = dp_bytes / (cluster.achieved_network if over_network else cluster.achieved_nvlink)
+    dp_calls = _data_parallel_calls(cfg, layout, n_micro, blocks)
+    dp_s += dp_calls * cluster.collective_latency
+    # the gradient norm's all-reduce (and the pipeline stages'), and the one of the logged sums
+    step_calls = 0.0 if layout.world_size() == 1 else 2.0 + (layout.pp > 1)
     pipe_bytes = 0.0
     if layout.pp > 1:
         pipe_bytes = 2 * n_micro * layout.chunks_per_rank() * tokens_mb * cfg.dim * layout.activation_bytes
@@ -269,7 +408,32 @@ def _communication(
         all_to_all_s=a2a_s,
         data_parallel_s=dp_s,
         pipeline_s=pipe_s,
+        all_to_all_calls=a2a_calls,
+        data_parallel_calls=dp_calls,
+        step_calls=step_calls,
+        step_calls_s=step_calls * cluster.collective_latency,
     )
+
+
+def _data_parallel_calls(cfg: ModelConfig, layout: Layout, n_micro: int, blocks: list[int]) -> float:
+    """Collectives per step of FSDP2 as `parallel.parallelize.apply_fsdp` wraps the model: per
+    micro-batch, each block unit (main and MTP blocks) all-gathers in the forward and again in the
+    backward and reduce-scatters, the root (one per pipeline chunk, not resharded after forward)
+    all-gathers once and reduce-scatters; under EP the experts of each MoE block are a unit of their
+    own over (dp_replicate, efsdp); HSDP adds an all-reduce per unit. Groups of one rank send
+    nothing. ZeRO-1: one reduce-scatter and one all-gather per group per step."""
+    replicate = layout.dp_replicate > 1
+    if layout.data_sharding != "fsdp":
+        groups = (layout.data_parallel > 1) + (layout.ep > 1 and layout.data_parallel // layout.ep > 1)
+        return 2.0 * groups
+    units = sum(1 for b in blocks if 0 <= b < cfg.n_layers) + (cfg.mtp_depth if cfg.n_layers in blocks else 0)
+    calls = 0.0
+    if layout.dp_shard * layout.dp_replicate > 1:
+        per_block, per_root = 3 + replicate, 2 + replicate
+        calls += units * per_block + layout.chunks_per_rank() * per_root
+    if layout.ep > 1 and (layout.dp_shard // layout.ep) * layout.dp_replicate > 1:
+        calls += _moe_layers(cfg, blocks) * (3 + replicate)
+    return n_micro * calls
 
 
 def _data_parallel_bytes(

@@ -1,0 +1,139 @@
+"""The planner's step-time terms beyond matmul FLOPs: memory-bound bytes (hand counts), operator
+counts (stable, and additive over blocks), and that each term is charged only where the cluster
+gives its constant, so the GPU presets' plans stay what their published whole-step efficiencies say."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moeforge.config import ModelConfig, load_config
+from moeforge.config.model import MoEConfig
+from moeforge.plan import Layout, TrainingShape, available_clusters, load_cluster, plan_layout
+from moeforge.plan import memory_traffic as traffic
+from moeforge.plan import op_counts
+from moeforge.plan.cluster import Cluster
+
+SMALL = ModelConfig(
+    vocab_size=32,
+    dim=8,
+    n_layers=2,
+    n_dense_layers=1,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=4,
+    ffn_dim=12,
+    max_seq_len=16,
+    moe=MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=4, n_shared_experts=1, seq_aux_coef=1e-4),
+)
+
+
+def test_memory_traffic_matches_hand_counts():
+    # attention: norm 2*8, RoPE 12 x (2+1) x 4, SDPA in (2+2) x 4 and out 2 x 4, the output's copy
+    # 2 x 2 x 4, residual 3*8
+    assert traffic.attention_elements(SMALL) == 16 + 144 + 24 + 16 + 24
+    # dense: norm 16, SwiGLU 5 x 12, residual 24
+    assert traffic.dense_ffn_elements(SMALL) == 16 + 60 + 24
+    # router over 4 experts, top-2, one balance loss: 2E + 3E + E + 6k + 4E
+    assert traffic.router_elements(SMALL) == 8 + 12 + 4 + 12 + 16
+    # MoE: norm 16, router 52, gather 2 x 2 x 8, SwiGLU 2 x 5 x 4 + shared 5 x 4, permutation back
+    # 2 x 2 x 8, weighted sum 2 x 8 + 8, shared add 24, residual 24
+    assert traffic.moe_ffn_elements(SMALL) == 16 + 52 + 32 + 60 + 32 + 24 + 24 + 24
+    # head: norm 16, log-softmax over 32 read and written, the label's gather
+    assert traffic.head_loss_elements(SMALL) == 16 + 64 + 1
+    by_block = traffic.forward_elements_by_block(SMALL)
+    assert by_block == {-1: 16, 0: 224 + 100, 1: 224 + 264, 2: 81}
+    assert traffic.optimizer_elements_per_parameter() == 25
+    assert traffic.optimizer_elements_per_parameter(clipping=False) == 20
+
+
+def test_memory_traffic_of_mla_counts_its_norms_and_cats():
+    cfg = dataclasses.replace(
+        SMALL,
+        attention="mla",
+        q_lora_rank=8,
+        kv_lora_rank=4,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=2,
+        v_head_dim=4,
+    )
+    # norm 16; latent norms 2*4 + 2*8; RoPE 12 x (2 x 2 + 2); two cats 2 x 2 x 2 x 6; SDPA in
+    # 2 x 2 x 6 + 2 x 4, out 2 x 4 (40); the output's copy 2 x 2 x 4; residual 24
+    assert traffic.attention_elements(cfg) == 16 + 24 + 72 + 48 + 40 + 16 + 24
+
+
+def test_operator_counts_are_stable_and_add_up_over_blocks():
+    op_counts._COUNTED.clear()
+    first = op_counts.step_operators(SMALL)
+    op_counts._COUNTED.clear()
+    assert op_counts.step_operators(SMALL) == first
+    assert 0 < first.dense_block.forward < first.moe_block.forward
+    assert first.dense_block.backward > 0 and first.optimizer_per_tensor > 0
+    # widths do not change the counts
+    wider = dataclasses.replace(SMALL, dim=16, ffn_dim=24)
+    assert op_counts.step_operators(wider) == first
+    # a model of 2 dense and 3 MoE blocks dispatches what the per-block counts add up to
+    cfg = op_counts.shrunk_config(SMALL, 2, 3, 0)
+    whole, _ = op_counts._pass_operators(cfg)
+    by_block = first.by_block(cfg)
+    assert sum(ops.forward for ops in by_block.values()) == whole.forward
+    assert sum(ops.backward for ops in by_block.values()) == whole.backward
+
+
+def test_operator_counter_counts_forward_and_backward():
+    x = torch.ones(3, requires_grad=True)
+    assert op_counts.count_operators(lambda: x * 2.0 + 1.0) == 2
+
+
+def _plan(cluster: Cluster, **layout: int) -> object:
+    cfg = load_config("tiny").model
+    plan_layout_ = Layout(compute_dtype="fp32", activation_bytes=4, micro_batch_size=2, **layout)
+    plan_layout_.validate(plan_layout_.world_size(), cluster.gpus_per_node)
+    return plan_layout(cfg, plan_layout_, cluster, TrainingShape(8, 64))
+
+
+CPU = Cluster(
+    name="cpu",
+    gpus_per_node=2,
+    peak_fp32_flops=1e11,
+    fp32_efficiency=1.0,
+    hbm_bytes=1e10,
+    hbm_bandwidth=1e10,
+    nvlink_bandwidth=1e9,
+    nvlink_efficiency=1.0,
+)
+
+
+def test_new_terms_only_where_the_cluster_gives_them():
+    base = _plan(CPU, dp_shard=2)
+    assert base.memory_bound_s == base.operator_launch_s == base.optimizer_s == 0
+    assert base.communication.step_calls_s == 0
+
+    # one device (nothing to hide under the longer compute): the bytes add to the step
+    alone = _plan(CPU, dp_shard=1)
+    memory = _plan(dataclasses.replace(CPU, elementwise_bandwidth=1e10), dp_shard=1)
+    assert memory.memory_bound_s > 0 and memory.optimizer_s > 0 and memory.operator_launch_s == 0
+    assert memory.step_s == pytest.approx(alone.step_s + memory.memory_bound_s + memory.optimizer_s)
+
+    launches = _plan(dataclasses.replace(CPU, operator_overhead=1e-5), dp_shard=2)
+    assert launches.operator_launch_s == pytest.approx(
+        (launches.operators_per_step - launches.optimizer_s / 1e-5) * 1e-5
+    )
+
+    latency = _plan(dataclasses.replace(CPU, collective_latency=1e-3), dp_shard=2)
+    comm = latency.communication
+    # FSDP over 2 ranks: per micro-batch 4 blocks x 3 and the root's 2; the step's 2 all-reduces
+    assert comm.data_parallel_calls == 2 * (4 * 3 + 2)
+    assert comm.step_calls == 2 and comm.step_calls_s == pytest.approx(2e-3)
+    assert comm.data_parallel_s == pytest.approx(base.communication.data_parallel_s + 28e-3)
+
+    a2a = _plan(dataclasses.replace(CPU, all_to_all_latency=1e-3), dp_shard=2, ep=2)
+    # 3 MoE layers x 2 micro-batches x (4 forward + 3 backward)
+    assert a2a.communication.all_to_all_calls == 3 * 2 * 7
+
+
+@pytest.mark.parametrize("name", available_clusters())
+def test_gpu_presets_fold_the_new_terms_into_their_efficiency(name):
+    cluster = load_cluster(name)
+    assert cluster.elementwise_bandwidth == cluster.operator_overhead == 0
+    assert cluster.collective_latency == cluster.all_to_all_latency == 0

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from moeforge.config import Config, ConfigError, load_config
 from moeforge.data import PackedLoader, build_datasets
-from moeforge.model.flops import peak_flops, training_flops_per_token
+from moeforge.model.flops import training_flops_per_token
+from moeforge.plan import device_peak_flops
 
 
 class Steps(Protocol):
@@ -181,7 +182,7 @@ def measured_peak(device: str, size: int, repeats: int = 5) -> tuple[float | Non
     """(peak FLOP/s, where it comes from): the device's bf16 figure on CUDA, else this CPU's fp32
     GEMM rate, best of `repeats` n x n x n matmuls."""
     if device == "cuda":
-        return peak_flops(torch.device("cuda")), f"bf16 peak of {torch.cuda.get_device_name()}"
+        return device_peak_flops("cuda"), f"bf16 peak of {torch.cuda.get_device_name()}"
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")

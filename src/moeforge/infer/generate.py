@@ -196,7 +196,7 @@ def generate_batch(
     model.setup_caches(batch=len(prompts), max_len=longest + max(limits))
     try:
         step = decode_step(compile, device)
-        row_pad = pad if pad.any() else None  # one host read, before timing; no padding: a simpler mask
+        row_pad = pad if longest > min(len(p) for p in prompts) else None  # no padding: a simpler mask
         compile_s = warm_up(step, model, len(prompts), row_pad) if compile else 0.0
         started = _now(device)
         logits = model(tokens, input_pos=torch.arange(longest, device=device), pad=row_pad).logits

@@ -120,9 +120,11 @@ def _eager_unless_bf16(experts: nn.Module) -> None:
     )
 
     @functools.wraps(forward)
-    def experts_forward(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def experts_forward(
+        x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         traceable = experts.backend == "grouped" and compute_dtype(x_sorted) == torch.bfloat16
-        return (forward if traceable else eager)(x_sorted, tokens_per_expert)
+        return (forward if traceable else eager)(x_sorted, tokens_per_expert, row_gates)
 
     experts.forward = experts_forward
 

@@ -141,7 +141,7 @@ def activation_bytes_per_token(cfg: ModelConfig, block: int, layout: Layout, seq
     """Bytes block `block` keeps per token for its backward, counted tensor by tensor as moeforge's
     modules save them (checked against autograd's saved tensors on the CPU): norms, attention, and a
     dense SwiGLU (its w1|w3 output, SiLU, product) or the MoE layer (router scores and indices, each
-    of the k rows sent to an expert with its SwiGLU and output, the gates, the shared experts).
+    of the k rows sent to an expert with its SwiGLU, the row gates, the shared experts).
     'selective' recomputation drops what DeepSeek-V3 recomputes (§3.2.3): norm outputs, MLA
     up-projections, SwiGLU SiLU and product."""
     if block < 0 or block >= cfg.n_layers:
@@ -160,7 +160,9 @@ def activation_bytes_per_token(cfg: ModelConfig, block: int, layout: Layout, seq
         moe = cfg.moe
         k, hidden = moe.top_k, moe.expert_ffn_dim
         elements += moe.n_experts + 1 + k  # scores, the normaliser, the selected scores
-        elements += k * (dim + swiglu * hidden + dim) + k  # rows, SwiGLU, outputs; gates
+        # rows, SwiGLU; the row gates, applied inside the experts' SwiGLU (so the combine is a plain
+        # sum that keeps no expert outputs)
+        elements += k * (dim + swiglu * hidden) + k
         elements += moe.n_shared_experts * swiglu * hidden + 1
         indices = 3 * k  # the top-k choice, its copy for the gates, the expert-sorted order
     return elements * layout.activation_bytes + indices * INDEX_BYTES

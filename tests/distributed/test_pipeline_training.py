@@ -113,26 +113,25 @@ def test_uneven_stages_from_the_layout_flag_train_the_same_model(tmp_path, singl
 
 
 @pytest.mark.slow
-def test_pipeline_with_expert_parallel_fsdp_and_overlap_equals_single_process(tmp_path):
+def test_pipeline_with_expert_parallel_fsdp_and_overlap_equals_single_process_and_resumes_in_one(tmp_path):
     """pp=2 x ep=2 with DualPipeV on 4 processes: each stage's experts over its 2 ep ranks, its dense
     weights FSDP-sharded over them, 4 micro-batches of 1 sequence per rank, the forward and the
-    backward chunk of each overlapped pair run at once (parallel.ep-overlap). One process runs 4
+    backward chunk of each overlapped pair run at once (parallel.ep-overlap); 2 steps there, then one
+    process resumes the checkpoint (another pipeline and EP degree) for 2 more. One process runs 4
     micro-batches of 2: the same sequences, grouped otherwise (each data-parallel rank reads a
     contiguous slice of the batch), which only the batch-wise aux loss could tell apart (its counts
     are per micro-batch), so it is off here; test_pipeline.py checks it per micro-batch."""
     batch = {"train__global_batch_size": "8", "model__moe__aux_coef": "0"}
+    single = {**options(), **batch, "train__micro_batch_size": "2"}
     reference = tmp_path / "single"
-    trainer = Trainer(small_config(**{**options(), **batch, "train__micro_batch_size": "2"}), reference)
+    trainer = Trainer(small_config(**single), reference)
     trainer.fit()
-    # validation reads eval-batches batches of one micro-batch: the same 2 sequences in both runs
-    opts = {
-        **options(pp="2", ep="2", pp_schedule="dualpipev", ep_overlap="true"),
-        **batch,
-        "train__eval_batches": "2",
-    }
-    state = train_on_processes(4, opts, tmp_path / "run")
+    opts = {**options(pp="2", ep="2", pp_schedule="dualpipev", ep_overlap="true"), **batch}
+    run_on_processes(4, train_and_save_stage_state, 4, opts, str(tmp_path / "run"), str(tmp_path), 2)
+    resumed = Trainer(small_config(**single), tmp_path / "run")
+    resumed.fit()
     expected = (losses(reference), val_loss(reference), trainer.model.state_dict())
-    assert_same_run(tmp_path / "run", state, expected)
+    assert_same_run(tmp_path / "run", resumed.model.state_dict(), expected)
 
 
 def test_checkpoint_moves_from_pp2_to_one_process_and_back(tmp_path, single_process):
@@ -169,16 +168,3 @@ def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     assert val_loss(tmp_path / "pp") == pytest.approx(val_loss(tmp_path / "plain"), rel=1e-5)
     assert_same_weights(pipelined, plain)
-
-
-@pytest.mark.slow
-def test_checkpoint_moves_from_pp2_ep2_to_one_process(tmp_path):
-    """2 steps on pp=2 x ep=2 (4 processes, experts sharded over ep inside each stage), 2 more in one
-    process: the losses of the uninterrupted one-process run (batch aux loss off: see above)."""
-    batch = {"train__global_batch_size": "8", "model__moe__aux_coef": "0"}
-    single = {**options(), **batch, "train__micro_batch_size": "2"}
-    Trainer(small_config(**single), tmp_path / "single").fit()
-    opts = {**options(pp="2", ep="2", pp_schedule="zbv"), **batch}
-    run_on_processes(4, train_and_save_stage_state, 4, opts, str(tmp_path / "run"), str(tmp_path), 2)
-    Trainer(small_config(**single), tmp_path / "run").fit()
-    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)

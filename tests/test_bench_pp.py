@@ -99,17 +99,14 @@ def test_bench_pp_rejects_bad_settings(change, message):
         settings.validate()
 
 
+def tiny_settings(**overrides) -> PpBenchSettings:
+    """A run of a few seconds: 4 micro-batches of one 16-token sequence through 4 blocks of dim 32."""
+    tiny = dict(microbatches=4, micro_batch_size=1, seq_len=16, dim=32, layers=4, repeats=1, warmup=0)
+    return PpBenchSettings(**{**tiny, **overrides})
+
+
 def test_bench_pp_tiny_run_on_two_processes():
-    settings = PpBenchSettings(
-        schedules=("zbv",),
-        microbatches=4,
-        micro_batch_size=1,
-        seq_len=16,
-        dim=32,
-        layers=4,
-        repeats=1,
-        warmup=0,
-    )
+    settings = tiny_settings(schedules=("zbv",))
     result = run_pp_bench(settings)
     json.dumps(result)
     zbv = result["schedules"]["zbv"]
@@ -194,17 +191,7 @@ def test_bench_pp_rejects_an_ep_that_does_not_divide_the_experts():
 @pytest.mark.slow
 def test_bench_pp_dualpipev_with_ep_on_four_processes():
     """pp=2 x ep=2: the overlap off and on, all-to-all figures per rank, the table's overlap lines."""
-    settings = PpBenchSettings(
-        ep=2,
-        schedules=("dualpipev",),
-        microbatches=4,
-        micro_batch_size=1,
-        seq_len=16,
-        dim=32,
-        layers=4,
-        repeats=1,
-        warmup=0,
-    )
+    settings = tiny_settings(ep=2, schedules=("dualpipev",))
     result = run_pp_bench(settings)
     json.dumps(result)
     assert result["config"]["ranks"] == ["0.0", "0.1", "1.0", "1.1"]

@@ -81,11 +81,23 @@ def test_measured_cluster_round_trips_through_the_planner(tmp_path):
     )
 
 
+def test_the_runs_own_gemm_rate_is_the_clusters_fp32_efficiency():
+    """The matmuls of a plan run at the rate measured on the run's own GEMM shapes; the earlier model
+    (`without_overheads`) at the n^3 GEMM's."""
+    cluster = machine_cluster({**MACHINE, "model_gemm_flops": 40e9}, 1)
+    assert cluster.fp32_efficiency == pytest.approx(0.4)
+    run = bench_config(SMALL, "tiny", LAYOUTS["single"])
+    plan = plan_run(run, cluster, 1)
+    assert plan.compute_s == pytest.approx(plan.flops_per_token * plan.tokens_per_step / 40e9)
+    assert without_overheads(cluster).fp32_efficiency == 1.0
+
+
 def test_bench_plan_table_structure():
     result = run_plan_bench(SMALL, Trainer)
     json.dumps(result)
     assert set(result["machine"]) == {"1"} and set(result["clusters"]) == {"cpu-1"}
     assert result["machine"]["1"]["gemm_flops"] >= result["machine"]["1"]["gemm_flops_median"] > 0
+    assert result["rows"][0]["machine"]["model_gemm_flops"] > 0
     assert [(row["preset"], row["layout"], row["processes"]) for row in result["rows"]] == [
         ("tiny", "single", 1)
     ]

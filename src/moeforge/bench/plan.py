@@ -48,6 +48,7 @@ import torch.distributed as dist
 from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
+from moeforge.plan.gemm_shapes import micro_batch_gemms
 from moeforge.plan.op_counts import count_operators
 
 
@@ -167,6 +168,7 @@ def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFact
             for preset in settings.presets:
                 cfg = bench_config(settings, preset, layout)
                 before = measure_machine(settings)
+                before["model_gemm_flops"] = _slowest(model_gemm_flops(cfg, settings.repeats), min)
                 machine = machine or before
                 run = time_training(trainer, cfg, settings)
                 after = _slowest(gemm_flops(settings.gemm_size, 1)[0], min)  # one repeat: a drift check
@@ -236,6 +238,33 @@ def gemm_flops(n: int, repeats: int) -> tuple[float, float]:
     return 2 * n**3 / min(samples), 2 * n**3 / statistics.median(samples)
 
 
+def model_gemm_flops(cfg: Config, repeats: int) -> float:
+    """FLOP/s of this run's own GEMMs (`plan.gemm_shapes`: one micro-batch's products, each with its
+    two backward products, every call) on each process while all of them multiply, best of
+    `repeats`: the rate the run's matmuls can reach here, which small shapes keep well under the
+    n^3 GEMM's."""
+    world = dist.get_world_size()
+    micro_batch = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world)
+    model = cfg.model
+    gemms = micro_batch_gemms(
+        model, list(range(-1, model.n_layers + 1)), micro_batch * cfg.train.seq_len, cfg.train.seq_len,
+        cfg.parallel.ep,
+    )  # fmt: skip
+    operands = [
+        (g.calls, torch.randn(g.m, g.k), torch.randn(g.k, g.n), torch.randn(g.m, g.n)) for g in gemms
+    ]
+
+    def forward_and_backward_products() -> None:
+        for calls, a, b, grad in operands:
+            for _ in range(calls):
+                torch.mm(a, b)
+                torch.mm(grad, b.t())
+                torch.mm(a.t(), grad)
+
+    seconds = _best_seconds(forward_and_backward_products, repeats, together=True)
+    return sum(g.training_flops for g in gemms) / seconds
+
+
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
     """Bytes/s a copy of `nbytes` moves (read + write) on each process while all of them copy, best
     of `repeats`."""
@@ -301,7 +330,8 @@ def point_to_point_figures(nbytes: int, repeats: int) -> dict[str, float]:
 
 def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     """The planner's cluster of `processes` devices measured as `machine` (`measure_machine`): the
-    GEMM rate as the FP32 peak, the copy bandwidth as the memory and elementwise bandwidth, the
+    GEMM rate as the FP32 peak, the run's own GEMMs' rate over it (`model_gemm_flops`, when measured)
+    as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
     link, the smallest all-reduce's and all-to-all's seconds as the latencies."""
     reduce = machine.get("all_reduce", [])
@@ -309,11 +339,12 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
     a2a = machine.get("all_to_all", [])
     a2a_latency = min(a2a, key=lambda f: f["bytes"])["seconds"] if a2a else 0.0
+    model_gemms = machine.get("model_gemm_flops", machine["gemm_flops"])
     return Cluster(
         name=f"cpu-{processes}",
         gpus_per_node=processes,
         peak_fp32_flops=machine["gemm_flops"],
-        fp32_efficiency=1.0,
+        fp32_efficiency=min(1.0, model_gemms / machine["gemm_flops"]),
         hbm_bytes=float(machine["memory_bytes"] // processes),
         hbm_bandwidth=machine["copy_bandwidth"],
         nvlink_bandwidth=link,
@@ -327,9 +358,11 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
 
 def without_overheads(cluster: Cluster) -> Cluster:
     """`cluster` as the planner saw it before it counted memory-bound work, operator launches and
-    latencies: matmul FLOPs and communication bytes only (the earlier model, for comparison)."""
+    latencies, with every matmul at the n^3 GEMM's rate: matmul FLOPs and communication bytes only (the
+    earlier model, for comparison)."""
     return dataclasses.replace(
         cluster,
+        fp32_efficiency=1.0,
         elementwise_bandwidth=0.0,
         operator_overhead=0.0,
         collective_latency=0.0,
@@ -485,7 +518,7 @@ def format_table(result: dict[str, Any]) -> str:
         "the machine as measured in each run's processes right before it (a device = one gloo process, cluster "
         "cpu-P for P processes; every constant of that row's cluster comes from these microbenchmarks; no layout "
         "sets any constant; --clusters-out writes each world's first):",
-        f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'copy GB/s':>10}{'us/op':>7}"
+        f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'model GEMMs':>12}{'copy GB/s':>10}{'us/op':>7}"
         f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
         f"{'all-to-all lat. us':>19}",
     ]
@@ -504,7 +537,9 @@ def format_table(result: dict[str, Any]) -> str:
         operator = machine.get("operator_seconds")
         lines.append(
             f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
-            f"{machine['gemm_flops_median'] / 1e9:>9.1f}{machine['copy_bandwidth'] / 1e9:>10.2f}"
+            f"{machine['gemm_flops_median'] / 1e9:>9.1f}"
+            + (f"{machine['model_gemm_flops'] / 1e9:>12.1f}" if "model_gemm_flops" in machine else f"{'-':>12}")
+            + f"{machine['copy_bandwidth'] / 1e9:>10.2f}"
             + (f"{operator * 1e6:>7.1f}" if operator else f"{'-':>7}")
             + link
         )
@@ -529,12 +564,14 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "matmul s: the planner's matmul and attention FLOPs at the GEMM rate; memory s: the non-matmul bytes of "
+        "model GEMMs: GFLOP/s of the run's own GEMM shapes (plan.gemm_shapes, forward and backward products), "
+        "the cluster's FP32 efficiency is its ratio to the n^3 GEMM's; "
+        "matmul s: the planner's matmul and attention FLOPs at that rate; memory s: the non-matmul bytes of "
         "forward and backward (plan.memory_traffic) at the copy bandwidth; launch s: the operators of forward and "
         "backward (plan.op_counts) at us/op; optim s: clipping and AdamW over the rank's shard, bytes and "
         "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
         "planned step too); ops/step: operators the planner counts per step; old/meas: the earlier model "
-        "(matmul FLOPs and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
+        "(matmul FLOPs at the n^3 GEMM rate and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "
         "attention kernels (compare with matmul s) and in everything else (compare with the other parts); GEMM "
         "after/before: the GEMM rate measured right after the run over the one before it (how much the share of "

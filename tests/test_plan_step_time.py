@@ -137,3 +137,55 @@ def test_gpu_presets_fold_the_new_terms_into_their_efficiency(name):
     cluster = load_cluster(name)
     assert cluster.elementwise_bandwidth == cluster.operator_overhead == 0
     assert cluster.collective_latency == cluster.all_to_all_latency == 0
+
+
+REDUCTIONS = ("aten::all", "aten::any", "aten::sum", "aten::amax")
+"""write one element per row: only their reads count"""
+NO_TRAFFIC = (
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::expand",
+    "aten::as_strided", "aten::transpose", "aten::select", "aten::detach", "aten::resolve_conj",
+    "aten::to",  # to the dtype it has: returns itself
+)  # fmt: skip
+
+
+def score_traffic(fn, seq: int) -> tuple[float, list[str]]:
+    """Elements read and written by the innermost kernels `fn` runs over [..., S, S] tensors
+    (per-head ones: 3-D or more), from torch.profiler's recorded input shapes: each such input read once, an
+    elementwise kernel's output written once (as large as its largest input), a reduction's not;
+    matmuls excluded (their traffic is the matmul's). Also the kernels' names."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        fn()
+    def score_inputs(event) -> list:
+        return [s for s in event.input_shapes if len(s) >= 3 and tuple(s[-2:]) == (seq, seq)]
+
+    elements, names = 0.0, []
+    for event in prof.events():
+        moves = event.name.startswith("aten::") and "mm" not in event.name and event.name not in NO_TRAFFIC
+        scores = score_inputs(event) if moves else []
+        if scores and not any(score_inputs(child) for child in event.cpu_children):  # the innermost
+            size = max(int(torch.Size(s).numel()) for s in scores)
+            elements += sum(int(torch.Size(s).numel()) for s in scores)
+            elements += 0 if event.name in REDUCTIONS else size
+            names.append(event.name)
+    return elements, names
+
+
+def test_written_out_attention_scores_traffic_is_what_sdpas_math_path_moves():
+    """MLA's unequal q/k and v widths take SDPA's math path on CPU: the planner's per-token score
+    elements, forward and backward, against the kernels that path runs (profiled)."""
+    cfg = load_config("deepseek-v3-tiny").model
+    batch, seq, heads = 2, 64, cfg.n_heads  # seq unlike every head width
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q, k = (torch.randn(batch, heads, seq, qk, requires_grad=True) for _ in range(2))
+    v = torch.randn(batch, heads, seq, cfg.v_head_dim, requires_grad=True)
+    outputs = []
+    forward, forward_kernels = score_traffic(
+        lambda: outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1)),
+        seq,
+    )
+    backward, backward_kernels = score_traffic(lambda: outputs[0].sum().backward(), seq)
+    planned_forward, planned_backward = traffic.score_elements(cfg, seq)
+    assert forward == pytest.approx(planned_forward * batch * seq, rel=0.05), forward_kernels
+    assert backward == pytest.approx(planned_backward * batch * seq, rel=0.05), backward_kernels

@@ -209,6 +209,15 @@ class Layout:
         return self
 
 
+def resolved_attention_kernel(layout: Layout, cfg: ModelConfig) -> str:
+    """'fused' or 'eager': `layout.attention_kernel`, with 'auto' as moeforge runs it: MLA written
+    out (its unequal q/k and v head widths take SDPA's math path, the S x S scores in memory), GQA
+    through a fused SDPA kernel."""
+    if layout.attention_kernel != "auto":
+        return layout.attention_kernel
+    return "eager" if cfg.attention == "mla" else "fused"
+
+
 def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> Layout:
     """The layout a moeforge run of `cfg` uses (its `parallel.*`, `diloco.*` and micro-batch size,
     fp32 parameters with BF16 autocast), then the `{field-name: text}` overrides."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
 from moeforge.plan.comm import all_to_all_bytes
-from moeforge.plan.layout import Layout, stage_block_counts
+from moeforge.plan.layout import Layout, resolved_attention_kernel, stage_block_counts
 from moeforge.plan.pipeline import activations_in_flight
 from moeforge.plan.tensors import ParamTensor, parameter_tensors
 
@@ -147,9 +147,7 @@ def activation_bytes_per_token(cfg: ModelConfig, block: int, layout: Layout, seq
     if block < 0 or block >= cfg.n_layers:
         return 0.0
     keep = layout.recompute != "selective"
-    kernel = layout.attention_kernel
-    if kernel == "auto":  # moeforge's own: MLA written out (softmax kept), GQA through SDPA
-        kernel = "eager" if cfg.attention == "mla" else "fused"
+    kernel = resolved_attention_kernel(layout, cfg)
     dim = cfg.dim
     swiglu = 4 if keep else 2  # w1|w3 output (2 wide), SiLU and product (1 wide each)
     elements = _norm(dim, keep) + _attention(cfg, kernel, seq_len, keep) + _norm(dim, keep)

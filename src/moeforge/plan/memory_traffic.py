@@ -73,6 +73,30 @@ def attention_elements(cfg: ModelConfig) -> float:
     return rms_norm(d) + inner + 3.0 * d
 
 
+SCORE_PASSES_FORWARD = 10.0
+"""elements per score of the written-out attention's forward (`score_elements`)"""
+SCORE_PASSES_BACKWARD = 3.0
+"""and of its backward"""
+
+
+def score_elements(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """(forward, backward) elements per token of one attention layer's S x S scores when they are
+    written out (SDPA's math path, which moeforge's MLA takes on CPU: unequal q/k and v widths), per
+    head a row of S scores. Forward: the causal mask's add 2S, `_safe_softmax` = softmax 2S,
+    `isneginf` 2S, the row's `all` S and `where` 3S: 10 S. Backward: `_softmax_backward_data` reads
+    the gradient and the probabilities and writes 3S; the add's gradient passes through. (The two
+    products are matmuls, `plan.flops`.) Not under `BACKWARD_FACTOR`'s rule, since these ops'
+    backward is lighter than their forward. A fused kernel keeps the scores on chip: none."""
+    row = cfg.n_heads * seq_len
+    return SCORE_PASSES_FORWARD * row, SCORE_PASSES_BACKWARD * row
+
+
+def attention_layers(cfg: ModelConfig, blocks: list[int]) -> int:
+    """Attention layers in `blocks` (indexed as `forward_elements_by_block`; the MTP modules' go with
+    block n_layers)."""
+    return sum(1 for b in blocks if 0 <= b < cfg.n_layers) + (cfg.mtp_depth if cfg.n_layers in blocks else 0)
+
+
 def dense_ffn_elements(cfg: ModelConfig) -> float:
     """Forward elements per token of a dense block's second half: norm 2d, SwiGLU 5 ffn, residual 3d."""
     return rms_norm(cfg.dim) + swiglu(cfg.ffn_dim) + 3.0 * cfg.dim

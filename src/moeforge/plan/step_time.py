@@ -39,12 +39,14 @@ from moeforge.plan.comm import (
     ring_bytes,
 )
 from moeforge.plan.flops import flops_per_token_by_block
-from moeforge.plan.layout import Layout
+from moeforge.plan.layout import Layout, resolved_attention_kernel
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
 from moeforge.plan.memory_traffic import (
     BACKWARD_FACTOR,
+    attention_layers,
     forward_elements_by_block,
     optimizer_elements_per_parameter,
+    score_elements,
 )
 from moeforge.plan.op_counts import step_operators
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
@@ -315,9 +317,18 @@ def _busiest_micro_batch(
             pp_rank, blocks, share * _moe_layers(cfg, blocks), share * tokens_mb * per_token
         )
         if elements:
-            moved = share * tokens_mb * layout.activation_bytes * sum(elements[b] for b in blocks)
-            memory = moved / cluster.elementwise_bandwidth
-            record = replace(record, memory_forward=memory, memory_backward=BACKWARD_FACTOR * memory)
+            per_element = share * tokens_mb * layout.activation_bytes / cluster.elementwise_bandwidth
+            memory = per_element * sum(elements[b] for b in blocks)
+            scores_forward = scores_backward = 0.0
+            if resolved_attention_kernel(layout, cfg) == "eager":
+                forward, backward = score_elements(cfg, seq_len)
+                layers = attention_layers(cfg, blocks)
+                scores_forward, scores_backward = per_element * layers * forward, per_element * layers * backward
+            record = replace(
+                record,
+                memory_forward=memory + scores_forward,
+                memory_backward=BACKWARD_FACTOR * memory + scores_backward,
+            )
         if ops:
             fwd = share * sum(ops_by_block[b].forward for b in blocks)
             bwd = share * sum(ops_by_block[b].backward for b in blocks)

@@ -66,13 +66,15 @@ class _CallerState(NamedTuple):
     environ: dict[str, str]
     cwd: str
     sys_path: list[str]
-    stdout: _InheritedFd
-    """the caller's descriptor 1 (a `_ReceivedFd` once in the child)"""
-    stderr: _InheritedFd
+    stdout: _InheritedFd | None
+    """the caller's descriptor 1 (a `_ReceivedFd` once in the child); None where the child inherits
+    it anyway (a spawned child)"""
+    stderr: _InheritedFd | None
 
     @classmethod
-    def now(cls) -> _CallerState:
-        return cls(dict(os.environ), os.getcwd(), list(sys.path), _InheritedFd(1), _InheritedFd(2))
+    def now(cls, forked_from_server: bool) -> _CallerState:
+        streams = (_InheritedFd(1), _InheritedFd(2)) if forked_from_server else (None, None)
+        return cls(dict(os.environ), os.getcwd(), list(sys.path), *streams)
 
     def restore(self) -> None:
         """In the child, before anything else runs."""
@@ -80,10 +82,11 @@ class _CallerState(NamedTuple):
         os.environ.update(self.environ)
         os.chdir(self.cwd)
         sys.path[:] = self.sys_path
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.stdout.install_as(1)
-        self.stderr.install_as(2)
+        if self.stdout is not None and self.stderr is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self.stdout.install_as(1)
+            self.stderr.install_as(2)
 
 
 def start_method() -> str:
@@ -124,9 +127,11 @@ def run_on_processes(
     """Call fn(rank, *args) on `world_size` spawned processes of `threads` threads each, every wait on a
     peer bounded by `timeout_s`; raises if any of them fails. `fn` must be importable (defined at
     module level)."""
+    method = start_method()
+    caller = _CallerState.now(forked_from_server=method == "forkserver")
     mp.start_processes(
         _entry,
-        args=(world_size, free_port(), threads, timeout_s, _CallerState.now(), fn, args),
+        args=(world_size, free_port(), threads, timeout_s, caller, fn, args),
         nprocs=world_size,
-        start_method=start_method(),
+        start_method=method,
     )

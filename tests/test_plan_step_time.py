@@ -29,20 +29,23 @@ SMALL = ModelConfig(
 
 
 def test_memory_traffic_matches_hand_counts():
-    # attention: norm 2*8, RoPE 12 x (2+1) x 4, SDPA in (2+2) x 4 and out 2 x 4, the output's copy
+    # attention: norm 7*8, RoPE 12 x (2+1) x 4, SDPA in (2+2) x 4 and out 2 x 4, the output's copy
     # 2 x 2 x 4, residual 3*8
-    assert traffic.attention_elements(SMALL) == 16 + 144 + 24 + 16 + 24
-    # dense: norm 16, SwiGLU 5 x 12, residual 24
-    assert traffic.dense_ffn_elements(SMALL) == 16 + 60 + 24
+    assert traffic.attention_elements(SMALL) == 56 + 144 + 24 + 16 + 24
+    # dense: norm 56, SwiGLU 5 x 12, residual 24
+    assert traffic.dense_ffn_elements(SMALL) == 56 + 60 + 24
     # router over 4 experts, top-2, one balance loss: 2E + 3E + E + 6k + 4E
     assert traffic.router_elements(SMALL) == 8 + 12 + 4 + 12 + 16
-    # MoE: norm 16, router 52, gather 2 x 2 x 8, SwiGLU 2 x 5 x 4 + shared 5 x 4, permutation back
+    # MoE: norm 56, router 52, gather 2 x 2 x 8, SwiGLU 2 x 5 x 4 + shared 5 x 4, permutation back
     # 2 x 2 x 8, weighted sum 2 x 8 + 8, shared add 24, residual 24
-    assert traffic.moe_ffn_elements(SMALL) == 16 + 52 + 32 + 60 + 32 + 24 + 24 + 24
-    # head: norm 16, log-softmax over 32 read and written, the label's gather
-    assert traffic.head_loss_elements(SMALL) == 16 + 64 + 1
+    assert traffic.moe_ffn_elements(SMALL) == 56 + 52 + 32 + 60 + 32 + 24 + 24 + 24
+    # head: norm 56, log-softmax over 32 read and written, the label's gather
+    assert traffic.head_loss_elements(SMALL) == 56 + 64 + 1
     by_block = traffic.forward_elements_by_block(SMALL)
-    assert by_block == {-1: 16, 0: 224 + 100, 1: 224 + 264, 2: 81}
+    assert by_block == {-1: 16, 0: 264 + 140, 1: 264 + 304, 2: 121}
+    # backward: twice the forward, but 25 rather than 2 x 7 per normalised element (two norms a block)
+    backward = traffic.backward_elements_by_block(SMALL)
+    assert backward == {-1: 32, 0: 2 * 404 + 11 * 16, 1: 2 * 568 + 11 * 16, 2: 2 * 121 + 11 * 8}
     assert traffic.optimizer_elements_per_parameter() == 25
     assert traffic.optimizer_elements_per_parameter(clipping=False) == 20
 
@@ -57,9 +60,9 @@ def test_memory_traffic_of_mla_counts_its_norms_and_cats():
         qk_rope_head_dim=2,
         v_head_dim=4,
     )
-    # norm 16; latent norms 2*4 + 2*8; RoPE 12 x (2 x 2 + 2); two cats 2 x 2 x 2 x 6; SDPA in
-    # 2 x 2 x 6 + 2 x 4, out 2 x 4 (40); the output's copy 2 x 2 x 4; residual 24
-    assert traffic.attention_elements(cfg) == 16 + 24 + 72 + 48 + 40 + 16 + 24
+    # norms 7 x (8 + 4 + 8) (input, kv latent, q latent); RoPE 12 x (2 x 2 + 2); two cats
+    # 2 x 2 x 2 x 6; SDPA in 2 x 2 x 6 + 2 x 4, out 2 x 4 (40); the output's copy 2 x 2 x 4; residual 24
+    assert traffic.attention_elements(cfg) == 140 + 72 + 48 + 40 + 16 + 24
 
 
 def test_operator_counts_are_stable_and_add_up_over_blocks():
@@ -139,34 +142,38 @@ def test_gpu_presets_fold_the_new_terms_into_their_efficiency(name):
     assert cluster.collective_latency == cluster.all_to_all_latency == 0
 
 
-REDUCTIONS = ("aten::all", "aten::any", "aten::sum", "aten::amax")
+REDUCTIONS = ("aten::all", "aten::any", "aten::sum", "aten::amax", "aten::mean")
 """write one element per row: only their reads count"""
 NO_TRAFFIC = (
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::expand",
     "aten::as_strided", "aten::transpose", "aten::select", "aten::detach", "aten::resolve_conj",
     "aten::to",  # to the dtype it has: returns itself
+    "aten::result_type", "aten::type_as", "aten::empty_like", "aten::empty_strided",
 )  # fmt: skip
 
 
-def score_traffic(fn, seq: int) -> tuple[float, list[str]]:
-    """Elements read and written by the innermost kernels `fn` runs over [..., S, S] tensors
-    (per-head ones: 3-D or more), from torch.profiler's recorded input shapes: each such input read once, an
-    elementwise kernel's output written once (as large as its largest input), a reduction's not;
+def kernel_traffic(fn, touches) -> tuple[float, list[str]]:
+    """Elements read and written by the innermost kernels `fn` runs over tensors whose shape
+    `touches(shape)` picks, from torch.profiler's recorded input shapes: each such input read once,
+    an elementwise kernel's output written once (as large as its largest input), a reduction's not;
     matmuls excluded (their traffic is the matmul's). Also the kernels' names."""
     from torch.profiler import profile
 
     with profile(record_shapes=True) as prof:
         fn()
-    def score_inputs(event) -> list:
-        return [s for s in event.input_shapes if len(s) >= 3 and tuple(s[-2:]) == (seq, seq)]
+
+    def picked(event) -> list:
+        matmul = "mm" in event.name or "matmul" in event.name
+        if not event.name.startswith("aten::") or matmul or event.name in NO_TRAFFIC:
+            return []
+        return [s for s in event.input_shapes if s and touches(tuple(s))]
 
     elements, names = 0.0, []
     for event in prof.events():
-        moves = event.name.startswith("aten::") and "mm" not in event.name and event.name not in NO_TRAFFIC
-        scores = score_inputs(event) if moves else []
-        if scores and not any(score_inputs(child) for child in event.cpu_children):  # the innermost
-            size = max(int(torch.Size(s).numel()) for s in scores)
-            elements += sum(int(torch.Size(s).numel()) for s in scores)
+        shapes = picked(event)
+        if shapes and not any(picked(child) for child in event.cpu_children):  # the innermost
+            size = max(int(torch.Size(s).numel()) for s in shapes)
+            elements += sum(int(torch.Size(s).numel()) for s in shapes)
             elements += 0 if event.name in REDUCTIONS else size
             names.append(event.name)
     return elements, names
@@ -181,11 +188,27 @@ def test_written_out_attention_scores_traffic_is_what_sdpas_math_path_moves():
     q, k = (torch.randn(batch, heads, seq, qk, requires_grad=True) for _ in range(2))
     v = torch.randn(batch, heads, seq, cfg.v_head_dim, requires_grad=True)
     outputs = []
-    forward, forward_kernels = score_traffic(
+    scores = lambda shape: len(shape) >= 3 and shape[-2:] == (seq, seq)  # noqa: E731
+    forward, forward_kernels = kernel_traffic(
         lambda: outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1)),
-        seq,
+        scores,
     )
-    backward, backward_kernels = score_traffic(lambda: outputs[0].sum().backward(), seq)
+    backward, backward_kernels = kernel_traffic(lambda: outputs[0].sum().backward(), scores)
     planned_forward, planned_backward = traffic.score_elements(cfg, seq)
     assert forward == pytest.approx(planned_forward * batch * seq, rel=0.05), forward_kernels
     assert backward == pytest.approx(planned_backward * batch * seq, rel=0.05), backward_kernels
+
+
+def test_rms_norm_traffic_is_what_torchs_rms_norm_moves():
+    """The planner's RMSNorm elements per normalised element, forward and backward, against the
+    kernels nn.RMSNorm runs under autograd (profiled; the per-row statistics are negligible)."""
+    tokens, width = 256, 96
+    norm = torch.nn.RMSNorm(width, eps=1e-6)
+    x = torch.randn(tokens, width, requires_grad=True)
+    outputs = []
+    rows = lambda shape: shape == (tokens, width)  # noqa: E731
+    forward, forward_kernels = kernel_traffic(lambda: outputs.append(norm(x)), rows)
+    grad = torch.ones(tokens, width)
+    backward, backward_kernels = kernel_traffic(lambda: outputs[0].backward(grad), rows)
+    assert forward == pytest.approx(traffic.RMS_NORM_FORWARD * tokens * width, rel=0.05), forward_kernels
+    assert backward == pytest.approx(traffic.RMS_NORM_BACKWARD * tokens * width, rel=0.05), backward_kernels

@@ -32,9 +32,41 @@ CLIP_ELEMENTS = 5
 grad.mul_(scale) 2 (`parallel.parallelize.clip_grad_norm_`); zero_grad(set_to_none) moves none"""
 
 
-def rms_norm(width: int) -> float:
-    """An RMSNorm over `width`: read x, write y (the weight is per-layer, not per token): 2 w."""
-    return 2.0 * width
+RMS_NORM_FORWARD = 7.0
+"""elements per normalised element of torch's RMSNorm forward (fp32 on CPU, `_fused_rms_norm` as
+composite kernels): x^2 2w, its mean w, x * rsqrt 2w, * weight 2w (the per-row rsqrt is negligible)"""
+
+RMS_NORM_BACKWARD = 25.0
+"""and of its backward under autograd: the weight's product (its gradient 3w and row sum w, the
+input's 2w), the rsqrt's product (3w, w, 2w), the mean's expansion w, the square's derivative (pow
+2w, its copy 2w, x 2 2w, the product 3w), and the add of the input gradient's two paths 3w"""
+
+
+def rms_norm(width: float) -> float:
+    """An RMSNorm's forward over `width` elements per token: `RMS_NORM_FORWARD` w (the weight is
+    per-layer, not per token)."""
+    return RMS_NORM_FORWARD * width
+
+
+def attention_norm_widths(cfg: ModelConfig) -> float:
+    """Elements per token that an attention half normalises: its input d; MLA's latents r_kv (and
+    r_q); GQA's per-head q/k norms (H + H_kv) hd when `qk_norm`."""
+    widths = float(cfg.dim)
+    if cfg.attention == "mla":
+        widths += cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
+    elif cfg.qk_norm:
+        widths += (cfg.n_heads + cfg.n_kv_heads) * cfg.resolved_head_dim
+    return widths
+
+
+def norm_widths_by_block(cfg: ModelConfig) -> dict[int, float]:
+    """Elements per token normalised in each block (indexed as `forward_elements_by_block`): a main
+    block's attention norms and its FFN norm; at n_layers the final norm and, per MTP module, its
+    two input norms, a block like the last one and its final norm."""
+    block = attention_norm_widths(cfg) + cfg.dim
+    widths = {-1: 0.0, **{b: block for b in range(cfg.n_layers)}}
+    widths[cfg.n_layers] = cfg.dim + cfg.mtp_depth * (2.0 * cfg.dim + block + cfg.dim)
+    return widths
 
 
 def rope(width: int) -> float:
@@ -60,17 +92,15 @@ def attention_elements(cfg: ModelConfig) -> float:
     if cfg.attention == "mla":
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         v = cfg.v_head_dim
-        norms = rms_norm(cfg.kv_lora_rank) + (rms_norm(cfg.q_lora_rank) if cfg.q_lora_rank else 0.0)
         rotated = rope(heads * cfg.qk_rope_head_dim + cfg.qk_rope_head_dim)
         cats = 2 * 2.0 * heads * qk
         sdpa = 2.0 * heads * qk + heads * v + heads * v
-        inner = norms + rotated + cats + sdpa + 2.0 * heads * v
+        inner = rotated + cats + sdpa + 2.0 * heads * v
     else:
         hd, kv_heads = cfg.resolved_head_dim, cfg.n_kv_heads
-        qk_norms = rms_norm((heads + kv_heads) * hd) if cfg.qk_norm else 0.0
         sdpa = (heads + 2 * kv_heads) * hd + heads * hd
-        inner = qk_norms + rope((heads + kv_heads) * hd) + sdpa + 2.0 * heads * hd
-    return rms_norm(d) + inner + 3.0 * d
+        inner = rope((heads + kv_heads) * hd) + sdpa + 2.0 * heads * hd
+    return rms_norm(attention_norm_widths(cfg)) + inner + 3.0 * d
 
 
 SCORE_PASSES_FORWARD = 10.0
@@ -86,7 +116,8 @@ def score_elements(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
     `isneginf` 2S, the row's `all` S and `where` 3S: 10 S. Backward: `_softmax_backward_data` reads
     the gradient and the probabilities and writes 3S; the add's gradient passes through. (The two
     products are matmuls, `plan.flops`.) Not under `BACKWARD_FACTOR`'s rule, since these ops'
-    backward is lighter than their forward. A fused kernel keeps the scores on chip: none."""
+    backward is lighter than their forward (`backward_elements_by_block`). A fused kernel keeps the
+    scores on chip: none."""
     row = cfg.n_heads * seq_len
     return SCORE_PASSES_FORWARD * row, SCORE_PASSES_BACKWARD * row
 
@@ -149,13 +180,31 @@ def mtp_module_elements(cfg: ModelConfig) -> float:
     )
 
 
-def forward_elements_by_block(cfg: ModelConfig) -> dict[int, float]:
+def forward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_written: bool = False) -> dict[int, float]:
     """Forward elements per token of each block, indexed as `plan.flops.flops_per_token_by_block`
-    (-1 the embedding gather 2d; n_layers the head, the loss and the MTP modules)."""
+    (-1 the embedding gather 2d; n_layers the head, the loss and the MTP modules); with
+    `scores_written`, each attention layer's S x S scores too (`score_elements`)."""
     elements = {-1: 2.0 * cfg.dim}
     for b in range(cfg.n_layers):
         elements[b] = block_elements(cfg, b)
     elements[cfg.n_layers] = head_loss_elements(cfg) + cfg.mtp_depth * mtp_module_elements(cfg)
+    if scores_written:
+        scores = score_elements(cfg, seq_len)[0]
+        elements = {b: e + scores * attention_layers(cfg, [b]) for b, e in elements.items()}
+    return elements
+
+
+def backward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_written: bool = False) -> dict[int, float]:
+    """Backward elements per token of each block: `BACKWARD_FACTOR` x the forward's, except where the
+    backward of an op is known to move otherwise: RMSNorm (`RMS_NORM_BACKWARD` w, not 2 x
+    `RMS_NORM_FORWARD` w) and written-out attention scores (`score_elements`)."""
+    forward = forward_elements_by_block(cfg)
+    norms = norm_widths_by_block(cfg)
+    norm_surplus = RMS_NORM_BACKWARD - BACKWARD_FACTOR * RMS_NORM_FORWARD
+    elements = {b: BACKWARD_FACTOR * forward[b] + norm_surplus * norms[b] for b in forward}
+    if scores_written:
+        scores = score_elements(cfg, seq_len)[1]
+        elements = {b: e + scores * attention_layers(cfg, [b]) for b, e in elements.items()}
     return elements
 
 

@@ -11,7 +11,8 @@ only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap ste
 
 Where the cluster gives the constants (a measured CPU does; the GPU presets leave them 0, since their
 bf16-efficiency is a published whole-step MFU that already contains these costs), a step also pays:
-the memory-bound work of forward and backward (`plan.memory_traffic`, backward = 2 x forward) at
+the memory-bound work of forward and backward (`plan.memory_traffic`; backward 2 x forward but for
+RMSNorm and written-out attention scores, counted from the kernels torch runs) at
 `elementwise-bandwidth`, split between B and W like the matmuls; launching each operator the
 micro-batch dispatches (`plan.op_counts`) at `operator-overhead`; the optimizer step (clipping and
 AdamW over the rank's shard: bytes and operators), not overlapped; and a latency per collective
@@ -42,11 +43,9 @@ from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.plan.layout import Layout, resolved_attention_kernel
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
 from moeforge.plan.memory_traffic import (
-    BACKWARD_FACTOR,
-    attention_layers,
+    backward_elements_by_block,
     forward_elements_by_block,
     optimizer_elements_per_parameter,
-    score_elements,
 )
 from moeforge.plan.op_counts import step_operators
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
@@ -270,7 +269,7 @@ class MicroBatchSeconds:
     memory_forward: float = 0.0
     """forward seconds of the memory-bound work (`plan.memory_traffic`) at the elementwise bandwidth"""
     memory_backward: float = 0.0
-    """the same for the backward (`memory_traffic.BACKWARD_FACTOR` x the forward's bytes)"""
+    """the same for the backward (`memory_traffic.backward_elements_by_block`)"""
     launch_forward: float = 0.0
     """forward seconds of launching operators (`plan.op_counts`) at the operator overhead"""
     launch_backward: float = 0.0
@@ -304,7 +303,11 @@ def _busiest_micro_batch(
     # attention scores stay BF16 under FP8 matmuls; an fp32 layout computes them in fp32
     attention_rate = cluster.achieved_flops("fp32" if layout.compute_dtype == "fp32" else "bf16")
     share = 0.5 if layout.pp > 1 and layout.pp_schedule == "dualpipe" else 1.0
-    elements = forward_elements_by_block(cfg) if cluster.elementwise_bandwidth else {}
+    elements = backward_elements = {}
+    if cluster.elementwise_bandwidth:
+        written = resolved_attention_kernel(layout, cfg) == "eager"
+        elements = forward_elements_by_block(cfg, seq_len, written)
+        backward_elements = backward_elements_by_block(cfg, seq_len, written)
     ops = step_operators(cfg) if cluster.operator_overhead else None
     ops_by_block = ops.by_block(cfg) if ops else {}
     best: MicroBatchSeconds | None = None
@@ -318,16 +321,10 @@ def _busiest_micro_batch(
         )
         if elements:
             per_element = share * tokens_mb * layout.activation_bytes / cluster.elementwise_bandwidth
-            memory = per_element * sum(elements[b] for b in blocks)
-            scores_forward = scores_backward = 0.0
-            if resolved_attention_kernel(layout, cfg) == "eager":
-                forward, backward = score_elements(cfg, seq_len)
-                layers = attention_layers(cfg, blocks)
-                scores_forward, scores_backward = per_element * layers * forward, per_element * layers * backward
             record = replace(
                 record,
-                memory_forward=memory + scores_forward,
-                memory_backward=BACKWARD_FACTOR * memory + scores_backward,
+                memory_forward=per_element * sum(elements[b] for b in blocks),
+                memory_backward=per_element * sum(backward_elements[b] for b in blocks),
             )
         if ops:
             fwd = share * sum(ops_by_block[b].forward for b in blocks)

@@ -13,6 +13,9 @@ w), from the model's code, op by op (`moeforge.model`). Conventions, fixed befor
   a few k integers, negligible next to k x dim rows, and not counted;
 - the backward moves `BACKWARD_FACTOR` x the forward's bytes: it reads the output gradient and
   the saved inputs of each op and writes the input gradients.
+Two ops are counted from the kernels torch runs instead, forward and backward, after runs showed the
+conventions far off for them (docs/plan-step-time.md; tests profile those kernels): RMSNorm under
+autograd and the S x S scores of attention written out (SDPA's math path).
 """
 
 from __future__ import annotations

@@ -243,13 +243,9 @@ def model_gemm_flops(cfg: Config, repeats: int) -> float:
     two backward products, every call) on each process while all of them multiply, best of
     `repeats`: the rate the run's matmuls can reach here, which small shapes keep well under the
     n^3 GEMM's."""
-    world = dist.get_world_size()
-    micro_batch = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world)
     model = cfg.model
-    gemms = micro_batch_gemms(
-        model, list(range(-1, model.n_layers + 1)), micro_batch * cfg.train.seq_len, cfg.train.seq_len,
-        cfg.parallel.ep,
-    )  # fmt: skip
+    tokens = micro_batch_size(cfg, dist.get_world_size()) * cfg.train.seq_len
+    gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep)
     operands = [
         (g.calls, torch.randn(g.m, g.k), torch.randn(g.k, g.n), torch.randn(g.m, g.n)) for g in gemms
     ]
@@ -443,12 +439,17 @@ def profiled_matmul_seconds(trainer: Steps) -> tuple[float, float]:
     return kernels / 1e6, step
 
 
+def micro_batch_size(cfg: Config, world: int) -> int:
+    """Sequences per micro-batch of the run `cfg` on `world` processes, every one a data-parallel
+    rank: train.micro-batch-size, or the whole per-rank batch."""
+    return cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world)
+
+
 def plan_run(cfg: Config, cluster: Cluster, world: int) -> Plan:
     """The planner's plan of the run `cfg` on `world` devices of `cluster`: its layout, fp32
     matmuls, activations and all-to-all rows (moeforge's CPU training), its micro-batches."""
     layout = layout_from_config(cfg)
-    per_rank = cfg.train.global_batch_size // world  # every process is a data-parallel rank
-    layout.micro_batch_size = cfg.train.micro_batch_size or max(1, per_rank)
+    layout.micro_batch_size = micro_batch_size(cfg, world)
     layout.compute_dtype = "fp32"
     layout.activation_bytes = 4
     layout.dispatch_bytes = layout.combine_bytes = 4.0

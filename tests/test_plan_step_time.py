@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from moeforge.config import ModelConfig, load_config
+from moeforge.config import ConfigError, ModelConfig, load_config
 from moeforge.config.model import MoEConfig
 from moeforge.plan import Layout, TrainingShape, available_clusters, load_cluster, plan_layout
 from moeforge.plan import memory_traffic as traffic
@@ -212,3 +212,40 @@ def test_rms_norm_traffic_is_what_torchs_rms_norm_moves():
     backward, backward_kernels = kernel_traffic(lambda: outputs[0].backward(grad), rows)
     assert forward == pytest.approx(traffic.RMS_NORM_FORWARD * tokens * width, rel=0.05), forward_kernels
     assert backward == pytest.approx(traffic.RMS_NORM_BACKWARD * tokens * width, rel=0.05), backward_kernels
+
+
+def record_reduce_scatter_kernels(rank: int, out: str) -> None:
+    """On a gloo group: the collectives and copies one reduce-scatter runs (profiled), to out."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.profiler import profile
+
+    full, shard = torch.ones(1024), torch.empty(512)
+    with profile() as prof:
+        dist.reduce_scatter_tensor(shard, full)
+    if rank == 0:
+        Path(out).write_text(json.dumps([e.name for e in prof.events()]))
+
+
+def test_on_gloo_a_reduce_scatter_is_an_all_reduce_and_nothing_hides(tmp_path):
+    """The fact behind `collective_backend = 'gloo'` (torch's gloo runs `_reduce_scatter_base` as a
+    copy and an all-reduce of the whole tensor), and what the planner makes of it: twice the
+    reduce-scatter bytes, and no data-parallel traffic hidden under compute."""
+    import json
+
+    from moeforge.parallel.spawn import run_on_processes
+
+    run_on_processes(2, record_reduce_scatter_kernels, str(tmp_path / "kernels.json"))
+    kernels = json.loads((tmp_path / "kernels.json").read_text())
+    assert "gloo:all_reduce" in kernels and not any("reduce_scatter" in k and k.startswith("gloo") for k in kernels)
+
+    nccl = _plan(CPU, dp_shard=2)
+    gloo = _plan(dataclasses.replace(CPU, collective_backend="gloo"), dp_shard=2)
+    # per micro-batch: two all-gathers (1/2 of the parameters each) and the reduction (1/2 -> 1)
+    assert gloo.communication.data_parallel_bytes == pytest.approx(nccl.communication.data_parallel_bytes * 4 / 3)
+    assert nccl.exposed_data_parallel_s < nccl.communication.data_parallel_s  # partly under compute
+    assert gloo.exposed_data_parallel_s == pytest.approx(gloo.communication.data_parallel_s)
+    with pytest.raises(ConfigError, match=r"^cluster\.collective-backend: got 'mpi'; allowed: 'nccl' \| 'gloo'$"):
+        dataclasses.replace(CPU, collective_backend="mpi").validate()

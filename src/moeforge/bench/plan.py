@@ -329,7 +329,7 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     GEMM rate as the FP32 peak, the run's own GEMMs' rate over it (`model_gemm_flops`, when measured)
     as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
-    link, the smallest all-reduce's and all-to-all's seconds as the latencies."""
+    link, the smallest all-reduce's and all-to-all's seconds as the latencies; gloo's collectives."""
     reduce = machine.get("all_reduce", [])
     link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
@@ -349,15 +349,17 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         operator_overhead=machine.get("operator_seconds", 0.0),
         collective_latency=latency,
         all_to_all_latency=a2a_latency,
+        collective_backend="gloo",
     ).validate()
 
 
 def without_overheads(cluster: Cluster) -> Cluster:
     """`cluster` as the planner saw it before it counted memory-bound work, operator launches and
-    latencies, with every matmul at the n^3 GEMM's rate: matmul FLOPs and communication bytes only (the
-    earlier model, for comparison)."""
+    latencies, with every matmul at the n^3 GEMM's rate and the collectives as NCCL's: matmul FLOPs
+    and communication bytes only (the earlier model, for comparison)."""
     return dataclasses.replace(
         cluster,
+        collective_backend="nccl",
         fp32_efficiency=1.0,
         elementwise_bandwidth=0.0,
         operator_overhead=0.0,

@@ -13,6 +13,7 @@ from pathlib import Path
 from moeforge.config import ConfigError, apply_mapping
 
 CLUSTERS_DIR = Path(__file__).parent / "clusters"
+COLLECTIVE_BACKENDS = ("nccl", "gloo")
 
 
 @dataclass
@@ -64,6 +65,11 @@ class Cluster:
     all_to_all_latency: float = 0.0
     """seconds of a small all-to-all beyond its bytes/bandwidth, charged per all-to-all; 0 =
     folded into the whole-step efficiency"""
+    collective_backend: str = "nccl"
+    """'nccl' (GPUs: collectives run on their own streams beside compute, FSDP's traffic hides under
+    it; reduce-scatter is native) or 'gloo' (CPU processes: a collective runs on the cores the
+    compute uses and the step waits for it; a reduce-scatter is an all-reduce of the whole tensor,
+    torch's gloo `_reduce_scatter_base`)"""
 
     def peak_flops(self, dtype: str) -> float:
         return {"fp8": self.peak_fp8_flops, "fp32": self.peak_fp32_flops}.get(dtype, self.peak_bf16_flops)
@@ -92,9 +98,18 @@ class Cluster:
             )
         return value
 
+    @property
+    def overlaps_collectives(self) -> bool:
+        """Whether collectives run beside compute (NCCL) rather than in its place (gloo on CPU)."""
+        return self.collective_backend == "nccl"
+
     def validate(self) -> Cluster:
         if self.gpus_per_node < 1:
             raise ConfigError(f"cluster.gpus-per-node: got {self.gpus_per_node}; allowed: an integer >= 1")
+        if self.collective_backend not in COLLECTIVE_BACKENDS:
+            raise ConfigError(
+                f"cluster.collective-backend: got {self.collective_backend!r}; allowed: 'nccl' | 'gloo'"
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and value < 0:

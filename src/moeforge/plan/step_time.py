@@ -7,7 +7,8 @@ achieved BF16 rate (FP32 in an fp32 layout); backward = 2 x forward, split evenl
 and weights (W); full recomputation adds a forward to B. Under EP a rank computes as many expert rows as its tokens send
 out (balanced routing). Communication overlaps compute where the schedule allows: FSDP prefetches
 and ZeRO-1/HSDP reductions run under compute (what exceeds it is exposed), the all-to-all is hidden
-only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps.
+only by DualPipe(V)'s paired micro-batches, DiLoCo's exchange by its overlap steps; on a gloo cluster
+(CPU processes) nothing of the data-parallel traffic hides: the collectives run on the compute's cores.
 
 Where the cluster gives the constants (a measured CPU does; the GPU presets leave them 0, since their
 bf16-efficiency is a published whole-step MFU that already contains these costs), a step also pays:
@@ -199,7 +200,8 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     comm = _communication(cfg, layout, cluster, rows, n_micro, tokens_mb, mb.moe_layers, mb.blocks)
     overlapped = layout.pp > 1 and layout.pp_schedule in ("dualpipe", "dualpipev")
     exposed_a2a = max(0.0, comm.all_to_all_s - busy) if overlapped else comm.all_to_all_s
-    exposed_dp = max(0.0, comm.data_parallel_s + comm.pipeline_s - busy)
+    hidden = busy if cluster.overlaps_collectives else 0.0
+    exposed_dp = max(0.0, comm.data_parallel_s + comm.pipeline_s - hidden)
     stretch = (busy + exposed_a2a) / busy if busy else 1.0
     bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
@@ -449,8 +451,8 @@ def _data_parallel_bytes(
 ) -> tuple[float, bool]:
     """Bytes per step through one rank's link for FSDP (two all-gathers and a reduce-scatter per
     micro-batch, FSDP2's default without no-sync) plus HSDP's all-reduce of the shards, or ZeRO-1
-    (one reduce-scatter of gradients and one all-gather of parameters per step); and whether the
-    group leaves the node."""
+    (one reduce-scatter of gradients and one all-gather of parameters per step), a reduce-scatter
+    costing an all-reduce's bytes on gloo; and whether the group leaves the node."""
     dense = expert = 0
     for t in parameter_tensors(cfg):
         if t.block in blocks:
@@ -460,12 +462,13 @@ def _data_parallel_bytes(
                 dense += t.numel
     p, g = layout.gather_bytes or layout.param_bytes, layout.grad_bytes
     efsdp = layout.dp_shard // layout.ep
+    reduce_as_all_reduce = cluster.collective_backend == "gloo"  # gloo's reduce-scatter
     if layout.data_sharding == "fsdp":
         per_micro = (
             ring_bytes(dense * p, layout.dp_shard) * 2
-            + ring_bytes(dense * g, layout.dp_shard)
+            + ring_bytes(dense * g, layout.dp_shard, all_reduce=reduce_as_all_reduce)
             + ring_bytes(expert * p, efsdp) * 2
-            + ring_bytes(expert * g, efsdp)
+            + ring_bytes(expert * g, efsdp, all_reduce=reduce_as_all_reduce)
         )
         replicate = ring_bytes(
             (dense / layout.dp_shard + expert / efsdp) * g, layout.dp_replicate, all_reduce=True
@@ -478,9 +481,9 @@ def _data_parallel_bytes(
     dp = layout.data_parallel
     expert_dp = dp // layout.ep
     total = (
-        ring_bytes(dense * g, dp)
+        ring_bytes(dense * g, dp, all_reduce=reduce_as_all_reduce)
         + ring_bytes(dense * p, dp)
-        + ring_bytes(expert * g, expert_dp)
+        + ring_bytes(expert * g, expert_dp, all_reduce=reduce_as_all_reduce)
         + ring_bytes(expert * p, expert_dp)
     )
     return total, dp > cluster.gpus_per_node

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
 from moeforge.model.flops import attention_head_dims
-from moeforge.plan.tensors import parameter_tensors
+from moeforge.plan.tensors import parameter_tensors, transformer_blocks
 
 
 HEAD = "output.weight"
@@ -63,9 +63,7 @@ def micro_batch_gemms(
         gemms.append(Gemm(tokens, cfg.dim, cfg.vocab_size, calls=1 + cfg.mtp_depth))
     qk, v = attention_head_dims(cfg)
     sequences = max(1, tokens // seq_len)
-    attending = sum(1 for b in blocks if 0 <= b < cfg.n_layers)
-    if cfg.n_layers in held:
-        attending += cfg.mtp_depth
+    attending = transformer_blocks(cfg, blocks)
     if attending:
         calls = attending * sequences * cfg.n_heads
         gemms += [Gemm(seq_len, qk, seq_len, calls), Gemm(seq_len, seq_len, v, calls)]

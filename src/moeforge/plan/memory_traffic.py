@@ -21,6 +21,7 @@ autograd and the S x S scores of attention written out (SDPA's math path).
 from __future__ import annotations
 
 from moeforge.config import ModelConfig
+from moeforge.plan.tensors import transformer_blocks
 
 BACKWARD_FACTOR = 2.0
 """backward bytes of the elementwise work per forward byte (see the module docstring)"""
@@ -125,12 +126,6 @@ def score_elements(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
     return SCORE_PASSES_FORWARD * row, SCORE_PASSES_BACKWARD * row
 
 
-def attention_layers(cfg: ModelConfig, blocks: list[int]) -> int:
-    """Attention layers in `blocks` (indexed as `forward_elements_by_block`; the MTP modules' go with
-    block n_layers)."""
-    return sum(1 for b in blocks if 0 <= b < cfg.n_layers) + (cfg.mtp_depth if cfg.n_layers in blocks else 0)
-
-
 def dense_ffn_elements(cfg: ModelConfig) -> float:
     """Forward elements per token of a dense block's second half: norm 2d, SwiGLU 5 ffn, residual 3d."""
     return rms_norm(cfg.dim) + swiglu(cfg.ffn_dim) + 3.0 * cfg.dim
@@ -193,7 +188,7 @@ def forward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_written
     elements[cfg.n_layers] = head_loss_elements(cfg) + cfg.mtp_depth * mtp_module_elements(cfg)
     if scores_written:
         scores = score_elements(cfg, seq_len)[0]
-        elements = {b: e + scores * attention_layers(cfg, [b]) for b, e in elements.items()}
+        elements = {b: e + scores * transformer_blocks(cfg, [b]) for b, e in elements.items()}
     return elements
 
 
@@ -207,7 +202,7 @@ def backward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_writte
     elements = {b: BACKWARD_FACTOR * forward[b] + norm_surplus * norms[b] for b in forward}
     if scores_written:
         scores = score_elements(cfg, seq_len)[1]
-        elements = {b: e + scores * attention_layers(cfg, [b]) for b, e in elements.items()}
+        elements = {b: e + scores * transformer_blocks(cfg, [b]) for b, e in elements.items()}
     return elements
 
 

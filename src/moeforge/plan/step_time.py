@@ -50,7 +50,7 @@ from moeforge.plan.memory_traffic import (
 )
 from moeforge.plan.op_counts import step_operators
 from moeforge.plan.pipeline import bubble_time, min_micro_batches
-from moeforge.plan.tensors import parameter_tensors
+from moeforge.plan.tensors import parameter_tensors, transformer_blocks
 
 
 @dataclass(frozen=True)
@@ -436,7 +436,7 @@ def _data_parallel_calls(cfg: ModelConfig, layout: Layout, n_micro: int, blocks:
     if layout.data_sharding != "fsdp":
         groups = (layout.data_parallel > 1) + (layout.ep > 1 and layout.data_parallel // layout.ep > 1)
         return 2.0 * groups
-    units = sum(1 for b in blocks if 0 <= b < cfg.n_layers) + (cfg.mtp_depth if cfg.n_layers in blocks else 0)
+    units = transformer_blocks(cfg, blocks)
     calls = 0.0
     if layout.dp_shard * layout.dp_replicate > 1:
         per_block, per_root = 3 + replicate, 2 + replicate

@@ -60,6 +60,13 @@ _BUILT: dict[str, tuple[ParamTensor, ...]] = {}
 _BIASES: dict[str, tuple[ParamTensor, ...]] = {}
 
 
+def transformer_blocks(cfg: ModelConfig, blocks: list[int]) -> int:
+    """Transformer blocks (each one attention layer and one FFN unit) among `blocks`, indexed as
+    `ParamTensor.block`: the main blocks 0..n_layers-1, and the MTP modules' blocks, which go with
+    index n_layers."""
+    return sum(1 for b in blocks if 0 <= b < cfg.n_layers) + (cfg.mtp_depth if cfg.n_layers in blocks else 0)
+
+
 def _block_of(name: str, n_layers: int) -> int:
     if name.startswith("tok_embeddings."):
         return -1

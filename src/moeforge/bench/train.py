@@ -16,7 +16,8 @@ memory and MFU, so that a user can choose; with `--peers`, the same training ste
   are built with transformers from small configs and saved; moeforge imports them
   (`train.init-from-hf`) and trains them with its trainer (eager and compiled), transformers with
   its model's forward, cross-entropy on the same batches from moeforge's loader, gradient clipping
-  at 1 and AdamW with the same hyper-parameters. The ratio is moeforge's tokens/s over transformers'.
+  at 1 and AdamW with the same hyper-parameters (fused, like moeforge's and like transformers'
+  `Trainer` by default). The ratio is moeforge's tokens/s over transformers'.
 """
 
 from __future__ import annotations
@@ -317,14 +318,15 @@ def _peer_jobs(
 
 def _transformers_run(path: str, cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
     """transformers' model from `path`, trained as a user would: forward, cross-entropy on the same
-    batches as moeforge's run, clip, AdamW (same hyper-parameters, decay on every weight)."""
+    batches as moeforge's run, clip, AdamW (same hyper-parameters, decay on every weight; fused, as
+    transformers' `Trainer` runs it by default: `optim="adamw_torch_fused"`)."""
     import transformers
 
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                                  weight_decay=tcfg.weight_decay)
+                                  weight_decay=tcfg.weight_decay, fused=True)
     _, train_tokens, _ = build_datasets(cfg.data, tcfg.seq_len)
     loader = PackedLoader(train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, 0, 1)
 

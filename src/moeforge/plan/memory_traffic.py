@@ -26,10 +26,10 @@ from moeforge.plan.tensors import transformer_blocks
 BACKWARD_FACTOR = 2.0
 """backward bytes of the elementwise work per forward byte (see the module docstring)"""
 
-ADAMW_ELEMENTS = 20
-"""elements moved per parameter by torch's for-loop AdamW step with weight decay (fp32): decay
-param.mul_ 2, exp_avg.lerp_(grad) 3, exp_avg_sq.mul_ 2 and .addcmul_(grad, grad) 3, denom =
-exp_avg_sq.sqrt() 2, / bias correction 2, .add_(eps) 2, param.addcdiv_(exp_avg, denom) 4"""
+ADAMW_ELEMENTS = 7
+"""elements moved per parameter by the trainer's AdamW step (fused, `train.optim.build_optimizer`):
+one pass reads the parameter, its gradient and both moments (4) and writes the parameter and the
+moments back (3); weight decay and the bias corrections happen on the way, in registers"""
 
 CLIP_ELEMENTS = 5
 """elements moved per parameter by the trainer's gradient clipping: grad.square() 2, its sum 1, and

@@ -72,7 +72,7 @@ class StepOperators:
     embedding_head_loss: PassOperators
     """the embedding, the final norm, the head, the loss and the sum of the balance losses"""
     optimizer_per_tensor: float
-    """gradient clipping and one AdamW step (for-loop: torch's default for CPU tensors), per tensor"""
+    """gradient clipping and one AdamW step (fused, as the trainer runs it), per tensor"""
 
     def by_block(self, cfg: ModelConfig) -> dict[int, PassOperators]:
         """Operators per micro-batch of each block, indexed as `plan.flops.flops_per_token_by_block`
@@ -141,8 +141,8 @@ def _pass_operators(cfg: ModelConfig) -> tuple[PassOperators, float]:
     decay = [p for p in params if p.ndim >= 2 and p is not model.tok_embeddings.weight]
     no_decay = [p for p in params if not any(p is q for q in decay)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
-    )
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, fused=True
+    )  # as train.optim.build_optimizer makes it (plan/ sits below train/)
     optimizer.step()  # the first step creates the moments; count a steady one
 
     def optimizer_step() -> None:

@@ -13,6 +13,7 @@ from moeforge.plan import Layout, TrainingShape, available_clusters, load_cluste
 from moeforge.plan import memory_traffic as traffic
 from moeforge.plan import op_counts
 from moeforge.plan.cluster import Cluster
+from moeforge.plan.flops import flops_per_token_by_block
 
 SMALL = ModelConfig(
     vocab_size=32,
@@ -64,6 +65,32 @@ def test_memory_traffic_of_mla_counts_its_norms_and_cats():
     # norms 7 x (8 + 4 + 8) (input, kv latent, q latent); RoPE 12 x (2 x 2 + 2); two cats
     # 2 x 2 x 2 x 6; SDPA in 2 x 2 x 6 + 2 x 4, out 2 x 4 (40); the output's copy 2 x 2 x 4; residual 24
     assert traffic.attention_elements(cfg) == 140 + 72 + 48 + 40 + 16 + 24
+    # values padded from 4 to 6 wide: the pad reads 2 x 4 and writes 2 x 6; SDPA reads and writes
+    # 2 x 2 more each
+    assert traffic.padding_elements(cfg) == 8 + 12 + 4 + 4
+    fused, padded = (traffic.forward_elements_by_block(cfg, 16, kernel) for kernel in ("fused", "padded"))
+    assert {b: padded[b] - fused[b] for b in fused} == {-1: 0, 0: 28, 1: 28, 2: 0}
+    fused, padded = (traffic.backward_elements_by_block(cfg, 16, kernel) for kernel in ("fused", "padded"))
+    assert {b: padded[b] - fused[b] for b in fused} == {-1: 0, 0: 56, 1: 56, 2: 0}
+
+
+def test_padded_values_charge_the_wider_product():
+    """MLA's padded values make the weighted sum query-wide: the attention's FLOPs at the rate grow
+    by (qk + qk) / (qk + v), the matmuls' do not."""
+    cfg = load_config("deepseek-v3-tiny").model
+    layout = dict(compute_dtype="fp32", activation_bytes=4, micro_batch_size=2)
+    shape = TrainingShape(8, 64)
+    plans = []
+    for kernel in ("fused", "padded"):
+        planned = Layout(attention_kernel=kernel, **layout)
+        planned.validate(1, CPU.gpus_per_node)
+        plans.append(plan_layout(cfg, planned, CPU, shape))
+    fused, padded = plans
+    flops = flops_per_token_by_block(cfg, 64)
+    attention = sum(f.attention for f in flops.values()) * shape.global_batch_size * shape.seq_len
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    extra = attention * (2 * qk / (qk + v) - 1) / CPU.achieved_flops("fp32")
+    assert padded.compute_s - fused.compute_s == pytest.approx(extra, rel=1e-6)
 
 
 def test_operator_counts_are_stable_and_add_up_over_blocks():

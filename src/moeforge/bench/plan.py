@@ -48,6 +48,7 @@ import torch.distributed as dist
 from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
+from moeforge.plan.layout import moeforge_attention_kernel
 from moeforge.plan.gemm_shapes import micro_batch_gemms
 from moeforge.plan.op_counts import count_operators
 
@@ -245,7 +246,8 @@ def model_gemm_flops(cfg: Config, repeats: int) -> float:
     n^3 GEMM's."""
     model = cfg.model
     tokens = micro_batch_size(cfg, dist.get_world_size()) * cfg.train.seq_len
-    gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep)
+    gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep,
+                              moeforge_attention_kernel(model, "cpu"))
     operands = [
         (g.calls, torch.randn(g.m, g.k), torch.randn(g.k, g.n), torch.randn(g.m, g.n)) for g in gemms
     ]
@@ -449,12 +451,14 @@ def micro_batch_size(cfg: Config, world: int) -> int:
 
 def plan_run(cfg: Config, cluster: Cluster, world: int) -> Plan:
     """The planner's plan of the run `cfg` on `world` devices of `cluster`: its layout, fp32
-    matmuls, activations and all-to-all rows (moeforge's CPU training), its micro-batches."""
+    matmuls, activations and all-to-all rows and the attention kernel of moeforge's CPU training,
+    its micro-batches."""
     layout = layout_from_config(cfg)
     layout.micro_batch_size = micro_batch_size(cfg, world)
     layout.compute_dtype = "fp32"
     layout.activation_bytes = 4
     layout.dispatch_bytes = layout.combine_bytes = 4.0
+    layout.attention_kernel = moeforge_attention_kernel(cfg.model, "cpu")
     layout.validate(world, cluster.gpus_per_node)
     return plan_layout(
         cfg.model, layout, cluster, TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)

@@ -140,7 +140,8 @@ class MultiHeadLatentAttention(nn.Module):
     latent stays position-free. Queries: c^Q = RMSNorm(W^DQ x) when q_lora_rank > 0 (eq. 6), then per
     head [q^C; RoPE(q^R)] (eqs. 7-9). Scores are scaled by 1/sqrt(qk_nope + qk_rope) (eq. 10).
 
-    Without a cache (training) the latent is expanded into per-head keys and values for SDPA. With a
+    Without a cache (training) the latent is expanded into per-head keys and values for SDPA (values
+    zero-padded to the key width where that lets SDPA use a fused kernel: `pads_mla_values`). With a
     cache only [c^KV; k^R] is kept, and attention runs in latent space: the key up-projection is
     absorbed into the queries and the value up-projection applied after the weighted sum (DeepSeek-V2
     §2.1.2), which makes it multi-query attention with one key [c^KV; k^R] and one value c^KV for all
@@ -202,7 +203,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, rope_key.unsqueeze(1).expand(-1, self.n_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        pad = k.shape[-1] - self.v_dim if pads_mla_values(v.device.type) else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out[..., : self.v_dim] if pad > 0 else out
 
     def _attend_latent(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor
@@ -221,6 +226,16 @@ class MultiHeadLatentAttention(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
         self.cache = LatentCache(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype, device)
         return self.cache
+
+
+def pads_mla_values(device_type: str) -> bool:
+    """Whether MLA's training attention zero-pads its values to the query/key width on this device
+    type, so that SDPA can take a fused kernel. On the CPU torch's only one (flash) needs equal widths;
+    with unequal ones SDPA takes its math path, which writes the S x S scores out and ran an MLA
+    layer's forward and backward 1.1-1.4x slower on 2 cores (docs/training-performance.md). The
+    padded output columns are zeros and are dropped. CUDA's memory-efficient and cuDNN kernels take
+    unequal widths as they are."""
+    return device_type == "cpu"
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

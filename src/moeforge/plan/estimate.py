@@ -8,7 +8,7 @@ import torch
 
 from moeforge.config import Config
 from moeforge.plan.cluster import Cluster, available_clusters, load_cluster
-from moeforge.plan.layout import layout_from_config
+from moeforge.plan.layout import layout_from_config, moeforge_attention_kernel
 from moeforge.plan.comm import expected_rows
 from moeforge.plan.memory import memory_estimate
 from moeforge.plan.step_time import TrainingShape, micro_batches, plan_layout
@@ -78,6 +78,7 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     # activations, and the rows the expert all-to-all carries, in the compute precision
     layout.activation_bytes = 2 if on_gpu else 4
     layout.dispatch_bytes = layout.combine_bytes = layout.activation_bytes
+    layout.attention_kernel = moeforge_attention_kernel(cfg.model, device.type)
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)
     if cluster.name in available_clusters():
         plan = plan_layout(cfg.model, layout, cluster, shape)

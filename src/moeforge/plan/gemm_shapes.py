@@ -42,10 +42,11 @@ class Gemm:
 
 
 def micro_batch_gemms(
-    cfg: ModelConfig, blocks: list[int], tokens: int, seq_len: int, ep: int = 1
+    cfg: ModelConfig, blocks: list[int], tokens: int, seq_len: int, ep: int = 1, attention_kernel: str = "fused"
 ) -> list[Gemm]:
     """The GEMMs of one micro-batch of `tokens` tokens through `blocks` (a rank's, as
-    `plan.memory.blocks_of_rank` lists them), with the routed experts split over `ep` ranks."""
+    `plan.memory.blocks_of_rank` lists them), with the routed experts split over `ep` ranks; under
+    the 'padded' attention kernel the weighted sum of the values runs query-wide."""
     gemms: list[Gemm] = []
     held = set(blocks)
     moe = cfg.moe
@@ -62,6 +63,8 @@ def micro_batch_gemms(
     if cfg.n_layers in held:  # the head, shared by the MTP modules (also when tied to the embedding)
         gemms.append(Gemm(tokens, cfg.dim, cfg.vocab_size, calls=1 + cfg.mtp_depth))
     qk, v = attention_head_dims(cfg)
+    if attention_kernel == "padded":
+        v = max(v, qk)
     sequences = max(1, tokens // seq_len)
     attending = transformer_blocks(cfg, blocks)
     if attending:

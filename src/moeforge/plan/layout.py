@@ -16,6 +16,7 @@ from moeforge.config import Config, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
 from moeforge.config.training import parse_stage_blocks
 from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.model.attention import pads_mla_values
 
 Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
 DataSharding = Literal["fsdp", "zero1"]
@@ -23,7 +24,7 @@ Recompute = Literal["none", "selective", "full"]
 ComputeDtype = Literal["bf16", "fp8", "fp32"]
 Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"]
 Dedup = Literal["rank", "node"]
-AttentionKernel = Literal["auto", "fused", "eager"]
+AttentionKernel = Literal["auto", "fused", "padded", "eager"]
 
 
 @dataclass
@@ -62,9 +63,10 @@ class Layout:
     """activation recomputation: 'none', 'selective' (norms, SwiGLU products and MLA up-projections
     recomputed in the backward, as DeepSeek-V3 §3.2.3) or 'full' (each block keeps only its input)"""
     attention_kernel: AttentionKernel = "auto"
-    """'fused' (FlashAttention-style: only a log-sum-exp per head is kept), 'eager' (the softmax
-    probabilities are kept, heads x seq per token) or 'auto': moeforge's own, eager for MLA, fused
-    (SDPA) for GQA"""
+    """'fused' (FlashAttention-style: only a log-sum-exp per head is kept), 'padded' (fused, with
+    MLA's values zero-padded to the query width for a kernel that needs equal widths: moeforge on the
+    CPU, FlashAttention-2), 'eager' (the softmax probabilities are kept, heads x seq per token) or
+    'auto': moeforge's own on CUDA, fused (SDPA) for GQA and MLA"""
     compute_dtype: ComputeDtype = "bf16"
     """number format of the matmuls: 'bf16', 'fp8' (attention scores stay BF16) or 'fp32'"""
     activation_bytes: int = 2
@@ -210,12 +212,19 @@ class Layout:
 
 
 def resolved_attention_kernel(layout: Layout, cfg: ModelConfig) -> str:
-    """'fused' or 'eager': `layout.attention_kernel`, with 'auto' as moeforge runs it: MLA written
-    out (its unequal q/k and v head widths take SDPA's math path, the S x S scores in memory), GQA
-    through a fused SDPA kernel."""
+    """'fused', 'padded' or 'eager': `layout.attention_kernel`, with 'auto' as moeforge runs it on
+    CUDA (`moeforge_attention_kernel`)."""
     if layout.attention_kernel != "auto":
         return layout.attention_kernel
-    return "eager" if cfg.attention == "mla" else "fused"
+    return moeforge_attention_kernel(cfg, "cuda")
+
+
+def moeforge_attention_kernel(cfg: ModelConfig, device_type: str) -> str:
+    """The attention kernel moeforge's training forward takes on `device_type`: 'padded' for MLA
+    with values narrower than its queries where it pads them (`model.attention.pads_mla_values`),
+    'fused' otherwise (SDPA's fused kernels)."""
+    narrower = cfg.attention == "mla" and cfg.v_head_dim < cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    return "padded" if narrower and pads_mla_values(device_type) else "fused"
 
 
 def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> Layout:

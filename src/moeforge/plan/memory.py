@@ -120,21 +120,25 @@ def _norm(width: int, keep_output: bool) -> int:
 def _attention(cfg: ModelConfig, kernel: str, seq_len: int, keep: bool) -> int:
     """Elements the attention saves per token after its input norm: MLA's down-projections and their
     norms, the queries and keys (up-projected, RoPE applied), the values, the output; 'eager'
-    attention (moeforge's MLA) also the softmax probabilities, heads x seq_len, 'fused' only the
-    log-sum-exp per head. `keep` False: MLA's up-projections recomputed (q, k and v)."""
+    attention also the softmax probabilities, heads x seq_len, the fused kernels only the
+    log-sum-exp per head. 'padded' (MLA's values zero-padded to the query width): the values and
+    SDPA's output are query-wide, and the output projection keeps its own unpadded copy of the
+    output. `keep` False: MLA's up-projections recomputed (q, k and v)."""
     heads = cfg.n_heads
     if cfg.attention == "mla":
         qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
         q_down = _norm(cfg.q_lora_rank, keep) if cfg.q_lora_rank else 0  # its input: wq_a out
         kv_down = cfg.kv_lora_rank + cfg.qk_rope_head_dim + _norm(cfg.kv_lora_rank, keep) - cfg.kv_lora_rank
-        up = 2 * heads * qk + heads * v if keep else 0
+        values = qk if kernel == "padded" else v
+        up = 2 * heads * qk + heads * values if keep else 0
         downs = q_down + kv_down
     else:
-        qk = v = cfg.resolved_head_dim
+        qk = v = values = cfg.resolved_head_dim
         up = heads * qk + 2 * cfg.n_kv_heads * qk
         downs = 0
     scores = heads * seq_len if kernel == "eager" else heads
-    return downs + up + scores + heads * v
+    output = heads * v + (heads * values if kernel == "padded" else 0)
+    return downs + up + scores + output
 
 
 def activation_bytes_per_token(cfg: ModelConfig, block: int, layout: Layout, seq_len: int) -> float:

@@ -15,7 +15,8 @@ w), from the model's code, op by op (`moeforge.model`). Conventions, fixed befor
   the saved inputs of each op and writes the input gradients.
 Two ops are counted from the kernels torch runs instead, forward and backward, after runs showed the
 conventions far off for them (docs/plan-step-time.md; tests profile those kernels): RMSNorm under
-autograd and the S x S scores of attention written out (SDPA's math path).
+autograd and the S x S scores of attention written out (SDPA's math path). MLA's value padding (the
+'padded' attention kernel) adds its copies and the wider SDPA I/O (`padding_elements`).
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ SCORE_PASSES_BACKWARD = 3.0
 
 def score_elements(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
     """(forward, backward) elements per token of one attention layer's S x S scores when they are
-    written out (SDPA's math path, which moeforge's MLA takes on CPU: unequal q/k and v widths), per
-    head a row of S scores. Forward: the causal mask's add 2S, `_safe_softmax` = softmax 2S,
+    written out (SDPA's math path: the 'eager' attention kernel, e.g. MLA's unequal q/k and v widths
+    on the CPU without moeforge's padding), per head a row of S scores. Forward: the causal mask's add 2S, `_safe_softmax` = softmax 2S,
     `isneginf` 2S, the row's `all` S and `where` 3S: 10 S. Backward: `_softmax_backward_data` reads
     the gradient and the probabilities and writes 3S; the add's gradient passes through. (The two
     products are matmuls, `plan.flops`.) Not under `BACKWARD_FACTOR`'s rule, since these ops'
@@ -178,29 +179,41 @@ def mtp_module_elements(cfg: ModelConfig) -> float:
     )
 
 
-def forward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_written: bool = False) -> dict[int, float]:
+def padding_elements(cfg: ModelConfig) -> float:
+    """Forward elements per token that MLA's value padding adds (the 'padded' attention kernel): the
+    pad's copy reads H v and writes H qk, and SDPA reads the values and writes its output H qk wide
+    instead of H v: 3 H qk - H v. (GQA, or values as wide as the queries: none.)"""
+    if cfg.attention != "mla":
+        return 0.0
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    return cfg.n_heads * (3.0 * qk - v) if v < qk else 0.0
+
+
+def forward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, attention_kernel: str = "fused") -> dict[int, float]:
     """Forward elements per token of each block, indexed as `plan.flops.flops_per_token_by_block`
-    (-1 the embedding gather 2d; n_layers the head, the loss and the MTP modules); with
-    `scores_written`, each attention layer's S x S scores too (`score_elements`)."""
+    (-1 the embedding gather 2d; n_layers the head, the loss and the MTP modules); each attention
+    layer's S x S scores too under the 'eager' kernel (`score_elements`), its value padding under
+    'padded' (`padding_elements`)."""
     elements = {-1: 2.0 * cfg.dim}
     for b in range(cfg.n_layers):
         elements[b] = block_elements(cfg, b)
     elements[cfg.n_layers] = head_loss_elements(cfg) + cfg.mtp_depth * mtp_module_elements(cfg)
-    if scores_written:
-        scores = score_elements(cfg, seq_len)[0]
-        elements = {b: e + scores * transformer_blocks(cfg, [b]) for b, e in elements.items()}
+    extra = {"eager": score_elements(cfg, seq_len)[0], "padded": padding_elements(cfg)}.get(attention_kernel, 0.0)
+    if extra:
+        elements = {b: e + extra * transformer_blocks(cfg, [b]) for b, e in elements.items()}
     return elements
 
 
-def backward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, scores_written: bool = False) -> dict[int, float]:
+def backward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, attention_kernel: str = "fused") -> dict[int, float]:
     """Backward elements per token of each block: `BACKWARD_FACTOR` x the forward's, except where the
     backward of an op is known to move otherwise: RMSNorm (`RMS_NORM_BACKWARD` w, not 2 x
     `RMS_NORM_FORWARD` w) and written-out attention scores (`score_elements`)."""
-    forward = forward_elements_by_block(cfg)
+    padded = "padded" if attention_kernel == "padded" else "fused"
+    forward = forward_elements_by_block(cfg, seq_len, padded)
     norms = norm_widths_by_block(cfg)
     norm_surplus = RMS_NORM_BACKWARD - BACKWARD_FACTOR * RMS_NORM_FORWARD
     elements = {b: BACKWARD_FACTOR * forward[b] + norm_surplus * norms[b] for b in forward}
-    if scores_written:
+    if attention_kernel == "eager":
         scores = score_elements(cfg, seq_len)[1]
         elements = {b: e + scores * transformer_blocks(cfg, [b]) for b, e in elements.items()}
     return elements

@@ -293,6 +293,15 @@ class MicroBatchSeconds:
         return self.forward + 2 * self.matmul + self.memory_backward + self.launch_backward
 
 
+def padded_attention_factor(cfg: ModelConfig, kernel: str) -> float:
+    """The attention FLOPs the kernel computes over the model's: (qk + qk) / (qk + v) when MLA's
+    values are padded to the query width ('padded'), 1 otherwise."""
+    if kernel != "padded" or cfg.attention != "mla":
+        return 1.0
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    return 2.0 * qk / (qk + min(cfg.v_head_dim, qk))
+
+
 def _busiest_micro_batch(
     cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_len: int, tokens_mb: int
 ) -> MicroBatchSeconds:
@@ -305,11 +314,12 @@ def _busiest_micro_batch(
     # attention scores stay BF16 under FP8 matmuls; an fp32 layout computes them in fp32
     attention_rate = cluster.achieved_flops("fp32" if layout.compute_dtype == "fp32" else "bf16")
     share = 0.5 if layout.pp > 1 and layout.pp_schedule == "dualpipe" else 1.0
+    kernel = resolved_attention_kernel(layout, cfg)
+    attention_rate /= padded_attention_factor(cfg, kernel)
     elements = backward_elements = {}
     if cluster.elementwise_bandwidth:
-        written = resolved_attention_kernel(layout, cfg) == "eager"
-        elements = forward_elements_by_block(cfg, seq_len, written)
-        backward_elements = backward_elements_by_block(cfg, seq_len, written)
+        elements = forward_elements_by_block(cfg, seq_len, kernel)
+        backward_elements = backward_elements_by_block(cfg, seq_len, kernel)
     ops = step_operators(cfg) if cluster.operator_overhead else None
     ops_by_block = ops.by_block(cfg) if ops else {}
     best: MicroBatchSeconds | None = None

@@ -6,7 +6,9 @@ import torch
 
 from conftest import small_config
 from moeforge.config import ConfigError
+from moeforge.model.mlp import swiglu
 from moeforge.model.moe import MoE
+from moeforge.model.moe.experts import RoutedExperts
 from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.regional import apply_block_wrappers, recomputing
 from moeforge.train.trainer import Trainer
@@ -102,6 +104,8 @@ def test_compiled_blocks_train_like_eager(tmp_path, attention):
     trainer = Trainer(small_config(train__compile="true", **overrides), tmp_path / "compiled")
     blocks = [m for m in trainer.model.modules() if isinstance(m, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    experts = [m for m in trainer.model.modules() if isinstance(m, RoutedExperts)]
+    assert experts and all(e.activation is not swiglu for e in experts)  # compiled between eager GEMMs
     compiled = _train(trainer)
     assert compiled[1] == eager[1]  # same routing, same counts
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)

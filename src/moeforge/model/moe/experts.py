@@ -17,6 +17,7 @@ Backends:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -45,6 +46,9 @@ class RoutedExperts(nn.Module):
         if backend not in BACKENDS:
             raise ConfigError(f"backend: got {backend!r}; allowed: {' | '.join(map(repr, BACKENDS))}")
         self.backend = backend
+        self.activation: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = swiglu
+        """the gated SwiGLU between the two grouped GEMMs (`model.mlp.swiglu`); `--train.compile`
+        puts a compiled one here when the fp32 grouped GEMMs around it have to stay eager"""
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
@@ -65,7 +69,7 @@ class RoutedExperts(nn.Module):
             reason = grouped_mm_unsupported_reason(x_sorted, w13, w2)
             if reason is None:
                 row_align = CUDA_ROW_ALIGN if x_sorted.is_cuda else 1
-                return grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_align, row_gates)
+                return grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_align, row_gates, self.activation)
             warnings.warn(f"grouped experts fall back to the loop backend: {reason}", stacklevel=2)
         return looped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_gates)
 
@@ -106,9 +110,11 @@ def grouped_swiglu(
     tokens_per_expert: torch.Tensor,
     row_align: int = 1,
     row_gates: torch.Tensor | None = None,
+    activation: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = swiglu,
 ) -> torch.Tensor:
     """SwiGLU of each group of rows with its expert's weights, as two grouped GEMMs, [N, dim]; each
-    row scaled by its gate in `row_gates` [N] when given.
+    row scaled by its gate in `row_gates` [N] when given; `activation` computes the gated SwiGLU
+    between the GEMMs.
 
     With `row_align` > 1 (CUDA) each group is first copied into a zero-padded buffer in which it
     starts on a multiple of `row_align` rows; the buffer size is a static upper bound so that no
@@ -122,17 +128,22 @@ def grouped_swiglu(
         x_padded = x_padded.index_copy(0, padded_rows, x)
         if row_gates is not None:
             row_gates = row_gates.new_zeros(x_padded.shape[0]).index_copy(0, padded_rows, row_gates)
-        out = _grouped_swiglu(x_padded, w13, w2, ends.to(torch.int32), row_gates)
+        out = _grouped_swiglu(x_padded, w13, w2, ends.to(torch.int32), row_gates, activation)
         return out.index_select(0, padded_rows)
     offs = tokens_per_expert.cumsum(0).to(torch.int32)
-    return _grouped_swiglu(x, w13, w2, offs, row_gates)
+    return _grouped_swiglu(x, w13, w2, offs, row_gates, activation)
 
 
 def _grouped_swiglu(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, row_gates: torch.Tensor | None
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    offs: torch.Tensor,
+    row_gates: torch.Tensor | None,
+    activation: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
 ) -> torch.Tensor:
     hidden = torch._grouped_mm(x, w13, offs=offs)
-    out = torch._grouped_mm(swiglu(hidden, row_gates), w2, offs=offs)
+    out = torch._grouped_mm(activation(hidden, row_gates), w2, offs=offs)
     return contiguous_grad(out)
 
 

@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument(
         "--peers", action="store_true", help="also time the peers' MoE layers that are installed (transformers)"
     )
+    moe.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the dense SwiGLU compiled and the layer as --train.compile compiles it (slow to compile)",
+    )
     moe.set_defaults(handler=run_bench_moe, tokens=4096, experts=None, ffn_dim=None, top_k=None)
     ep = benches.add_parser(
         "ep",
@@ -527,6 +532,7 @@ def run_bench_moe(args: argparse.Namespace, rest: list[str]) -> int:
             device=args.device,
             dtype=args.dtype,
             peers=args.peers,
+            compile=args.compile,
         )
         for shape in bench_shapes(args.shape, args.ffn_dim, args.experts, args.top_k)
     ]

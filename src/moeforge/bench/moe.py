@@ -8,14 +8,20 @@ Timed in one run, interleaved so that background load hits every case alike:
 - experts/<backend> ("grouped experts alone"): the routed experts on the dispatched rows of a real
   router's routing;
 - layer/<backend>: the whole MoE layer (router, dispatch, experts, combine, balance loss);
-- peer/<name> (with `peers`): a peer's MoE layer at the same shape (bench/moe_peers.py).
+- peer/<name> (with `peers`): a peer's MoE layer at the same shape (bench/moe_peers.py);
+- dense/compiled, experts/compiled, layer/compiled (with `compile`): the dense SwiGLU under
+  `torch.compile`, and the layer as `--train.compile` compiles it (`parallel.regional.compile_moe`:
+  router, dispatch and combine traced; fp32 grouped GEMMs eager with their SwiGLU compiled between
+  them), and its experts alone as they then run.
 Ratios use the best of the repeats and are a baseline's time over the case's time (= ratio of
 GFLOP/s): "vs_gemm", "vs_dense", and "vs_experts" against the grouped experts alone (the first
-backend's); "grouped_vs_loop" is the loop time over the grouped time.
+backend's); a compiled case's "vs_dense" and "vs_experts" are against the compiled dense SwiGLU and
+the compiled layer's experts; "grouped_vs_loop" is the loop time over the grouped time.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +35,7 @@ from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe.balance import load_stats
 from moeforge.model.moe.experts import grouped_mm_unsupported_reason
 from moeforge.model.moe.layer import MoE
+from moeforge.parallel.regional import compile_moe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,6 +67,7 @@ def run_moe_bench(
     device: str | torch.device = "cpu",
     seed: int = 0,
     peers: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time plain GEMMs / dense SwiGLU / experts / layer (/ peers) forward+backward; a JSON-ready
     dict of the results."""
@@ -100,11 +108,17 @@ def run_moe_bench(
         peer_modules, peer_notes = peer_layers(any_layer)
         for name, module in peer_modules.items():
             steps[f"peer/{name}"] = forward_backward_step(module, (x,))
+    if compile:
+        steps |= compiled_steps(dense, configs[backends[0]], seed, x, x_sorted, tokens_per_expert)
     times = time_interleaved(steps, repeats, warmup, torch_device)
 
     baselines = {"gemm": min(times["gemm"]), "dense": min(times["dense"])}
     baselines["experts"] = min(times[f"experts/{backends[0]}"])
-    cases = {name: case_figures(ts, flops, baselines) for name, ts in times.items()}
+    compiled_baselines = baselines | {part: min(times[f"{part}/compiled"]) for part in ("dense", "experts") if compile}
+    cases = {
+        name: case_figures(ts, flops, compiled_baselines if name.endswith("/compiled") else baselines)
+        for name, ts in times.items()
+    }
     result: dict[str, Any] = {
         "config": {
             "dim": dim,
@@ -120,6 +134,7 @@ def run_moe_bench(
             "warmup": warmup,
             "seed": seed,
             "peers": peers,
+            "compile": compile,
         },
         "expert_gflop": flops / 1e9,
         "routing_load": load_stats(tokens_per_expert),
@@ -134,6 +149,27 @@ def run_moe_bench(
             part: min(times[f"{part}/loop"]) / min(times[f"{part}/grouped"]) for part in ("experts", "layer")
         }
     return result
+
+
+def compiled_steps(
+    dense: torch.nn.Module,
+    cfg: MoEConfig,
+    seed: int,
+    x: torch.Tensor,
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+) -> dict[str, Callable[[], None]]:
+    """The compiled cases: a compiled copy of `dense`, and a copy of the layer (same seed, same
+    weights) compiled as `--train.compile` compiles it, timed whole and its experts alone."""
+    dense = copy.deepcopy(dense)
+    dense.compile()
+    layer = seeded_layer(cfg, seed, x.device, x.dtype)
+    compile_moe(layer)
+    return {
+        "dense/compiled": forward_backward_step(dense, (x_sorted,)),
+        "experts/compiled": forward_backward_step(layer.experts, (x_sorted, tokens_per_expert)),
+        "layer/compiled": forward_backward_step(layer, (x,)),
+    }
 
 
 def bench_shapes(
@@ -268,7 +304,9 @@ def case_label(name: str) -> str:
     if name in CASE_LABELS:
         return CASE_LABELS[name]
     part, _, detail = name.partition("/")
-    return {"experts": f"grouped experts alone ({detail})", "layer": f"whole MoE layer ({detail})"}.get(part, detail)
+    labels = {"dense": f"dense SwiGLU ({detail})", "experts": f"grouped experts alone ({detail})",
+              "layer": f"whole MoE layer ({detail})"}
+    return labels.get(part, detail)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -108,10 +108,24 @@ def compile_block(block: Block) -> None:
     (module docstring)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     if isinstance(block.ffn, MoE):
-        _eager_unless_bf16(block.ffn.experts)
-        if not isinstance(block.ffn.dispatcher, LocalDispatcher):
-            _run_eagerly(block.ffn.dispatcher, ("dispatch", "combine", "start_dispatch", "start_combine"))
+        _eager_parts_of(block.ffn)
     block.compile()
+
+
+def compile_moe(moe: MoE) -> None:
+    """`torch.compile` a lone MoE layer's call in place, exactly as `compile_block` compiles it inside
+    a block (for benchmarks, and for users who compile their own models around moeforge's layer)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    _eager_parts_of(moe)
+    moe.compile()
+
+
+def _eager_parts_of(moe: MoE) -> None:
+    """The parts of `moe` that stay outside the compiled graph: fp32 grouped GEMMs (with the SwiGLU
+    between them compiled on its own) and an all-to-all dispatcher's exchanges."""
+    _eager_unless_bf16(moe.experts)
+    if not isinstance(moe.dispatcher, LocalDispatcher):
+        _run_eagerly(moe.dispatcher, ("dispatch", "combine", "start_dispatch", "start_combine"))
 
 
 def _eager_unless_bf16(experts: nn.Module) -> None:

@@ -14,9 +14,6 @@ from moeforge.train.trainer import Trainer
 
 SOURCE = str(Path(__import__("moeforge").__file__).parent)
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-CPU_ONLY_READS = {"cpu_grouped_swiglu"}
-"""functions that run only on CPU tensors (never on a GPU: no device to wait for), where reading a
-tensor's values costs nothing; their reads are not counted"""
 
 
 @pytest.fixture
@@ -28,7 +25,7 @@ def conversions(monkeypatch):
 
         def counted(self, *args, _original=original, **kwargs):
             caller = sys._getframe(1).f_code
-            if caller.co_filename.startswith(SOURCE) and caller.co_name not in CPU_ONLY_READS:
+            if caller.co_filename.startswith(SOURCE):
                 calls.append(f"{caller.co_filename}:{sys._getframe(1).f_lineno}")
             return _original(self, *args, **kwargs)
 

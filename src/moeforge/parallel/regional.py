@@ -129,8 +129,7 @@ def _eager_parts_of(moe: MoE) -> None:
 
 
 def _eager_unless_bf16(experts: nn.Module) -> None:
-    """The experts' forward outside the compiled graph unless its grouped GEMMs run in bf16 on CUDA
-    (`torch._grouped_mm`; the CPU's grouped GEMM runs its own threads and stays eager)."""
+    """The experts' forward outside the compiled graph unless its grouped GEMMs run in bf16."""
     forward = experts.forward
     eager = torch.compiler.disable(
         forward, reason="torch._grouped_mm has no fp32 meta kernel: fp32 grouped GEMMs run eagerly"
@@ -140,7 +139,7 @@ def _eager_unless_bf16(experts: nn.Module) -> None:
     def experts_forward(
         x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_gates: torch.Tensor | None = None
     ) -> torch.Tensor:
-        traceable = experts.backend == "grouped" and x_sorted.is_cuda and compute_dtype(x_sorted) == torch.bfloat16
+        traceable = experts.backend == "grouped" and compute_dtype(x_sorted) == torch.bfloat16
         return (forward if traceable else eager)(x_sorted, tokens_per_expert, row_gates)
 
     experts.forward = experts_forward

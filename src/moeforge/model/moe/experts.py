@@ -7,10 +7,9 @@ Weights are 3-D, one slice per expert, laid out [in, out] so a group computes `x
 [out, in] weights used transposed, whose weight gradients come out transposed and must be copied.
 
 Backends:
-- 'grouped': on CUDA `torch._grouped_mm`, one grouped kernel per projection with `offs` = int32
-  cumulative counts and no device-to-host sync (bf16). On the CPU, where torch runs `_grouped_mm` as
-  a loop of GEMMs each on all threads, moeforge's own grouped GEMM (`cpu_grouped_mm`: the experts'
-  products side by side, one thread each; 10-16 % faster, `moeforge bench moe` measures it).
+- 'grouped': `torch._grouped_mm`, one call per projection with `offs` = int32 cumulative counts and
+  no device-to-host sync. On CUDA (bf16) it is one grouped kernel; on CPU torch runs it as a loop of
+  GEMMs over the groups, so there it is about as fast as 'loop' (`moeforge bench moe` measures both).
 - 'loop': a plain matmul per expert (needs the counts on the host); the reference, and the fallback
   when grouped cannot run (see `grouped_mm_unsupported_reason`).
 """
@@ -26,7 +25,6 @@ from torch import nn
 
 from moeforge.config import ConfigError
 from moeforge.model.mlp import swiglu
-from moeforge.model.moe import cpu_grouped_mm
 
 BACKENDS = ("grouped", "loop")
 
@@ -67,8 +65,6 @@ class RoutedExperts(nn.Module):
         self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, row_gates: torch.Tensor | None = None
     ) -> torch.Tensor:
         w13, w2 = self.local_weights()
-        if self.backend == "grouped" and x_sorted.device.type == "cpu":
-            return cpu_grouped_swiglu(x_sorted, w13, w2, tokens_per_expert, row_gates, self.activation)
         if self.backend == "grouped":
             reason = grouped_mm_unsupported_reason(x_sorted, w13, w2)
             if reason is None:
@@ -136,23 +132,6 @@ def grouped_swiglu(
         return out.index_select(0, padded_rows)
     offs = tokens_per_expert.cumsum(0).to(torch.int32)
     return _grouped_swiglu(x, w13, w2, offs, row_gates, activation)
-
-
-def cpu_grouped_swiglu(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    tokens_per_expert: torch.Tensor,
-    row_gates: torch.Tensor | None = None,
-    activation: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = swiglu,
-) -> torch.Tensor:
-    """`grouped_swiglu` on the CPU, with moeforge's grouped GEMM (`cpu_grouped_mm`: the experts'
-    products side by side, one thread each); reads the counts on the host, which costs nothing there."""
-    dtype = compute_dtype(x)
-    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
-    counts = tokens_per_expert.tolist()
-    hidden = cpu_grouped_mm.grouped_mm(x, w13, counts)
-    return cpu_grouped_mm.grouped_mm(activation(hidden, row_gates), w2, counts)
 
 
 def _grouped_swiglu(

@@ -22,7 +22,7 @@ test-quick: $(VENV_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV_STAMP)
-	$(PY) -m moeforge bench moe
+	$(PY) -m moeforge bench moe --compile
 	$(PY) -m moeforge bench ep
 	$(PY) -m moeforge bench train --preset deepseek-v3-tiny --peers
 	$(PY) -m moeforge bench decode

@@ -15,6 +15,8 @@ from moeforge.bench.plan import (
     machine_cluster,
     plan_run,
     run_plan_bench,
+    sync_figures,
+    wait_line,
     without_overheads,
 )
 from moeforge.config import ConfigError
@@ -79,6 +81,51 @@ def test_measured_cluster_round_trips_through_the_planner(tmp_path):
     assert comm.data_parallel_s == pytest.approx(
         comm.data_parallel_bytes / 0.5e9 + comm.data_parallel_calls * 1e-4
     )
+
+
+def test_waiting_for_peers_is_charged_at_each_collective_and_on_the_work_between():
+    """sync-wait per blocking collective, sync-skew of the busy time between them; one process waits
+    for nobody; the earlier model (`without_overheads`) has no waits."""
+    machine = {**MACHINE, "sync": {"sync_wait": 2e-3, "sync_skew": 0.1}}
+    cluster = machine_cluster(machine, 2)
+    assert (cluster.sync_wait, cluster.sync_skew) == (2e-3, 0.1)
+    ep2 = plan_run(bench_config(SMALL, "tiny", LAYOUTS["ep2"]), cluster, 2)
+    comm = ep2.communication
+    calls = comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls
+    busy = ep2.compute_s + ep2.memory_bound_s + ep2.operator_launch_s
+    assert calls > 0 and ep2.waiting_s == pytest.approx(calls * 2e-3 + 0.1 * busy)
+    no_waits = plan_run(bench_config(SMALL, "tiny", LAYOUTS["ep2"]), machine_cluster(MACHINE, 2), 2)
+    assert ep2.step_s - no_waits.step_s == pytest.approx(ep2.waiting_s)
+    single = plan_run(bench_config(SMALL, "tiny", LAYOUTS["single"]), machine_cluster(machine, 1), 1)
+    assert single.waiting_s == 0
+    assert without_overheads(cluster).sync_wait == without_overheads(cluster).sync_skew == 0
+
+
+def test_wait_line_hand_examples():
+    assert wait_line([(1.0, 2.0), (3.0, 4.0)]) == pytest.approx((1.0, 1.0))
+    assert wait_line([(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)]) == pytest.approx((3.0, 0.0))
+    assert wait_line([(1.0, 4.0), (3.0, 2.0)]) == pytest.approx((3.0, 0.0))  # falling: the mean, flat
+    # the line through (1, 0) and (3, 4) has intercept -2: through the origin instead, 12/10
+    assert wait_line([(1.0, 0.0), (3.0, 4.0)]) == pytest.approx((0.0, 1.2))
+
+
+def _sync_worker(rank: int, out: str) -> None:
+    from pathlib import Path
+
+    figures = sync_figures((1.0, 3.0), 3)
+    if rank == 0:
+        Path(out).write_text(json.dumps(figures))
+
+
+def test_sync_microbenchmark_on_two_processes(tmp_path):
+    from moeforge.parallel.spawn import run_on_processes
+
+    run_on_processes(2, _sync_worker, str(tmp_path / "sync.json"))
+    figures = json.loads((tmp_path / "sync.json").read_text())
+    assert len(figures["segments"]) == 2
+    assert all(p["work_s"] > 0 and p["wait_s"] >= 0 for p in figures["segments"])
+    assert figures["segments"][1]["work_s"] > figures["segments"][0]["work_s"]
+    assert figures["sync_wait"] >= 0 and figures["sync_skew"] >= 0 and figures["latency_s"] > 0
 
 
 def test_the_runs_own_gemm_rate_is_the_clusters_fp32_efficiency():

@@ -104,9 +104,13 @@ class PlanBenchSettings:
     """repeats of each machine measurement (the best counts)"""
     operator_chain: int = 200
     """tiny operators in the chain that measures the launch overhead of one operator"""
+    sync_segments_ms: tuple[float, ...] = (5.0, 20.0, 50.0)
+    """lengths of the work segments between all-reduces that measure the wait for peers"""
+    sync_iterations: int = 20
+    """segments of each length timed"""
 
     def validate(self) -> None:
-        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats", "operator_chain"):
+        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats", "operator_chain", "sync_iterations"):
             value, least = getattr(self, name), 0 if name == "warmup" else 1
             if value < least:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value}; allowed: an integer >= {least}")
@@ -200,6 +204,7 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         result["all_reduce"] = [all_reduce_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["all_to_all"] = [all_to_all_figures(settings.comm_bytes[0], settings.repeats)]
+        result["sync"] = sync_figures(settings.sync_segments_ms, settings.sync_iterations)
     return result
 
 
@@ -326,12 +331,69 @@ def point_to_point_figures(nbytes: int, repeats: int) -> dict[str, float]:
     return {"bytes": nbytes, "seconds": one_way, "bandwidth": nbytes / one_way}
 
 
+def sync_figures(segments_ms: tuple[float, ...], iterations: int) -> dict[str, Any]:
+    """How long a process waits for its peers at a blocking collective: every process runs a segment
+    of work (a model-sized GEMM, [2048, 256] x [256, 256], repeated to about each of `segments_ms`
+    while all of them multiply), then a one-element all-reduce, `iterations` times; its wait is the
+    time in the all-reduce beyond the all-reduce's own latency (measured alone first). Per segment
+    length: the mean work and wait over iterations and ranks. `sync_wait` and `sync_skew` are the
+    least-squares line wait = sync_wait + sync_skew x work through those points (each >= 0)."""
+    a, b, out = torch.randn(2048, 256), torch.randn(256, 256), torch.empty(2048, 256)
+    tiny = torch.zeros(1)
+    gemm_s = _slowest(statistics.median(_seconds(lambda: torch.mm(a, b, out=out), 10, together=True)), max)
+    latency = _slowest(statistics.median(_seconds(lambda: dist.all_reduce(tiny), 20)), max)
+    points = []
+    for segment_ms in segments_ms:
+        repeat = max(1, round(segment_ms / 1e3 / gemm_s))
+        work, wait = [], []
+        dist.barrier()
+        for iteration in range(iterations + 2):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                torch.mm(a, b, out=out)
+            middle = time.perf_counter()
+            dist.all_reduce(tiny)
+            if iteration >= 2:  # the first two settle the processes
+                work.append(middle - start)
+                wait.append(max(0.0, time.perf_counter() - middle - latency))
+        points.append({
+            "work_s": _mean_over_ranks(statistics.mean(work)),
+            "wait_s": _mean_over_ranks(statistics.mean(wait)),
+        })
+    intercept, slope = wait_line([(p["work_s"], p["wait_s"]) for p in points])
+    return {"segments": points, "latency_s": latency, "sync_wait": intercept, "sync_skew": slope}
+
+
+def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (work, wait) points, each clamped at 0
+    (with the other refitted: a line through the origin, or the mean wait)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+    intercept = mean_y - slope * mean_x
+    if slope < 0:
+        return max(0.0, mean_y), 0.0
+    if intercept < 0:
+        through_origin = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+        return 0.0, max(0.0, through_origin)
+    return intercept, slope
+
+
+def _mean_over_ranks(value: float) -> float:
+    values = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.float64))
+    return sum(float(v) for v in values) / len(values)
+
+
 def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     """The planner's cluster of `processes` devices measured as `machine` (`measure_machine`): the
     GEMM rate as the FP32 peak, the run's own GEMMs' rate over it (`model_gemm_flops`, when measured)
     as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
-    link, the smallest all-reduce's and all-to-all's seconds as the latencies; gloo's collectives."""
+    link, the smallest all-reduce's and all-to-all's seconds as the latencies, the waits for peers
+    at a collective (`sync_figures`); gloo's collectives."""
     reduce = machine.get("all_reduce", [])
     link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
@@ -351,6 +413,8 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         operator_overhead=machine.get("operator_seconds", 0.0),
         collective_latency=latency,
         all_to_all_latency=a2a_latency,
+        sync_wait=machine.get("sync", {}).get("sync_wait", 0.0),
+        sync_skew=machine.get("sync", {}).get("sync_skew", 0.0),
         collective_backend="gloo",
     ).validate()
 
@@ -367,6 +431,8 @@ def without_overheads(cluster: Cluster) -> Cluster:
         operator_overhead=0.0,
         collective_latency=0.0,
         all_to_all_latency=0.0,
+        sync_wait=0.0,
+        sync_skew=0.0,
     )
 
 
@@ -503,6 +569,7 @@ def comparison_row(
         "planned_operator_launch_s": plan.operator_launch_s,
         "planned_optimizer_s": plan.optimizer_s,
         "planned_latency_s": latency,
+        "planned_waiting_s": plan.waiting_s,
         "planned_operators_per_step": plan.operators_per_step,
         "collectives_per_step": comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls,
         "machine": run["machine"],
@@ -527,7 +594,7 @@ def format_table(result: dict[str, Any]) -> str:
         "sets any constant; --clusters-out writes each world's first):",
         f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'model GEMMs':>12}{'copy GB/s':>10}{'us/op':>7}"
         f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
-        f"{'all-to-all lat. us':>19}",
+        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}",
     ]
     firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
     labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
@@ -542,6 +609,8 @@ def format_table(result: dict[str, Any]) -> str:
             else f"{'-':>16}{'-':>9}{'-':>12}{'-':>19}{'-':>19}"
         )
         operator = machine.get("operator_seconds")
+        sync = machine.get("sync")
+        link += f"{sync['sync_wait'] * 1e6:>13.0f}{sync['sync_skew']:>10.3f}" if sync else f"{'-':>13}{'-':>10}"
         lines.append(
             f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
             f"{machine['gemm_flops_median'] / 1e9:>9.1f}"
@@ -554,7 +623,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
         f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
-        f"{'latency s':>10}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'latency s':>10}{'wait s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
         f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
@@ -564,7 +633,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'  yes' if row['within_tolerance'] else '  no':<8}{row['bound_by']:<19}"
             f"{row['planned_compute_s']:>9.3f}{row['planned_memory_bound_s']:>9.3f}"
             f"{row['planned_operator_launch_s']:>9.3f}{row['planned_optimizer_s']:>8.3f}"
-            f"{row['planned_latency_s']:>10.3f}{row['planned_operators_per_step']:>9.0f}"
+            f"{row['planned_latency_s']:>10.3f}{row.get('planned_waiting_s', 0.0):>8.3f}"
+            f"{row['planned_operators_per_step']:>9.0f}"
             f"{row['collectives_per_step']:>6.0f}{row['matmul_only_over_measured']:>9.2f}"
             f"{row['profiled_matmul_s']:>15.3f}{row['profiled_step_s'] - row['profiled_matmul_s']:>13.3f}"
             f"{row['gemm_drift']:>18.2f}"
@@ -577,7 +647,9 @@ def format_table(result: dict[str, Any]) -> str:
         "forward and backward (plan.memory_traffic) at the copy bandwidth; launch s: the operators of forward and "
         "backward (plan.op_counts) at us/op; optim s: clipping and AdamW over the rank's shard, bytes and "
         "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
-        "planned step too); ops/step: operators the planner counts per step; old/meas: the earlier model "
+        "planned step too); wait s: the waits for the slowest peer at those collectives (sync wait each, "
+        "sync skew of the work between them: the machine's sync microbenchmark, work segments of 5-50 ms between "
+        "one-element all-reduces); ops/step: operators the planner counts per step; old/meas: the earlier model "
         "(matmul FLOPs at the n^3 GEMM rate and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "
         "attention kernels (compare with matmul s) and in everything else (compare with the other parts); GEMM "

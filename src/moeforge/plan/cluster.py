@@ -65,6 +65,13 @@ class Cluster:
     all_to_all_latency: float = 0.0
     """seconds of a small all-to-all beyond its bytes/bandwidth, charged per all-to-all; 0 =
     folded into the whole-step efficiency"""
+    sync_wait: float = 0.0
+    """seconds a device waits, at each blocking collective, for the slowest device of its group,
+    beyond the collective's own latency, when the work between collectives is short (devices that
+    share cores, an OS's scheduling slices); 0 = folded into the whole-step efficiency"""
+    sync_skew: float = 0.0
+    """and the fraction of the work since the previous collective that it waits on top of that (the
+    devices' rates differ while they share the machine); 0 = folded into the whole-step efficiency"""
     collective_backend: str = "nccl"
     """'nccl' (GPUs: collectives run on their own streams beside compute, FSDP's traffic hides under
     it; reduce-scatter is native) or 'gloo' (CPU processes: a collective runs on the cores the

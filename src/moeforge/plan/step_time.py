@@ -18,7 +18,8 @@ RMSNorm and written-out attention scores, counted from the kernels torch runs) a
 micro-batch dispatches (`plan.op_counts`) at `operator-overhead`; the optimizer step (clipping and
 AdamW over the rank's shard: bytes and operators), not overlapped; and a latency per collective
 (`collective-latency` for FSDP/HSDP/ZeRO and the step's all-reduces, `all-to-all-latency` for the
-dispatcher's exchanges), on top of its bytes over the link.
+dispatcher's exchanges), on top of its bytes over the link; and at each such collective the wait
+for the group's slowest device (`sync-wait`, plus `sync-skew` of the work since the previous one).
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class Plan:
     """seconds of launching the micro-batches' operators at `cluster.operator_overhead`"""
     optimizer_s: float = 0.0
     """seconds of the clipping and the AdamW step over the rank's shard: bytes and launches"""
+    waiting_s: float = 0.0
+    """seconds per step a device waits at its blocking collectives for the slowest of its group:
+    per collective `cluster.sync_wait`, plus `cluster.sync_skew` of the work between collectives"""
     operators_per_step: float = 0.0
     """operators the busiest rank dispatches per step (0 when the cluster has no operator overhead)"""
 
@@ -205,7 +209,8 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     stretch = (busy + exposed_a2a) / busy if busy else 1.0
     bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
-    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s
+    waiting = _waiting_for_peers(layout, cluster, comm, busy)
+    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting
     diloco = _diloco(cfg, layout, cluster, base_step, busy)
     exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
     step = base_step + exposed_diloco
@@ -222,6 +227,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         "data-parallel comm": exposed_dp + comm.step_calls_s,
         "pipeline bubble": bubble,
         "DiLoCo exchange": exposed_diloco,
+        "waiting for peers": waiting,
     }
     return Plan(
         layout=layout,
@@ -247,9 +253,21 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         memory_bound_s=memory_bound,
         operator_launch_s=launches,
         optimizer_s=optimizer,
+        waiting_s=waiting,
         operators_per_step=n_micro * (mb.operators + mb.operators_forward * (forwards - 1))
         + mb.optimizer_operators,
     )
+
+
+def _waiting_for_peers(layout: Layout, cluster: Cluster, comm: Communication, busy: float) -> float:
+    """Seconds per step the busiest rank waits for its peers at the collectives that make it wait
+    (all-to-alls, FSDP/HSDP/ZeRO collectives, the step's all-reduces): `sync_wait` each, and
+    `sync_skew` of the work between consecutive ones, i.e. of the step's busy time. One device
+    waits for nobody."""
+    calls = comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls
+    if layout.world_size() == 1 or not calls:
+        return 0.0
+    return calls * cluster.sync_wait + cluster.sync_skew * busy
 
 
 def _mfu_peak(layout: Layout) -> str:

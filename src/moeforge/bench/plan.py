@@ -210,9 +210,14 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
 
 def _slowest(value: float, pick: Any) -> float:
     """`pick` (min or max) of `value` over the ranks."""
+    return pick(_over_ranks(value))
+
+
+def _over_ranks(value: float) -> list[float]:
+    """`value` of every rank."""
     values = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(values, torch.tensor([value], dtype=torch.float64))
-    return pick(float(v) for v in values)
+    return [float(v) for v in values]
 
 
 def _seconds(fn: Any, repeats: int, together: bool = False) -> list[float]:
@@ -382,9 +387,7 @@ def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _mean_over_ranks(value: float) -> float:
-    values = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(values, torch.tensor([value], dtype=torch.float64))
-    return sum(float(v) for v in values) / len(values)
+    return statistics.mean(_over_ranks(value))
 
 
 def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:

@@ -122,9 +122,9 @@ def test_sync_microbenchmark_on_two_processes(tmp_path):
 
     run_on_processes(2, _sync_worker, str(tmp_path / "sync.json"))
     figures = json.loads((tmp_path / "sync.json").read_text())
-    assert len(figures["segments"]) == 2
-    assert all(p["work_s"] > 0 and p["wait_s"] >= 0 for p in figures["segments"])
-    assert figures["segments"][1]["work_s"] > figures["segments"][0]["work_s"]
+    first, second = figures["segments"]
+    assert all(p["work_s"] > 0 and p["wait_s"] >= 0 for p in (first, second))
+    assert 1 <= first["gemms"] <= second["gemms"]  # the longer segment multiplies no less
     assert figures["sync_wait"] >= 0 and figures["sync_skew"] >= 0 and figures["latency_s"] > 0
 
 

@@ -362,6 +362,7 @@ def sync_figures(segments_ms: tuple[float, ...], iterations: int) -> dict[str, A
                 work.append(middle - start)
                 wait.append(max(0.0, time.perf_counter() - middle - latency))
         points.append({
+            "gemms": repeat,
             "work_s": _mean_over_ranks(statistics.mean(work)),
             "wait_s": _mean_over_ranks(statistics.mean(wait)),
         })

@@ -6,6 +6,7 @@ The pipeline test reuses test_pipeline.py's model, batch and objective."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from conftest import small_config
 from moeforge.config import ParallelConfig
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, parallelize
+from moeforge.parallel import overlap as overlap_module
 from moeforge.parallel.overlap import (
     ForwardBackwardSpans,
     OverlapTimeline,
@@ -132,9 +134,46 @@ def test_overlap_under_expert_parallelism_equals_the_plain_forward():
     run_on_processes(2, overlap_equals_plain_under_ep, timeout_s=60)
 
 
+class MeetAtStart:
+    """Makes each OVERLAP_F_B action's forward and backward meet at their start: each waits there
+    for the other (a two-party barrier per action, 60 s). If the two ran one after the other, the
+    first would wait in vain; so `met` says, per action, without any timing, that both were in flight
+    at once. (Comparing their perf_counter spans instead depended on how the OS scheduled the threads:
+    a short backward could finish before the forward's thread got the CPU.)"""
+
+    def __init__(self):
+        self.met: list[bool] = []
+        self._barrier: threading.Barrier | None = None
+
+    def install(self) -> None:
+        module = overlap_module
+        at_once, forward, backward = module._forward_and_backward_at_once, module._forward, module._full_backward
+
+        def action_at_once(action, ctx):
+            self._barrier = threading.Barrier(2, timeout=60)
+            self.met.append(True)
+            return at_once(action, ctx)
+
+        def meeting(run):
+            def met_first(ctx, action):
+                try:
+                    self._barrier.wait()
+                except threading.BrokenBarrierError:
+                    self.met[-1] = False
+                return run(ctx, action)
+
+            return met_first
+
+        module._forward_and_backward_at_once = action_at_once
+        module._forward, module._full_backward = meeting(forward), meeting(backward)
+
+
 def dualpipev_grads(rank: int, out_dir: str) -> None:
     """pp=2 x ep=2 under DualPipeV, forward and backward of each OVERLAP_F_B action at once or one
-    after the other; per pp rank its stages' gradients (experts whole, the rest averaged over ep)."""
+    after the other; per pp rank its stages' gradients (experts whole, the rest averaged over ep) and,
+    overlapped, whether each action's forward and backward were in flight together (`MeetAtStart`)."""
+    meetings = MeetAtStart()
+    meetings.install()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     ep_group, ep_rank = mesh["ep"].get_group(), mesh["ep"].get_local_rank()
     inputs, targets = pipeline_batch()
@@ -158,13 +197,14 @@ def dualpipev_grads(rank: int, out_dir: str) -> None:
                 else:
                     grads[name] = sum_across_ranks(param.grad.clone(), ep_group) / 2
         if ep_rank == 0:
-            torch.save((grads, spans), f"{out_dir}/{overlap}.{mesh['pp'].get_local_rank()}")
+            met = meetings.met if overlap else []
+            torch.save((grads, spans, met), f"{out_dir}/{overlap}.{mesh['pp'].get_local_rank()}")
 
 
 @pytest.mark.slow
 def test_dualpipev_forward_backward_overlap_is_exact(tmp_path):
     """Overlapped: the same bits as one after the other, both equal to one process; the forward and
-    the backward of every OVERLAP_F_B action ran at the same time."""
+    the backward of every OVERLAP_F_B action were in flight at the same time."""
     model = new_pipeline_model()
     inputs, targets = pipeline_batch()
     for i in range(N_MICRO):
@@ -172,9 +212,9 @@ def test_dualpipev_forward_backward_overlap_is_exact(tmp_path):
         (objective(model(inputs[rows], mtp_targets=targets[rows]), targets[rows]) / N_MICRO).backward()
     run_on_processes(4, dualpipev_grads, str(tmp_path), timeout_s=60)
     for pp_rank in (0, 1):
-        sequential, _ = torch.load(tmp_path / f"False.{pp_rank}", weights_only=False)
-        overlapped, spans = torch.load(tmp_path / f"True.{pp_rank}", weights_only=False)
-        assert spans and all(span.overlap_seconds > 0 for span in spans)
+        sequential, _, _ = torch.load(tmp_path / f"False.{pp_rank}", weights_only=False)
+        overlapped, spans, met = torch.load(tmp_path / f"True.{pp_rank}", weights_only=False)
+        assert spans and len(met) == len(spans) and all(met)
         assert overlapped.keys() == sequential.keys()
         for name, grad in overlapped.items():
             assert torch.equal(grad, sequential[name]), name

@@ -11,6 +11,7 @@ from moeforge.bench.plan import (
     PlanBenchSettings,
     bench_config,
     cluster_toml,
+    fsdp_unit_seconds,
     format_table,
     machine_cluster,
     plan_run,
@@ -101,6 +102,22 @@ def test_waiting_for_peers_is_charged_at_each_collective_and_on_the_work_between
     assert without_overheads(cluster).sync_wait == without_overheads(cluster).sync_skew == 0
 
 
+def test_fsdp_host_work_is_charged_per_communicating_unit():
+    """fsdp-unit-overhead per FSDP2 unit that communicates and micro-batch: tiny's blocks and root
+    over two ranks (FSDP2 layout); none for one process; the earlier model has none."""
+    machine = {**MACHINE, "fsdp_unit_seconds": 3e-3}
+    cluster = machine_cluster(machine, 2)
+    assert cluster.fsdp_unit_overhead == 3e-3
+    cfg = bench_config(SMALL, "tiny", LAYOUTS["fsdp2"])
+    fsdp2 = plan_run(cfg, cluster, 2)
+    units = cfg.model.n_layers + cfg.model.mtp_depth + 1  # the blocks (main and MTP) and the root
+    assert fsdp2.fsdp_host_s == pytest.approx(fsdp2.micro_batches * units * 3e-3)
+    without = plan_run(cfg, machine_cluster(MACHINE, 2), 2)
+    assert fsdp2.step_s - without.step_s == pytest.approx(fsdp2.fsdp_host_s)
+    single = plan_run(bench_config(SMALL, "tiny", LAYOUTS["single"]), machine_cluster(machine, 1), 1)
+    assert single.fsdp_host_s == 0 and without_overheads(cluster).fsdp_unit_overhead == 0
+
+
 def test_wait_line_hand_examples():
     assert wait_line([(1.0, 2.0), (3.0, 4.0)]) == pytest.approx((1.0, 1.0))
     assert wait_line([(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)]) == pytest.approx((3.0, 0.0))
@@ -113,11 +130,12 @@ def _sync_worker(rank: int, out: str) -> None:
     from pathlib import Path
 
     figures = sync_figures((1.0, 3.0), 3)
+    figures["fsdp_unit_seconds"] = fsdp_unit_seconds(2, 1e-4, 1)
     if rank == 0:
         Path(out).write_text(json.dumps(figures))
 
 
-def test_sync_microbenchmark_on_two_processes(tmp_path):
+def test_sync_and_fsdp_microbenchmarks_on_two_processes(tmp_path):
     from moeforge.parallel.spawn import run_on_processes
 
     run_on_processes(2, _sync_worker, str(tmp_path / "sync.json"))
@@ -126,6 +144,7 @@ def test_sync_microbenchmark_on_two_processes(tmp_path):
     assert all(p["work_s"] > 0 and p["wait_s"] >= 0 for p in (first, second))
     assert 1 <= first["gemms"] <= second["gemms"]  # the longer segment multiplies no less
     assert figures["sync_wait"] >= 0 and figures["sync_skew"] >= 0 and figures["latency_s"] > 0
+    assert figures["fsdp_unit_seconds"] >= 0
 
 
 def test_the_runs_own_gemm_rate_is_the_clusters_fp32_efficiency():

@@ -32,6 +32,7 @@ two compared; no constant is fitted to the runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 
 from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
@@ -108,9 +110,12 @@ class PlanBenchSettings:
     """lengths of the work segments between all-reduces that measure the wait for peers"""
     sync_iterations: int = 20
     """segments of each length timed"""
+    fsdp_units: int = 8
+    """tiny FSDP2 units in the model that measures FSDP's host work per unit"""
 
     def validate(self) -> None:
-        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats", "operator_chain", "sync_iterations"):
+        for name in ("steps", "warmup", "gemm_size", "copy_mib", "repeats", "operator_chain", "sync_iterations",
+                     "fsdp_units"):
             value, least = getattr(self, name), 0 if name == "warmup" else 1
             if value < least:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value}; allowed: an integer >= {least}")
@@ -205,6 +210,9 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["all_to_all"] = [all_to_all_figures(settings.comm_bytes[0], settings.repeats)]
         result["sync"] = sync_figures(settings.sync_segments_ms, settings.sync_iterations)
+        result["fsdp_unit_seconds"] = _slowest(
+            fsdp_unit_seconds(settings.fsdp_units, result["all_reduce"][0]["seconds"], settings.repeats), max
+        )
     return result
 
 
@@ -370,6 +378,27 @@ def sync_figures(segments_ms: tuple[float, ...], iterations: int) -> dict[str, A
     return {"segments": points, "latency_s": latency, "sync_wait": intercept, "sync_skew": slope}
 
 
+def fsdp_unit_seconds(units: int, latency: float, repeats: int, width: int = 64) -> float:
+    """FSDP2's host seconds per unit and micro-batch beyond its collectives' latencies: the forward
+    and backward of `units` tiny [width, width] linear layers, each an FSDP2 unit over all ranks
+    (plus the root), minus the same model unsharded, minus the collectives (3 per unit, 2 for the
+    root) at `latency` each; median of `repeats` (at least 5) steps, over the units and the root."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(units)])
+    sharded = copy.deepcopy(plain)
+    for layer in sharded:
+        fully_shard(layer)
+    fully_shard(sharded)
+    x = torch.randn(8, width)
+
+    def step(model: torch.nn.Module) -> Any:
+        return lambda: model(x).sum().backward()
+
+    samples = max(5, repeats)
+    extra = statistics.median(_seconds(step(sharded), samples)) - statistics.median(_seconds(step(plain), samples))
+    return max(0.0, (extra - (3 * units + 2) * latency) / (units + 1))
+
+
 def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through (work, wait) points, each clamped at 0
     (with the other refitted: a line through the origin, or the mean wait)."""
@@ -397,7 +426,8 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
     link, the smallest all-reduce's and all-to-all's seconds as the latencies, the waits for peers
-    at a collective (`sync_figures`); gloo's collectives."""
+    at a collective (`sync_figures`), FSDP2's host work per unit (`fsdp_unit_seconds`); gloo's
+    collectives."""
     reduce = machine.get("all_reduce", [])
     link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
@@ -419,6 +449,7 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         all_to_all_latency=a2a_latency,
         sync_wait=machine.get("sync", {}).get("sync_wait", 0.0),
         sync_skew=machine.get("sync", {}).get("sync_skew", 0.0),
+        fsdp_unit_overhead=machine.get("fsdp_unit_seconds", 0.0),
         collective_backend="gloo",
     ).validate()
 
@@ -437,6 +468,7 @@ def without_overheads(cluster: Cluster) -> Cluster:
         all_to_all_latency=0.0,
         sync_wait=0.0,
         sync_skew=0.0,
+        fsdp_unit_overhead=0.0,
     )
 
 
@@ -574,6 +606,7 @@ def comparison_row(
         "planned_optimizer_s": plan.optimizer_s,
         "planned_latency_s": latency,
         "planned_waiting_s": plan.waiting_s,
+        "planned_fsdp_host_s": plan.fsdp_host_s,
         "planned_operators_per_step": plan.operators_per_step,
         "collectives_per_step": comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls,
         "machine": run["machine"],
@@ -598,7 +631,7 @@ def format_table(result: dict[str, Any]) -> str:
         "sets any constant; --clusters-out writes each world's first):",
         f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'model GEMMs':>12}{'copy GB/s':>10}{'us/op':>7}"
         f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
-        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}",
+        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}{'FSDP unit ms':>13}",
     ]
     firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
     labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
@@ -615,6 +648,8 @@ def format_table(result: dict[str, Any]) -> str:
         operator = machine.get("operator_seconds")
         sync = machine.get("sync")
         link += f"{sync['sync_wait'] * 1e6:>13.0f}{sync['sync_skew']:>10.3f}" if sync else f"{'-':>13}{'-':>10}"
+        unit = machine.get("fsdp_unit_seconds")
+        link += f"{unit * 1e3:>13.2f}" if unit is not None else f"{'-':>13}"
         lines.append(
             f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
             f"{machine['gemm_flops_median'] / 1e9:>9.1f}"
@@ -627,7 +662,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
         f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
-        f"{'latency s':>10}{'wait s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'latency s':>10}{'wait s':>8}{'FSDP s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
         f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
@@ -638,6 +673,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['planned_compute_s']:>9.3f}{row['planned_memory_bound_s']:>9.3f}"
             f"{row['planned_operator_launch_s']:>9.3f}{row['planned_optimizer_s']:>8.3f}"
             f"{row['planned_latency_s']:>10.3f}{row.get('planned_waiting_s', 0.0):>8.3f}"
+            f"{row.get('planned_fsdp_host_s', 0.0):>8.3f}"
             f"{row['planned_operators_per_step']:>9.0f}"
             f"{row['collectives_per_step']:>6.0f}{row['matmul_only_over_measured']:>9.2f}"
             f"{row['profiled_matmul_s']:>15.3f}{row['profiled_step_s'] - row['profiled_matmul_s']:>13.3f}"
@@ -653,7 +689,9 @@ def format_table(result: dict[str, Any]) -> str:
         "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
         "planned step too); wait s: the waits for the slowest peer at those collectives (sync wait each, "
         "sync skew of the work between them: the machine's sync microbenchmark, work segments of 5-50 ms between "
-        "one-element all-reduces); ops/step: operators the planner counts per step; old/meas: the earlier model "
+        "one-element all-reduces); FSDP s: FSDP2's host work around its collectives (FSDP unit ms per unit and "
+        "micro-batch: tiny FSDP2 units fwd+bwd against the same model unsharded, minus the collectives' latencies); "
+        "ops/step: operators the planner counts per step; old/meas: the earlier model "
         "(matmul FLOPs at the n^3 GEMM rate and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "
         "attention kernels (compare with matmul s) and in everything else (compare with the other parts); GEMM "

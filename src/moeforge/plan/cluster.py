@@ -72,6 +72,10 @@ class Cluster:
     sync_skew: float = 0.0
     """and the fraction of the work since the previous collective that it waits on top of that (the
     devices' rates differ while they share the machine); 0 = folded into the whole-step efficiency"""
+    fsdp_unit_overhead: float = 0.0
+    """host seconds FSDP2 spends per unit and micro-batch around its collectives, beyond their
+    latencies and bytes (its pre/post hooks, copy-in/copy-out, sharded-gradient bookkeeping), not
+    overlapped; 0 = folded into the whole-step efficiency"""
     collective_backend: str = "nccl"
     """'nccl' (GPUs: collectives run on their own streams beside compute, FSDP's traffic hides under
     it; reduce-scatter is native) or 'gloo' (CPU processes: a collective runs on the cores the

@@ -18,8 +18,9 @@ RMSNorm and written-out attention scores, counted from the kernels torch runs) a
 micro-batch dispatches (`plan.op_counts`) at `operator-overhead`; the optimizer step (clipping and
 AdamW over the rank's shard: bytes and operators), not overlapped; and a latency per collective
 (`collective-latency` for FSDP/HSDP/ZeRO and the step's all-reduces, `all-to-all-latency` for the
-dispatcher's exchanges), on top of its bytes over the link; and at each such collective the wait
-for the group's slowest device (`sync-wait`, plus `sync-skew` of the work since the previous one).
+dispatcher's exchanges), on top of its bytes over the link; at each such collective the wait
+for the group's slowest device (`sync-wait`, plus `sync-skew` of the work since the previous one);
+and FSDP2's host work around its collectives (`fsdp-unit-overhead` per unit and micro-batch).
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ class Plan:
     waiting_s: float = 0.0
     """seconds per step a device waits at its blocking collectives for the slowest of its group:
     per collective `cluster.sync_wait`, plus `cluster.sync_skew` of the work between collectives"""
+    fsdp_host_s: float = 0.0
+    """seconds per step of FSDP2's host work around its collectives: `cluster.fsdp_unit_overhead`
+    per communicating unit and micro-batch"""
     operators_per_step: float = 0.0
     """operators the busiest rank dispatches per step (0 when the cluster has no operator overhead)"""
 
@@ -210,7 +214,8 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
     waiting = _waiting_for_peers(layout, cluster, comm, busy)
-    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting
+    fsdp_host = _fsdp_host_seconds(cfg, layout, cluster, n_micro, mb.blocks)
+    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting + fsdp_host
     diloco = _diloco(cfg, layout, cluster, base_step, busy)
     exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
     step = base_step + exposed_diloco
@@ -228,6 +233,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         "pipeline bubble": bubble,
         "DiLoCo exchange": exposed_diloco,
         "waiting for peers": waiting,
+        "FSDP host work": fsdp_host,
     }
     return Plan(
         layout=layout,
@@ -254,6 +260,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         operator_launch_s=launches,
         optimizer_s=optimizer,
         waiting_s=waiting,
+        fsdp_host_s=fsdp_host,
         operators_per_step=n_micro * (mb.operators + mb.operators_forward * (forwards - 1))
         + mb.optimizer_operators,
     )
@@ -464,14 +471,32 @@ def _data_parallel_calls(cfg: ModelConfig, layout: Layout, n_micro: int, blocks:
     if layout.data_sharding != "fsdp":
         groups = (layout.data_parallel > 1) + (layout.ep > 1 and layout.data_parallel // layout.ep > 1)
         return 2.0 * groups
-    units = transformer_blocks(cfg, blocks)
-    calls = 0.0
-    if layout.dp_shard * layout.dp_replicate > 1:
-        per_block, per_root = 3 + replicate, 2 + replicate
-        calls += units * per_block + layout.chunks_per_rank() * per_root
-    if layout.ep > 1 and (layout.dp_shard // layout.ep) * layout.dp_replicate > 1:
-        calls += _moe_layers(cfg, blocks) * (3 + replicate)
+    block_units, root_units, expert_units = _fsdp_units(cfg, layout, blocks)
+    calls = (block_units + expert_units) * (3 + replicate) + root_units * (2 + replicate)
     return n_micro * calls
+
+
+def _fsdp_units(cfg: ModelConfig, layout: Layout, blocks: list[int]) -> tuple[float, float, float]:
+    """FSDP2 units of a rank that communicate (their group has more than one rank), as
+    `parallel.parallelize.apply_fsdp` wraps the model: (blocks, roots, MoE blocks' experts);
+    none under ZeRO-1."""
+    if layout.data_sharding != "fsdp":
+        return 0.0, 0.0, 0.0
+    sharded = layout.dp_shard * layout.dp_replicate > 1
+    block_units = float(transformer_blocks(cfg, blocks)) if sharded else 0.0
+    root_units = float(layout.chunks_per_rank()) if sharded else 0.0
+    expert_units = 0.0
+    if layout.ep > 1 and (layout.dp_shard // layout.ep) * layout.dp_replicate > 1:
+        expert_units = float(_moe_layers(cfg, blocks))
+    return block_units, root_units, expert_units
+
+
+def _fsdp_host_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, n_micro: int, blocks: list[int]) -> float:
+    """FSDP2's host work per step beyond its collectives (hooks, copy-in/copy-out bookkeeping):
+    `cluster.fsdp-unit-overhead` per communicating unit and micro-batch."""
+    if not cluster.fsdp_unit_overhead:
+        return 0.0
+    return n_micro * sum(_fsdp_units(cfg, layout, blocks)) * cluster.fsdp_unit_overhead
 
 
 def _data_parallel_bytes(

@@ -210,9 +210,8 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["all_to_all"] = [all_to_all_figures(settings.comm_bytes[0], settings.repeats)]
         result["sync"] = sync_figures(settings.sync_segments_ms, settings.sync_iterations)
-        result["fsdp_unit_seconds"] = _slowest(
-            fsdp_unit_seconds(settings.fsdp_units, result["all_reduce"][0]["seconds"], settings.repeats), max
-        )
+        per_collective = result["all_reduce"][0]["seconds"] + result["sync"]["sync_wait"]
+        result["fsdp_unit_seconds"] = _slowest(fsdp_unit_seconds(settings.fsdp_units, per_collective, settings.repeats), max)
     return result
 
 
@@ -378,11 +377,12 @@ def sync_figures(segments_ms: tuple[float, ...], iterations: int) -> dict[str, A
     return {"segments": points, "latency_s": latency, "sync_wait": intercept, "sync_skew": slope}
 
 
-def fsdp_unit_seconds(units: int, latency: float, repeats: int, width: int = 64) -> float:
-    """FSDP2's host seconds per unit and micro-batch beyond its collectives' latencies: the forward
-    and backward of `units` tiny [width, width] linear layers, each an FSDP2 unit over all ranks
-    (plus the root), minus the same model unsharded, minus the collectives (3 per unit, 2 for the
-    root) at `latency` each; median of `repeats` (at least 5) steps, over the units and the root."""
+def fsdp_unit_seconds(units: int, per_collective: float, repeats: int, width: int = 64) -> float:
+    """FSDP2's host seconds per unit and micro-batch beyond its collectives: the forward and
+    backward of `units` tiny [width, width] linear layers, each an FSDP2 unit over all ranks (plus
+    the root), minus the same model unsharded, minus the collectives (3 per unit, 2 for the root) at
+    `per_collective` each (what the planner already charges one: its latency and the wait for the
+    peer); median of `repeats` (at least 5) steps, over the units and the root."""
     torch.manual_seed(0)
     plain = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(units)])
     sharded = copy.deepcopy(plain)
@@ -396,7 +396,7 @@ def fsdp_unit_seconds(units: int, latency: float, repeats: int, width: int = 64)
 
     samples = max(5, repeats)
     extra = statistics.median(_seconds(step(sharded), samples)) - statistics.median(_seconds(step(plain), samples))
-    return max(0.0, (extra - (3 * units + 2) * latency) / (units + 1))
+    return max(0.0, (extra - (3 * units + 2) * per_collective) / (units + 1))
 
 
 def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -45,12 +45,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from moeforge.config import Config, ConfigError, MoEConfig, available_presets, load_config
-from moeforge.model.moe import MoE
-from moeforge.parallel.parallelize import apply_expert_parallel
+from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
 from moeforge.plan.layout import moeforge_attention_kernel
@@ -215,8 +212,6 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         result["sync"] = sync_figures(settings.sync_segments_ms, settings.sync_iterations)
         per_collective = result["all_reduce"][0]["seconds"] + result["sync"]["sync_wait"]
         result["fsdp_unit_seconds"] = _slowest(fsdp_unit_seconds(settings.fsdp_units, per_collective, settings.repeats), max)
-        per_exchange = result["all_to_all"][0]["seconds"] + result["sync"]["sync_wait"]
-        result["ep_dispatch_seconds"] = _slowest(ep_dispatch_seconds(per_exchange, settings.repeats), max)
     return result
 
 
@@ -404,28 +399,6 @@ def fsdp_unit_seconds(units: int, per_collective: float, repeats: int, width: in
     return max(0.0, (extra - (3 * units + 2) * per_collective) / (units + 1))
 
 
-def ep_dispatch_seconds(per_exchange: float, repeats: int, dim: int = 16, tokens: int = 32) -> float:
-    """The expert-parallel dispatcher's host seconds per MoE layer and micro-batch beyond its
-    exchanges: the forward and backward of a tiny MoE layer with its experts over all ranks (the
-    all-to-all dispatcher), minus the same layer with every expert local, minus its 7 all-to-alls
-    (4 forward, 3 backward) at `per_exchange` each (what the planner already charges one: its latency
-    and the wait for the peers); median of `repeats` (at least 5) steps."""
-    world = dist.get_world_size()
-    torch.manual_seed(0)
-    cfg = MoEConfig(dim=dim, n_experts=2 * world, top_k=2, expert_ffn_dim=dim, n_shared_experts=0)
-    local = MoE(cfg).train()
-    spread = copy.deepcopy(local)
-    apply_expert_parallel(spread, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))["ep"])
-    x = torch.randn(1, tokens, dim)
-
-    def step(layer: MoE) -> Any:
-        return lambda: layer(x)[0].sum().backward()
-
-    samples = max(5, repeats)
-    extra = statistics.median(_seconds(step(spread), samples)) - statistics.median(_seconds(step(local), samples))
-    return max(0.0, extra - 7 * per_exchange)
-
-
 def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through (work, wait) points, each clamped at 0
     (with the other refitted: a line through the origin, or the mean wait)."""
@@ -453,8 +426,8 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
     link, the smallest all-reduce's and all-to-all's seconds as the latencies, the waits for peers
-    at a collective (`sync_figures`), FSDP2's host work per unit (`fsdp_unit_seconds`) and the EP
-    dispatcher's per MoE layer (`ep_dispatch_seconds`); gloo's collectives."""
+    at a collective (`sync_figures`), FSDP2's host work per unit (`fsdp_unit_seconds`); gloo's
+    collectives."""
     reduce = machine.get("all_reduce", [])
     link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
@@ -477,7 +450,6 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         sync_wait=machine.get("sync", {}).get("sync_wait", 0.0),
         sync_skew=machine.get("sync", {}).get("sync_skew", 0.0),
         fsdp_unit_overhead=machine.get("fsdp_unit_seconds", 0.0),
-        ep_dispatch_overhead=machine.get("ep_dispatch_seconds", 0.0),
         collective_backend="gloo",
     ).validate()
 
@@ -497,7 +469,6 @@ def without_overheads(cluster: Cluster) -> Cluster:
         sync_wait=0.0,
         sync_skew=0.0,
         fsdp_unit_overhead=0.0,
-        ep_dispatch_overhead=0.0,
     )
 
 
@@ -660,7 +631,7 @@ def format_table(result: dict[str, Any]) -> str:
         "sets any constant; --clusters-out writes each world's first):",
         f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'model GEMMs':>12}{'copy GB/s':>10}{'us/op':>7}"
         f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
-        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}{'FSDP unit ms':>13}{'EP layer ms':>12}",
+        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}{'FSDP unit ms':>13}",
     ]
     firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
     labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
@@ -679,8 +650,6 @@ def format_table(result: dict[str, Any]) -> str:
         link += f"{sync['sync_wait'] * 1e6:>13.0f}{sync['sync_skew']:>10.3f}" if sync else f"{'-':>13}{'-':>10}"
         unit = machine.get("fsdp_unit_seconds")
         link += f"{unit * 1e3:>13.2f}" if unit is not None else f"{'-':>13}"
-        dispatch = machine.get("ep_dispatch_seconds")
-        link += f"{dispatch * 1e3:>12.2f}" if dispatch is not None else f"{'-':>12}"
         lines.append(
             f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
             f"{machine['gemm_flops_median'] / 1e9:>9.1f}"
@@ -693,7 +662,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
         f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
-        f"{'latency s':>10}{'wait s':>8}{'host s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'latency s':>10}{'wait s':>8}{'FSDP s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
         f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
@@ -720,10 +689,8 @@ def format_table(result: dict[str, Any]) -> str:
         "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
         "planned step too); wait s: the waits for the slowest peer at those collectives (sync wait each, "
         "sync skew of the work between them: the machine's sync microbenchmark, work segments of 5-50 ms between "
-        "one-element all-reduces); host s: FSDP2's and the EP dispatcher's host work around their collectives (FSDP "
-        "unit ms per unit and micro-batch: tiny FSDP2 units fwd+bwd against the same model unsharded; EP layer ms per "
-        "MoE layer and micro-batch: a tiny MoE layer with its experts over the ranks against all local; each minus "
-        "what its collectives are charged already); "
+        "one-element all-reduces); FSDP s: FSDP2's host work around its collectives (FSDP unit ms per unit and "
+        "micro-batch: tiny FSDP2 units fwd+bwd against the same model unsharded, minus the collectives' latencies); "
         "ops/step: operators the planner counts per step; old/meas: the earlier model "
         "(matmul FLOPs at the n^3 GEMM rate and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "

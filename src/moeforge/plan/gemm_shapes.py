@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
-from moeforge.model.flops import attention_head_dims
+from moeforge.plan.layout import attended_head_dims
 from moeforge.plan.tensors import parameter_tensors, transformer_blocks
 
 
@@ -62,9 +62,7 @@ def micro_batch_gemms(
             gemms.append(Gemm(tokens, inner, outer))
     if cfg.n_layers in held:  # the head, shared by the MTP modules (also when tied to the embedding)
         gemms.append(Gemm(tokens, cfg.dim, cfg.vocab_size, calls=1 + cfg.mtp_depth))
-    qk, v = attention_head_dims(cfg)
-    if attention_kernel == "padded":
-        v = max(v, qk)
+    qk, v = attended_head_dims(cfg, attention_kernel)
     sequences = max(1, tokens // seq_len)
     attending = transformer_blocks(cfg, blocks)
     if attending:

@@ -17,6 +17,7 @@ from moeforge.config.checks import _check, _check_choices
 from moeforge.config.training import parse_stage_blocks
 from moeforge.plan.flops import flops_per_token_by_block
 from moeforge.model.attention import pads_mla_values
+from moeforge.model.flops import attention_head_dims
 
 Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
 DataSharding = Literal["fsdp", "zero1"]
@@ -223,8 +224,16 @@ def moeforge_attention_kernel(cfg: ModelConfig, device_type: str) -> str:
     """The attention kernel moeforge's training forward takes on `device_type`: 'padded' for MLA
     with values narrower than its queries where it pads them (`model.attention.pads_mla_values`),
     'fused' otherwise (SDPA's fused kernels)."""
-    narrower = cfg.attention == "mla" and cfg.v_head_dim < cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    qk, v = attention_head_dims(cfg)
+    narrower = cfg.attention == "mla" and v < qk
     return "padded" if narrower and pads_mla_values(device_type) else "fused"
+
+
+def attended_head_dims(cfg: ModelConfig, kernel: str) -> tuple[int, int]:
+    """(query/key width, value width) of one head as the attention kernel computes them: under
+    'padded' the values are as wide as the queries (`attention_head_dims` otherwise)."""
+    qk, v = attention_head_dims(cfg)
+    return (qk, max(v, qk)) if kernel == "padded" else (qk, v)
 
 
 def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> Layout:

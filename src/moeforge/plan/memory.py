@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
 from moeforge.plan.comm import all_to_all_bytes
-from moeforge.plan.layout import Layout, resolved_attention_kernel, stage_block_counts
+from moeforge.plan.layout import Layout, attended_head_dims, resolved_attention_kernel, stage_block_counts
 from moeforge.plan.pipeline import activations_in_flight
 from moeforge.plan.tensors import ParamTensor, parameter_tensors
 
@@ -129,7 +129,7 @@ def _attention(cfg: ModelConfig, kernel: str, seq_len: int, keep: bool) -> int:
         qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
         q_down = _norm(cfg.q_lora_rank, keep) if cfg.q_lora_rank else 0  # its input: wq_a out
         kv_down = cfg.kv_lora_rank + cfg.qk_rope_head_dim + _norm(cfg.kv_lora_rank, keep) - cfg.kv_lora_rank
-        values = qk if kernel == "padded" else v
+        _, values = attended_head_dims(cfg, kernel)
         up = 2 * heads * qk + heads * values if keep else 0
         downs = q_down + kv_down
     else:

@@ -22,6 +22,7 @@ autograd and the S x S scores of attention written out (SDPA's math path). MLA's
 from __future__ import annotations
 
 from moeforge.config import ModelConfig
+from moeforge.model.flops import attention_head_dims
 from moeforge.plan.tensors import transformer_blocks
 
 BACKWARD_FACTOR = 2.0
@@ -183,9 +184,7 @@ def padding_elements(cfg: ModelConfig) -> float:
     """Forward elements per token that MLA's value padding adds (the 'padded' attention kernel): the
     pad's copy reads H v and writes H qk, and SDPA reads the values and writes its output H qk wide
     instead of H v: 3 H qk - H v. (GQA, or values as wide as the queries: none.)"""
-    if cfg.attention != "mla":
-        return 0.0
-    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    qk, v = attention_head_dims(cfg)
     return cfg.n_heads * (3.0 * qk - v) if v < qk else 0.0
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from moeforge.config import ConfigError, ModelConfig
-from moeforge.model.flops import (
-    training_flops_per_token,
-)
+from moeforge.model.flops import attention_head_dims, training_flops_per_token
 from moeforge.plan.cluster import Cluster
 from moeforge.plan.comm import (
     AllToAllRows,
@@ -43,7 +41,7 @@ from moeforge.plan.comm import (
     ring_bytes,
 )
 from moeforge.plan.flops import flops_per_token_by_block
-from moeforge.plan.layout import Layout, resolved_attention_kernel
+from moeforge.plan.layout import Layout, attended_head_dims, resolved_attention_kernel
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
 from moeforge.plan.memory_traffic import (
     backward_elements_by_block,
@@ -321,10 +319,9 @@ class MicroBatchSeconds:
 def padded_attention_factor(cfg: ModelConfig, kernel: str) -> float:
     """The attention FLOPs the kernel computes over the model's: (qk + qk) / (qk + v) when MLA's
     values are padded to the query width ('padded'), 1 otherwise."""
-    if kernel != "padded" or cfg.attention != "mla":
-        return 1.0
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    return 2.0 * qk / (qk + min(cfg.v_head_dim, qk))
+    qk, v = attention_head_dims(cfg)
+    _, attended = attended_head_dims(cfg, kernel)
+    return (qk + attended) / (qk + v)
 
 
 def _busiest_micro_batch(

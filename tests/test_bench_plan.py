@@ -3,6 +3,7 @@ are asserted: performance is what the benchmark prints, not what a test checks).
 
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -11,7 +12,9 @@ from moeforge.bench.plan import (
     PlanBenchSettings,
     bench_config,
     cluster_toml,
+    ep_dispatch_seconds,
     fsdp_unit_seconds,
+    host_seconds_beyond,
     format_table,
     machine_cluster,
     plan_run,
@@ -118,6 +121,23 @@ def test_fsdp_host_work_is_charged_per_communicating_unit():
     assert single.fsdp_host_s == 0 and without_overheads(cluster).fsdp_unit_overhead == 0
 
 
+def test_ep_dispatcher_host_work_is_charged_per_moe_layer():
+    """ep-dispatch-overhead per MoE layer and micro-batch under EP (tiny's MoE blocks, the MTP block's
+    included), on top of FSDP's host work; nothing without EP."""
+    machine = {**MACHINE, "ep_dispatch_seconds": 2e-3}
+    cluster = machine_cluster(machine, 2)
+    assert cluster.ep_dispatch_overhead == 2e-3
+    cfg = bench_config(SMALL, "tiny", LAYOUTS["ep2"])
+    ep2 = plan_run(cfg, cluster, 2)
+    without = plan_run(cfg, machine_cluster(MACHINE, 2), 2)
+    model = cfg.model
+    moe_layers = sum(model.is_moe_layer(b) for b in range(model.n_layers)) + model.mtp_depth
+    assert ep2.fsdp_host_s - without.fsdp_host_s == pytest.approx(ep2.micro_batches * moe_layers * 2e-3)
+    assert ep2.step_s - without.step_s == pytest.approx(ep2.micro_batches * moe_layers * 2e-3)
+    fsdp2 = bench_config(SMALL, "tiny", LAYOUTS["fsdp2"])
+    assert plan_run(fsdp2, cluster, 2).step_s == pytest.approx(plan_run(fsdp2, machine_cluster(MACHINE, 2), 2).step_s)
+
+
 def test_wait_line_hand_examples():
     assert wait_line([(1.0, 2.0), (3.0, 4.0)]) == pytest.approx((1.0, 1.0))
     assert wait_line([(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)]) == pytest.approx((3.0, 0.0))
@@ -130,12 +150,25 @@ def _sync_worker(rank: int, out: str) -> None:
     from pathlib import Path
 
     figures = sync_figures((1.0, 3.0), 3)
-    figures["fsdp_unit_seconds"] = fsdp_unit_seconds(2, 1e-4, 1)
+    figures["fsdp_unit_seconds"] = fsdp_unit_seconds(2, 1)
+    figures["ep_dispatch_seconds"] = ep_dispatch_seconds(1)
+
+    def burn(seconds: float) -> None:
+        start = time.process_time()
+        while time.process_time() - start < seconds:
+            pass
+
+    def with_sleep_and_more_work() -> None:
+        burn(0.01)
+        time.sleep(0.3)  # a sleeping process (as one waiting at a gloo collective) spends no host time
+        burn(0.02)
+
+    figures["host_beyond"] = host_seconds_beyond(with_sleep_and_more_work, lambda: burn(0.01), lambda: None, 0, 5)
     if rank == 0:
         Path(out).write_text(json.dumps(figures))
 
 
-def test_sync_and_fsdp_microbenchmarks_on_two_processes(tmp_path):
+def test_sync_fsdp_and_ep_microbenchmarks_on_two_processes(tmp_path):
     from moeforge.parallel.spawn import run_on_processes
 
     run_on_processes(2, _sync_worker, str(tmp_path / "sync.json"))
@@ -144,7 +177,9 @@ def test_sync_and_fsdp_microbenchmarks_on_two_processes(tmp_path):
     assert all(p["work_s"] > 0 and p["wait_s"] >= 0 for p in (first, second))
     assert 1 <= first["gemms"] <= second["gemms"]  # the longer segment multiplies no less
     assert figures["sync_wait"] >= 0 and figures["sync_skew"] >= 0 and figures["latency_s"] > 0
-    assert figures["fsdp_unit_seconds"] >= 0
+    assert figures["fsdp_unit_seconds"] >= 0 and figures["ep_dispatch_seconds"] >= 0
+    # 20 ms more CPU work (at least 20 ms of wall time), not the 300 ms asleep
+    assert 0.018 <= figures["host_beyond"] < 0.2
 
 
 def test_the_runs_own_gemm_rate_is_the_clusters_fp32_efficiency():

@@ -45,9 +45,12 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from moeforge.config import Config, ConfigError, available_presets, load_config
+from moeforge.config import Config, ConfigError, MoEConfig, available_presets, load_config
+from moeforge.model.moe import MoE
+from moeforge.parallel.parallelize import apply_expert_parallel
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
 from moeforge.plan.layout import moeforge_attention_kernel
@@ -210,8 +213,8 @@ def measure_machine(settings: PlanBenchSettings) -> dict[str, Any]:
         result["point_to_point"] = [point_to_point_figures(n, settings.repeats) for n in settings.comm_bytes]
         result["all_to_all"] = [all_to_all_figures(settings.comm_bytes[0], settings.repeats)]
         result["sync"] = sync_figures(settings.sync_segments_ms, settings.sync_iterations)
-        per_collective = result["all_reduce"][0]["seconds"] + result["sync"]["sync_wait"]
-        result["fsdp_unit_seconds"] = _slowest(fsdp_unit_seconds(settings.fsdp_units, per_collective, settings.repeats), max)
+        result["fsdp_unit_seconds"] = _slowest(fsdp_unit_seconds(settings.fsdp_units, settings.repeats), max)
+        result["ep_dispatch_seconds"] = _slowest(ep_dispatch_seconds(settings.repeats), max)
     return result
 
 
@@ -260,21 +263,22 @@ def model_gemm_flops(cfg: Config, repeats: int) -> float:
     """FLOP/s of this run's own GEMMs (`plan.gemm_shapes`: one micro-batch's products, each with its
     two backward products, every call) on each process while all of them multiply, best of
     `repeats`: the rate the run's matmuls can reach here, which small shapes keep well under the
-    n^3 GEMM's."""
+    n^3 GEMM's. Every call multiplies operands of its own, as in a training step, where an operand
+    was last touched many kernels ago and comes from memory, not from the cache (the same operands
+    again and again measured ~20 % faster than the step's matmuls run)."""
     model = cfg.model
     tokens = micro_batch_size(cfg, dist.get_world_size()) * cfg.train.seq_len
     gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep,
                               moeforge_attention_kernel(model, "cpu"))
     operands = [
-        (g.calls, torch.randn(g.m, g.k), torch.randn(g.k, g.n), torch.randn(g.m, g.n)) for g in gemms
+        (torch.randn(g.m, g.k), torch.randn(g.k, g.n), torch.randn(g.m, g.n)) for g in gemms for _ in range(g.calls)
     ]
 
     def forward_and_backward_products() -> None:
-        for calls, a, b, grad in operands:
-            for _ in range(calls):
-                torch.mm(a, b)
-                torch.mm(grad, b.t())
-                torch.mm(a.t(), grad)
+        for a, b, grad in operands:
+            torch.mm(a, b)
+            torch.mm(grad, b.t())
+            torch.mm(a.t(), grad)
 
     seconds = _best_seconds(forward_and_backward_products, repeats, together=True)
     return sum(g.training_flops for g in gemms) / seconds
@@ -377,12 +381,40 @@ def sync_figures(segments_ms: tuple[float, ...], iterations: int) -> dict[str, A
     return {"segments": points, "latency_s": latency, "sync_wait": intercept, "sync_skew": slope}
 
 
-def fsdp_unit_seconds(units: int, per_collective: float, repeats: int, width: int = 64) -> float:
-    """FSDP2's host seconds per unit and micro-batch beyond its collectives: the forward and
-    backward of `units` tiny [width, width] linear layers, each an FSDP2 unit over all ranks (plus
-    the root), minus the same model unsharded, minus the collectives (3 per unit, 2 for the root) at
-    `per_collective` each (what the planner already charges one: its latency and the wait for the
-    peer); median of `repeats` (at least 5) steps, over the units and the root."""
+def host_seconds_beyond(with_fn: Any, without_fn: Any, collective_fn: Any, collectives: int, repeats: int) -> float:
+    """Host seconds `with_fn` spends beyond `without_fn`, net of its `collectives` (each counted as one
+    `collective_fn`): measured as this process's CPU time, so that none of the time it sleeps waiting
+    for a peer at a gloo collective counts (that wait is `sync_figures`' fact, not this one), then
+    scaled to wall seconds by the share of a core the process gets while every process runs
+    `without_fn` (wall over CPU seconds: ~1 with a core each, ~2 with two processes per core).
+    Medians of `repeats` (at least 5) calls, every process starting together; >= 0."""
+    samples = max(5, repeats)
+    cpu_with = statistics.median(_cpu_seconds(with_fn, samples))
+    cpu_without = statistics.median(_cpu_seconds(without_fn, samples))
+    wall_without = statistics.median(_seconds(without_fn, samples))
+    cpu_collective = statistics.median(_cpu_seconds(collective_fn, samples))
+    extra = cpu_with - cpu_without - collectives * cpu_collective
+    return max(0.0, extra * wall_without / cpu_without)
+
+
+def _cpu_seconds(fn: Any, repeats: int) -> list[float]:
+    """Process CPU seconds (every thread: gloo's too) of `repeats` calls of `fn` after an untimed
+    one, every process starting together."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.process_time()
+        fn()
+        samples.append(time.process_time() - start)
+    return samples
+
+
+def fsdp_unit_seconds(units: int, repeats: int, width: int = 64) -> float:
+    """FSDP2's host seconds per unit and micro-batch beyond its collectives (copy-in/copy-out, hooks,
+    its streams' bookkeeping): the forward and backward of `units` tiny [width, width] linear
+    layers, each an FSDP2 unit over all ranks (plus the root), against the same model unsharded,
+    net of its 3 collectives per unit (2 for the root), over the units and the root."""
     torch.manual_seed(0)
     plain = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(units)])
     sharded = copy.deepcopy(plain)
@@ -390,13 +422,41 @@ def fsdp_unit_seconds(units: int, per_collective: float, repeats: int, width: in
         fully_shard(layer)
     fully_shard(sharded)
     x = torch.randn(8, width)
+    shard = torch.zeros(width * width // dist.get_world_size())
+    gathered = torch.empty(width * width)
 
     def step(model: torch.nn.Module) -> Any:
         return lambda: model(x).sum().backward()
 
-    samples = max(5, repeats)
-    extra = statistics.median(_seconds(step(sharded), samples)) - statistics.median(_seconds(step(plain), samples))
-    return max(0.0, (extra - (3 * units + 2) * per_collective) / (units + 1))
+    def collective() -> None:
+        dist.all_gather_into_tensor(gathered, shard)
+
+    return host_seconds_beyond(step(sharded), step(plain), collective, 3 * units + 2, repeats) / (units + 1)
+
+
+def ep_dispatch_seconds(repeats: int, dim: int = 16, tokens: int = 32) -> float:
+    """The expert-parallel dispatcher's host seconds per MoE layer and micro-batch beyond its
+    exchanges (split sizes to the host, the autograd functions around each exchange, the
+    permutations): the forward and backward of a tiny MoE layer with its experts over all ranks
+    (the all-to-all dispatcher) against the same layer with every expert local, net of its 7
+    all-to-alls (4 forward, 3 backward)."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=dim, n_experts=2 * world, top_k=2, expert_ffn_dim=dim, n_shared_experts=0)
+    local = MoE(cfg).train()
+    spread = copy.deepcopy(local)
+    apply_expert_parallel(spread, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))["ep"])
+    x = torch.randn(1, tokens, dim)
+    send = torch.zeros(world * tokens * dim)
+    recv = torch.empty_like(send)
+
+    def step(layer: MoE) -> Any:
+        return lambda: layer(x)[0].sum().backward()
+
+    def exchange() -> None:
+        dist.all_to_all_single(recv, send)
+
+    return host_seconds_beyond(step(spread), step(local), exchange, 7, repeats)
 
 
 def wait_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -426,8 +486,8 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
     as the FP32 efficiency, the copy bandwidth as the memory and elementwise bandwidth, the
     operator microbenchmark as the launch overhead, the largest all-reduce's bus bandwidth as the
     link, the smallest all-reduce's and all-to-all's seconds as the latencies, the waits for peers
-    at a collective (`sync_figures`), FSDP2's host work per unit (`fsdp_unit_seconds`); gloo's
-    collectives."""
+    at a collective (`sync_figures`), FSDP2's host work per unit (`fsdp_unit_seconds`) and the EP
+    dispatcher's per MoE layer (`ep_dispatch_seconds`); gloo's collectives."""
     reduce = machine.get("all_reduce", [])
     link = max((f["bus_bandwidth"] for f in reduce), default=0.0)
     latency = min(reduce, key=lambda f: f["bytes"])["seconds"] if reduce else 0.0
@@ -450,6 +510,7 @@ def machine_cluster(machine: dict[str, Any], processes: int) -> Cluster:
         sync_wait=machine.get("sync", {}).get("sync_wait", 0.0),
         sync_skew=machine.get("sync", {}).get("sync_skew", 0.0),
         fsdp_unit_overhead=machine.get("fsdp_unit_seconds", 0.0),
+        ep_dispatch_overhead=machine.get("ep_dispatch_seconds", 0.0),
         collective_backend="gloo",
     ).validate()
 
@@ -469,6 +530,7 @@ def without_overheads(cluster: Cluster) -> Cluster:
         sync_wait=0.0,
         sync_skew=0.0,
         fsdp_unit_overhead=0.0,
+        ep_dispatch_overhead=0.0,
     )
 
 
@@ -631,7 +693,7 @@ def format_table(result: dict[str, Any]) -> str:
         "sets any constant; --clusters-out writes each world's first):",
         f"{'run':<29}{'GEMM GFLOP/s':>13}{'(median)':>9}{'model GEMMs':>12}{'copy GB/s':>10}{'us/op':>7}"
         f"{'all-reduce GB/s':>16}{'p2p GB/s':>9}{'p2p lat. us':>12}{'all-reduce lat. us':>19}"
-        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}{'FSDP unit ms':>13}",
+        f"{'all-to-all lat. us':>19}{'sync wait us':>13}{'sync skew':>10}{'FSDP unit ms':>13}{'EP layer ms':>12}",
     ]
     firsts = {f"cpu-{world}": machine for world, machine in result["machine"].items()}
     labelled = [(f"{name} (first)", machine) for name, machine in firsts.items()]
@@ -650,6 +712,8 @@ def format_table(result: dict[str, Any]) -> str:
         link += f"{sync['sync_wait'] * 1e6:>13.0f}{sync['sync_skew']:>10.3f}" if sync else f"{'-':>13}{'-':>10}"
         unit = machine.get("fsdp_unit_seconds")
         link += f"{unit * 1e3:>13.2f}" if unit is not None else f"{'-':>13}"
+        dispatch = machine.get("ep_dispatch_seconds")
+        link += f"{dispatch * 1e3:>12.2f}" if dispatch is not None else f"{'-':>12}"
         lines.append(
             f"{label + ' ':<29}{machine['gemm_flops'] / 1e9:>13.1f}"
             f"{machine['gemm_flops_median'] / 1e9:>9.1f}"
@@ -662,7 +726,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"{'preset':<18}{'layout':<11}{'procs':>6}{'measured s':>12}{'planned s':>11}{'planned/meas':>14}"
         f"{'  <=30%':<8}{'bound by':<19}{'matmul s':>9}{'memory s':>9}{'launch s':>9}{'optim s':>8}"
-        f"{'latency s':>10}{'wait s':>8}{'FSDP s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
+        f"{'latency s':>10}{'wait s':>8}{'host s':>8}{'ops/step':>9}{'colls':>6}{'old/meas':>9}{'prof. matmul s':>15}{'prof. rest s':>13}"
         f"{'GEMM after/before':>18}",
     ]
     for row in result["rows"]:
@@ -689,8 +753,10 @@ def format_table(result: dict[str, Any]) -> str:
         "operators; latency s: collectives (colls per step) at the measured latencies (their bytes are in the "
         "planned step too); wait s: the waits for the slowest peer at those collectives (sync wait each, "
         "sync skew of the work between them: the machine's sync microbenchmark, work segments of 5-50 ms between "
-        "one-element all-reduces); FSDP s: FSDP2's host work around its collectives (FSDP unit ms per unit and "
-        "micro-batch: tiny FSDP2 units fwd+bwd against the same model unsharded, minus the collectives' latencies); "
+        "one-element all-reduces); host s: FSDP2's and the EP dispatcher's host work around their collectives (FSDP "
+        "unit ms per unit and micro-batch: tiny FSDP2 units fwd+bwd against the same model unsharded; EP layer ms per "
+        "MoE layer and micro-batch: a tiny MoE layer with its experts over the ranks against all local; each minus "
+        "what its collectives are charged already); "
         "ops/step: operators the planner counts per step; old/meas: the earlier model "
         "(matmul FLOPs at the n^3 GEMM rate and communication bytes only) over measured; prof. matmul s / prof. rest s: one more step "
         "under torch.profiler (rank 0, the profiler's own overhead included), its seconds in matmul and "

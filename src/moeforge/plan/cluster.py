@@ -76,6 +76,11 @@ class Cluster:
     """host seconds FSDP2 spends per unit and micro-batch around its collectives, beyond their
     latencies and bytes (its pre/post hooks, copy-in/copy-out, sharded-gradient bookkeeping), not
     overlapped; 0 = folded into the whole-step efficiency"""
+    ep_dispatch_overhead: float = 0.0
+    """host seconds the expert-parallel dispatcher spends per MoE layer and micro-batch, forward and
+    backward, beyond its all-to-alls' latencies and bytes (split sizes to the host, the exchanges'
+    autograd functions, the bookkeeping around them), not overlapped; 0 = folded into the
+    whole-step efficiency"""
     collective_backend: str = "nccl"
     """'nccl' (GPUs: collectives run on their own streams beside compute, FSDP's traffic hides under
     it; reduce-scatter is native) or 'gloo' (CPU processes: a collective runs on the cores the

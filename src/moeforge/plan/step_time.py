@@ -20,7 +20,8 @@ AdamW over the rank's shard: bytes and operators), not overlapped; and a latency
 (`collective-latency` for FSDP/HSDP/ZeRO and the step's all-reduces, `all-to-all-latency` for the
 dispatcher's exchanges), on top of its bytes over the link; at each such collective the wait
 for the group's slowest device (`sync-wait`, plus `sync-skew` of the work since the previous one);
-and FSDP2's host work around its collectives (`fsdp-unit-overhead` per unit and micro-batch).
+and FSDP2's and the EP dispatcher's host work around their collectives (`fsdp-unit-overhead` per
+unit, `ep-dispatch-overhead` per MoE layer, each per micro-batch).
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ class Plan:
     """seconds per step a device waits at its blocking collectives for the slowest of its group:
     per collective `cluster.sync_wait`, plus `cluster.sync_skew` of the work between collectives"""
     fsdp_host_s: float = 0.0
-    """seconds per step of FSDP2's host work around its collectives: `cluster.fsdp_unit_overhead`
-    per communicating unit and micro-batch"""
+    """seconds per step of FSDP2's host work around its collectives (`cluster.fsdp_unit_overhead`
+    per communicating unit and micro-batch) and, under EP, of the all-to-all dispatcher's
+    (`cluster.ep_dispatch_overhead` per MoE layer and micro-batch)"""
     operators_per_step: float = 0.0
     """operators the busiest rank dispatches per step (0 when the cluster has no operator overhead)"""
 
@@ -212,8 +214,10 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
     waiting = _waiting_for_peers(layout, cluster, comm, busy)
-    fsdp_host = _fsdp_host_seconds(cfg, layout, cluster, n_micro, mb.blocks)
-    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting + fsdp_host
+    host_work = _fsdp_host_seconds(cfg, layout, cluster, n_micro, mb.blocks)
+    if layout.ep > 1:  # the expert-parallel dispatcher's host work, per MoE layer and micro-batch
+        host_work += n_micro * _moe_layers(cfg, mb.blocks) * cluster.ep_dispatch_overhead
+    base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting + host_work
     diloco = _diloco(cfg, layout, cluster, base_step, busy)
     exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
     step = base_step + exposed_diloco
@@ -231,7 +235,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         "pipeline bubble": bubble,
         "DiLoCo exchange": exposed_diloco,
         "waiting for peers": waiting,
-        "FSDP host work": fsdp_host,
+        "FSDP and dispatcher host work": host_work,
     }
     return Plan(
         layout=layout,
@@ -258,7 +262,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         operator_launch_s=launches,
         optimizer_s=optimizer,
         waiting_s=waiting,
-        fsdp_host_s=fsdp_host,
+        fsdp_host_s=host_work,
         operators_per_step=n_micro * (mb.operators + mb.operators_forward * (forwards - 1))
         + mb.optimizer_operators,
     )

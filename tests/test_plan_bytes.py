@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from moeforge.config import ModelConfig, MoEConfig, ParallelConfig, load_config
 from moeforge.parallel import build_mesh, parallelize
 from moeforge.parallel.spawn import run_on_processes
-from moeforge.plan import Layout, sharded_bytes
+from moeforge.plan import Layout, layout_from_config, sharded_bytes
 from moeforge.plan.comm import all_to_all_bytes, rows_from_counts
 from moeforge.plan.memory import chunk_rows, sharded_state
 
@@ -35,6 +35,7 @@ def measure_real_bytes(rank: int, out: str) -> None:
     from moeforge.model.transformer import Transformer
 
     measure_all_to_all(rank, out)
+    measure_pipeline_bytes(rank, out)
     results = {}
     for preset in PRESETS:
         cfg = load_config(preset, world_size=WORLD, overrides={"train.seq-len": "16"})
@@ -64,6 +65,57 @@ def measure_real_bytes(rank: int, out: str) -> None:
                 ),
             }
     Path(out, f"{rank}.json").write_text(json.dumps(results))
+
+
+PIPELINES = [("1f1b", 1), ("dualpipev", 2)]
+"""(schedule, ep) with pp = 2 on 4 ranks: loop placement over FSDP2, V placement over EP2"""
+
+
+def pipeline_overrides(schedule: str, ep: int) -> dict[str, str]:
+    return {
+        "parallel.pp": "2",
+        "parallel.pp-schedule": schedule,
+        "parallel.ep": str(ep),
+        "train.seq-len": "16",
+        "train.global-batch-size": "8",
+        "train.micro-batch-size": "1",
+        "train.progress": "false",
+    }
+
+
+def measure_pipeline_bytes(rank: int, out: str) -> None:
+    """One real `Trainer` step of each preset under each pipeline layout: this rank's bytes of every
+    parameter its stage chunks hold (the last stage's embedding copy included), of their gradients
+    as the optimizer step finds them, and of the AdamW moments, written to OUT/pp<rank>.json."""
+    import tempfile
+
+    from moeforge.train.trainer import Trainer
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    results = {}
+    for preset in PRESETS:
+        for schedule, ep in PIPELINES:
+            cfg = load_config(preset, world_size=WORLD, overrides=pipeline_overrides(schedule, ep))
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer = Trainer(cfg, run_dir)
+                held = trainer.pipeline.parameters()
+                gradients = []
+                trainer.optimizer.register_step_pre_hook(
+                    lambda *_: gradients.append(sum(local(p.grad).numel() * p.grad.element_size() for p in held))
+                )
+                trainer.train_step()
+                results[f"{preset}/{schedule}/{ep}"] = {
+                    "parameters": sum(local(p).numel() * p.element_size() for p in held),
+                    "gradients": gradients[0],
+                    "optimizer": sum(
+                        local(state[key]).numel() * state[key].element_size()
+                        for state in trainer.optimizer.state.values()
+                        for key in ("exp_avg", "exp_avg_sq")
+                    ),
+                }
+    Path(out, f"pp{rank}.json").write_text(json.dumps(results))
 
 
 MOE = MoEConfig(dim=16, n_experts=8, top_k=3, expert_ffn_dim=8, n_groups=1, topk_groups=1)
@@ -139,6 +191,21 @@ def test_tiny_presets_bytes_per_rank_equal_a_real_step(real_step):
                     ep,
                     rank,
                 )
+
+
+def test_pipeline_bytes_per_rank_equal_a_real_trainer_step(real_step):
+    """Pipelines as the trainer builds them (stages balanced by the planner's own split): every
+    rank's parameters, gradients and moments equal the planner's, the last stage's copy of the
+    embedding (MTP modules) included: on the last stage's rank with its moments (loop placement),
+    on the first stage's rank as a mirror without (V placement)."""
+    for rank in range(WORLD):
+        measured = json.loads((real_step / f"pp{rank}.json").read_text())
+        for preset in PRESETS:
+            for schedule, ep in PIPELINES:
+                cfg = load_config(preset, world_size=WORLD, overrides=pipeline_overrides(schedule, ep))
+                layout = layout_from_config(cfg).validate(WORLD, 8)
+                planned = sharded_bytes(cfg.model, layout, rank)
+                assert planned == measured[f"{preset}/{schedule}/{ep}"], (preset, schedule, ep, rank)
 
 
 FAKE_RANK = r"""

@@ -96,15 +96,38 @@ class ShardedState:
 
 
 def sharded_state(cfg: ModelConfig, layout: Layout, rank: int) -> ShardedState:
-    """Parameter and optimizer-state elements of global rank `rank`: exact, from the model's tensors."""
+    """Parameter and optimizer-state elements of global rank `rank`: exact, from the model's tensors,
+    with the last stage's copy of the embedding where the rank holds one (`embedding_copy`)."""
     pos = rank_position(layout, rank)
     blocks = set(blocks_of_rank(layout, cfg, pos.pp_rank))
     mine = [t for t in parameter_tensors(cfg) if t.block in blocks]
-    return ShardedState(
-        sum(local_elements(t, layout, pos) for t in mine),
-        sum(optimizer_elements(t, layout, pos) for t in mine),
-        len(mine),
-    )
+    params = sum(local_elements(t, layout, pos) for t in mine)
+    optimizer = sum(optimizer_elements(t, layout, pos) for t in mine)
+    tensors = len(mine)
+    copy = embedding_copy(cfg, layout, pos.pp_rank)
+    if copy:
+        embedding = next(t for t in parameter_tensors(cfg) if t.block == -1)
+        params += local_elements(embedding, layout, pos)
+        if copy == "updated":
+            optimizer += optimizer_elements(embedding, layout, pos)
+            tensors += 1
+    return ShardedState(params, optimizer, tensors)
+
+
+def embedding_copy(cfg: ModelConfig, layout: Layout, pp_rank: int) -> str:
+    """The copy of the embedding pipeline rank `pp_rank` holds for the last stage, as moeforge's
+    pipelines make it (parallel/pipeline.py) when the MTP modules read the embedding or the head is
+    tied to it: '' none; 'updated' on the last stage's rank when it does not hold the first stage
+    (loop placement): its own module, with a gradient and optimizer state; 'mirror' on the rank that
+    holds both (V placement): a copy with a gradient, set from the embedding after each update. Not
+    under DualPipe, where DeepSeek-V3 shares the embedding and the head between the main model and
+    the MTP modules physically (the paper's section 3.2.3)."""
+    if layout.pp == 1 or layout.pp_schedule == "dualpipe" or not (cfg.mtp_depth or cfg.tie_embeddings):
+        return ""
+    stages = layout.stages_of_rank(pp_rank)
+    if layout.n_stages() - 1 not in stages:
+        return ""
+    return "mirror" if 0 in stages else "updated"
 
 
 INDEX_BYTES = 8

@@ -230,19 +230,20 @@ def _over_ranks(value: float) -> list[float]:
     return [float(v) for v in values]
 
 
-def _seconds(fn: Any, repeats: int, together: bool = False) -> list[float]:
+def _seconds(fn: Any, repeats: int, together: bool = False, clock: Any = time.perf_counter) -> list[float]:
     """Seconds of `repeats` timed calls of `fn` after an untimed one, every process starting
     together; `together`: until every process has finished (what P devices that share cores each
-    reach while all of them work, not what one reaches while the others wait for the CPU)."""
+    reach while all of them work, not what one reaches while the others wait for the CPU);
+    `clock`: wall time, or `time.process_time` for this process's CPU time (every thread's)."""
     fn()
     samples = []
     for _ in range(repeats):
         dist.barrier()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if together:
             dist.barrier()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return samples
 
 
@@ -389,25 +390,12 @@ def host_seconds_beyond(with_fn: Any, without_fn: Any, collective_fn: Any, colle
     `without_fn` (wall over CPU seconds: ~1 with a core each, ~2 with two processes per core).
     Medians of `repeats` (at least 5) calls, every process starting together; >= 0."""
     samples = max(5, repeats)
-    cpu_with = statistics.median(_cpu_seconds(with_fn, samples))
-    cpu_without = statistics.median(_cpu_seconds(without_fn, samples))
+    cpu_with = statistics.median(_seconds(with_fn, samples, clock=time.process_time))
+    cpu_without = statistics.median(_seconds(without_fn, samples, clock=time.process_time))
     wall_without = statistics.median(_seconds(without_fn, samples))
-    cpu_collective = statistics.median(_cpu_seconds(collective_fn, samples))
+    cpu_collective = statistics.median(_seconds(collective_fn, samples, clock=time.process_time))
     extra = cpu_with - cpu_without - collectives * cpu_collective
     return max(0.0, extra * wall_without / cpu_without)
-
-
-def _cpu_seconds(fn: Any, repeats: int) -> list[float]:
-    """Process CPU seconds (every thread: gloo's too) of `repeats` calls of `fn` after an untimed
-    one, every process starting together."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.process_time()
-        fn()
-        samples.append(time.process_time() - start)
-    return samples
 
 
 def fsdp_unit_seconds(units: int, repeats: int, width: int = 64) -> float:

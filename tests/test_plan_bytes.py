@@ -131,18 +131,18 @@ def measure_all_to_all(rank: int, out: str) -> None:
     from moeforge.parallel.parallelize import apply_expert_parallel
 
     sent = {"intra": 0, "inter": 0}
-    real = expert_parallel.all_to_all_single_autograd
+    real = expert_parallel.start_all_to_all
 
-    def counting(rows, output_splits, input_splits, group):
+    def counting(rows, output_splits, input_splits, group, grad_group=None):
         row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 0
         for dest, n in enumerate(input_splits):
             if dest != rank:
                 sent["intra" if dest // RANKS_PER_NODE == rank // RANKS_PER_NODE else "inter"] += (
                     n * row_bytes
                 )
-        return real(rows, output_splits, input_splits, group)
+        return real(rows, output_splits, input_splits, group, grad_group)
 
-    expert_parallel.all_to_all_single_autograd = counting
+    expert_parallel.start_all_to_all = counting
     torch.manual_seed(0)
     layer = MoE(MOE)
     apply_expert_parallel(layer, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))["ep"])

@@ -103,9 +103,8 @@ class AllToAllDispatcher:
         """the group of the backward's exchanges, over the same ranks; None: `group` (a second one
         lets a backward run while a forward does, see `overlap_forward_and_backward`)"""
         self.recorder: list[RecordedExchange] | None = None
-        """None: nothing is recorded. A list: every exchange is appended to it when issued (a
-        benchmark's timeline, `moeforge bench pp --ep`); the blocking ones then run as
-        `start_all_to_all(...).wait()`, the same exchange with its issue and waits timed"""
+        """None: nothing is recorded. A list: every exchange is appended to it when issued, with its
+        issue and waits timed (a benchmark's timeline, `moeforge bench pp --ep`)"""
         self.ep = dist.get_world_size(group)
         self.n_experts = n_experts
         self.local_experts = n_experts // self.ep
@@ -113,20 +112,18 @@ class AllToAllDispatcher:
     def dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
-        counts, rows = self._plan_dispatch(x, expert_indices)
-        # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
-        received = self._all_to_all(
-            fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), counts, "dispatch"
-        )
-        routing_received = self._all_to_all(self._routing_to_send(gates, rows), counts, "dispatch routing")
-        return self._group_by_expert(received, routing_received, rows, counts)
+        """`start_dispatch`, waited on at once: the rows and their routing travel together."""
+        return self.start_dispatch(x, expert_indices, gates).wait()
 
     def start_dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
     ) -> Pending[tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]]:
-        """`dispatch` with its two row exchanges left in flight (the counts exchange still blocks:
-        its sizes are needed to issue them); `wait()` returns what `dispatch` returns."""
+        """A dispatch with its two row exchanges left in flight; `wait()` returns the rows grouped by
+        local expert, the tokens per local expert and the state `combine` needs. The counts
+        exchange still blocks: its sizes are needed to issue the others."""
+        # 1-2. Where each token goes, and the split sizes (`_plan_dispatch`).
         counts, rows = self._plan_dispatch(x, expert_indices)
+        # 3. Send each row once, then its k gates and local expert ids (-1 / gate 0: served elsewhere).
         splits = (counts.recv_splits, counts.send_splits, self.group, self.grad_group)
         received = start_all_to_all(fan_out_rows(x, rows.token_of_sent, rows.sent_of_token, padded=True), *splits)
         routing_received = start_all_to_all(self._routing_to_send(gates, rows), *splits)
@@ -139,14 +136,12 @@ class AllToAllDispatcher:
         return Pending(finish, (received.times, routing_received.times))
 
     def combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
-        # The receiver sums each row's gate-weighted expert outputs and sends one row back per
-        # (token, rank); the sender adds a token's rows.
-        per_received = self._sum_per_received_row(expert_out, state)
-        returned = self._exchange(per_received, state.send_splits, state.recv_splits, "combine")
-        return fan_in_rows(returned, state.sent_of_token, state.token_of_sent)
+        """`start_combine`, waited on at once."""
+        return self.start_combine(expert_out, state).wait()
 
     def start_combine(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> Pending[torch.Tensor]:
-        """`combine` with its exchange left in flight; `wait()` returns what `combine` returns."""
+        """A combine with its exchange left in flight: the receiver sums each row's gate-weighted
+        expert outputs and sends one row back per (token, rank); `wait()` adds up a token's rows."""
         per_received = self._sum_per_received_row(expert_out, state)
         returned = start_all_to_all(per_received, state.send_splits, state.recv_splits, self.group, self.grad_group)
         self._record("combine", returned.times)
@@ -240,19 +235,6 @@ class AllToAllDispatcher:
         for one exchange: expert ids are exact in fp32, and only the gates carry a gradient."""
         gates_sent = fan_out_rows(gates.float(), rows.token_of_sent, rows.sent_of_token, padded=True)
         return torch.cat([gates_sent * rows.slot_served, rows.local_expert.float()], dim=1)
-
-    def _all_to_all(self, rows: torch.Tensor, counts: _CountsExchanged, kind: str) -> torch.Tensor:
-        return self._exchange(rows, counts.recv_splits, counts.send_splits, kind)
-
-    def _exchange(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int], kind: str) -> torch.Tensor:
-        """The rows exchanged, differentiable (`start_all_to_all`, waited on at once), the gradient's
-        way on `grad_group` if set, timed. Not torch's functional `all_to_all_single_autograd`: its
-        tensor subclass and wrapping cost ~0.25 ms of host time per exchange and direction more
-        than c10d's own collective under an autograd function (gloo, measured), ~1.5 ms per MoE
-        layer and micro-batch."""
-        exchange = start_all_to_all(rows, recv_splits, send_splits, self.group, self.grad_group)
-        self._record(kind, exchange.times)
-        return exchange.wait()
 
     def _record(self, kind: str, times: AllToAllTimes) -> None:
         if self.recorder is not None:

@@ -114,11 +114,11 @@ def test_fsdp_host_work_is_charged_per_communicating_unit():
     cfg = bench_config(SMALL, "tiny", LAYOUTS["fsdp2"])
     fsdp2 = plan_run(cfg, cluster, 2)
     units = cfg.model.n_layers + cfg.model.mtp_depth + 1  # the blocks (main and MTP) and the root
-    assert fsdp2.fsdp_host_s == pytest.approx(fsdp2.micro_batches * units * 3e-3)
+    assert fsdp2.host_work_s == pytest.approx(fsdp2.micro_batches * units * 3e-3)
     without = plan_run(cfg, machine_cluster(MACHINE, 2), 2)
-    assert fsdp2.step_s - without.step_s == pytest.approx(fsdp2.fsdp_host_s)
+    assert fsdp2.step_s - without.step_s == pytest.approx(fsdp2.host_work_s)
     single = plan_run(bench_config(SMALL, "tiny", LAYOUTS["single"]), machine_cluster(machine, 1), 1)
-    assert single.fsdp_host_s == 0 and without_overheads(cluster).fsdp_unit_overhead == 0
+    assert single.host_work_s == 0 and without_overheads(cluster).fsdp_unit_overhead == 0
 
 
 def test_ep_dispatcher_host_work_is_charged_per_moe_layer():
@@ -132,7 +132,7 @@ def test_ep_dispatcher_host_work_is_charged_per_moe_layer():
     without = plan_run(cfg, machine_cluster(MACHINE, 2), 2)
     model = cfg.model
     moe_layers = sum(model.is_moe_layer(b) for b in range(model.n_layers)) + model.mtp_depth
-    assert ep2.fsdp_host_s - without.fsdp_host_s == pytest.approx(ep2.micro_batches * moe_layers * 2e-3)
+    assert ep2.host_work_s - without.host_work_s == pytest.approx(ep2.micro_batches * moe_layers * 2e-3)
     assert ep2.step_s - without.step_s == pytest.approx(ep2.micro_batches * moe_layers * 2e-3)
     fsdp2 = bench_config(SMALL, "tiny", LAYOUTS["fsdp2"])
     assert plan_run(fsdp2, cluster, 2).step_s == pytest.approx(plan_run(fsdp2, machine_cluster(MACHINE, 2), 2).step_s)

@@ -656,7 +656,7 @@ def comparison_row(
         "planned_optimizer_s": plan.optimizer_s,
         "planned_latency_s": latency,
         "planned_waiting_s": plan.waiting_s,
-        "planned_fsdp_host_s": plan.fsdp_host_s,
+        "planned_host_work_s": plan.host_work_s,
         "planned_operators_per_step": plan.operators_per_step,
         "collectives_per_step": comm.all_to_all_calls + comm.data_parallel_calls + comm.step_calls,
         "machine": run["machine"],
@@ -725,7 +725,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['planned_compute_s']:>9.3f}{row['planned_memory_bound_s']:>9.3f}"
             f"{row['planned_operator_launch_s']:>9.3f}{row['planned_optimizer_s']:>8.3f}"
             f"{row['planned_latency_s']:>10.3f}{row.get('planned_waiting_s', 0.0):>8.3f}"
-            f"{row.get('planned_fsdp_host_s', 0.0):>8.3f}"
+            f"{row.get('planned_host_work_s', 0.0):>8.3f}"
             f"{row['planned_operators_per_step']:>9.0f}"
             f"{row['collectives_per_step']:>6.0f}{row['matmul_only_over_measured']:>9.2f}"
             f"{row['profiled_matmul_s']:>15.3f}{row['profiled_step_s'] - row['profiled_matmul_s']:>13.3f}"

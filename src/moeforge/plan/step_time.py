@@ -135,7 +135,7 @@ class Plan:
     waiting_s: float = 0.0
     """seconds per step a device waits at its blocking collectives for the slowest of its group:
     per collective `cluster.sync_wait`, plus `cluster.sync_skew` of the work between collectives"""
-    fsdp_host_s: float = 0.0
+    host_work_s: float = 0.0
     """seconds per step of FSDP2's host work around its collectives (`cluster.fsdp_unit_overhead`
     per communicating unit and micro-batch) and, under EP, of the all-to-all dispatcher's
     (`cluster.ep_dispatch_overhead` per MoE layer and micro-batch)"""
@@ -214,7 +214,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     bubble = bubble_time(layout, forward, backward_input, backward_weight) * stretch
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
     waiting = _waiting_for_peers(layout, cluster, comm, busy)
-    host_work = _fsdp_host_seconds(cfg, layout, cluster, n_micro, mb.blocks)
+    host_work = _host_work_seconds(cfg, layout, cluster, n_micro, mb.blocks)
     if layout.ep > 1:  # the expert-parallel dispatcher's host work, per MoE layer and micro-batch
         host_work += n_micro * _moe_layers(cfg, mb.blocks) * cluster.ep_dispatch_overhead
     base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting + host_work
@@ -262,7 +262,7 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
         operator_launch_s=launches,
         optimizer_s=optimizer,
         waiting_s=waiting,
-        fsdp_host_s=host_work,
+        host_work_s=host_work,
         operators_per_step=n_micro * (mb.operators + mb.operators_forward * (forwards - 1))
         + mb.optimizer_operators,
     )
@@ -492,7 +492,7 @@ def _fsdp_units(cfg: ModelConfig, layout: Layout, blocks: list[int]) -> tuple[fl
     return block_units, root_units, expert_units
 
 
-def _fsdp_host_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, n_micro: int, blocks: list[int]) -> float:
+def _host_work_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, n_micro: int, blocks: list[int]) -> float:
     """FSDP2's host work per step beyond its collectives (hooks, copy-in/copy-out bookkeeping):
     `cluster.fsdp-unit-overhead` per communicating unit and micro-batch."""
     if not cluster.fsdp_unit_overhead:

@@ -49,3 +49,25 @@ def test_bad_options_are_one_line_errors(settings, message):
 def test_the_command_takes_dotted_overrides():
     args, rest = build_parser().parse_known_args(["bench", "train", "--variants", "eager", "--train.seq-len", "64"])
     assert args.variants == "eager" and rest == ["--train.seq-len", "64"]
+
+
+def test_a_bf16_variant_is_compared_with_transformers_as_run_by_default_and_under_bf16():
+    cases = {
+        "deepseek-v3/transformers": summarise([_run([3.0])], None),
+        "deepseek-v3/transformers-bf16": summarise([_run([2.0])], None),
+        "deepseek-v3/moeforge-compile+bf16": summarise([_run([1.0])], None),
+    }
+    ratios = peer_ratios(cases)
+    assert ratios["deepseek-v3/compile+bf16"]["ratio"] == pytest.approx(3.0)
+    assert ratios["deepseek-v3/compile+bf16 vs bf16"]["ratio"] == pytest.approx(2.0)
+    assert ratios["deepseek-v3/compile+bf16 vs bf16"]["baseline"] == "transformers-bf16"
+
+
+def test_bf16_on_the_cpu_warms_up_longer_than_fp32():
+    from moeforge.bench.train import CPU_BF16_WARMUP, bench_config, warmup_steps
+
+    settings = TrainBenchSettings(warmup=2)
+    fp32, bf16 = (bench_config(settings, variant, None) for variant in ("eager", "bf16"))
+    assert warmup_steps(settings, fp32, "cpu") == 2
+    assert warmup_steps(settings, bf16, "cpu") == CPU_BF16_WARMUP
+    assert warmup_steps(TrainBenchSettings(warmup=20), bf16, "cpu") == 20

@@ -5,11 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from moeforge.model.moe.experts import (
+    CPU_BF16_ROW_ALIGN,
     RoutedExperts,
     aligned_group_layout,
+    group_row_align,
     grouped_mm_unsupported_reason,
     grouped_swiglu,
     looped_swiglu,
+    padded_capacity,
 )
 
 DIM, HIDDEN = 16, 8
@@ -132,3 +135,30 @@ def test_aligned_fp32_on_cpu_uses_grouped_mm(data):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         RoutedExperts(2, 8, 8, "triton")
+
+
+def test_bf16_groups_on_the_cpu_are_padded_to_repeating_shapes(monkeypatch):
+    """Under bf16 autocast on the CPU each group's GEMM gets a row count that is a multiple of
+    CPU_BF16_ROW_ALIGN (the last one: the static capacity minus such a multiple), so oneDNN meets
+    the same few shapes every step; the result equals the unpadded bf16 loop."""
+    torch.manual_seed(3)
+    experts = make_experts("grouped")
+    x = torch.randn(int(COUNTS.sum()), DIM)
+    assert group_row_align(x) == 1
+    seen = []
+    real = torch._grouped_mm
+
+    def recording(a, b, offs=None, **kwargs):
+        seen.append(offs.tolist())
+        return real(a, b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group_row_align(x) == CPU_BF16_ROW_ALIGN
+        out = experts(x, COUNTS)
+        reference = looped_swiglu(x, experts.w13, experts.w2, COUNTS)
+    ends = seen[0]
+    sizes = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    assert all(size % CPU_BF16_ROW_ALIGN == 0 for size in sizes[:-1])
+    assert ends[-1] == padded_capacity(int(COUNTS.sum()), len(COUNTS), CPU_BF16_ROW_ALIGN)
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)

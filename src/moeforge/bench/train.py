@@ -54,11 +54,19 @@ VARIANTS: dict[str, dict[str, str]] = {
     "ac-experts": {"train.activation-checkpoint": "experts"},
     "ac-block": {"train.activation-checkpoint": "block"},
     "compile+ac-block": {"train.compile": "true", "train.activation-checkpoint": "block"},
+    "bf16": {"train.dtype": "bf16"},
+    "compile+bf16": {"train.compile": "true", "train.dtype": "bf16"},
 }
 """variant name -> the dotted overrides it adds to the configuration"""
 
-PEER_VARIANTS = ("eager", "compile")
-"""the moeforge variants timed against transformers"""
+PEER_VARIANTS = ("eager", "compile", "compile+bf16")
+"""the moeforge variants timed against transformers (bf16 ones also against transformers under
+bf16 autocast, like for like)"""
+
+CPU_BF16_WARMUP = 10
+"""untimed steps before a bf16 measurement on the CPU at least: oneDNN compiles a kernel for each new
+GEMM shape, and the experts' shapes (rows per expert, padded to 64) take several steps to have all
+been seen; what a long run pays once, like compilation"""
 
 HF_PEERS: dict[str, dict[str, Any]] = {
     "deepseek-v3": {
@@ -120,7 +128,7 @@ def bench_config(settings: TrainBenchSettings, variant: str, apply_init_from: Ca
                        "train.seq-len": str(seq), "train.micro-batch-size": "0"})
     values.update(VARIANTS[variant])
     values.update({"train.progress": "false", "train.report": "false", "train.eval-every": "0",
-                   "train.steps": str(max(settings.warmup + settings.steps, 1) + 1000)})
+                   "train.steps": str(max(settings.warmup, CPU_BF16_WARMUP) + settings.steps + 1000)})
     preset = None if init_from_hf else settings.preset
     return load_config(preset, overrides=values, apply_init_from=apply_init_from)
 
@@ -136,6 +144,12 @@ def run_train_bench(
     configs = {v: bench_config(settings, v, apply_init_from) for v in settings.variants}  # errors first
     device = _device(next(iter(configs.values())))
     peak, peak_source = measured_peak(device, settings.gemm_size)
+    peaks = {"fp32": peak, "bf16": peak}
+    bf16_on_cpu = device == "cpu" and (
+        settings.peers or any(cfg.train.computes_in_bf16(device) for cfg in configs.values())
+    )
+    if bf16_on_cpu:
+        peaks["bf16"], bf16_source = measured_peak(device, settings.gemm_size, torch.bfloat16)
     result: dict[str, Any] = {
         "preset": settings.preset or "tiny",
         "overrides": dict(settings.overrides),
@@ -143,12 +157,14 @@ def run_train_bench(
         "threads": torch.get_num_threads(),
         "peak_flops": peak,
         "peak_source": peak_source,
+        **({"peak_flops_bf16": peaks["bf16"], "peak_source_bf16": bf16_source} if bf16_on_cpu else {}),
         "steps": settings.steps,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
     }
     jobs: list[tuple[str, Callable[..., dict[str, Any]], tuple]] = [
-        (v, _moeforge_run, (trainer, cfg, settings.warmup, settings.steps)) for v, cfg in configs.items()
+        (v, _moeforge_run, (trainer, cfg, warmup_steps(settings, cfg, device), settings.steps))
+        for v, cfg in configs.items()
     ]
     with tempfile.TemporaryDirectory() as tmp:
         if settings.peers:
@@ -159,7 +175,7 @@ def run_train_bench(
             for name, fn, args in jobs:
                 runs[name].append(_in_fresh_process(fn, args))
                 _say_done(name, round_, runs[name][-1])
-    result["cases"] = {name: summarise(r, peak) for name, r in runs.items()}
+    result["cases"] = {name: summarise(r, peaks[_dtype_of(r)]) for name, r in runs.items()}
     if settings.peers:
         result["peers"] = peer_ratios(result["cases"])
     return result
@@ -179,19 +195,33 @@ def _device(cfg: Config) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def measured_peak(device: str, size: int, repeats: int = 5) -> tuple[float | None, str]:
-    """(peak FLOP/s, where it comes from): the device's bf16 figure on CUDA, else this CPU's fp32
-    GEMM rate, best of `repeats` n x n x n matmuls."""
+def measured_peak(device: str, size: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it comes from): the device's bf16 figure on CUDA, else this CPU's GEMM rate
+    in `dtype`, best of `repeats` n x n x n matmuls."""
     if device == "cuda":
         return device_peak_flops("cuda"), f"bf16 peak of {torch.cuda.get_device_name()}"
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best, f"fp32 {size}^3 matmul on this CPU, {torch.get_num_threads()} threads"
+    name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+    return 2 * size**3 / best, f"{name} {size}^3 matmul on this CPU, {torch.get_num_threads()} threads"
+
+
+def warmup_steps(settings: TrainBenchSettings, cfg: Config, device: str) -> int:
+    """Untimed steps before a measurement: `settings.warmup`, at least `CPU_BF16_WARMUP` for bf16 on
+    the CPU."""
+    if device == "cpu" and cfg.train.computes_in_bf16(device):
+        return max(settings.warmup, CPU_BF16_WARMUP)
+    return settings.warmup
+
+
+def _dtype_of(runs: list[dict[str, Any]]) -> str:
+    """'bf16' or 'fp32': what a case's runs computed in (the peak its MFU is taken against)."""
+    return next((r["compute_dtype"] for r in runs if "compute_dtype" in r), "fp32")
 
 
 def _in_fresh_process(fn: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
@@ -226,7 +256,8 @@ def _moeforge_run(trainer: TrainerFactory, cfg: Config, warmup: int, steps: int)
         times = _timed(run.train_step, steps, cfg.train.device)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     return {"step_s": times, "tokens_per_step": tokens, "peak_memory": peak_memory(),
-            "flops_per_token": training_flops_per_token(cfg.model, cfg.train.seq_len)}
+            "flops_per_token": training_flops_per_token(cfg.model, cfg.train.seq_len),
+            "compute_dtype": "bf16" if cfg.train.computes_in_bf16(_device(cfg)) else "fp32"}
 
 
 def _timed(step: Callable[[], Any], steps: int, device: str) -> list[float]:
@@ -310,16 +341,20 @@ def _peer_jobs(
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
         for variant in PEER_VARIANTS:
             cfg = bench_config(settings, variant, apply_init_from, init_from_hf=str(path))
-            jobs.append((f"{name}/moeforge-{variant}", (_moeforge_run, (trainer, cfg, settings.warmup, settings.steps))))
-        cfg = bench_config(settings, "eager", apply_init_from, init_from_hf=str(path))
-        jobs.append((f"{name}/transformers", (_transformers_run, (str(path), cfg, settings.warmup, settings.steps))))
+            warmup = warmup_steps(settings, cfg, _device(cfg))
+            jobs.append((f"{name}/moeforge-{variant}", (_moeforge_run, (trainer, cfg, warmup, settings.steps))))
+        for peer_case, variant in (("transformers", "eager"), ("transformers-bf16", "bf16")):
+            cfg = bench_config(settings, variant, apply_init_from, init_from_hf=str(path))
+            warmup = warmup_steps(settings, cfg, _device(cfg))
+            jobs.append((f"{name}/{peer_case}", (_transformers_run, (str(path), cfg, warmup, settings.steps))))
     return jobs
 
 
 def _transformers_run(path: str, cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
     """transformers' model from `path`, trained as a user would: forward, cross-entropy on the same
     batches as moeforge's run, clip, AdamW (same hyper-parameters, decay on every weight; fused, as
-    transformers' `Trainer` runs it by default: `optim="adamw_torch_fused"`)."""
+    transformers' `Trainer` runs it by default: `optim="adamw_torch_fused"`); under bf16 autocast
+    where `cfg` computes in bf16 (fp32 weights, as `Trainer(bf16=True)` runs it)."""
     import transformers
 
     tcfg = cfg.train
@@ -330,9 +365,13 @@ def _transformers_run(path: str, cfg: Config, warmup: int, steps: int) -> dict[s
     _, train_tokens, _ = build_datasets(cfg.data, tcfg.seq_len)
     loader = PackedLoader(train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, 0, 1)
 
+    device = _device(cfg)
+    bf16 = cfg.train.computes_in_bf16(device)
+
     def step() -> None:
         inputs, targets = loader.next_batch()
-        logits = model(input_ids=inputs).logits
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=inputs).logits
         F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
@@ -343,31 +382,36 @@ def _transformers_run(path: str, cfg: Config, warmup: int, steps: int) -> dict[s
     times = _timed(step, steps, "cpu")
     return {"step_s": times, "tokens_per_step": tcfg.global_batch_size * tcfg.seq_len, "peak_memory": peak_memory(),
             "flops_per_token": training_flops_per_token(cfg.model, tcfg.seq_len),
+            "compute_dtype": "bf16" if bf16 else "fp32",
             "experts_implementation": getattr(model.config, "_experts_implementation", None)}
 
 
 def peer_ratios(cases: dict[str, Any]) -> dict[str, Any]:
-    """moeforge's tokens/s over transformers' for each peer model and moeforge variant, with the
-    range of the ratio over the repeats' extremes."""
+    """moeforge's tokens/s over transformers' for each peer model and moeforge variant (against
+    transformers as users run it by default: fp32 eager), with the range of the ratio over the
+    repeats' extremes; a bf16 variant also against transformers under bf16 autocast ('... vs bf16')."""
     ratios: dict[str, Any] = {}
     for name in HF_PEERS:
-        base = cases.get(f"{name}/transformers", {})
-        if "tokens_per_s" not in base:
-            continue
         for variant in PEER_VARIANTS:
             case = cases.get(f"{name}/moeforge-{variant}", {})
-            if "tokens_per_s" in case:
-                low, high = case["tokens_per_s_range"]
-                ratios[f"{name}/{variant}"] = {
-                    "ratio": case["tokens_per_s"] / base["tokens_per_s"],
-                    "range": [low / base["tokens_per_s_range"][1], high / base["tokens_per_s_range"][0]],
-                }
+            baselines = [("", "transformers")] + ([(" vs bf16", "transformers-bf16")] if "bf16" in variant else [])
+            for suffix, peer_case in baselines:
+                base = cases.get(f"{name}/{peer_case}", {})
+                if "tokens_per_s" in case and "tokens_per_s" in base:
+                    low, high = case["tokens_per_s_range"]
+                    ratios[f"{name}/{variant}{suffix}"] = {
+                        "ratio": case["tokens_per_s"] / base["tokens_per_s"],
+                        "range": [low / base["tokens_per_s_range"][1], high / base["tokens_per_s_range"][0]],
+                        "baseline": peer_case,
+                    }
     return ratios
 
 
 def format_table(result: dict[str, Any]) -> str:
     peak = result["peak_flops"]
     peak_text = f"{peak / 1e9:,.0f} GFLOP/s ({result['peak_source']})" if peak else "unknown"
+    if result.get("peak_flops_bf16"):
+        peak_text += f"; bf16 cases' MFU against {result['peak_flops_bf16'] / 1e9:,.0f} GFLOP/s ({result['peak_source_bf16']})"
     lines = [
         f"bench train: preset {result['preset']} {result['overrides'] or ''} on {result['device']}, "
         f"{result['steps']} timed steps after {result['warmup']}, {result['repeats']} rounds of fresh processes; "
@@ -384,6 +428,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<34} {case['tokens_per_s']:>10,.0f} {f'{low:,.0f}-{high:,.0f}':>17} {memory:>12} {mfu:>7}")
     lines.append(f"(memory: {next(iter(result['cases'].values())).get('memory_kind', '?')})")
     for name, ratio in result.get("peers", {}).items():
-        lines.append(f"{name}: {ratio['ratio']:.2f}x transformers' tokens/s "
+        baseline = "transformers' (bf16 autocast)" if ratio.get("baseline") == "transformers-bf16" else "transformers'"
+        lines.append(f"{name}: {ratio['ratio']:.2f}x {baseline} tokens/s "
                      f"(range {ratio['range'][0]:.2f}-{ratio['range'][1]:.2f})")
     return "\n".join(lines)

@@ -84,6 +84,12 @@ class TrainConfig:
     report: bool = True
     """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
 
+    def computes_in_bf16(self, device_type: str) -> bool:
+        """Whether `dtype` means bf16 autocast on this device: 'bf16', or 'auto' on CUDA. 'auto' stays
+        fp32 on the CPU: bf16 is faster only where the CPU has bf16 matrix units (AMX), and it changes
+        the numerics of a run."""
+        return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
+
     def validate(self) -> None:
         _check_choices(self, "train")
         for name in (

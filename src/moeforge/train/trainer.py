@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
-from moeforge.config import Config, ConfigError, config_from_dict
+from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
 from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
@@ -76,10 +76,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; fp32 on CPU, where bf16 backward is many times slower."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+def autocast_context(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where `train.computes_in_bf16`, else nothing."""
+    if not train.computes_in_bf16(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -357,7 +356,7 @@ class Trainer:
             self._pipeline_forward_backward(inputs, targets, sums)
         else:
             for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
-                with autocast_context(self.cfg.train.dtype, self.device):
+                with autocast_context(self.cfg.train, self.device):
                     out = self._forward(inp, tgt)
                 losses = training_losses(out, tgt, self._mtp_weight)
                 (losses.total / self.n_micro).backward()
@@ -418,7 +417,7 @@ class Trainer:
         assert pipe is not None
         self._stage_losses.clear()
         args = [inputs] if pipe.has_first else []
-        with autocast_context(self.cfg.train.dtype, self.device):
+        with autocast_context(self.cfg.train, self.device):
             pipe.schedule.step(*args, target=targets if pipe.has_last else None)
         for losses in self._stage_losses:
             sums.add_losses(losses)
@@ -456,7 +455,7 @@ class Trainer:
         )
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for inputs, targets in batches:
-            with autocast_context(self.cfg.train.dtype, self.device):
+            with autocast_context(self.cfg.train, self.device):
                 logits = self._logits(inputs.to(self.device))
             if logits is not None:
                 total += token_cross_entropy(logits, targets.to(self.device)).double() * targets.numel()

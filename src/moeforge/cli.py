@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument(
         "--variants",
         default="eager,compile,ac-experts,ac-block",
-        help="comma-separated: eager, compile, ac-experts, ac-block, compile+ac-block (default: the first four)",
+        help="comma-separated: eager, compile, ac-experts, ac-block, compile+ac-block, bf16, compile+bf16 "
+        "(default: the first four)",
     )
     train_bench.add_argument("--steps", type=int, default=4, help="timed steps per run (default: 4)")
     train_bench.add_argument(

@@ -10,14 +10,19 @@ memory and MFU, so that a user can choose; with `--peers`, the same training ste
 - **Interleaved repeats**: the variants take turns, `repeats` rounds, and the table gives each
   figure's range over the rounds (the machine may be shared: look at the spread before the ratio).
 - **MFU** = model FLOPs per token (`training_flops_per_token`: 6 x active parameters + attention)
-  x tokens/s over the peak: on CUDA the device's dense bf16 peak, on the CPU this machine's fp32
-  GEMM rate measured in the same run (a large square matmul, best of a few, with torch's threads).
+  x tokens/s over the peak: on CUDA the device's dense bf16 peak, on the CPU this machine's GEMM
+  rate in the case's precision (fp32, or bf16 for the bf16 cases: with AMX many times the fp32
+  one) measured in the same run (a large square matmul, best of a few, with torch's threads).
+- **bf16 on the CPU** warms up at least `CPU_BF16_WARMUP` steps: oneDNN compiles a kernel for each
+  new GEMM shape it meets.
 - **Peers** (`--peers`, needs `transformers`): a 4-layer DeepSeek-V3-like and Qwen3-MoE-like model
   are built with transformers from small configs and saved; moeforge imports them
   (`train.init-from-hf`) and trains them with its trainer (eager and compiled), transformers with
   its model's forward, cross-entropy on the same batches from moeforge's loader, gradient clipping
   at 1 and AdamW with the same hyper-parameters (fused, like moeforge's and like transformers'
-  `Trainer` by default). The ratio is moeforge's tokens/s over transformers'.
+  `Trainer` by default), in fp32 as users run it by default and under bf16 autocast. The ratio is
+  moeforge's tokens/s over transformers' in fp32, and for a bf16 variant also over transformers'
+  in bf16.
 """
 
 from __future__ import annotations

@@ -62,9 +62,10 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     has no fixed budget), quoting `one_line()` and pointing to `moeforge plan` for other layouts.
 
     The layout is the run's own: `parallel.*` and `diloco.*`, `train.micro-batch-size` (0 = the whole
-    per-rank batch), fp32 parameters, gradients and AdamW moments; activations in BF16 under CUDA
-    autocast ('auto'/'bf16'), fp32 otherwise. Memory is estimated everywhere; tokens/s only on a GPU
-    whose name matches a shipped cluster preset (H100, H200, H800, B200). No GPU is touched beyond
+    per-rank batch), fp32 parameters, gradients and AdamW moments; activations in BF16 where the run
+    autocasts to it (`TrainConfig.computes_in_bf16`: 'auto' on CUDA, or 'bf16'), fp32 otherwise.
+    Memory is estimated everywhere; tokens/s only on a GPU whose name matches a shipped cluster
+    preset (H100, H200, H800, B200). No GPU is touched beyond
     reading its name and memory size; no model is allocated (shapes come from a meta-device build).
     Raises `ConfigError` (one line) for a layout the planner cannot place on `world_size` devices.
     """
@@ -74,9 +75,8 @@ def estimate_run(cfg: Config, world_size: int, device: torch.device | str) -> Ru
     layout.validate(world_size, cluster.gpus_per_node)
     per_rank = cfg.train.global_batch_size // (layout.diloco_replicas * layout.data_parallel)
     layout.micro_batch_size = cfg.train.micro_batch_size or max(1, per_rank)
-    on_gpu = device.type == "cuda" and cfg.train.dtype != "fp32"
     # activations, and the rows the expert all-to-all carries, in the compute precision
-    layout.activation_bytes = 2 if on_gpu else 4
+    layout.activation_bytes = 2 if cfg.train.computes_in_bf16(device.type) else 4
     layout.dispatch_bytes = layout.combine_bytes = layout.activation_bytes
     layout.attention_kernel = moeforge_attention_kernel(cfg.model, device.type)
     shape = TrainingShape(cfg.train.global_batch_size, cfg.train.seq_len)

@@ -215,8 +215,6 @@ def plan_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, shape: Train
     optimizer = _optimizer_seconds(cfg, layout, cluster, mb.pp_rank)
     waiting = _waiting_for_peers(layout, cluster, comm, busy)
     host_work = _host_work_seconds(cfg, layout, cluster, n_micro, mb.blocks)
-    if layout.ep > 1:  # the expert-parallel dispatcher's host work, per MoE layer and micro-batch
-        host_work += n_micro * _moe_layers(cfg, mb.blocks) * cluster.ep_dispatch_overhead
     base_step = busy + exposed_a2a + exposed_dp + bubble + optimizer + comm.step_calls_s + waiting + host_work
     diloco = _diloco(cfg, layout, cluster, base_step, busy)
     exposed_diloco = diloco.exposed_per_step_s if diloco else 0.0
@@ -493,11 +491,12 @@ def _fsdp_units(cfg: ModelConfig, layout: Layout, blocks: list[int]) -> tuple[fl
 
 
 def _host_work_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, n_micro: int, blocks: list[int]) -> float:
-    """FSDP2's host work per step beyond its collectives (hooks, copy-in/copy-out bookkeeping):
-    `cluster.fsdp-unit-overhead` per communicating unit and micro-batch."""
-    if not cluster.fsdp_unit_overhead:
-        return 0.0
-    return n_micro * sum(_fsdp_units(cfg, layout, blocks)) * cluster.fsdp_unit_overhead
+    """Host work per step beyond the collectives themselves: FSDP2's (hooks, copy-in/copy-out
+    bookkeeping), `cluster.fsdp-unit-overhead` per communicating unit and micro-batch; and under EP
+    the all-to-all dispatcher's, `cluster.ep-dispatch-overhead` per MoE layer and micro-batch."""
+    fsdp = sum(_fsdp_units(cfg, layout, blocks)) * cluster.fsdp_unit_overhead
+    dispatcher = _moe_layers(cfg, blocks) * cluster.ep_dispatch_overhead if layout.ep > 1 else 0.0
+    return n_micro * (fsdp + dispatcher)
 
 
 def _data_parallel_bytes(

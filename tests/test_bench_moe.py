@@ -3,8 +3,16 @@
 import json
 
 import pytest
+import torch
 
-from moeforge.bench.moe import SHAPES, bench_shapes, format_table, run_moe_bench, swiglu_expert_flops
+from moeforge.bench.moe import (
+    SHAPES,
+    bench_shapes,
+    format_table,
+    plain_gemm_step,
+    run_moe_bench,
+    swiglu_expert_flops,
+)
 from moeforge.config import ConfigError
 
 
@@ -19,7 +27,7 @@ def test_run_moe_bench_tiny():
     )
     json.dumps(result)
     assert set(result["cases"]) == {
-        "gemm", "dense", "experts/grouped", "experts/loop", "layer/grouped", "layer/loop"
+        "gemm", "gemm/experts", "gemm/shared", "dense", "experts/grouped", "experts/loop", "layer/grouped", "layer/loop"
     }
     assert result["config"]["rows"] == 64
     assert result["expert_gflop"] == pytest.approx(swiglu_expert_flops(64, 16, 8) / 1e9)
@@ -37,7 +45,9 @@ def test_run_moe_bench_tiny():
     assert sum(result["routing_load"]["tokens_per_expert"]) == 64
     assert result["grouped_fallback"] is None
     table = format_table(result)
-    for label in ("plain GEMMs", "dense SwiGLU", "grouped experts alone (grouped)", "whole MoE layer (grouped)"):
+    floor = result["cases"]["gemm/experts"]
+    assert floor["vs_gemm"] == pytest.approx(result["cases"]["gemm"]["best_ms"] / floor["best_ms"])
+    for label in ("plain GEMMs", "per-expert GEMMs (floor)", "per-expert GEMMs, one weight", "dense SwiGLU", "grouped experts alone (grouped)", "whole MoE layer (grouped)"):
         assert label in table
     assert "grouped vs loop" in table
 
@@ -85,3 +95,8 @@ def test_run_moe_bench_peers_are_timed_or_noted():
     assert any(note.startswith("torchtitan") for note in result["peer_notes"])
     table = format_table(result)
     assert all(name.removeprefix("peer/") in table for name in peers)
+
+
+def test_plain_gemm_step_rejects_a_weight_count_that_is_neither_one_nor_per_group():
+    with pytest.raises(ValueError, match="n_weights"):
+        plain_gemm_step([2, 3], dim=4, ffn_dim=2, device=torch.device("cpu"), dtype=torch.float32, n_weights=3)

@@ -3,6 +3,11 @@
 Timed in one run, interleaved so that background load hits every case alike:
 - gemm ("plain GEMMs", the roofline): the six matmuls of a SwiGLU's forward and backward over all
   N*k routed rows, as `torch.mm` into preallocated outputs: the experts' FLOPs and nothing else;
+- gemm/experts ("per-expert GEMMs", the grouping's floor): the same six matmuls split into the
+  routed groups, each group with its own expert's weights: what the grouped experts cost with no
+  pointwise work, no autograd and no copies, so that no expert code can be faster on this machine;
+- gemm/shared ("per-expert GEMMs, one weight"): the same groups all with one weight, which splits the
+  floor's gap to plain GEMMs into the small GEMMs' own cost and the traffic of E distinct weights;
 - dense ("dense SwiGLU"): a dense SwiGLU module over the same N*k rows (matmuls + pointwise +
   autograd, one big GEMM per projection);
 - experts/<backend> ("grouped experts alone"): the routed experts on the dispatched rows of a real
@@ -46,7 +51,12 @@ SHAPES = {
 """the two shapes `bench moe` runs by default (dim 512, 4096 tokens): 32 experts of ffn 256, top-4, and
 the fine-grained 64 experts of ffn 128, top-6 (the same active expert width, 1024 vs 768)"""
 
-CASE_LABELS = {"gemm": "plain GEMMs (roofline)", "dense": "dense SwiGLU, same rows"}
+CASE_LABELS = {
+    "gemm": "plain GEMMs (roofline)",
+    "gemm/experts": "per-expert GEMMs (floor)",
+    "gemm/shared": "per-expert GEMMs, one weight",
+    "dense": "dense SwiGLU, same rows",
+}
 
 
 def swiglu_expert_flops(rows: int, dim: int, ffn_dim: int) -> int:
@@ -95,8 +105,11 @@ def run_moe_bench(
     dense = SwiGLU(dim, ffn_dim).to(torch_device, torch_dtype)
     dense.init_weights(0.02)
 
+    group_sizes = tokens_per_expert.tolist()
     steps = {
-        "gemm": plain_gemm_step(rows, dim, ffn_dim, torch_device, torch_dtype),
+        "gemm": plain_gemm_step([rows], dim, ffn_dim, torch_device, torch_dtype),
+        "gemm/experts": plain_gemm_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype, n_weights=n_experts),
+        "gemm/shared": plain_gemm_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype),
         "dense": forward_backward_step(dense, (x_sorted,)),
     }
     for backend, layer in layers.items():
@@ -208,29 +221,55 @@ def seeded_layer(cfg: MoEConfig, seed: int, device: torch.device, dtype: torch.d
     return MoE(cfg).to(device, dtype).train()
 
 
-def plain_gemm_step(rows: int, dim: int, ffn_dim: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
-    """A closure running the six matmuls of a SwiGLU's forward and backward over `rows` rows, as
-    `torch.mm` into preallocated outputs (the same FLOPs as `swiglu_expert_flops`, nothing else):
+def plain_gemm_step(
+    group_sizes: Sequence[int],
+    dim: int,
+    ffn_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    n_weights: int = 1,
+) -> Callable[[], None]:
+    """A closure running the six matmuls of a SwiGLU's forward and backward over sum(group_sizes)
+    rows, per group, as `torch.mm` into preallocated outputs (the same FLOPs as
+    `swiglu_expert_flops`, nothing else):
 
         forward   gate_up = x @ w13 [R, 2F]      out = h @ w2 [R, D]
         backward  dw2 = h^T @ dout   dh = dout @ w2^T   dw13 = x^T @ dgate_up   dx = dgate_up @ w13^T
+
+    One group is the plain GEMMs; with `n_weights` = the number of groups, group g uses weights g
+    (as the experts do), with 1 every group uses the same weights.
     """
+    if n_weights not in (1, len(group_sizes)):
+        raise ValueError(f"n_weights: got {n_weights}; allowed: 1 or the number of groups ({len(group_sizes)})")
+    rows = sum(group_sizes)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, dtype=dtype)
 
-    x, w13, w2, h = randn(rows, dim), randn(dim, 2 * ffn_dim), randn(ffn_dim, dim), randn(rows, ffn_dim)
-    grad_out, grad_gate_up = randn(rows, dim), randn(rows, 2 * ffn_dim)
-    gate_up, out, grad_h, grad_x = torch.empty_like(grad_gate_up), torch.empty_like(x), torch.empty_like(h), torch.empty_like(x)
+    x, h, grad_out, grad_gate_up = randn(rows, dim), randn(rows, ffn_dim), randn(rows, dim), randn(rows, 2 * ffn_dim)
+    gate_up, out, grad_h, grad_x = (torch.empty_like(t) for t in (grad_gate_up, x, h, x))
+    w13, w2 = randn(n_weights, dim, 2 * ffn_dim), randn(n_weights, ffn_dim, dim)
     grad_w13, grad_w2 = torch.empty_like(w13), torch.empty_like(w2)
+    sizes = list(group_sizes)
+    weight = [g % n_weights for g in range(len(sizes))]
+    x, h, grad_out, grad_gate_up, gate_up, out, grad_h, grad_x = (
+        t.split(sizes) for t in (x, h, grad_out, grad_gate_up, gate_up, out, grad_h, grad_x)
+    )
+    # (left operand, right operand, output) of each product, per group; run product by product over
+    # all groups, in the order the grouped experts' forward and backward run them
+    products = [
+        [(x[g], w13[weight[g]], gate_up[g]) for g in range(len(sizes))],
+        [(h[g], w2[weight[g]], out[g]) for g in range(len(sizes))],
+        [(h[g].t(), grad_out[g], grad_w2[weight[g]]) for g in range(len(sizes))],
+        [(grad_out[g], w2[weight[g]].t(), grad_h[g]) for g in range(len(sizes))],
+        [(x[g].t(), grad_gate_up[g], grad_w13[weight[g]]) for g in range(len(sizes))],
+        [(grad_gate_up[g], w13[weight[g]].t(), grad_x[g]) for g in range(len(sizes))],
+    ]
 
     def step() -> None:
-        torch.mm(x, w13, out=gate_up)
-        torch.mm(h, w2, out=out)
-        torch.mm(h.t(), grad_out, out=grad_w2)
-        torch.mm(grad_out, w2.t(), out=grad_h)
-        torch.mm(x.t(), grad_gate_up, out=grad_w13)
-        torch.mm(grad_gate_up, w13.t(), out=grad_x)
+        for product in products:
+            for left, right, result in product:
+                torch.mm(left, right, out=result)
 
     return step
 
@@ -330,6 +369,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{case_label(name):<34}{fig['best_ms']:>9.1f}{fig['median_ms']:>11.1f}{fig['expert_gflops']:>9.1f}"
             f"{fig['vs_gemm']:>10.2f}{fig['vs_dense']:>10.2f}{fig['vs_experts']:>12.2f}"
         )
+    if "gemm/experts" in result["cases"]:
+        lines += ["", "per-expert GEMMs (floor): the experts' matmuls alone on the routed groups, each with its own weights;",
+                  "no expert code is faster here, so its 'vs GEMMs' and 'vs dense' bound the experts' and the layer's"]
     if "grouped_vs_loop" in result:
         ratio = result["grouped_vs_loop"]
         lines += ["", f"grouped vs loop: {ratio['experts']:.2f}x experts, {ratio['layer']:.2f}x layer"]

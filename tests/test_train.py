@@ -8,6 +8,7 @@ import torch
 from conftest import small_config
 from moeforge.config import TrainConfig
 from moeforge.model.transformer import Transformer
+from moeforge.parallel import clip_grad_norm_
 from moeforge import checkpoint as ckpt
 from moeforge.run import read_metrics
 from moeforge.train.optim import lr_factor
@@ -147,3 +148,19 @@ def test_fused_adamw_follows_the_equations():
         optimizer.step()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach().double(), reference[name][0], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, float("inf")])
+def test_clip_grad_norm_in_one_process_against_a_float64_norm(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(33, 7), (5,), (4, 3, 2)]]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    params.append(torch.nn.Parameter(torch.randn(2)))  # no gradient: skipped
+    before = [p.grad.double().clone() for p in params[:3]]
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
+    norm = clip_grad_norm_(params, max_norm)
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    scale = min(1.0, max_norm / (expected.item() + 1e-6))
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad.double(), g * scale, rtol=1e-6, atol=0)

@@ -9,7 +9,7 @@ from moeforge.bench.moe import (
     SHAPES,
     bench_shapes,
     format_table,
-    plain_gemm_step,
+    swiglu_gemms_step,
     run_moe_bench,
     swiglu_expert_flops,
 )
@@ -97,6 +97,6 @@ def test_run_moe_bench_peers_are_timed_or_noted():
     assert all(name.removeprefix("peer/") in table for name in peers)
 
 
-def test_plain_gemm_step_rejects_a_weight_count_that_is_neither_one_nor_per_group():
+def test_swiglu_gemms_step_rejects_a_weight_count_that_is_neither_one_nor_per_group():
     with pytest.raises(ValueError, match="n_weights"):
-        plain_gemm_step([2, 3], dim=4, ffn_dim=2, device=torch.device("cpu"), dtype=torch.float32, n_weights=3)
+        swiglu_gemms_step([2, 3], dim=4, ffn_dim=2, device=torch.device("cpu"), dtype=torch.float32, n_weights=3)

@@ -107,9 +107,9 @@ def run_moe_bench(
 
     group_sizes = tokens_per_expert.tolist()
     steps = {
-        "gemm": plain_gemm_step([rows], dim, ffn_dim, torch_device, torch_dtype),
-        "gemm/experts": plain_gemm_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype, n_weights=n_experts),
-        "gemm/shared": plain_gemm_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype),
+        "gemm": swiglu_gemms_step([rows], dim, ffn_dim, torch_device, torch_dtype),
+        "gemm/experts": swiglu_gemms_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype, n_weights=n_experts),
+        "gemm/shared": swiglu_gemms_step(group_sizes, dim, ffn_dim, torch_device, torch_dtype),
         "dense": forward_backward_step(dense, (x_sorted,)),
     }
     for backend, layer in layers.items():
@@ -221,7 +221,7 @@ def seeded_layer(cfg: MoEConfig, seed: int, device: torch.device, dtype: torch.d
     return MoE(cfg).to(device, dtype).train()
 
 
-def plain_gemm_step(
+def swiglu_gemms_step(
     group_sizes: Sequence[int],
     dim: int,
     ffn_dim: int,

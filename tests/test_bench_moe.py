@@ -100,3 +100,33 @@ def test_run_moe_bench_peers_are_timed_or_noted():
 def test_swiglu_gemms_step_rejects_a_weight_count_that_is_neither_one_nor_per_group():
     with pytest.raises(ValueError, match="n_weights"):
         swiglu_gemms_step([2, 3], dim=4, ffn_dim=2, device=torch.device("cpu"), dtype=torch.float32, n_weights=3)
+
+
+PEER_ROUTING = {  # the moeforge routing each peer's own rules amount to at these settings
+    "transformers Qwen3-MoE": {"score_func": "softmax", "route_norm": True, "route_scale": 1.0},
+    "transformers DeepSeek-V3": {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.5},
+    "torchtitan": {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.5},
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_ROUTING))
+def test_a_peer_built_from_a_moeforge_layer_computes_the_same_layer(name):
+    """The weight copies into the peer's layout are right: with routing rules that agree, the peer's
+    output is moeforge's (torchtitan's experts run in bf16: bf16 tolerance)."""
+    module = {"transformers": "transformers", "torchtitan": "torchtitan.models.common.moe"}[name.split()[0]]
+    pytest.importorskip(module)
+    from moeforge.bench.moe_peers import PEERS
+    from moeforge.config import MoEConfig
+    from moeforge.model.moe.layer import MoE
+
+    cfg = MoEConfig(dim=32, n_experts=8, top_k=2, expert_ffn_dim=16, n_shared_experts=0, **PEER_ROUTING[name])
+    torch.manual_seed(0)
+    layer = MoE(cfg).eval()
+    peer = PEERS[name](layer).eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        expected = layer(x)[0]
+        got = peer(x)
+    got = got[0] if isinstance(got, tuple) else got
+    tolerance = {"rtol": 2e-2, "atol": 2e-3} if name == "torchtitan" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got.reshape(expected.shape), expected, **tolerance)

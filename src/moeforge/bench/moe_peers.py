@@ -7,14 +7,16 @@ or does not import here, is skipped with a one-line note.
 
 - transformers Qwen3-MoE `Qwen3MoeSparseMoeBlock` and DeepSeek-V3 `DeepseekV3MoE`, with the
   `grouped_mm` experts implementation (`torch._grouped_mm`, what transformers picks on torch >= 2.9).
-- torchtitan is not timed: 0.3.0 from PyPI, installed without its dependencies (so as not to touch
-  torch), cannot import its MoE module (`torchtitan.models.common.moe` needs `spmd_types`, `tyro`
-  and more); the table says so in a note.
+- torchtitan's `MoE` (`torchtitan.models.common.moe`, 0.3.0): token-choice router with moeforge's
+  routing settings (score function, normalisation, scale), local token dispatcher, grouped experts.
+  Its experts always compute in bf16 (0.3.0 casts their inputs and weights before
+  `torch._grouped_mm`), so in an fp32 run it is not like for like; `--dtype bf16` is. It is not in
+  the `bench` extra: importing it needs `spmd_types`, `tyro`, `einops`, `torch_checkpointing` and
+  `triton` beside it (docs/moe-performance.md has the install line).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections.abc import Callable
 
@@ -27,17 +29,22 @@ PeerBuilder = Callable[[MoE], nn.Module]
 
 
 def peer_layers(layer: MoE) -> tuple[dict[str, nn.Module], list[str]]:
-    """(the peers' MoE layers by name, a note per peer that could not be built)."""
+    """(the peers' MoE layers by name, on the layer's device and dtype; a note per peer that could
+    not be built, and one per peer whose numerics differ from the run's dtype)."""
+    weight = layer.router.weight
     layers, notes = {}, []
     for name, build in PEERS.items():
         try:
             with warnings.catch_warnings():  # DeepSeek-V3's empty shared-expert MLP warns at init
                 warnings.simplefilter("ignore", UserWarning)
-                layers[name] = build(layer).to(layer.router.weight.device).train()
+                layers[name] = build(layer).to(weight.device, weight.dtype).train()
         except ImportError as error:
-            notes.append(f"{name}: not installed ({error})")
-    installed = importlib.util.find_spec("torchtitan") is not None
-    notes.append(f"torchtitan: {'installed but ' if installed else ''}not timed (see docs/moe-performance.md)")
+            notes.append(f"{name}: not installed or does not import here ({error})")
+        except Exception as error:  # another version's API: a note, not a failed benchmark
+            notes.append(f"{name}: could not be built here ({type(error).__name__}: {error})")
+    if "torchtitan" in layers and weight.dtype != torch.bfloat16:
+        notes.append("torchtitan: its experts compute in bf16 whatever the run's dtype (not like for like; "
+                     "compare with --dtype bf16)")
     return layers, notes
 
 
@@ -90,7 +97,39 @@ def copy_expert_weights(layer: MoE, router: torch.Tensor, gate_up: torch.Tensor,
     down.copy_(layer.experts.w2.transpose(1, 2))
 
 
+def torchtitan_moe(layer: MoE) -> nn.Module:
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import GroupedExperts, MoE as TorchtitanMoE, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    cfg = layer.cfg
+    config = TorchtitanMoE.Config(
+        num_experts=cfg.n_experts,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=cfg.dim, hidden_dim=cfg.expert_ffn_dim, num_experts=cfg.n_experts),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=cfg.n_experts, top_k=cfg.top_k),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=cfg.n_experts,
+            gate=Linear.Config(in_features=cfg.dim, out_features=cfg.n_experts),
+            top_k=cfg.top_k,
+            score_func=cfg.score_func,
+            route_norm=cfg.route_norm,
+            route_scale=cfg.route_scale,
+        ),
+    )
+    block = config.build()
+    experts, hidden = block.routed_experts.inner_experts, cfg.expert_ffn_dim
+    with torch.no_grad():  # [out, in] per expert: w1 gate, w3 up, w2 down
+        block.router.gate.weight.copy_(layer.router.weight)
+        experts.w1_EFD.copy_(layer.experts.w13[:, :, :hidden].transpose(1, 2))
+        experts.w3_EFD.copy_(layer.experts.w13[:, :, hidden:].transpose(1, 2))
+        experts.w2_EDF.copy_(layer.experts.w2.transpose(1, 2))
+    return block
+
+
 PEERS: dict[str, PeerBuilder] = {
     "transformers Qwen3-MoE": qwen3_moe_block,
     "transformers DeepSeek-V3": deepseek_v3_moe,
+    "torchtitan": torchtitan_moe,
 }

@@ -90,11 +90,20 @@ def deepseek_v3_moe(layer: MoE) -> nn.Module:
 
 @torch.no_grad()
 def copy_expert_weights(layer: MoE, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    """Router [E, dim] as is; experts [E, 2*hidden, dim] and [E, dim, hidden] ([out, in], gate rows
-    first), from moeforge's [in, out] `w13` [E, dim, 2*hidden] and `w2` [E, hidden, dim]."""
+    """Router [E, dim] as is; experts [E, 2*hidden, dim] (gate rows first) and [E, dim, hidden]."""
+    gate, up, down_out_in = experts_out_in(layer)
     router.copy_(layer.router.weight)
-    gate_up.copy_(layer.experts.w13.transpose(1, 2))
-    down.copy_(layer.experts.w2.transpose(1, 2))
+    gate_up.copy_(torch.cat([gate, up], dim=1))
+    down.copy_(down_out_in)
+
+
+def experts_out_in(layer: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's experts as [out, in] matrices, the peers' layout: gate [E, hidden, dim], up
+    [E, hidden, dim], down [E, dim, hidden] (views of moeforge's [in, out] `w13` [E, dim, 2*hidden]
+    and `w2` [E, hidden, dim])."""
+    w13, w2 = layer.experts.w13, layer.experts.w2
+    hidden = w2.shape[1]
+    return w13[:, :, :hidden].transpose(1, 2), w13[:, :, hidden:].transpose(1, 2), w2.transpose(1, 2)
 
 
 def torchtitan_moe(layer: MoE) -> nn.Module:
@@ -119,12 +128,11 @@ def torchtitan_moe(layer: MoE) -> nn.Module:
         ),
     )
     block = config.build()
-    experts, hidden = block.routed_experts.inner_experts, cfg.expert_ffn_dim
-    with torch.no_grad():  # [out, in] per expert: w1 gate, w3 up, w2 down
+    experts = block.routed_experts.inner_experts
+    with torch.no_grad():  # w1 gate, w3 up, w2 down
         block.router.gate.weight.copy_(layer.router.weight)
-        experts.w1_EFD.copy_(layer.experts.w13[:, :, :hidden].transpose(1, 2))
-        experts.w3_EFD.copy_(layer.experts.w13[:, :, hidden:].transpose(1, 2))
-        experts.w2_EDF.copy_(layer.experts.w2.transpose(1, 2))
+        for weight, source in zip((experts.w1_EFD, experts.w3_EFD, experts.w2_EDF), experts_out_in(layer)):
+            weight.copy_(source)
     return block
 
 

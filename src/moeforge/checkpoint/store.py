@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from moeforge.errors import RunFailure
 from moeforge.run import CHECKPOINTS_DIR
@@ -210,19 +210,44 @@ def _single_process_is_intended():
         yield
 
 
+OPTIMIZER_BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
+"""How optimizer state is saved: every entry, hyper-parameters included, under its parameter's name
+(`optim.param_groups.<fqn>.lr`). Ranks that hold different parameters (pipeline stages) then write
+different keys. The positional layout torch uses by default (`optim.param_groups.0.lr`, with the
+group's parameter names in `optim.param_groups.0.params`) gives every stage the same keys: DCP keeps
+one stage's copy, and the others load groups naming none of their parameters (AdamW's `betas` lost)."""
+
+_POSITIONAL = StateDictOptions(flatten_optimizer_state_dict=False)
+_POSITIONAL_GROUPS = re.compile(r"(^|\.)optim\.param_groups\.\d+\.params$")
+
+
 def _tensor_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, replica: ReplicaCheckpoint | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    replica: ReplicaCheckpoint | None = None,
+    options: StateDictOptions = OPTIMIZER_BY_NAME,
 ) -> dict[str, Any]:
     if replica is not None:
         state = {**replica.shared, "rng": {"cpu": torch.get_rng_state()}}
         if replica.load_inner:
-            state[_replica_key(replica)] = _tensor_state(model, optimizer)
+            state[_replica_key(replica)] = _tensor_state(model, optimizer, options=options)
         return state
     if optimizer is None:
         model_sd, _ = get_state_dict(model, optimizers=[])
         return {"model": model_sd}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
+
+
+def _saved_optimizer_options(path: Path) -> StateDictOptions:
+    """The optimizer layout checkpoint `path` was written in: by name (`OPTIMIZER_BY_NAME`), or the
+    positional one of checkpoints written before it (read as they were written)."""
+    try:
+        keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    except (OSError, ValueError, UnsafeCheckpointError):
+        return OPTIMIZER_BY_NAME  # the load itself reports what is wrong with the file
+    positional = any(_POSITIONAL_GROUPS.search(key) for key in keys)
+    return _POSITIONAL if positional else OPTIMIZER_BY_NAME
 
 
 def _replica_key(replica: ReplicaCheckpoint) -> str:
@@ -308,7 +333,8 @@ def load_checkpoint(
     only replica 0 reads, its dp_shard ranks coordinating among themselves, and sends the shards to the
     other replicas over dp_replicate: storage serves the checkpoint once instead of R times.
     """
-    state = _tensor_state(model, optimizer, replica)
+    options = _saved_optimizer_options(path) if optimizer is not None else OPTIMIZER_BY_NAME
+    state = _tensor_state(model, optimizer, replica, options)
     if not replicated(mesh):
         _raise_unless_fits(path, _read_from_storage(state, path, process_group=None))
         stats = LoadStats(read_bytes=_nbytes(state))
@@ -317,12 +343,16 @@ def load_checkpoint(
     if replica is not None:
         if replica.load_inner:
             inner = state[_replica_key(replica)]
-            set_state_dict(model, optimizer, model_state_dict=inner["model"], optim_state_dict=inner["optim"])
+            set_state_dict(
+                model, optimizer, model_state_dict=inner["model"], optim_state_dict=inner["optim"], options=options
+            )
         torch.set_rng_state(state["rng"]["cpu"])
     elif optimizer is None:
         set_state_dict(model, optimizers=[], model_state_dict=state["model"], optim_state_dict={})
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        )
         torch.set_rng_state(state["rng"]["cpu"])
     return dataclasses.replace(read_meta(path), load_stats=stats)
 

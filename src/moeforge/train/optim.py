@@ -12,7 +12,9 @@ from moeforge.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors (norms, biases) and embeddings don't (the usual GPT recipe)."""
+    """Matrices decay; vectors (norms, biases) and embeddings don't (the usual GPT recipe). A group
+    with no parameter (a pipeline stage of matrices only) is left out: checkpoints name each group's
+    hyper-parameters by its parameters (checkpoint/store.py), so an empty one could not be restored."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
@@ -22,10 +24,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moeforge.config.checks import _check, _check_choices
+from moeforge.config.checks import _check, _check_choices, _check_values
 
 Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"]
 
@@ -44,6 +44,7 @@ class DiLoCoConfig:
         return self.replicas > 1
 
     def validate(self) -> None:
+        _check_values(self, "diloco")
         _check_choices(self, "diloco")
         _check(self.replicas >= 1, "diloco.replicas", self.replicas, "an integer >= 1")
         _check(self.sync_every >= 1, "diloco.sync-every", self.sync_every, "an integer >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import tomllib
 import typing
 from collections.abc import Callable
@@ -146,7 +147,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
                 raise ValueError
             if isinstance(value, bool):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+            return int(value) if not isinstance(value, str) else _integer_text(value)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -154,6 +155,24 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         return str(value)  # a str, or a Literal of strings: `_check_choices` checks the value
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not a valid {typ.__name__}") from None
+
+
+def _integer_text(text: str) -> int:
+    """An integer written in digits ('100_000' too) or in exact scientific notation ('1e9', '2.5e3'),
+    as a TOML file may hold it; a ValueError for anything else, and for a magnitude past int64 before
+    it is expanded ('1e999999999' is not turned into a billion digits; validation bounds the rest)."""
+    text = text.replace("_", "")
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        raise ValueError(text) from None
+    if not number.is_finite() or number.adjusted() > 100 or number != number.to_integral_value():
+        raise ValueError(text)
+    return int(number)
 
 
 class Option(NamedTuple):

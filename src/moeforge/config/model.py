@@ -6,7 +6,48 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moeforge.config.checks import _check, _check_choices, _flag
+from moeforge.config.checks import _check, _check_bounds, _check_choices, _check_values, _flag
+
+MOE_BOUNDS = {
+    "dim": (0, 2**16),
+    "n_experts": (1, 2**16),
+    "expert_ffn_dim": (1, 2**20),
+    "n_shared_experts": (0, 2**10),
+}
+"""Upper bounds of an MoE layer's sizes, far above every released model so that none is forbidden,
+and low enough that no shape product overflows int64 and the planner's meta-device count stays quick.
+The width as the model's (`MODEL_BOUNDS`). Routed experts: 256 in DeepSeek-V3, 384 in Kimi K2, 512 in Qwen3-Next; 65,536 leaves 128x room.
+Expert width: 2,048 in DeepSeek-V3, 14,336 in Mixtral-8x7B; 2**20 as for a dense FFN. Shared
+experts: 1 or 2 in every released model; 1,024. Whether a size *fits* is the memory check's job
+(moeforge.plan.memory_budget), not these bounds'."""
+
+MODEL_BOUNDS = {
+    "vocab_size": (1, 2**24),
+    "dim": (1, 2**16),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 2**12),
+    "n_kv_heads": (1, 2**12),
+    "head_dim": (0, 2**12),
+    "ffn_dim": (1, 2**20),
+    "q_lora_rank": (0, 2**16),
+    "kv_lora_rank": (1, 2**16),
+    "qk_nope_head_dim": (1, 2**12),
+    "qk_rope_head_dim": (2, 2**12),
+    "v_head_dim": (1, 2**12),
+    "max_seq_len": (1, 2**24),
+    "mtp_depth": (0, 64),
+}
+"""Upper bounds of a model's sizes, each far above every released model (DeepSeek-V3-671B, Llama-3-
+405B, PaLM-540B, Gemma 3, Llama 4 all validate), so that a typo such as n-layers 100000 is named at
+once instead of building blocks for minutes, no shape product overflows int64, and the planner's
+meta-device build of the model stays quick. Vocabulary: 262,144 at most in released models (Gemma
+3); 2**24 = 16.7M. Width: 18,432 (PaLM), 16,384 (Llama-3-405B); 65,536. Blocks: 126 (Llama-3-405B),
+118 (PaLM), 61 (DeepSeek-V3); 1,024. Heads: 128 (DeepSeek-V3, Llama-3-405B); 4,096, as for every
+per-head width (128-256 in released models, 192 for MLA's query/key). Dense FFN width: 73,728
+(PaLM); 2**20. MLA latent ranks: 1,536 / 512 (DeepSeek-V3); 65,536, the width's bound. Context:
+10M tokens (Llama 4 Scout); 2**24 = 16.7M (the RoPE tables the model keeps grow with it: the memory
+check counts them). MTP depth: 1 in DeepSeek-V3, 4-8 in the multi-token-prediction papers; 64.
+Whether a model *fits* is the memory check's job (moeforge.plan.memory_budget), not these bounds'."""
 
 
 @dataclass
@@ -52,6 +93,7 @@ class MoEConfig:
         return tuple(name for name, coef in coefs if coef > 0)
 
     def validate(self, prefix: str = "moe") -> None:
+        _check_values(self, prefix)
         _check_choices(self, prefix)
         _check(self.dim >= 0, f"{prefix}.dim", self.dim, "an integer >= 0")
         _check(self.n_experts >= 1, f"{prefix}.n-experts", self.n_experts, "an integer >= 1")
@@ -94,6 +136,7 @@ class MoEConfig:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{_flag(name)}", value, "a number >= 0")
         _check(self.jitter < 1, f"{prefix}.jitter", self.jitter, "a number in [0, 1)")
+        _check_bounds(self, prefix, MOE_BOUNDS)
 
 
 @dataclass
@@ -161,6 +204,7 @@ class ModelConfig:
         return layer_id >= self.n_dense_layers
 
     def validate(self) -> None:
+        _check_values(self, "model")
         _check_choices(self, "model")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
@@ -202,6 +246,7 @@ class ModelConfig:
             self.moe.dim,
             f"0 or model.dim={self.dim}",
         )
+        _check_bounds(self, "model", MODEL_BOUNDS)
         self.moe.validate("model.moe")
 
     def validate_mla(self) -> None:

@@ -7,9 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moeforge.config.checks import ConfigError, _check, _check_choices, _flag
+from moeforge.config.checks import ConfigError, _check, _check_bounds, _check_choices, _check_values, _flag
 from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
+
+
+TRAIN_BOUNDS = {
+    "global_batch_size": (1, 2**24),
+    "seq_len": (1, 2**24),
+}
+"""Upper bounds of a step's batch: 15,360 sequences in DeepSeek-V3's, ~2,000 in Llama-3-405B's (16M
+tokens of 8,192); 2**24 sequences leaves 1,000x room. Sequences: as long as model.max-seq-len may be
+(`MODEL_BOUNDS`). Whether a batch *fits* is the memory check's job (moeforge.plan.memory_budget)."""
 
 
 @dataclass
@@ -91,6 +100,7 @@ class TrainConfig:
         return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
 
     def validate(self) -> None:
+        _check_values(self, "train")
         _check_choices(self, "train")
         for name in (
             "steps",
@@ -112,6 +122,7 @@ class TrainConfig:
                 self.micro_batch_size,
                 f"a divisor of global-batch-size={self.global_batch_size}",
             )
+        _check_bounds(self, "train", TRAIN_BOUNDS)
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(0 <= self.min_lr_ratio <= 1, "train.min-lr-ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(
@@ -148,6 +159,7 @@ class DataConfig:
     """fraction of the corpus held out for validation loss"""
 
     def validate(self) -> None:
+        _check_values(self, "data")
         _check(0 < self.val_fraction < 1, "data.val-fraction", self.val_fraction, "a number in (0, 1)")
         if self.path:
             _check(Path(self.path).exists(), "data.path", self.path, "an existing file or directory")
@@ -196,6 +208,7 @@ class ParallelConfig:
     barriers) before it stops with an error naming what it waited for, instead of hanging"""
 
     def validate(self, world_size: int = 1) -> None:
+        _check_values(self, "parallel")
         _check_choices(self, "parallel")
         _check(self.pp >= 1 and world_size % self.pp == 0, "parallel.pp", self.pp, f"a divisor of the world size {world_size}")
         _check(self.dp_replicate >= 1, "parallel.dp-replicate", self.dp_replicate, "an integer >= 1")

@@ -2,6 +2,7 @@
 package, or from a package of a lower layer (never a sibling of its layer, never one above).
 
     errors, runtime
+    safe_paths                    files named by other files, opened inside their directory only
     config
     model                         plain single-device modules: no process groups, no collectives
     parallel
@@ -28,6 +29,7 @@ import moeforge
 SOURCE = Path(moeforge.__file__).parent
 LAYERS = [
     {"errors", "runtime"},
+    {"safe_paths"},
     {"config"},
     {"model"},
     {"parallel"},

@@ -766,20 +766,22 @@ def run_checkpoint_verify(args: argparse.Namespace, rest: list[str]) -> int:
     path = Path(args.run_dir)
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR: {str(path)!r} is not a directory")
-    checkpoints = [path] if (path / ckpt.META_FILE).is_file() else ckpt.list_checkpoints(path)
+    checkpoints = ckpt.checkpoints_in(path)
     if not checkpoints:
         raise ConfigError(f"RUN_DIR: no complete checkpoint in {str(path)!r}")
-    bad = 0
-    for checkpoint in checkpoints:
+    good = []
+    for checkpoint in checkpoints:  # the checks a resume makes (newest_good_checkpoint), without its renames
         problems = ckpt.verify_checkpoint(checkpoint)
-        bad += bool(problems)
+        good += [] if problems else [checkpoint]
         print(f"{checkpoint.name}: {_verdict(checkpoint, problems)}")
         for problem in problems[1:]:
             print(f"{' ' * len(checkpoint.name)}  {problem}")
     for aside in sorted(ckpt.checkpoint_dir(path).glob(f"*{ckpt.CORRUPT_SUFFIX}*")):
         print(f"{aside.name}: set aside by an earlier resume (not used)")
-    print(f"{len(checkpoints) - bad} of {len(checkpoints)} checkpoints good")
-    return 1 if bad else 0
+    if len(checkpoints) > 1 and good:
+        print(f"a resume continues from {good[-1].name}")
+    print(f"{len(good)} of {len(checkpoints)} checkpoints good")
+    return 0 if len(good) == len(checkpoints) else 1
 
 
 def _verdict(checkpoint: Path, problems: list[str]) -> str:
@@ -787,11 +789,12 @@ def _verdict(checkpoint: Path, problems: list[str]) -> str:
 
     if problems:
         return f"BAD: {problems[0]}"
-    files = ckpt.read_meta(checkpoint).files
-    if files is None:
-        return "no checksums recorded (written by an older moeforge); not verified"
-    size = sum(entry["bytes"] for entry in files.values())
-    return f"ok ({len(files)} files, {size / 1e6:.1f} MB, SHA-256 verified)"
+    meta = ckpt.read_meta(checkpoint)
+    unhashed = "" if meta.format >= 2 else f", {ckpt.META_FILE} unhashed (written by an older moeforge)"
+    if meta.files is None:
+        return f"no checksums recorded (written by an older moeforge); not verified{unhashed}"
+    size = sum(entry["bytes"] for entry in meta.files.values())
+    return f"ok ({len(meta.files)} files, {size / 1e6:.1f} MB, SHA-256 verified{unhashed})"
 
 
 def _output_dir(path: str, flag: str) -> Path:

@@ -6,6 +6,10 @@ RUN_DIR/checkpoints/     sharded checkpoints (moeforge.checkpoint)
 RUN_DIR/metrics.jsonl    one JSON object per logged step
 RUN_DIR/tensorboard/     TensorBoard event files
 RUN_DIR/report/          PNG plots (moeforge.report)
+
+A tokenizer.json found in a run directory (or a Hugging Face directory) is used only when it is a
+regular file inside that directory, symlinks resolved, of at most `MAX_TOKENIZER_BYTES`
+(moeforge.safe_paths); anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from moeforge.config import Config
 from moeforge.data.tokenizer import Tokenizer, build_tokenizer
+from moeforge.safe_paths import FileMissing, file_inside
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -25,6 +30,8 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
+MAX_TOKENIZER_BYTES = 512 << 20
+"""a bound on tokenizer.json (those of 250k-token vocabularies are ~30 MB)"""
 
 
 def write_run_files(run_dir: Path, cfg: Config) -> None:
@@ -37,9 +44,18 @@ def write_run_files(run_dir: Path, cfg: Config) -> None:
 
 def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:
     """The tokenizer a run trained with: its copied tokenizer.json, or the byte tokenizer."""
-    copied = run_dir / TOKENIZER_FILE
-    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied.is_file() else "byte")
+    copied = tokenizer_file(run_dir)
+    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied else "byte")
     return build_tokenizer(data_cfg)
+
+
+def tokenizer_file(directory: Path, home: Path | None = None) -> Path | None:
+    """`directory`'s tokenizer.json, checked (module docstring), or None when it has none; `home` is
+    the tree it may resolve into (default: `directory`)."""
+    try:
+        return file_inside(directory, TOKENIZER_FILE, directory, home, MAX_TOKENIZER_BYTES)
+    except FileMissing:
+        return None
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:

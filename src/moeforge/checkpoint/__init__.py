@@ -1,21 +1,19 @@
 """Sharded checkpoints: DCP state written atomically with a checksum of every file (store.py,
-checksums.py), read without running code (safe_load.py), and a trained model rebuilt from one
-(model_loading.py)."""
+checksums.py) and of meta.json itself (meta.py), read without running code or leaving the checkpoint
+directory (safe_load.py), and a trained model rebuilt from one (model_loading.py)."""
 
+from moeforge.checkpoint.meta import META_FILE, META_HASH_FILE, CheckpointError, CheckpointMeta, read_meta
 from moeforge.checkpoint.model_loading import LoadedModel, load_model
 from moeforge.checkpoint.store import (
     CORRUPT_SUFFIX,
-    META_FILE,
-    CheckpointError,
-    CheckpointMeta,
     LoadStats,
     ReplicaCheckpoint,
     checkpoint_dir,
+    checkpoints_in,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
-    read_meta,
     resolve_checkpoint,
     save_checkpoint,
     set_aside,
@@ -26,12 +24,14 @@ from moeforge.checkpoint.store import (
 __all__ = [
     "CORRUPT_SUFFIX",
     "META_FILE",
+    "META_HASH_FILE",
     "CheckpointError",
     "CheckpointMeta",
     "LoadStats",
     "LoadedModel",
     "ReplicaCheckpoint",
     "checkpoint_dir",
+    "checkpoints_in",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

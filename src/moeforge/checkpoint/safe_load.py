@@ -7,6 +7,11 @@ metadata goes through an unpickler that rebuilds only DCP's own metadata records
 dtypes and layouts and paths, and each non-tensor leaf must load with `weights_only=True` (plain
 containers, numbers, strings and tensors) before DCP sees it. Anything else is refused with an error
 naming the offending global. Tensor data itself is raw bytes and never unpickled.
+
+The files DCP reads are named by `.metadata` (each storage record's `relative_path`): before any is
+read, each must be a regular file inside the checkpoint directory, symlinks resolved, and the bytes
+a record reads must lie within it (moeforge.safe_paths); `.metadata` itself is read the same way,
+up to `MAX_METADATA_BYTES`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import io
 import pathlib
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +28,11 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+
+from moeforge.safe_paths import file_inside, read_inside
+
+MAX_METADATA_BYTES = 1 << 30
+"""a bound on `.metadata` (a few kB for one process; it grows with ranks x tensors)"""
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -77,16 +88,46 @@ def read_dcp_metadata(stream: io.BufferedIOBase) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with a restricted unpickler for `.metadata`."""
+    """DCP's file reader with a restricted unpickler for `.metadata`, which reads no file outside the
+    checkpoint directory (module docstring)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = read_dcp_metadata(stream)
+        directory = Path(self.path)
+        name = Path(self._get_metadata_path(kwargs.get("rank"))).name
+        data = read_inside(directory, name, directory, MAX_METADATA_BYTES)
+        metadata = read_dcp_metadata(io.BytesIO(data))
+        check_storage_records(metadata, directory, directory / name)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def check_storage_records(metadata: Metadata, directory: Path, source: Path) -> None:
+    """Refuse (`PathRefused`, `UnsafeCheckpointError`) a storage record of `metadata` (read from
+    `source`) that names a file outside `directory` or anything but a regular file, or reads bytes
+    beyond the end of its file."""
+    records = metadata.storage_data if metadata.storage_data is not None else {}
+    if not isinstance(records, dict):
+        raise UnsafeCheckpointError(f"{source}: its storage records are a {type(records).__name__}, not a dict")
+    sizes: dict[str, int] = {}
+    for index, record in records.items():
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(record, dcp_filesystem._StorageInfo):
+            raise UnsafeCheckpointError(f"{source}: the storage record of {fqn} is a {type(record).__name__}")
+        name = record.relative_path
+        if not isinstance(name, str) or name not in sizes:
+            sizes[name] = file_inside(directory, name, source).stat().st_size
+        if not _within(record.offset, record.length, sizes[name]):
+            raise UnsafeCheckpointError(
+                f"{source}: the storage record of {fqn} reads {record.length!r} bytes at "
+                f"{record.offset!r} of {name!r}, which holds {sizes[name]}"
+            )
+
+
+def _within(offset: Any, length: Any, size: int) -> bool:
+    counts = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length))
+    return counts and offset + length <= size
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

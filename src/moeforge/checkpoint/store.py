@@ -2,33 +2,39 @@
 
 Layout of a run directory:
 
-    OUT/checkpoints/step_000100/      one complete checkpoint: DCP shards + meta.json
+    OUT/checkpoints/step_000100/      one complete checkpoint: DCP shards + meta.json + meta.sha256
     OUT/checkpoints/step_000200.tmp/  being written; never read, removed on the next save
-    OUT/checkpoints/step_000300.corrupt/  failed its checksums on resume: set aside, kept for a person
+    OUT/checkpoints/step_000300.corrupt/  failed its checks on resume: set aside, kept for a person
 
 Tensors (model incl. router biases, optimizer, RNG) go through DCP, so the same code saves sharded
 DTensors from many ranks and plain tensors from one process. Replicas whose parameters differ
 (DiLoCo) save their model and optimizer under `replica_<r>.`, next to trees every replica holds
 alike (`ReplicaCheckpoint`): the top-level `model.` is then the replicas' common model. Everything small and not a tensor
-(step, config, data position, scheduler) goes to `meta.json`, written last by rank 0: a directory is
-renamed from `.tmp` to its final name only after every rank finished, so a directory without `.tmp`
-is always complete and a killed run resumes from the newest one. meta.json records the size and
-SHA-256 of every other file (checksums.py); a resume verifies them and falls back to the newest
-checkpoint that passes, setting the bad one aside (discovery and retention skip it).
+(step, config, data position, scheduler) goes to `meta.json`, written last by rank 0 with its own
+SHA-256 in `meta.sha256` (meta.py): a directory is renamed from `.tmp` to its final name only after
+every rank finished, so a directory without `.tmp` is always complete and a killed run resumes from
+the newest one. meta.json records the size and SHA-256 of every other file (checksums.py); a resume
+verifies them, meta.json itself and the paths DCP's `.metadata` names, and falls back to the newest
+checkpoint that passes, setting the bad one aside (discovery and retention skip it). A step
+directory that fails, its meta.json missing included, is named in one line, never skipped silently.
+
+A failure to write (a full disk, a read-only directory) is one line naming the directory and the
+reason, on every rank, and leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import errno
+import pickle
 import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,9 +43,20 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from moeforge.errors import RunFailure
 from moeforge.run import CHECKPOINTS_DIR
+from moeforge.safe_paths import PathRefused
 from moeforge.checkpoint.checksums import record_checksums, verify_checksums
+from moeforge.checkpoint.meta import (
+    META_FILE,
+    META_HASH_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    MetaError,
+    first_line,
+    fsync_directory,
+    read_meta,
+    write_meta,
+)
 from moeforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 from moeforge.parallel.replicas import (
     broadcast_shards,
@@ -52,14 +69,10 @@ from moeforge.parallel.replicas import (
 if TYPE_CHECKING:
     from moeforge.parallel.mesh import ParallelMesh
 
-META_FILE = "meta.json"
 PREFIX = "step_"
 _COMPLETE_NAME = re.compile(rf"{PREFIX}\d+")
 CORRUPT_SUFFIX = ".corrupt"
-
-
-class CheckpointError(RunFailure, RuntimeError):
-    """A checkpoint that cannot be used: missing, incomplete, or from an incompatible model."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,16 +114,6 @@ class ReplicaCheckpoint:
     load_inner: bool = True
 
 
-@dataclass
-class CheckpointMeta:
-    step: int
-    config: dict[str, Any]
-    extra: dict[str, Any]
-    files: dict[str, dict[str, Any]] | None = None
-    """size and SHA-256 of every other file; None in checkpoints written before they were recorded"""
-    load_stats: LoadStats | None = None  # set by load_checkpoint; None when only meta.json was read
-
-
 def checkpoint_dir(run_dir: Path | str) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
@@ -120,14 +123,23 @@ def step_path(run_dir: Path | str, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path | str) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: every `step_N` directory, since one is renamed to
+    that name only once written (one whose meta.json has gone missing since fails `verify_checkpoint`)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    done = [
-        p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and (p / META_FILE).is_file()
-    ]
+    done = [p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def checkpoints_in(path: Path | str) -> list[Path]:
+    """`path` itself when it is one checkpoint (one holding a meta.json, or a `checkpoints/step_N`
+    directory), else the checkpoints of the run directory `path`, oldest first."""
+    path = Path(path)
+    named = path.parent.name == CHECKPOINTS_DIR and _COMPLETE_NAME.fullmatch(path.name)
+    if named or (path / META_FILE).is_file():
+        return [path]
+    return list_checkpoints(path)
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
@@ -137,33 +149,31 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
 
 def resolve_checkpoint(path: Path | str) -> Path:
     """A checkpoint directory itself, or a run directory (its newest checkpoint)."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
+    found = checkpoints_in(path)
+    if not found:
         raise CheckpointError(f"--checkpoint: no complete checkpoint in {str(path)!r}")
-    return found
-
-
-def read_meta(path: Path) -> CheckpointMeta:
-    """The meta.json of checkpoint `path`; a one-line `CheckpointError` naming it when it is unreadable."""
-    file = path / META_FILE
-    try:
-        data = json.loads(file.read_text())
-        return CheckpointMeta(data["step"], data["config"], data.get("extra", {}), data.get("files"))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{file}: unreadable ({_first_line(err)})") from err
+    return found[-1]
 
 
 def verify_checkpoint(path: Path) -> list[str]:
-    """What is wrong with checkpoint `path`, one line a bad file; empty when every file matches the
-    checksums it recorded (or it recorded none). The same on every rank: call it on all of them."""
+    """What is wrong with checkpoint `path`, one line a bad file; empty when meta.json passes its
+    checks (meta.py), every file matches the checksum it recorded (or it recorded none), and every
+    path DCP's `.metadata` names is a regular file inside the checkpoint. What a resume acts on and
+    `checkpoint verify` prints. The same on every rank: call it on all of them."""
     try:
-        files = read_meta(path).files
-    except CheckpointError as err:
-        return [f"{META_FILE}: unreadable ({_first_line(err.__cause__)})"]
-    return verify_checksums(path, files) if files is not None else []
+        meta = read_meta(path)
+    except MetaError as err:
+        return [f"{META_FILE}: {err.reason}"]
+    problems = verify_checksums(path, meta.files, path / META_FILE) if meta.files is not None else []
+    if problems:
+        return problems
+    try:
+        SafeFileSystemReader(path).read_metadata()
+    except (PathRefused, UnsafeCheckpointError) as err:
+        return [first_line(err)]
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:  # legacy: no checksums
+        return [f".metadata: unreadable ({first_line(err)})"]
+    return []
 
 
 def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> Path | None:
@@ -174,22 +184,27 @@ def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> 
         problems = verify_checkpoint(path)
         if not problems:
             return path
-        if _is_rank0():
-            aside = set_aside(path)
-            warn(
-                f"checkpoint {str(path)!r} is bad: {problems[0]}; set aside as {aside.name}, trying the one before"
-            )
-        _barrier()
+        bad = f"checkpoint {str(path)!r} is bad: {problems[0]}"
+        aside = _on_rank0(lambda path=path, bad=bad: set_aside(path, bad))
+        if aside is not None:
+            warn(f"{bad}; set aside as {aside.name}, trying the one before")
     return None
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a bad checkpoint to step_N.corrupt (step_N.corrupt.2, ... if taken) and return the new path."""
+def set_aside(path: Path, why: str = "") -> Path:
+    """Rename a bad checkpoint to step_N.corrupt (step_N.corrupt.2, ... if taken) and return the new
+    path; a one-line `CheckpointError` starting with `why` when the directory cannot be renamed."""
     aside, copy = path.with_name(path.name + CORRUPT_SUFFIX), 1
     while aside.exists():
         copy += 1
         aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{copy}")
-    path.rename(aside)
+    try:
+        path.rename(aside)
+    except OSError as err:
+        raise CheckpointError(
+            f"{why + '; ' if why else ''}could not set it aside as {aside.name} in {str(path.parent)!r} "
+            f"({err.strerror or first_line(err)}): make the directory writable and rerun"
+        ) from None
     return aside
 
 
@@ -200,6 +215,25 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _on_rank0(action: Callable[[], T]) -> T | None:
+    """`action()` on rank 0 only: its result there, None elsewhere. When it raises an OSError or a
+    CheckpointError, every rank raises it (the others would otherwise wait for rank 0 forever). A
+    collective: call it on every rank."""
+    if not dist.is_initialized():
+        return action()
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = action()
+        except (OSError, CheckpointError) as err:
+            failure = err
+    shared = [failure]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise shared[0]
+    return result
 
 
 @contextlib.contextmanager
@@ -273,47 +307,70 @@ def save_checkpoint(
     final = step_path(run_dir, step)
     tmp = final.with_suffix(".tmp")
     previous = latest_checkpoint(run_dir)
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    state = _tensor_state(model, optimizer, replica)
     try:
+        _on_rank0(lambda: _fresh_directory(tmp))
         with _single_process_is_intended():
-            dcp.save(
-                _tensor_state(model, optimizer, replica),
-                checkpoint_id=str(tmp),
-                no_dist=not dist.is_initialized(),
-            )
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         _barrier()
-        files = record_checksums(tmp, skip=META_FILE)
-        if _is_rank0():
-            meta = {"step": step, "config": config, "extra": extra, "files": files}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        files = record_checksums(tmp, skip={META_FILE, META_HASH_FILE})
+        meta = {"step": step, "config": config, "extra": extra, "files": files}
+        _on_rank0(lambda: _publish(tmp, final, meta, run_dir, keep))
     except (OSError, CheckpointException) as err:
-        if _is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)
-        kept = (
-            f"the previous checkpoint {str(previous)!r} is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(
-            f"could not write checkpoint {final.name}: {_save_failure(err)}; {kept} — free space in "
-            f"{str(checkpoint_dir(run_dir))!r} (or lower train.keep-checkpoints) and rerun to resume"
-        ) from None
-    _barrier()
+        raise _save_error(err, final, previous, _nbytes(state)) from None
     return final
 
 
-def _save_failure(err: BaseException) -> str:
-    """The first rank's reason, from DCP's wrapper of every rank's failure or a plain OSError."""
-    if isinstance(err, CheckpointException):
+def _fresh_directory(path: Path) -> None:
+    """An empty directory at `path` (and its parents), whatever was there."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _publish(tmp: Path, final: Path, meta: dict[str, Any], run_dir: Path | str, keep: int) -> None:
+    """Rank 0's last steps of a save: meta.json and meta.sha256 (meta.py), the atomic rename of the
+    `.tmp` directory made durable, then retention of the newest `keep` checkpoints."""
+    write_meta(tmp, meta)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_directory(final.parent)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_error(err: BaseException, final: Path, previous: Path | None, nbytes: int) -> CheckpointError:
+    """The one line for a save that failed on some rank (the `.tmp` directory is removed): the
+    first rank's reason, "no space left on device" named as such, and what to do."""
+    if isinstance(err, CheckpointException):  # DCP's wrapper of every rank's failure
         err = next(iter(err.failures.values()))[0]
-    return _first_line(err)
+    directory = final.parent
+    free = _free_bytes(directory)
+    if _is_rank0():
+        shutil.rmtree(final.with_suffix(".tmp"), ignore_errors=True)
+    kept = f"the previous checkpoint {str(previous)!r} is intact" if previous else "no earlier checkpoint exists"
+    if _out_of_space(err, free, nbytes):
+        reason = f"no space left on device ({free / 1e6:.1f} MB free, {nbytes / 1e6:.1f} MB of tensors to write)"
+        advice = f"free space in {str(directory)!r} (or lower train.keep-checkpoints) and rerun to resume"
+    else:
+        reason = first_line(err)
+        advice = f"make {str(directory)!r} writable and rerun to resume"
+    return CheckpointError(f"could not write checkpoint {final.name}: {reason}; {kept} — {advice}")
+
+
+def _out_of_space(err: BaseException, free: int | None, nbytes: int) -> bool:
+    """Whether a save failed for want of space: an OSError ENOSPC, or anything else (torch's zip
+    writer reports a short write as "[enforce fail at inline_container.cc] unexpected pos", losing the
+    OSError) while less space is free than the tensors need."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return free is not None and free < nbytes
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
 
 
 def load_checkpoint(
@@ -381,13 +438,9 @@ def _read_from_storage(
 
 
 def _load_failure(err: BaseException) -> str:
-    if isinstance(err, UnsafeCheckpointError):
-        return f"it is not safe to load: {_first_line(err)}"
-    return f"it does not fit this model: {_first_line(err)}"
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, UnsafeCheckpointError | PathRefused):
+        return f"it is not safe to load: {first_line(err)}"
+    return f"it does not fit this model: {first_line(err)}"
 
 
 def _raise_unless_fits(path: Path, error: str | None) -> None:

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from moeforge.config import Config
 from moeforge.interop.hf import (
@@ -22,6 +21,7 @@ from moeforge.interop.hf import (
     to_hf,
     weight_files,
 )
+from moeforge.interop.hf.safetensors_io import model_home, read_header
 from moeforge import checkpoint as ckpt
 from moeforge import run
 
@@ -42,8 +42,9 @@ def hf_to_checkpoint(hf_dir: Path | str, out: Path | str, progress: bool = True)
     cfg = Config(model=model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / run.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-    if (hf_dir / run.TOKENIZER_FILE).is_file():
-        shutil.copyfile(hf_dir / run.TOKENIZER_FILE, out / run.TOKENIZER_FILE)
+    tokenizer = run.tokenizer_file(hf_dir, model_home(hf_dir))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / run.TOKENIZER_FILE)
     extra = {"hf_source": str(hf_dir.resolve()), HF_DTYPE_KEY: DTYPE_NAMES[stored_dtype(hf_dir)]}
     return ckpt.save_checkpoint(out, 0, model, None, cfg.to_dict(), extra, keep=1)
 
@@ -58,8 +59,8 @@ def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype
         name = ckpt.read_meta(loaded.checkpoint).extra.get(HF_DTYPE_KEY, "float32")
         dtype = {v: k for k, v in DTYPE_NAMES.items()}[name]
     path = to_hf(loaded.model, out, dtype)
-    tokenizer = loaded.checkpoint.parent.parent / run.TOKENIZER_FILE
-    if tokenizer.is_file():
+    tokenizer = run.tokenizer_file(loaded.checkpoint.parent.parent)
+    if tokenizer is not None:
         shutil.copyfile(tokenizer, Path(out) / run.TOKENIZER_FILE)
     return path
 
@@ -67,10 +68,9 @@ def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype
 def stored_dtype(hf_dir: Path) -> torch.dtype:
     """The precision of a checkpoint's token embedding, taken as the precision of the checkpoint."""
     for file in weight_files(hf_dir):
-        with safe_open(str(file), framework="pt") as shard:
-            if "model.embed_tokens.weight" in shard.keys():  # noqa: SIM118 -- safe_open is not a mapping
-                name = shard.get_slice("model.embed_tokens.weight").get_dtype()
-                if name not in SAFETENSORS_DTYPES:
-                    raise HFInteropError(f"{file.name}: weights stored as {name}; allowed: F32, BF16, F16")
-                return SAFETENSORS_DTYPES[name]
+        entry = read_header(file).get("model.embed_tokens.weight")
+        if entry is not None:
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise HFInteropError(f"{file.name}: weights stored as {entry['dtype']}; allowed: F32, BF16, F16")
+            return SAFETENSORS_DTYPES[entry["dtype"]]
     raise HFInteropError(f"{hf_dir}: no tensor 'model.embed_tokens.weight' in any shard")

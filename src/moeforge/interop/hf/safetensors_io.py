@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,6 +74,9 @@ def _weight_map(path: Path, home: Path) -> dict[str, Any] | None:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise HFInteropError(f"{index}: no 'weight_map' object ({{tensor name: shard file}})")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise HFInteropError(f"{index}: weight_map[{name!r}] is {shard!r}; allowed: a shard's file name")
     return weight_map
 
 
@@ -106,10 +110,12 @@ def read_header(file: Path) -> dict[str, dict[str, Any]]:
     region exactly (each tensor's span = elements x dtype size, no overlap, no gap, none past the
     end: what safetensors requires). Anything else is a one-line `HFInteropError` naming the file."""
     with file.open("rb") as stream:
-        size = file.stat().st_size
-        length = struct.unpack("<Q", stream.read(8).ljust(8, b"\0"))[0] if size >= 8 else None
-        if length is None or length > min(size - 8, MAX_HEADER_BYTES):
-            _damaged(file, f"its header length {length} does not fit in the file's {size} bytes")
+        size = os.fstat(stream.fileno()).st_size
+        if size < 8:
+            _damaged(file, f"{size} bytes, fewer than the 8 of its header length")
+        length = struct.unpack("<Q", stream.read(8))[0]
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            _damaged(file, f"its header length {length} does not fit in the file's {size} bytes (or in 100 MB)")
         text = stream.read(length)
     try:
         header = json.loads(text)
@@ -146,12 +152,14 @@ def _check_tiling(file: Path, header: dict[str, dict[str, Any]], data_bytes: int
     end = 0
     for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
         begin, stop = entry["data_offsets"]
+        if stop > data_bytes:
+            _damaged(file, f"tensor {name!r} at {entry['data_offsets']} runs past a data region of {data_bytes} bytes")
         if begin != end:
             what = "overlaps the tensor before it" if begin < end else f"leaves bytes {end}..{begin} unused"
             _damaged(file, f"tensor {name!r} at {entry['data_offsets']} {what}")
         end = stop
     if end != data_bytes:
-        _damaged(file, f"its tensors end at byte {end} of a data region of {data_bytes}")
+        _damaged(file, f"its tensors end at byte {end} of a data region of {data_bytes} bytes")
 
 
 def _is_count(value: Any) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -147,3 +148,19 @@ def test_a_garbled_meta_file_is_a_one_line_error_naming_it(run, capsys):
     assert capsys.readouterr().err == f"moeforge generate: error: {meta}: unreadable ({reason})\n"
     assert main(["checkpoint", "verify", str(run)]) == 1
     assert "step_000004: BAD: meta.json: unreadable (Expecting ',' delimiter" in capsys.readouterr().out
+
+
+def test_a_meta_file_edited_in_valid_json_is_set_aside_and_the_run_continues_as_if_uninterrupted(run, capsys):
+    uninterrupted = losses(run)
+    meta = ckpt.step_path(run, STEPS) / ckpt.META_FILE
+    edited = json.loads(meta.read_text())
+    edited["extra"]["data"]["sequences_consumed"] = 0  # would resume on other data
+    meta.write_text(json.dumps(edited, indent=1))
+    resumed = Trainer(config(), run)
+    assert resumed.resume_if_possible()
+    assert resumed.step == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint '{ckpt.step_path(run, STEPS)}' is bad: meta.json: its SHA-256 differs from the one " in err
+    assert "set aside as step_000004.corrupt" in err
+    resumed.fit()
+    assert losses(run) == uninterrupted

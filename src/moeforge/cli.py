@@ -461,13 +461,20 @@ def run_train(args: argparse.Namespace, rest: list[str]) -> int:
 def run_generate(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
     from moeforge.infer import SamplingConfig, generate, load_model
+    from moeforge.infer.generate import check_prompt_text, check_seed, generation_device
     from moeforge.model.flops import kv_cache_comparison
+    from moeforge.plan.memory_budget import check_checkpoint_fits
 
     # made (and so checked) first: a mistake in the flags is reported before any checkpoint is read
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: got {args.max_new_tokens}; allowed: an integer >= 1")
-    loaded = load_model(args.checkpoint, args.device)
+    check_prompt_text(args.prompt)
+    check_seed(args.seed)
+    device = generation_device(args.device)
+    # then the model's size, from the checkpoint's meta.json, before it is built (a byte a token at most)
+    check_checkpoint_fits(args.checkpoint, device, len(args.prompt.encode()) + args.max_new_tokens)
+    loaded = load_model(args.checkpoint, device)
     prompt = loaded.tokenizer.encode(args.prompt)
     result = generate(
         loaded.model, prompt, args.max_new_tokens, sampling, args.seed, loaded.tokenizer.eos_id, args.compile
@@ -684,6 +691,7 @@ def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from moeforge.interop.convert import checkpoint_to_hf, hf_to_checkpoint
+    from moeforge.plan.memory_budget import check_checkpoint_fits
 
     if args.from_hf:
         if args.dtype:
@@ -692,6 +700,7 @@ def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"wrote {checkpoint}; try: moeforge generate --checkpoint {args.out}")
         return 0
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    check_checkpoint_fits(args.to_hf, "cpu")  # the model is rebuilt whole on the host to be written
     path = checkpoint_to_hf(args.to_hf, _output_dir(args.out, "--out"), dtypes.get(args.dtype))
     print(f"wrote Hugging Face checkpoint {path}")
     return 0

@@ -7,6 +7,7 @@ achieved is (active weight bytes + KV bytes read) x tokens/s.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -29,12 +30,46 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         """Checked once, when made (the command line makes one before it reads any checkpoint)."""
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature: got {self.temperature}; allowed: a number >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature: got {self.temperature}; allowed: a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise ConfigError(f"--top-k: got {self.top_k}; allowed: an integer >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p: got {self.top_p}; allowed: a number in (0, 1]")
+
+
+def check_prompt_text(text: str) -> None:
+    """A prompt that is text: the command line hands bytes that are not UTF-8 over as lone surrogates
+    (Python's surrogateescape), which no tokenizer can encode; a one-line error naming the first."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise ConfigError(f"--prompt: not valid UTF-8 ({what} at character {err.start}); allowed: UTF-8 text") from None
+
+
+def check_seed(seed: int) -> None:
+    """A seed `torch.Generator.manual_seed` takes: an integer within int64."""
+    if not -(2**63) <= seed < 2**63:
+        raise ConfigError(f"--seed: got {seed}; allowed: an integer within int64 (|seed| < 2**63)")
+
+
+def generation_device(name: str) -> torch.device:
+    """The device `--device` names, checked to exist here: a one-line error for a name torch does not
+    know ('gpu'), a kind moeforge does not decode on ('meta'), and CUDA where there is none."""
+    allowed = "'cpu', 'cuda' or 'cuda:N'"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: got {name!r}; allowed: {allowed}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: got {name!r}; allowed: {allowed}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: got {name!r}; allowed: 'cpu' (CUDA is not available here)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: got {name!r}; allowed: cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 @dataclass

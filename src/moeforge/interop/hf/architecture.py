@@ -8,11 +8,15 @@ map, write and check the fields every architecture has; each architecture module
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from moeforge.config import ModelConfig, MoEConfig
+from moeforge.config.checks import INT64
+from moeforge.config.model import MODEL_BOUNDS, MOE_BOUNDS
 from moeforge.interop.hf.errors import HFInteropError
 
 # Fields that describe the run, the tokenizer or the file, not the function the model computes.
@@ -33,6 +37,79 @@ COMMON_FIELDS = frozenset(
         "num_experts_per_tok", "router_aux_loss_coef",
     }
 )  # fmt: skip
+
+
+# Integer size fields of the formats, each with the moeforge field whose bounds it takes
+# (`MODEL_BOUNDS`, `MOE_BOUNDS`): checked before any field is used, so that no range() or count runs
+# over a num_hidden_layers of 1e18.
+SIZE_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+    "max_position_embeddings": "max_seq_len", "intermediate_size": "ffn_dim",
+    "moe_intermediate_size": "moe.expert_ffn_dim", "n_routed_experts": "moe.n_experts",
+    "num_experts": "moe.n_experts", "num_local_experts": "moe.n_experts", "num_experts_per_tok": "moe.n_experts",
+    "n_shared_experts": "moe.n_shared_experts", "n_group": "moe.n_experts", "topk_group": "moe.n_experts",
+    "first_k_dense_replace": "n_layers", "decoder_sparse_step": "n_layers", "max_window_layers": "n_layers",
+    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim", "qk_head_dim": "head_dim", "v_head_dim": "v_head_dim",
+    "num_nextn_predict_layers": "mtp_depth", "num_mtp_layers": "mtp_depth",
+}  # fmt: skip
+
+# Number fields of the formats (a float, or an integer written without a fraction).
+NUMBER_FIELDS = frozenset(
+    {
+        "rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor", "router_aux_loss_coef",
+        "aux_loss_alpha", "router_jitter_noise", "attention_dropout",
+    }
+)  # fmt: skip
+
+
+def check_json_numbers(value: Any, file: Path | str, where: str = "") -> None:
+    """Every number in a parsed config.json finite (Python's json reads NaN, Infinity and an
+    overflowing 1e999 as floats) and every integer within int64; a one-line `HFInteropError` naming
+    the file and the field (dotted for nested objects, [i] for list items) otherwise."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_json_numbers(item, file, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_numbers(item, file, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise HFInteropError(f"{file}: {where}: got {value}; allowed: a finite number")
+    elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise HFInteropError(f"{file}: {where}: got {_short(value)}; allowed: an integer within int64")
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"an integer of {len(text)} digits"
+
+
+def check_value_types(values: dict[str, Any]) -> None:
+    """The size fields present integers within moeforge's bounds for what they set (`SIZE_FIELDS`),
+    the number fields numbers (`NUMBER_FIELDS`); a one-line `HFInteropError` naming the field.
+    None stands for 'not set' where the formats allow it (q_lora_rank, head_dim, ...)."""
+    for key, target in SIZE_FIELDS.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        _, high = _bounds_of(target)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int or not 0 <= value <= high:
+            flag = target.replace("_", "-")
+            raise HFInteropError(
+                f"{key}: got {value!r}; allowed: an integer in [0, {high}] (the bound of moeforge's model.{flag})"
+            )
+    for key in NUMBER_FIELDS:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise HFInteropError(f"{key}: got {value!r}; allowed: a number")
+
+
+def _bounds_of(target: str) -> tuple[int, int]:
+    """('n_layers' -> MODEL_BOUNDS['n_layers'], 'moe.n_experts' -> MOE_BOUNDS['n_experts'])."""
+    section, _, name = target.rpartition(".")
+    return (MOE_BOUNDS if section == "moe" else MODEL_BOUNDS)[name]
 
 
 @dataclass(frozen=True)

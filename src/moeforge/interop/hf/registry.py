@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.config import ConfigError, ModelConfig
-from moeforge.interop.hf.architecture import COMMON_FIELDS, IGNORED_FIELDS, Architecture, common_unsupported
+from moeforge.interop.hf.architecture import (
+    COMMON_FIELDS,
+    IGNORED_FIELDS,
+    Architecture,
+    check_json_numbers,
+    check_value_types,
+    common_unsupported,
+)
 from moeforge.interop.hf.deepseek_v3 import DEEPSEEK_V3
 from moeforge.interop.hf.errors import HFInteropError
 from moeforge.interop.hf.layout import declared_mtp_layers, stored_mtp_layers
@@ -24,14 +31,38 @@ CONFIG_FILE = "config.json"
 ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (QWEN3_MOE, MIXTRAL, DEEPSEEK_V3)}
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""the most of a config.json read: a real model's is a few kilobytes"""
+
+
 def read_hf_config(path: Path | str) -> dict[str, Any]:
+    """The config.json of a Hugging Face model directory, read with a size bound and checked to be a
+    JSON object of finite numbers (`check_json_numbers`); anything else is a one-line
+    `HFInteropError` naming the file (and the field)."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise HFInteropError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise HFInteropError(f"{file}: not valid JSON: {err}") from None
+        with file.open("rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise HFInteropError(f"{file}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise HFInteropError(f"{file}: more than {MAX_CONFIG_BYTES} bytes; a config.json holds a few thousand")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise HFInteropError(f"{file}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer of > 4300 digits, deep nesting
+        raise HFInteropError(f"{file}: not valid JSON: {_first_line(err)}") from None
+    if not isinstance(config, dict):
+        raise HFInteropError(f"{file}: got a JSON {type(config).__name__}; allowed: a JSON object of fields")
+    check_json_numbers(config, file)
+    return config
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def hf_model_config(path: Path | str) -> ModelConfig:
@@ -46,6 +77,7 @@ def hf_model_config(path: Path | str) -> ModelConfig:
         )
     values = {**arch.defaults, **hf}
     try:
+        check_value_types(values)  # before any field is used: sizes bounded, numbers numbers
         problems = common_unsupported(values) + arch.unsupported(values)
         if problems:
             raise HFInteropError(f"unsupported: {'; '.join(problems)}")
@@ -82,7 +114,7 @@ def _imported_mtp_depth(path: Path, values: dict[str, Any], n_layers: int) -> in
 
 def architecture_of(hf: dict[str, Any], where: Path | str) -> Architecture:
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         allowed = " | ".join(repr(name) for name in ARCHITECTURES)
         raise HFInteropError(f"{where}: model_type: got {model_type!r}; allowed: {allowed}")
     return ARCHITECTURES[model_type]

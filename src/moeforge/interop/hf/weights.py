@@ -51,14 +51,19 @@ from moeforge.parallel.mesh import ParallelMesh
 from moeforge.parallel.pipeline import StageModel
 from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, replicated
 from moeforge.parallel.sharded_load import LocalPart, index_box, local_part, overlap
+from moeforge.plan.memory_budget import check_model_fits
 
 # ----------------------------------------------------------------------------------------------
 # Import
 
 
 def from_hf(path: Path | str, progress: bool = True) -> Transformer:
-    """A moeforge `Transformer` (fp32, eval mode) with the weights of a local Hugging Face checkpoint."""
-    model = Transformer(hf_model_config(path))
+    """A moeforge `Transformer` (fp32, eval mode) with the weights of a local Hugging Face checkpoint;
+    a one-line `MemoryLimitError` instead when the model would not fit this process's host memory
+    (moeforge.plan.memory_budget)."""
+    cfg = hf_model_config(path)
+    check_model_fits(cfg, "cpu", f"the model of {Path(path) / CONFIG_FILE}")
+    model = Transformer(cfg)
     load_hf_weights(model, path, progress)
     return model.eval()
 

@@ -167,13 +167,19 @@ def verify_checkpoint(path: Path) -> list[str]:
     problems = verify_checksums(path, meta.files, path / META_FILE) if meta.files is not None else []
     if problems:
         return problems
+    problem = _on_rank0(lambda: _metadata_problem(path))  # read once, as DCP does
+    return [problem] if problem else []
+
+
+def _metadata_problem(path: Path) -> str | None:
+    """What is wrong with the `.metadata` of checkpoint `path` (safe_load.py), or None."""
     try:
         SafeFileSystemReader(path).read_metadata()
     except (PathRefused, UnsafeCheckpointError) as err:
-        return [first_line(err)]
+        return first_line(err)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:  # legacy: no checksums
-        return [f".metadata: unreadable ({first_line(err)})"]
-    return []
+        return f".metadata: unreadable ({first_line(err)})"
+    return None
 
 
 def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> Path | None:
@@ -186,7 +192,7 @@ def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> 
             return path
         bad = f"checkpoint {str(path)!r} is bad: {problems[0]}"
         aside = _on_rank0(lambda path=path, bad=bad: set_aside(path, bad))
-        if aside is not None:
+        if _is_rank0():
             warn(f"{bad}; set aside as {aside.name}, trying the one before")
     return None
 
@@ -217,23 +223,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _on_rank0(action: Callable[[], T]) -> T | None:
-    """`action()` on rank 0 only: its result there, None elsewhere. When it raises an OSError or a
-    CheckpointError, every rank raises it (the others would otherwise wait for rank 0 forever). A
-    collective: call it on every rank."""
+def _on_rank0(action: Callable[[], T]) -> T:
+    """`action()` run on rank 0 only, its result returned on every rank. When it raises an OSError
+    or a CheckpointError, every rank raises it (the others would otherwise wait for rank 0 forever).
+    A collective: call it on every rank."""
     if not dist.is_initialized():
         return action()
-    result, failure = None, None
+    shared: list[Any] = [None, None]  # [failure, result]
     if dist.get_rank() == 0:
         try:
-            result = action()
+            shared[1] = action()
         except (OSError, CheckpointError) as err:
-            failure = err
-    shared = [failure]
+            shared[0] = err
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         raise shared[0]
-    return result
+    return shared[1]
 
 
 @contextlib.contextmanager

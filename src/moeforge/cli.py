@@ -787,7 +787,9 @@ def run_checkpoint_verify(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"{' ' * len(checkpoint.name)}  {problem}")
     for aside in sorted(ckpt.checkpoint_dir(path).glob(f"*{ckpt.CORRUPT_SUFFIX}*")):
         print(f"{aside.name}: set aside by an earlier resume (not used)")
-    if len(checkpoints) > 1 and good:
+    if not good:
+        print("a resume finds no good checkpoint and starts from step 0")
+    elif len(checkpoints) > 1:
         print(f"a resume continues from {good[-1].name}")
     print(f"{len(good)} of {len(checkpoints)} checkpoints good")
     return 0 if len(good) == len(checkpoints) else 1

@@ -1,5 +1,7 @@
 """Config loading, overrides and one-line validation errors."""
 
+import re
+
 import pytest
 
 from moeforge import cli
@@ -295,3 +297,81 @@ def test_pipeline_ranks_come_out_of_the_data_parallel_ranks():
     v_shape = {"parallel.pp": "2", "parallel.pp-schedule": "zbv", "parallel.pp-stage-blocks": "0,2,2,0"}
     cfg = load_config(overrides={**v_shape, "train.micro-batch-size": "2"}, world_size=2)
     assert cfg.parallel.pp_stages() == 4
+
+
+FLOAT_FLAGS = [option.flag for option in iter_options() if type(option.default) is float]
+INT_FLAGS = [option.flag for option in iter_options() if type(option.default) is int]
+
+
+def test_the_walked_fields_are_the_numeric_ones():
+    assert "train.lr" in FLOAT_FLAGS and "parallel.timeout-s" in FLOAT_FLAGS and len(FLOAT_FLAGS) >= 25
+    assert "model.n-layers" in INT_FLAGS and "train.seed" in INT_FLAGS and len(INT_FLAGS) >= 35
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_every_float_field_refuses_a_non_finite_value_in_one_line(flag, value, tmp_path):
+    """One walk over the float fields (`checks._check_values`): no field gives inf or nan a meaning."""
+    shown = "inf" if value == "1e999" else value
+    message = rf"^{re.escape(flag)}: got {shown}; allowed: a finite number$"
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={flag: value})
+    table, key = flag.rsplit(".", 1)
+    (tmp_path / "run.toml").write_text(f"[{table}]\n{key} = {shown}\n")  # TOML has inf and nan too
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file=tmp_path / "run.toml")
+
+
+@pytest.mark.parametrize("flag", INT_FLAGS)
+def test_every_integer_field_refuses_a_value_past_int64(flag):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(flag)}: got 9223372036854775808; allowed: "):
+        load_config(overrides={flag: str(2**63)})
+
+
+def test_integers_in_exact_scientific_notation_are_integers():
+    cfg = load_config(overrides={"train.steps": "2.5e3", "model.moe.n-experts": "1.6E1", "train.seed": "1_000"})
+    assert (cfg.train.steps, cfg.model.moe.n_experts, cfg.train.seed) == (2500, 16, 1000)
+    for text in ("2.5", "1e-3", "1e101", "nan", "inf", "0x10"):
+        with pytest.raises(ConfigError, match=rf"^train\.steps: '{text}' is not a valid int$"):
+            load_config(overrides={"train.steps": text})
+
+
+@pytest.mark.parametrize(
+    "flag, high",
+    [
+        ("model.vocab-size", 2**24),
+        ("model.dim", 2**16),
+        ("model.n-layers", 1024),
+        ("model.ffn-dim", 2**20),
+        ("model.max-seq-len", 2**24),
+        ("model.mtp-depth", 64),
+        ("model.moe.n-experts", 2**16),
+        ("model.moe.expert-ffn-dim", 2**20),
+        ("train.global-batch-size", 2**24),
+    ],
+)
+def test_sizes_are_bounded_at_a_value_that_is_still_valid(flag, high):
+    """Each bound itself validates (only the config: nothing is built); one more is one line."""
+    at_bound = {"model.max-seq-len": str(2**24), flag: str(high)}
+    if flag == "model.moe.n-experts":
+        at_bound.update({"model.moe.n-groups": "1", "model.moe.topk-groups": "1"})
+    load_config(overrides=at_bound)
+    low = 0 if flag == "model.mtp-depth" else 1
+    message = rf"^{re.escape(flag)}: got {high + 1}; allowed: an integer in \[{low}, {high}\]$"
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={**at_bound, flag: str(high + 1)})
+
+
+def test_values_set_in_code_meet_the_same_checks():
+    cases = [
+        (lambda cfg: setattr(cfg.model, "n_layers", 61.0), r"^model\.n-layers: got 61\.0; allowed: an integer$"),
+        (lambda cfg: setattr(cfg.model, "tie_embeddings", "yes"), r"^model\.tie-embeddings: got 'yes'; allowed: true \| false$"),
+        (lambda cfg: setattr(cfg.model.moe, "top_k", True), r"^model\.moe\.top-k: got True; allowed: an integer$"),
+        (lambda cfg: setattr(cfg.train, "lr", "3e-4"), r"^train\.lr: got '3e-4'; allowed: a finite number$"),
+        (lambda cfg: setattr(cfg.model, "attention", None), r"^model\.attention: got None; allowed: a string$"),
+    ]
+    for change, message in cases:
+        cfg = Config()
+        change(cfg)
+        with pytest.raises(ConfigError, match=message):
+            cfg.validate()

@@ -95,6 +95,7 @@ class MoEConfig:
     def validate(self, prefix: str = "moe") -> None:
         _check_values(self, prefix)
         _check_choices(self, prefix)
+        _check_bounds(self, prefix, MOE_BOUNDS)
         _check(self.dim >= 0, f"{prefix}.dim", self.dim, "an integer >= 0")
         _check(self.n_experts >= 1, f"{prefix}.n-experts", self.n_experts, "an integer >= 1")
         _check(
@@ -136,7 +137,6 @@ class MoEConfig:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{_flag(name)}", value, "a number >= 0")
         _check(self.jitter < 1, f"{prefix}.jitter", self.jitter, "a number in [0, 1)")
-        _check_bounds(self, prefix, MOE_BOUNDS)
 
 
 @dataclass
@@ -209,6 +209,7 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{_flag(name)}", value, "an integer >= 1")
+        _check_bounds(self, "model", MODEL_BOUNDS)
         _check(
             0 <= self.n_dense_layers <= self.n_layers,
             "model.n-dense-layers",
@@ -246,7 +247,6 @@ class ModelConfig:
             self.moe.dim,
             f"0 or model.dim={self.dim}",
         )
-        _check_bounds(self, "model", MODEL_BOUNDS)
         self.moe.validate("model.moe")
 
     def validate_mla(self) -> None:

@@ -102,6 +102,7 @@ class TrainConfig:
     def validate(self) -> None:
         _check_values(self, "train")
         _check_choices(self, "train")
+        _check_bounds(self, "train", TRAIN_BOUNDS)
         for name in (
             "steps",
             "global_batch_size",
@@ -122,7 +123,6 @@ class TrainConfig:
                 self.micro_batch_size,
                 f"a divisor of global-batch-size={self.global_batch_size}",
             )
-        _check_bounds(self, "train", TRAIN_BOUNDS)
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(0 <= self.min_lr_ratio <= 1, "train.min-lr-ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(

@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from conftest import small_config
 from moeforge import checkpoint as ckpt
-from moeforge.checkpoint import store
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.spawn import run_on_processes
 
@@ -44,7 +43,7 @@ def fail_on_rank_0(rank: int, run_dir: str) -> None:
     finally:
         Path.mkdir, Path.rename = original_mkdir, original_rename
     assert time.monotonic() - started < TIMEOUT_S / 2, "a rank waited for rank 0"
-    assert store.latest_checkpoint(run_dir) == ckpt.step_path(run_dir, 1)
+    assert ckpt.latest_checkpoint(run_dir) == ckpt.step_path(run_dir, 1)
 
 
 def test_a_directory_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_path):

@@ -10,7 +10,9 @@ import torch
 from moeforge.config import Config, config_from_dict
 from moeforge.data.tokenizer import Tokenizer
 from moeforge.model.transformer import Transformer
-from moeforge.checkpoint import store as ckpt
+from moeforge.checkpoint.discovery import resolve_checkpoint
+from moeforge.checkpoint.meta import read_meta
+from moeforge.checkpoint.store import load_checkpoint
 from moeforge.run import tokenizer_for_run
 
 
@@ -25,10 +27,10 @@ class LoadedModel:
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
     """`path` is a run directory (its newest checkpoint is used) or one checkpoint directory."""
-    checkpoint = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_meta(checkpoint)
+    checkpoint = resolve_checkpoint(path)
+    meta = read_meta(checkpoint)
     cfg = config_from_dict(meta.config)
     model = Transformer(cfg.model).to(device)
-    ckpt.load_checkpoint(checkpoint, model)
+    load_checkpoint(checkpoint, model)
     run_dir = checkpoint.parent.parent
     return LoadedModel(model.eval(), cfg, tokenizer_for_run(run_dir, cfg), checkpoint, meta.step)

@@ -15,8 +15,7 @@ SHA-256 in `meta.sha256` (meta.py): a directory is renamed from `.tmp` to its fi
 every rank finished, so a directory without `.tmp` is always complete and a killed run resumes from
 the newest one. meta.json records the size and SHA-256 of every other file (checksums.py); a resume
 verifies them, meta.json itself and the paths DCP's `.metadata` names, and falls back to the newest
-checkpoint that passes, setting the bad one aside (discovery and retention skip it). A step
-directory that fails, its meta.json missing included, is named in one line, never skipped silently.
+checkpoint that passes, setting the bad one aside (discovery.py; discovery and retention skip it).
 
 A failure to write (a full disk, a read-only directory) is one line naming the directory and the
 reason, on every rank, and leaves the previous checkpoint as it was.
@@ -27,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -43,15 +41,21 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from moeforge.run import CHECKPOINTS_DIR
 from moeforge.safe_paths import PathRefused
-from moeforge.checkpoint.checksums import record_checksums, verify_checksums
+from moeforge.checkpoint.checksums import record_checksums
+from moeforge.checkpoint.discovery import (
+    barrier,
+    is_rank0,
+    latest_checkpoint,
+    list_checkpoints,
+    on_rank0,
+    step_path,
+)
 from moeforge.checkpoint.meta import (
     META_FILE,
     META_HASH_FILE,
     CheckpointError,
     CheckpointMeta,
-    MetaError,
     first_line,
     fsync_directory,
     read_meta,
@@ -69,10 +73,6 @@ from moeforge.parallel.replicas import (
 if TYPE_CHECKING:
     from moeforge.parallel.mesh import ParallelMesh
 
-PREFIX = "step_"
-_COMPLETE_NAME = re.compile(rf"{PREFIX}\d+")
-CORRUPT_SUFFIX = ".corrupt"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,133 +112,6 @@ class ReplicaCheckpoint:
     index: int
     shared: dict[str, Any]
     load_inner: bool = True
-
-
-def checkpoint_dir(run_dir: Path | str) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def step_path(run_dir: Path | str, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"{PREFIX}{step:06d}"
-
-
-def list_checkpoints(run_dir: Path | str) -> list[Path]:
-    """Complete checkpoints of a run, oldest first: every `step_N` directory, since one is renamed to
-    that name only once written (one whose meta.json has gone missing since fails `verify_checkpoint`)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob(f"{PREFIX}*") if _COMPLETE_NAME.fullmatch(p.name) and p.is_dir()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
-
-
-def checkpoints_in(path: Path | str) -> list[Path]:
-    """`path` itself when it is one checkpoint (one holding a meta.json, or a `checkpoints/step_N`
-    directory), else the checkpoints of the run directory `path`, oldest first."""
-    path = Path(path)
-    named = path.parent.name == CHECKPOINTS_DIR and _COMPLETE_NAME.fullmatch(path.name)
-    if named or (path / META_FILE).is_file():
-        return [path]
-    return list_checkpoints(path)
-
-
-def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: Path | str) -> Path:
-    """A checkpoint directory itself, or a run directory (its newest checkpoint)."""
-    found = checkpoints_in(path)
-    if not found:
-        raise CheckpointError(f"--checkpoint: no complete checkpoint in {str(path)!r}")
-    return found[-1]
-
-
-def verify_checkpoint(path: Path) -> list[str]:
-    """What is wrong with checkpoint `path`, one line a bad file; empty when meta.json passes its
-    checks (meta.py), every file matches the checksum it recorded (or it recorded none), and every
-    path DCP's `.metadata` names is a regular file inside the checkpoint. What a resume acts on and
-    `checkpoint verify` prints. The same on every rank: call it on all of them."""
-    try:
-        meta = read_meta(path)
-    except MetaError as err:
-        return [f"{META_FILE}: {err.reason}"]
-    problems = verify_checksums(path, meta.files, path / META_FILE) if meta.files is not None else []
-    if problems:
-        return problems
-    problem = _on_rank0(lambda: _metadata_problem(path))  # read once, as DCP does
-    return [problem] if problem else []
-
-
-def _metadata_problem(path: Path) -> str | None:
-    """What is wrong with the `.metadata` of checkpoint `path` (safe_load.py), or None."""
-    try:
-        SafeFileSystemReader(path).read_metadata()
-    except (PathRefused, UnsafeCheckpointError) as err:
-        return first_line(err)
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:  # legacy: no checksums
-        return f".metadata: unreadable ({first_line(err)})"
-    return None
-
-
-def newest_good_checkpoint(run_dir: Path | str, warn: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint of a run that passes `verify_checkpoint`. Each newer one that fails is
-    set aside as `step_N.corrupt` (never deleted), with one line to `warn` naming its bad file. A
-    collective: call it on every rank."""
-    for path in reversed(list_checkpoints(run_dir)):
-        problems = verify_checkpoint(path)
-        if not problems:
-            return path
-        bad = f"checkpoint {str(path)!r} is bad: {problems[0]}"
-        aside = _on_rank0(lambda path=path, bad=bad: set_aside(path, bad))
-        if _is_rank0():
-            warn(f"{bad}; set aside as {aside.name}, trying the one before")
-    return None
-
-
-def set_aside(path: Path, why: str = "") -> Path:
-    """Rename a bad checkpoint to step_N.corrupt (step_N.corrupt.2, ... if taken) and return the new
-    path; a one-line `CheckpointError` starting with `why` when the directory cannot be renamed."""
-    aside, copy = path.with_name(path.name + CORRUPT_SUFFIX), 1
-    while aside.exists():
-        copy += 1
-        aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{copy}")
-    try:
-        path.rename(aside)
-    except OSError as err:
-        raise CheckpointError(
-            f"{why + '; ' if why else ''}could not set it aside as {aside.name} in {str(path.parent)!r} "
-            f"({err.strerror or first_line(err)}): make the directory writable and rerun"
-        ) from None
-    return aside
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _on_rank0(action: Callable[[], T]) -> T:
-    """`action()` run on rank 0 only, its result returned on every rank. When it raises an OSError
-    or a CheckpointError, every rank raises it (the others would otherwise wait for rank 0 forever).
-    A collective: call it on every rank."""
-    if not dist.is_initialized():
-        return action()
-    shared: list[Any] = [None, None]  # [failure, result]
-    if dist.get_rank() == 0:
-        try:
-            shared[1] = action()
-        except (OSError, CheckpointError) as err:
-            shared[0] = err
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise shared[0]
-    return shared[1]
 
 
 @contextlib.contextmanager
@@ -314,13 +187,13 @@ def save_checkpoint(
     previous = latest_checkpoint(run_dir)
     state = _tensor_state(model, optimizer, replica)
     try:
-        _on_rank0(lambda: _fresh_directory(tmp))
+        on_rank0(lambda: _fresh_directory(tmp))
         with _single_process_is_intended():
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        _barrier()
+        barrier()
         files = record_checksums(tmp, skip={META_FILE, META_HASH_FILE})
         meta = {"step": step, "config": config, "extra": extra, "files": files}
-        _on_rank0(lambda: _publish(tmp, final, meta, run_dir, keep))
+        on_rank0(lambda: _publish(tmp, final, meta, run_dir, keep))
     except (OSError, CheckpointException) as err:
         raise _save_error(err, final, previous, _nbytes(state)) from None
     return final
@@ -350,7 +223,7 @@ def _save_error(err: BaseException, final: Path, previous: Path | None, nbytes: 
         err = next(iter(err.failures.values()))[0]
     directory = final.parent
     free = _free_bytes(directory)
-    if _is_rank0():
+    if is_rank0():
         shutil.rmtree(final.with_suffix(".tmp"), ignore_errors=True)
     kept = f"the previous checkpoint {str(previous)!r} is intact" if previous else "no earlier checkpoint exists"
     if _out_of_space(err, free, nbytes):

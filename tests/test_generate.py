@@ -9,9 +9,12 @@ from moeforge.infer.decode import decode_forward, decode_step, moe_output
 from moeforge.infer.generate import (
     EOS_CHECK_EVERY,
     SamplingConfig,
+    check_prompt_text,
+    check_seed,
     decode_loop,
     generate,
     generate_batch,
+    generation_device,
     token_probabilities,
 )
 from moeforge.infer.speculative import speculative_generate
@@ -63,6 +66,33 @@ def test_bad_generation_arguments_name_the_flag():
         generate(model, [1], 2, SamplingConfig(top_p=0))
     with pytest.raises(ValueError, match="--prompt"):
         generate(model, [], 2)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_sampling_cannot_divide_by_is_refused(temperature):
+    """nan logits would all be argmax 0: token 0 (a NUL byte) forever, and exit 0."""
+    with pytest.raises(ValueError, match=rf"^--temperature: got {temperature}; allowed: a finite number >= 0"):
+        SamplingConfig(temperature=temperature)
+    with pytest.raises(ValueError, match=r"^--top-p: got nan; allowed: a number in \(0, 1\]$"):
+        SamplingConfig(top_p=float("nan"))
+
+
+def test_prompt_seed_and_device_are_checked_before_any_model():
+    check_prompt_text("naïve ☃")
+    with pytest.raises(ValueError, match=r"^--prompt: not valid UTF-8 \(byte 0xff at character 1\)"):
+        check_prompt_text("a\udcffb")  # what argv holds for the bytes b"a\xffb"
+    with pytest.raises(ValueError, match=r"^--prompt: not valid UTF-8 \(character U\+D800 at character 0\)"):
+        check_prompt_text("\ud800")
+    check_seed(2**63 - 1)
+    with pytest.raises(ValueError, match=r"^--seed: got 9223372036854775808; allowed: an integer within int64"):
+        check_seed(2**63)
+    assert generation_device("cpu") == torch.device("cpu")
+    for name in ("gpu", "meta", ""):
+        with pytest.raises(ValueError, match=rf"^--device: got '{name}'; allowed: 'cpu', 'cuda' or 'cuda:N'$"):
+            generation_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device: got 'cuda'; allowed: 'cpu' \(CUDA is not available here\)$"):
+            generation_device("cuda")
 
 
 # --- static caches, the compilable step, batches -------------------------------------------------

@@ -21,6 +21,7 @@ from moeforge.model.attention import rope_tables
 from moeforge.model.flops import kv_cache_bytes_per_token
 from moeforge.model.transformer import Transformer
 from moeforge.plan import estimate_run
+from moeforge.plan import memory_budget as budget_module
 from moeforge.plan.memory_budget import (
     ENV_LIMIT,
     MemoryLimitError,
@@ -161,6 +162,29 @@ def test_budgets_come_from_meminfo_shared_by_local_ranks_or_the_environment(monk
         memory_budget("cpu")
 
 
+def test_on_cuda_the_model_needs_the_gpus_free_memory_and_the_hosts_for_its_build(monkeypatch, tmp_path):
+    """No GPU needed: the free memory CUDA reports and /proc/meminfo are stood in for."""
+    monkeypatch.delenv(ENV_LIMIT, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = small_config().model
+    memory = model_memory(cfg)
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(budget_module, "MEMINFO", meminfo)
+    free = {"bytes": memory.resident}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80e9))
+    meminfo.write_text(f"MemTotal: 99999999 kB\nMemAvailable: {math.ceil(2 * memory.peak / 1024)} kB\n")
+    assert host_budget().source == "MemAvailable of this host / 2 local ranks"
+    assert memory_budget("cuda").source == "free memory of cuda" and memory_budget("cuda").bytes == memory.resident
+    check_model_fits(cfg, "cuda", "the model")  # both exactly enough
+    free["bytes"] = memory.resident - 1
+    with pytest.raises(MemoryLimitError, match=r"^the model needs ~.* \(free memory of cuda\); driven by"):
+        check_model_fits(cfg, "cuda", "the model")
+    free["bytes"] = 80e9
+    meminfo.write_text(f"MemAvailable: {math.floor(2 * memory.peak / 1024) - 1} kB\n")
+    with pytest.raises(MemoryLimitError, match=r"^the model, built on the host first, needs ~.*RoPE temporaries"):
+        check_model_fits(cfg, "cuda", "the model")
+
+
 # ------------------------------------------------------------------------------------------------
 # train: the trainer's own estimate (estimate_run) refuses
 
@@ -285,6 +309,10 @@ def with_field(base: dict, key: str, literal: str) -> str:
         (with_field(DEEPSEEK, "n_routed_experts", '"256"'), "config.json: n_routed_experts: got '256'; allowed: an integer"),
         (with_field(DEEPSEEK, "routed_scaling_factor", '"2.5"'), "config.json: routed_scaling_factor: got '2.5'; allowed: a number"),
         (with_field(DEEPSEEK, "model_type", '["deepseek_v3"]'), "config.json: model_type: got ['deepseek_v3']; allowed:"),
+        (with_field(QWEN3, "tie_word_embeddings", '"false"'), "config.json: tie_word_embeddings: got 'false'; allowed: true | false"),
+        (with_field(QWEN3, "rope_parameters", "[10000]"), "config.json: rope_parameters: got [10000]; allowed: an object"),
+        (with_field(QWEN3, "rope_parameters", '{"rope_theta": "1e4"}'), "config.json: rope_parameters.rope_theta: got '1e4'; allowed: a number"),
+        (with_field(QWEN3, "mlp_only_layers", "[[0]]"), "config.json: mlp_only_layers: got [[0]]; allowed: a list of layer numbers"),
         ("[" * 100_000 + "]" * 100_000, "config.json: not valid JSON:"),
         ('["a list"]', "config.json: got a JSON list; allowed: a JSON object of fields"),
         ("{" + " " * (16 << 20) + "}", "config.json: more than 16777216 bytes"),

@@ -64,6 +64,12 @@ NUMBER_FIELDS = frozenset(
 )  # fmt: skip
 
 
+# Flag fields of the formats: JSON booleans (a string "false" would read as true).
+BOOL_FIELDS = frozenset(
+    {"tie_word_embeddings", "norm_topk_prob", "attention_bias", "use_sliding_window", "seq_aux", "rope_interleave"}
+)
+
+
 def check_json_numbers(value: Any, file: Path | str, where: str = "") -> None:
     """Every number in a parsed config.json finite (Python's json reads NaN, Infinity and an
     overflowing 1e999 as floats) and every integer within int64; a one-line `HFInteropError` naming
@@ -87,8 +93,9 @@ def _short(value: int) -> str:
 
 def check_value_types(values: dict[str, Any]) -> None:
     """The size fields present integers within moeforge's bounds for what they set (`SIZE_FIELDS`),
-    the number fields numbers (`NUMBER_FIELDS`); a one-line `HFInteropError` naming the field.
-    None stands for 'not set' where the formats allow it (q_lora_rank, head_dim, ...)."""
+    the number fields numbers (`NUMBER_FIELDS`, RoPE's theta), the flags booleans (`BOOL_FIELDS`),
+    rope_parameters an object and mlp_only_layers a list of integers; a one-line `HFInteropError`
+    naming the field. None stands for 'not set' where the formats allow it (q_lora_rank, head_dim)."""
     for key, target in SIZE_FIELDS.items():
         value = values.get(key)
         if value is None:
@@ -100,10 +107,23 @@ def check_value_types(values: dict[str, Any]) -> None:
             raise HFInteropError(
                 f"{key}: got {value!r}; allowed: an integer in [0, {high}] (the bound of moeforge's model.{flag})"
             )
-    for key in NUMBER_FIELDS:
-        value = values.get(key)
+    rope = values.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise HFInteropError(f"rope_parameters: got {rope!r}; allowed: an object of fields")
+    numbers = {key: values.get(key) for key in NUMBER_FIELDS}
+    numbers["rope_parameters.rope_theta"] = (rope or {}).get("rope_theta")
+    for key, value in numbers.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise HFInteropError(f"{key}: got {value!r}; allowed: a number")
+    for key in BOOL_FIELDS:
+        value = values.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise HFInteropError(f"{key}: got {value!r}; allowed: true | false")
+    layers = values.get("mlp_only_layers")
+    if layers is not None and not (
+        isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise HFInteropError(f"mlp_only_layers: got {layers!r}; allowed: a list of layer numbers")
 
 
 def _bounds_of(target: str) -> tuple[int, int]:

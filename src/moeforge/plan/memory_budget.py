@@ -24,6 +24,7 @@ import torch
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
+from moeforge.config.checks import _flag
 from moeforge.model.flops import kv_cache_bytes_per_token, moe_parameters, parameter_counts
 
 ENV_LIMIT = "MOEFORGE_MEMORY_LIMIT_BYTES"
@@ -204,11 +205,12 @@ def model_flags(cfg: ModelConfig) -> list[str]:
         (experts, ("n_layers", "moe.n_experts", "moe.expert_ffn_dim", "dim")),
         (embedding, ("vocab_size", "dim")),
         (counts.total + counts.mtp_total - experts - embedding, ("n_layers", "dim", "ffn_dim")),
-        (cfg.max_seq_len * cfg.rope_head_dim * 6, ("max_seq_len",)),  # 2 fp32 + 2 fp64 tables, in elements
+        # in fp32 elements: the 2 fp32 tables and their 2 float64 temporaries
+        (cfg.max_seq_len * cfg.rope_head_dim * 6, ("max_seq_len",)),
     ]
     largest = max(size for size, _ in parts)
-    big = [group for size, group in sorted(parts, key=lambda part: -part[0]) if size >= SHARE_OF_LARGEST * largest]
-    names = [name for group in big for name in group]
+    by_size = sorted(parts, key=lambda part: -part[0])
+    names = [name for size, group in by_size if size >= SHARE_OF_LARGEST * largest for name in group]
     return [f"model.{_flag(name)}={_value(cfg, name)}" for name in dict.fromkeys(names)]
 
 
@@ -219,10 +221,6 @@ def batch_flags(train: TrainConfig) -> list[str]:
         f"train.micro-batch-size={train.micro_batch_size}",
         f"train.seq-len={train.seq_len}",
     ]
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _value(cfg: ModelConfig, dotted: str) -> int:

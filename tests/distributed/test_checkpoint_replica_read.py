@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import parallelize
 from moeforge import checkpoint as ckpt
+from moeforge.checkpoint.store import OPTIMIZER_BY_NAME
 from moeforge.train.trainer import Trainer
 
 # The elastic tests' fixtures: the run saved at step 3 on 4 processes (dp_replicate=2, dp_shard=2, ep=2)
@@ -107,7 +108,7 @@ def recording_loads() -> Iterator[LoadRecord]:
 
 def assert_state_equals_a_plain_load(trainer: Trainer, path: Path) -> None:
     """This rank's shards, hyper-parameters and RNG equal what its own read from storage gives."""
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=OPTIMIZER_BY_NAME)
     resumed = {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
     plain = blank_copy(resumed)
     dcp.load(plain, checkpoint_id=str(path))

@@ -23,23 +23,35 @@ from moeforge.parallel.spawn import free_port, run_on_processes
 from moeforge.run import read_metrics
 
 STEPS, CHECKPOINT_EVERY = 40, 10
+EP = ("--parallel.ep", "2")
+LAYOUTS = {
+    "ep 2": EP,
+    "pp 2": ("--parallel.pp", "2", "--train.micro-batch-size", "2"),
+    # an exchange is in flight at the checkpoint of step 10 (fragment 0 sent at step 8 lands at 11)
+    "diloco 2": ("--diloco.replicas", "2", "--diloco.sync-every", "4", "--diloco.fragments", "2",
+                 "--diloco.overlap-steps", "3"),
+}  # fmt: skip
 
 
-def torchrun_train(out: Path, max_restarts: int) -> list[str]:
+def torchrun_train(out: Path, max_restarts: int, layout: tuple[str, ...] = EP) -> list[str]:
     """The fault-tolerant launch of the README: c10d rendezvous on a free port, --max-restarts."""
     flags = [part for key, value in SMALL.items() for part in (f"--{key}", value)]
     return [
         sys.executable, "-m", "torch.distributed.run", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
         "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
-        "-m", "moeforge", "train", "--out", str(out), *flags, "--parallel.ep", "2",
+        "-m", "moeforge", "train", "--out", str(out), *flags, *layout,
         "--train.steps", str(STEPS), "--train.checkpoint-every", str(CHECKPOINT_EVERY),
     ]  # fmt: skip
 
 
-def launch(out: Path, max_restarts: int) -> subprocess.Popen:
+def launch(out: Path, max_restarts: int, layout: tuple[str, ...] = EP) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        torchrun_train(out, max_restarts), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        torchrun_train(out, max_restarts, layout),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -74,12 +86,13 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
-def test_a_killed_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one(tmp_path):
-    reference = launch(tmp_path / "reference", max_restarts=0)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_killed_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one(tmp_path, layout):
+    reference = launch(tmp_path / "reference", max_restarts=0, layout=LAYOUTS[layout])
     _, reference_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, reference_err[-3000:]
 
-    run = launch(tmp_path / "run", max_restarts=1)
+    run = launch(tmp_path / "run", max_restarts=1, layout=LAYOUTS[layout])
     wait_for(tmp_path / "run" / "checkpoints" / f"step_{CHECKPOINT_EVERY:06d}", run)
     os.kill(worker_pid(run, rank=1), signal.SIGKILL)
     out, err = run.communicate(timeout=300)

@@ -244,9 +244,7 @@ class StreamingDiLoCo:
     def checkpoint_meta(self) -> dict[str, Any]:
         """The small outer state for meta.json."""
         self._receive_pending()
-        pending = [
-            {key: getattr(exchange, key) for key in _PENDING_FIELDS} for exchange in self.pending.values()
-        ]
+        pending = [self._pending_meta(exchange) for exchange in self.pending.values()]
         return {
             "replicas": self.cfg.replicas,
             "pending": pending,
@@ -259,10 +257,18 @@ class StreamingDiLoCo:
         self.pending.clear()
         if saved is None:
             return
+        first = not dist.is_initialized() or dist.get_rank() == 0
         for fields in saved["pending"]:
-            exchange = Exchange(**fields)
-            exchange.mean_delta = torch.zeros(exchange.n_values, device=self.device)
-            exchange.mean_biases = torch.zeros(exchange.n_biases, device=self.device)
+            frag = self.fragments[fields["fragment"]]
+            # this rank's shard of the fragment, whatever the saving layout's sharding was; the
+            # world's totals of the message figures on one rank, so that a landing sums them again
+            n_values = sum(self.global_params[name].numel() for name in frag.params)
+            n_biases = sum(bias.numel() for bias in frag.biases.values())
+            totals = {key: fields[key] if first else 0 for key in _WORLD_TOTALS}
+            steps = {key: fields[key] for key in _PENDING_FIELDS if key not in _WORLD_TOTALS}
+            exchange = Exchange(**steps, **totals, n_values=n_values, n_biases=n_biases)
+            exchange.mean_delta = torch.zeros(n_values, device=self.device)
+            exchange.mean_biases = torch.zeros(n_biases, device=self.device)
             self.pending[exchange.fragment] = exchange
         self.bytes_per_replica = saved["bytes_per_replica"]
         self._replaced_at = {int(k): v for k, v in saved["replaced_at"].items()}
@@ -315,6 +321,17 @@ class StreamingDiLoCo:
                 state[key] = value.detach()
         return state
 
+    def _pending_meta(self, exchange: Exchange) -> dict[str, Any]:
+        """An exchange in flight for meta.json: its steps, and its message figures summed over every
+        rank (a collective): per-rank figures would not survive a change of sharding."""
+        fields = {key: getattr(exchange, key) for key in _PENDING_FIELDS}
+        if dist.is_initialized():
+            totals = torch.tensor([float(fields[key]) for key in _WORLD_TOTALS], dtype=torch.float64)
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+            fields.update({key: type(fields[key])(value) for key, value in zip(_WORLD_TOTALS, totals.tolist())})
+        return fields
+
     def _pending_state(self, exchange: Exchange, params: dict[str, nn.Parameter]) -> dict[str, Any]:
         frag = self.fragments[exchange.fragment]
         delta, offset = {}, 0
@@ -348,12 +365,12 @@ class StreamingDiLoCo:
         )
 
 
+_WORLD_TOTALS = ("nbytes", "local_square", "error_square")
+"""the message figures of an exchange in flight that meta.json holds summed over every rank"""
 _PENDING_FIELDS = (
     "fragment",
     "sent_step",
     "land_step",
-    "n_values",
-    "n_biases",
     "nbytes",
     "local_square",
     "error_square",

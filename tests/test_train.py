@@ -83,6 +83,23 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert meta["step"] == 6 and meta["extra"]["data"]["sequences_consumed"] == 6 * 4
 
 
+def test_a_run_killed_in_its_first_save_logs_each_step_once_when_rerun(tmp_path, monkeypatch):
+    """A kill -9 while the first checkpoint is written leaves steps 1-2 in metrics.jsonl and no
+    checkpoint: the rerun starts at step 0 and must not log steps 1-2 a second time."""
+    cfg = small_config(train__steps="4", train__checkpoint_every="2")
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed while saving")  # what the disk holds after the kill: no checkpoint
+
+    monkeypatch.setattr(ckpt.store.dcp, "save", killed)
+    with pytest.raises(SystemExit):
+        Trainer(cfg, tmp_path).fit()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and ckpt.latest_checkpoint(tmp_path) is None
+    monkeypatch.undo()
+    Trainer(small_config(train__steps="4", train__checkpoint_every="2"), tmp_path).fit()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = small_config(train__steps="6", train__checkpoint_every="2")
     trainer = Trainer(cfg, tmp_path)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
 from conftest import SMALL
+from moeforge.diloco.exchange import receive, start_exchange
 from moeforge.parallel.process_group import agree_on_generation, peer_failure
 from moeforge.parallel.spawn import free_port, run_on_processes
 from moeforge.run import read_metrics
@@ -164,6 +165,34 @@ def test_a_stalled_peer_is_an_error_within_the_timeout_not_a_hang():
     waited = float(re.search(r"failed after ([\d.]+) s", str(raised.value))[1])
     assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S * 5
     assert time.monotonic() - started < 50  # well before the stalled rank would have woken up
+
+
+def diloco_exchange_while_rank_1_stalls(rank: int) -> None:
+    """Rank 0 sends a DiLoCo exchange and computes while it is in flight; its peer never answers, so
+    gloo's timeout closes the connection in the background and the next collective finds it closed."""
+    if rank == 1:
+        time.sleep(60)
+    exchange = start_exchange(0, 4, 5, torch.ones(64), torch.zeros(4), "none", 32, dist.group.WORLD)
+    time.sleep(TIMEOUT_S * 2)  # the inner steps between the send and the landing
+    with pytest.raises(RuntimeError) as first:
+        receive(exchange, "none", 32)
+    with pytest.raises(RuntimeError) as second:
+        dist.all_reduce(torch.ones(4))
+    lines = [peer_failure(err.value) for err in (first, second)]
+    raise AssertionError(" | ".join(str(line) for line in lines))
+
+
+def test_a_stalled_diloco_peer_is_one_line_naming_the_timeout():
+    """Both failures, the exchange's own and the next collective's ('Application timeout caused pair
+    closure', which has no source path), are the one line the command line prints for a lost peer."""
+    with pytest.raises(ProcessRaisedException) as raised:
+        run_on_processes(2, diloco_exchange_while_rank_1_stalls, timeout_s=TIMEOUT_S)
+    message = str(raised.value).strip().splitlines()[-1]
+    lines = message.removeprefix("AssertionError: ").split(" | ")
+    assert len(lines) == 2 and all(
+        line.startswith("a peer did not answer within parallel.timeout-s=2: it hangs or is gone (") for line in lines
+    ), message
+    assert lines[1].endswith("(Application timeout caused pair closure)")
 
 
 def test_the_first_rendezvous_waits_no_longer_than_the_timeout():

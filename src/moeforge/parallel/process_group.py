@@ -156,14 +156,31 @@ def peer_failure(err: BaseException, timeout_s: float | None = None) -> str | No
     reached (a collective or store operation failed); None for any other error, which is a bug and
     keeps its traceback. Gloo names the peer by its address, not its rank."""
     text = str(err)
-    if not (isinstance(err, dist.DistError) or "gloo/transport" in text):
+    if not (isinstance(err, dist.DistError) or "gloo/transport" in text or _PAIR_CLOSED in text):
         return None
     address = _PEER_ADDRESS.search(text)
     peer = f"the peer at {address[1]}:{address[2]}" if address else "a peer"
     if "Timed out" in text or "timeout" in text.lower():
+        timeout_s = timeout_s or _group_timeout_s()
         limit = f" within parallel.timeout-s={timeout_s:g}" if timeout_s else ""
         return f"{peer} did not answer{limit}: it hangs or is gone ({_reason(text)})"
     return f"lost {peer}: it died or cannot be reached ({_reason(text)})"
+
+
+_PAIR_CLOSED = "Application timeout caused pair closure"
+"""gloo's words, without its usual source path, for a collective on a connection that an earlier
+operation's timeout closed (a DiLoCo exchange in flight whose peer stalled, then the next collective)"""
+
+
+def _group_timeout_s() -> float | None:
+    """The default process group's timeout (parallel.timeout-s when moeforge made the group), or None."""
+    if not dist.is_initialized():
+        return None
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # another backend, or none for the CPU
+        return None
 
 
 def _reason(text: str) -> str:

@@ -98,7 +98,7 @@ class RunEstimate:
     def refusal(self) -> str:
         """The trainer's one line when the run does not fit and train.force is off."""
         return (
-            f"train.force: off, and the run does not fit: {self.one_line()}; find a layout that fits with "
+            f"train.force: off, and the layout does not fit: {self.one_line()}; find a layout that fits with "
             "`moeforge plan --search`, make the flags named smaller, or pass --train.force true to start anyway"
         )
 

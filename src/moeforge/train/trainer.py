@@ -209,16 +209,14 @@ class Trainer:
         """some rank received one: all ranks finish the step, save and return (decided in train_step)"""
 
     def _check_plan(self) -> None:
-        """The planner's one-line estimate of this run (moeforge.plan), and a refusal to start a layout
-        it says cannot fit the device's memory (CUDA; the CPU has no fixed budget) unless train.force."""
+        """The planner's one-line estimate of this run (moeforge.plan), and a refusal to start a run it
+        says cannot fit the memory budget (plan/memory_budget.py: the device's free memory, or on the
+        CPU this host's available memory shared among its ranks) unless train.force."""
         estimate = estimate_run(self.cfg, self.world_size, self.device)
         if self.is_main and self.cfg.train.progress:
             print(estimate.one_line(), flush=True)
         if not estimate.fits and not self.cfg.train.force:
-            raise ConfigError(
-                f"train.force: off, and the layout does not fit: {estimate.one_line()}; find one that fits "
-                "with `moeforge plan --search`, or pass --train.force true to start anyway"
-            )
+            raise ConfigError(estimate.refusal())
 
     def _build_pipeline(self, model: Transformer, wrappers: dict[str, Any]) -> tuple[Pipeline, StageModel]:
         """Cut `model` into this rank's pipeline stages (blocks per stage: parallel.pp-stage-blocks,
@@ -261,6 +259,8 @@ class Trainer:
         """Resume from the newest checkpoint whose files match their checksums (bad ones are set aside)."""
         path = ckpt.newest_good_checkpoint(self.out_dir, warn=print_line)
         if path is None:
+            if self.is_main:  # steps an attempt logged before it died in its first save come again
+                truncate_metrics(self.out_dir, 0)
             return False
         saved = ckpt.read_meta(path)
         check_resume_compatible(saved.config, self.cfg, path)

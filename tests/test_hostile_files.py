@@ -517,3 +517,40 @@ def test_convert_from_a_directory_with_a_damaged_shard_is_one_line(tmp_path, cap
     err = capsys.readouterr().err
     assert err == f"moeforge convert: error: {shard}: damaged safetensors file: its header length {len(raw)} does " \
         f"not fit in the file's {len(raw)} bytes (or in 100 MB)\n"
+
+
+def test_config_and_tokenizer_of_a_model_directory_symlinked_out_are_refused(hf_dir, tmp_path, monkeypatch):
+    """`convert --from-hf` and `train.init-from-hf` read config.json and tokenizer.json from the model
+    directory: a symlink out of it is refused, not followed."""
+    from moeforge.config import load_config
+    from moeforge.interop.hf.registry import read_hf_config
+    from moeforge.interop.hf import training
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text('{"model_type": "mixtral"}')
+    (hf_dir / "config.json").unlink(missing_ok=True)
+    (hf_dir / "config.json").symlink_to(outside / "config.json")
+    with pytest.raises(PathRefused, match="entry 'config.json': resolves to .*, outside") as raised:
+        read_hf_config(hf_dir)
+    one_line(raised.value)
+    cfg = load_config()
+    monkeypatch.setattr(training, "hf_model_config", lambda path: cfg.model)  # past the config: the tokenizer
+    (outside / TOKENIZER_FILE).write_text("{}")
+    (hf_dir / TOKENIZER_FILE).symlink_to(outside / TOKENIZER_FILE)
+    with pytest.raises(PathRefused, match="entry 'tokenizer.json': resolves to .*, outside"):
+        training.apply_hf_model(cfg, str(hf_dir))
+
+
+def test_a_run_config_that_is_not_json_or_not_a_file_is_one_line_in_report(tmp_path):
+    from moeforge.run import CONFIG_FILE, read_run_config
+
+    assert read_run_config(tmp_path) is None
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(PathRefused, match=f"^{tmp_path}: entry 'config.json': not valid JSON") as raised:
+        read_run_config(tmp_path)
+    one_line(raised.value)
+    (tmp_path / CONFIG_FILE).unlink()
+    os.mkfifo(tmp_path / CONFIG_FILE)
+    with pytest.raises(PathRefused, match=r"not a regular file \(a FIFO\)"):
+        read_run_config(tmp_path)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moeforge.errors import MoeforgeError
-from moeforge.run import CONFIG_FILE, METRICS_FILE, REPORT_DIR, read_metrics
+from moeforge.run import METRICS_FILE, REPORT_DIR, read_metrics, read_run_config
 
 LOSS_LABEL = "cross-entropy (nats/token)"
 
@@ -76,10 +75,8 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 def _first_moe_block(run_dir: Path) -> int:
     """Index of the first MoE block (after the dense ones), from the run's config.json when present."""
-    config = run_dir / CONFIG_FILE
-    if not config.is_file():
-        return 0
-    return json.loads(config.read_text()).get("model", {}).get("n_dense_layers", 0)
+    config = read_run_config(run_dir) or {}
+    return config.get("model", {}).get("n_dense_layers", 0)
 
 
 # ----------------------------------------------------------------------------------------------

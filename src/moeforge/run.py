@@ -22,7 +22,7 @@ from typing import Any
 
 from moeforge.config import Config
 from moeforge.data.tokenizer import Tokenizer, build_tokenizer
-from moeforge.safe_paths import FileMissing, file_inside
+from moeforge.safe_paths import FileMissing, PathRefused, file_inside, read_inside
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -32,6 +32,8 @@ TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
 MAX_TOKENIZER_BYTES = 512 << 20
 """a bound on tokenizer.json (those of 250k-token vocabularies are ~30 MB)"""
+MAX_RUN_CONFIG_BYTES = 16 << 20
+"""a bound on a run's config.json (a few kilobytes)"""
 
 
 def write_run_files(run_dir: Path, cfg: Config) -> None:
@@ -40,6 +42,22 @@ def write_run_files(run_dir: Path, cfg: Config) -> None:
     (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
     if cfg.data.tokenizer != "byte":
         shutil.copyfile(cfg.data.tokenizer, run_dir / TOKENIZER_FILE)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config.json as a dict (a regular file inside the run directory, at most
+    MAX_RUN_CONFIG_BYTES), None when it has none; a one-line `PathRefused` when it is not JSON."""
+    try:
+        data = read_inside(run_dir, CONFIG_FILE, run_dir, MAX_RUN_CONFIG_BYTES)
+    except FileMissing:
+        return None
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise PathRefused(run_dir, CONFIG_FILE, f"not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise PathRefused(run_dir, CONFIG_FILE, f"a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:

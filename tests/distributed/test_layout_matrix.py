@@ -33,7 +33,6 @@ import torch
 
 from conftest import small_config
 from moeforge import checkpoint as ckpt
-from moeforge.checkpoint.store import PREFIX
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.run import read_metrics, truncate_metrics
 from moeforge.train.trainer import Trainer
@@ -123,7 +122,7 @@ def fork_run(run: Path, at_step: int, dst: Path) -> Path:
     """A copy of `run` as it stood at checkpoint `at_step`: later checkpoints and metrics dropped."""
     shutil.copytree(run, dst)
     for path in ckpt.list_checkpoints(dst):
-        if int(path.name.removeprefix(PREFIX)) > at_step:
+        if ckpt.read_meta(path).step > at_step:
             shutil.rmtree(path)
     truncate_metrics(dst, at_step)
     return dst

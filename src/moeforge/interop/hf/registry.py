@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.config import ConfigError, ModelConfig
+from moeforge.safe_paths import read_inside
 from moeforge.interop.hf.architecture import (
     COMMON_FIELDS,
     IGNORED_FIELDS,
@@ -23,7 +24,7 @@ from moeforge.interop.hf.errors import HFInteropError
 from moeforge.interop.hf.layout import declared_mtp_layers, stored_mtp_layers
 from moeforge.interop.hf.mixtral import MIXTRAL
 from moeforge.interop.hf.qwen3_moe import QWEN3_MOE
-from moeforge.interop.hf.safetensors_io import shard_files, tensor_names
+from moeforge.interop.hf.safetensors_io import model_home, shard_files, tensor_names
 
 CONFIG_FILE = "config.json"
 """a Hugging Face directory's config.json (not the same format as a run's, though the same name)"""
@@ -39,16 +40,14 @@ def read_hf_config(path: Path | str) -> dict[str, Any]:
     """The config.json of a Hugging Face model directory, read with a size bound and checked to be a
     JSON object of finite numbers (`check_json_numbers`); anything else is a one-line
     `HFInteropError` naming the file (and the field)."""
-    file = Path(path) / CONFIG_FILE
+    directory = Path(path)
+    file = directory / CONFIG_FILE
     if not file.is_file():
         raise HFInteropError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
-    try:
-        with file.open("rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)
+    try:  # inside the model's directory (a cache snapshot's blobs included), at most MAX_CONFIG_BYTES
+        data = read_inside(directory, CONFIG_FILE, directory, MAX_CONFIG_BYTES, model_home(directory))
     except OSError as err:
         raise HFInteropError(f"{file}: cannot be read ({err.strerror or err})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise HFInteropError(f"{file}: more than {MAX_CONFIG_BYTES} bytes; a config.json holds a few thousand")
     try:
         config = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:

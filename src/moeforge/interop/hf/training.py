@@ -12,10 +12,11 @@ import torch.distributed as dist
 
 from moeforge.config import Config, ConfigError
 from moeforge.interop.hf.registry import CONFIG_FILE, hf_model_config
+from moeforge.interop.hf.safetensors_io import model_home
 from moeforge.interop.hf.weights import load_hf_weights
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.mesh import ParallelMesh
-from moeforge.run import TOKENIZER_FILE
+from moeforge.run import tokenizer_file
 
 
 def apply_hf_model(cfg: Config, hf_dir: str) -> None:
@@ -25,8 +26,9 @@ def apply_hf_model(cfg: Config, hf_dir: str) -> None:
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"train.init-from-hf: got {hf_dir!r}; allowed: a directory with a {CONFIG_FILE}")
     cfg.model = hf_model_config(path)
-    if (path / TOKENIZER_FILE).is_file():
-        cfg.data.tokenizer = str(path / TOKENIZER_FILE)
+    tokenizer = tokenizer_file(path, model_home(path))
+    if tokenizer is not None:
+        cfg.data.tokenizer = str(tokenizer)
 
 
 def hf_weights_loader(cfg: Config) -> Callable[[Transformer, ParallelMesh | None], None]:

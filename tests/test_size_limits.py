@@ -315,7 +315,7 @@ def with_field(base: dict, key: str, literal: str) -> str:
         (with_field(QWEN3, "mlp_only_layers", "[[0]]"), "config.json: mlp_only_layers: got [[0]]; allowed: a list of layer numbers"),
         ("[" * 100_000 + "]" * 100_000, "config.json: not valid JSON:"),
         ('["a list"]', "config.json: got a JSON list; allowed: a JSON object of fields"),
-        ("{" + " " * (16 << 20) + "}", "config.json: more than 16777216 bytes"),
+        ("{" + " " * (16 << 20) + "}", "entry 'config.json': more than the 16777216 bytes allowed"),
     ],
 )
 def test_hostile_config_json_is_one_line_naming_the_file_and_the_field(capsys, tmp_path, text, said):

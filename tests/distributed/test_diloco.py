@@ -80,7 +80,21 @@ def fragment_rule(name: str, fragments: int) -> int:
 
 
 def reference_replicas(tmp_path: Path, options: dict, steps: int) -> list[dict[str, torch.Tensor]]:
-    """Two single-process trainers, each fed its half of every global batch, synchronised by hand."""
+    """Two single-process trainers, each fed its half of every global batch, synchronised by hand.
+
+    They compute with the workers' thread count: each replica then runs the same GEMMs as its worker,
+    in the same order, and only the outer step is left to the tolerance. (With this process's two
+    threads a GEMM's reduction order differs, and the test failed by 1.6e-5 in one weight whenever it
+    ran on its own.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run_on_processes.__kwdefaults__["threads"])
+    try:
+        return _synchronised_by_hand(tmp_path, options, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _synchronised_by_hand(tmp_path: Path, options: dict, steps: int) -> list[dict[str, torch.Tensor]]:
     h, p, tau = (int(options[f"diloco__{k}"]) for k in ("sync_every", "fragments", "overlap_steps"))
     alpha = float(options["diloco__mix"])
     replicas = []

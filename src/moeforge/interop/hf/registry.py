@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.config import ConfigError, ModelConfig
-from moeforge.safe_paths import read_inside
+from moeforge.safe_paths import PathRefused, read_inside
 from moeforge.interop.hf.architecture import (
     COMMON_FIELDS,
     IGNORED_FIELDS,
@@ -46,6 +46,8 @@ def read_hf_config(path: Path | str) -> dict[str, Any]:
         raise HFInteropError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
     try:  # inside the model's directory (a cache snapshot's blobs included), at most MAX_CONFIG_BYTES
         data = read_inside(directory, CONFIG_FILE, directory, MAX_CONFIG_BYTES, model_home(directory))
+    except PathRefused as err:  # a symlink out, not a regular file, too large
+        raise HFInteropError(str(err)) from None
     except OSError as err:
         raise HFInteropError(f"{file}: cannot be read ({err.strerror or err})") from None
     try:

@@ -23,6 +23,13 @@ class RunFailure(MoeforgeError):
     exit_code = 1
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a one-line
+    error quotes of a failure from deep inside a library."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def print_line(text: str) -> None:
     """`text` and its newline on stderr in one write. Under torchrun (`python -u`) every rank writes to
     the same stream, and `print`'s separate write of the newline lets their lines interleave."""

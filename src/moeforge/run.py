@@ -22,6 +22,7 @@ from typing import Any
 
 from moeforge.config import Config
 from moeforge.data.tokenizer import Tokenizer, build_tokenizer
+from moeforge.errors import first_line
 from moeforge.safe_paths import FileMissing, PathRefused, file_inside, read_inside
 
 CONFIG_FILE = "config.json"
@@ -54,7 +55,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any] | None:
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as err:
-        raise PathRefused(run_dir, CONFIG_FILE, f"not valid JSON ({str(err).splitlines()[0]})") from None
+        raise PathRefused(run_dir, CONFIG_FILE, f"not valid JSON ({first_line(err)})") from None
     if not isinstance(config, dict):
         raise PathRefused(run_dir, CONFIG_FILE, f"a JSON {type(config).__name__}, not an object")
     return config

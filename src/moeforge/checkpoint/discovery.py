@@ -21,7 +21,8 @@ import torch.distributed as dist
 from moeforge.run import CHECKPOINTS_DIR
 from moeforge.safe_paths import PathRefused
 from moeforge.checkpoint.checksums import verify_checksums
-from moeforge.checkpoint.meta import META_FILE, CheckpointError, MetaError, first_line, read_meta
+from moeforge.checkpoint.meta import META_FILE, CheckpointError, MetaError, read_meta
+from moeforge.errors import first_line
 from moeforge.checkpoint.safe_load import SafeFileSystemReader, UnsafeCheckpointError
 
 PREFIX = "step_"

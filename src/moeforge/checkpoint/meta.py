@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moeforge.errors import RunFailure
+from moeforge.errors import RunFailure, first_line
 from moeforge.safe_paths import FileMissing, PathRefused, read_inside
 
 if TYPE_CHECKING:
@@ -164,8 +164,3 @@ def _write_synced(file: Path, data: bytes) -> None:
         stream.write(data)
         stream.flush()
         os.fsync(stream.fileno())
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

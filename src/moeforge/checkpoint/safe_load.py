@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 from moeforge.safe_paths import file_inside, read_inside
+from moeforge.errors import first_line
 
 MAX_METADATA_BYTES = 1 << 30
 """a bound on `.metadata` (a few kB for one process; it grows with ranks x tensors)"""
@@ -140,6 +141,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as err:
             fqn = read_item.dest_index.fqn
             raise UnsafeCheckpointError(
-                f"{fqn}: {str(err).strip().splitlines()[0]}; refusing to load it"
+                f"{fqn}: {first_line(err)}; refusing to load it"
             ) from None
         super().load_bytes(read_item, io.BytesIO(data))

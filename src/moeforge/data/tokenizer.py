@@ -9,6 +9,7 @@ import tokenizers
 import torch
 
 from moeforge.config import ConfigError, DataConfig
+from moeforge.errors import first_line
 
 # End-of-document tokens of common tokenizer families, most common first
 # (GPT-2/Qwen, Llama/Mistral, Gemma, Llama-3, DeepSeek-V3).
@@ -62,7 +63,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # noqa: BLE001 -- tokenizers raises a bare Exception for any failure
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             raise ConfigError(
                 f"data.tokenizer: cannot load {str(path)!r} as a tokenizer.json: {reason}"
             ) from None

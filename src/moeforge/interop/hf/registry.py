@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.config import ConfigError, ModelConfig
+from moeforge.errors import first_line
 from moeforge.safe_paths import PathRefused, read_inside
 from moeforge.interop.hf.architecture import (
     COMMON_FIELDS,
@@ -55,15 +56,11 @@ def read_hf_config(path: Path | str) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise HFInteropError(f"{file}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
     except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer of > 4300 digits, deep nesting
-        raise HFInteropError(f"{file}: not valid JSON: {_first_line(err)}") from None
+        raise HFInteropError(f"{file}: not valid JSON: {first_line(err)}") from None
     if not isinstance(config, dict):
         raise HFInteropError(f"{file}: got a JSON {type(config).__name__}; allowed: a JSON object of fields")
     check_json_numbers(config, file)
     return config
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def hf_model_config(path: Path | str) -> ModelConfig:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeforge.interop.hf.errors import HFInteropError
+from moeforge.errors import first_line
 from moeforge.safe_paths import FileMissing, PathRefused, file_inside, read_inside
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,7 +71,7 @@ def _weight_map(path: Path, home: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(read_inside(path, INDEX_FILE, path, MAX_INDEX_BYTES, home))
     except (ValueError, RecursionError) as err:
-        raise HFInteropError(f"{index}: not valid JSON ({str(err).splitlines()[0]})") from None
+        raise HFInteropError(f"{index}: not valid JSON ({first_line(err)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise HFInteropError(f"{index}: no 'weight_map' object ({{tensor name: shard file}})")
@@ -120,7 +121,7 @@ def read_header(file: Path) -> dict[str, dict[str, Any]]:
     try:
         header = json.loads(text)
     except (ValueError, RecursionError) as err:
-        _damaged(file, f"its header is not JSON ({str(err).splitlines()[0]})")
+        _damaged(file, f"its header is not JSON ({first_line(err)})")
     if not isinstance(header, dict):
         _damaged(file, "its header is not a JSON object")
     metadata = header.pop("__metadata__", {})

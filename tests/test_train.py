@@ -100,6 +100,31 @@ def test_a_run_killed_in_its_first_save_logs_each_step_once_when_rerun(tmp_path,
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_with_positional_optimizer_groups_still_resumes_exactly(tmp_path, monkeypatch):
+    """Checkpoints written before optimizer state was saved by parameter name hold torch's positional
+    layout (`optim.param_groups.0.lr`, the group's names in `...0.params`): they load as written."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    def cfg():
+        return small_config(train__steps="4", train__checkpoint_every="2")
+
+    def positional(model, optimizers, options=None):
+        return get_state_dict(model, optimizers, options=StateDictOptions(flatten_optimizer_state_dict=False))
+
+    Trainer(cfg(), tmp_path / "straight").fit()
+    monkeypatch.setattr(ckpt.store, "get_state_dict", positional)
+    Trainer(cfg(), tmp_path / "resumed").fit(until_step=2)
+    monkeypatch.undo()
+    keys = FileSystemReader(str(ckpt.latest_checkpoint(tmp_path / "resumed"))).read_metadata().state_dict_metadata
+    assert "optim.param_groups.0.params" in keys and "optim.param_groups.0.betas" in keys
+    resumed = Trainer(cfg(), tmp_path / "resumed")
+    resumed.fit()
+    assert [g["betas"] for g in resumed.optimizer.param_groups] == [(0.9, 0.95)] * 2
+    straight = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == straight
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = small_config(train__steps="6", train__checkpoint_every="2")
     trainer = Trainer(cfg, tmp_path)

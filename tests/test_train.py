@@ -116,7 +116,12 @@ def test_a_checkpoint_with_positional_optimizer_groups_still_resumes_exactly(tmp
     monkeypatch.setattr(ckpt.store, "get_state_dict", positional)
     Trainer(cfg(), tmp_path / "resumed").fit(until_step=2)
     monkeypatch.undo()
-    keys = FileSystemReader(str(ckpt.latest_checkpoint(tmp_path / "resumed"))).read_metadata().state_dict_metadata
+    old = ckpt.latest_checkpoint(tmp_path / "resumed")  # as such a version wrote it: format 1, no hash
+    meta = json.loads((old / ckpt.META_FILE).read_text())
+    del meta["format"]
+    (old / ckpt.META_FILE).write_text(json.dumps(meta))
+    (old / "meta.sha256").unlink()
+    keys = FileSystemReader(str(old)).read_metadata().state_dict_metadata
     assert "optim.param_groups.0.params" in keys and "optim.param_groups.0.betas" in keys
     resumed = Trainer(cfg(), tmp_path / "resumed")
     resumed.fit()

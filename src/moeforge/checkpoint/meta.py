@@ -14,11 +14,12 @@ edit of `sequences_consumed` or `last_epoch` in valid JSON, `"files": null`). No
 is not signed, so whoever edits meta.json can write its new hash too. Every field is also checked
 for its type, whatever the hash says.
 
-Formats: meta.json records `"format": 2` since meta.sha256 exists; a format-2 checkpoint without it
-is damaged. Checkpoints written before have no "format" (format 1) and no hash file: they are
-accepted as legacy, their meta.json parsed and checked field by field but not hash-checked, and
-`checkpoint verify` says so. A checkpoint whose meta.json is missing, unreadable, altered or
-incomplete is bad like one with a damaged shard (store.py: named, set aside, the one before used).
+Formats: meta.json records `"format": 2` since meta.sha256 exists (and optimizer state is saved by
+parameter name, store.py); a format-2 checkpoint without meta.sha256 is damaged. Checkpoints written
+before have no "format" (format 1) and no hash file: they are accepted as legacy, their meta.json
+parsed and checked field by field but not hash-checked, and `checkpoint verify` says so. A
+checkpoint whose meta.json is missing, unreadable, altered or incomplete is bad like one with a
+damaged shard (store.py: named, set aside, the one before used).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 META_FILE = "meta.json"
 META_HASH_FILE = "meta.sha256"
 FORMAT = 2
-"""2: meta.sha256 written beside meta.json; 1 (no "format" key): neither, from before it"""
+"""2: meta.sha256 written beside meta.json, optimizer state saved by parameter name (store.py);
+1 (no "format" key): no meta.sha256, optimizer state in torch's positional layout"""
 MAX_META_BYTES = 64 << 20
 """a bound on meta.json (its config and one entry per file are a few kB, 100 kB for 1000 ranks)"""
 _HASH_LINE = re.compile(rf"([0-9a-f]{{64}})  {re.escape(META_FILE)}\n?")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -130,7 +129,7 @@ group's parameter names in `optim.param_groups.0.params`) gives every stage the 
 one stage's copy, and the others load groups naming none of their parameters (AdamW's `betas` lost)."""
 
 _POSITIONAL = StateDictOptions(flatten_optimizer_state_dict=False)
-_POSITIONAL_GROUPS = re.compile(r"(^|\.)optim\.param_groups\.\d+\.params$")
+"""torch's default layout, in which checkpoints of format 1 (meta.py) hold their optimizer state"""
 
 
 def _tensor_state(
@@ -151,15 +150,9 @@ def _tensor_state(
     return {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
 
 
-def _saved_optimizer_options(path: Path) -> StateDictOptions:
-    """The optimizer layout checkpoint `path` was written in: by name (`OPTIMIZER_BY_NAME`), or the
-    positional one of checkpoints written before it (read as they were written)."""
-    try:
-        keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata
-    except (OSError, ValueError, UnsafeCheckpointError):
-        return OPTIMIZER_BY_NAME  # the load itself reports what is wrong with the file
-    positional = any(_POSITIONAL_GROUPS.search(key) for key in keys)
-    return _POSITIONAL if positional else OPTIMIZER_BY_NAME
+def _optimizer_options(meta: CheckpointMeta) -> StateDictOptions:
+    """The layout a checkpoint holds its optimizer state in: by name since format 2, positional before."""
+    return OPTIMIZER_BY_NAME if meta.format >= 2 else _POSITIONAL
 
 
 def _replica_key(replica: ReplicaCheckpoint) -> str:
@@ -268,7 +261,8 @@ def load_checkpoint(
     only replica 0 reads, its dp_shard ranks coordinating among themselves, and sends the shards to the
     other replicas over dp_replicate: storage serves the checkpoint once instead of R times.
     """
-    options = _saved_optimizer_options(path) if optimizer is not None else OPTIMIZER_BY_NAME
+    meta = read_meta(path)
+    options = _optimizer_options(meta)
     state = _tensor_state(model, optimizer, replica, options)
     if not replicated(mesh):
         _raise_unless_fits(path, _read_from_storage(state, path, process_group=None))
@@ -289,7 +283,7 @@ def load_checkpoint(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
         )
         torch.set_rng_state(state["rng"]["cpu"])
-    return dataclasses.replace(read_meta(path), load_stats=stats)
+    return dataclasses.replace(meta, load_stats=stats)
 
 
 def _read_from_storage(

@@ -273,6 +273,11 @@ class IndexedDataset:
         if verify:
             self._check_index()
 
+    def __reduce__(self) -> tuple[type, tuple[Path, bool]]:
+        """Pickled as its prefix, reopened (with the O(1) checks) where it is loaded: a data-loader
+        worker maps the files itself instead of receiving a copy of them."""
+        return type(self), (self.prefix, False)
+
     def __len__(self) -> int:
         """The number of documents."""
         return self.n_documents

@@ -199,8 +199,12 @@ def test_a_failed_write_publishes_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "document, match",
-    [([1, 300], r"token ids from 1 to 300; allowed: 0 to 299"), ([-1], "from -1"), ([[1, 2]], "1-D"),
-     ([0.5], "integer")],
+    [
+        ([1, 300], r"token ids from 1 to 300; allowed: 0 to 299"),
+        ([-1], "from -1"),
+        ([[1, 2]], "1-D"),
+        ([0.5], "integer"),
+    ],
 )
 def test_writer_refuses_bad_documents(tmp_path, document, match):
     with pytest.raises(DataFormatError, match=match) as err, IndexedDatasetWriter(tmp_path / "w", 300) as w:
@@ -209,7 +213,13 @@ def test_writer_refuses_bad_documents(tmp_path, document, match):
     assert list(tmp_path.iterdir()) == []
 
 
-def header(code: int = 8, n_sequences: int = 4, n_entries: int = 5, version: int = 1, magic: bytes = b"MMIDIDX\x00\x00"):
+def header(
+    code: int = 8,
+    n_sequences: int = 4,
+    n_entries: int = 5,
+    version: int = 1,
+    magic: bytes = b"MMIDIDX\x00\x00",
+):
     return magic + struct.pack("<QBQQ", version, code, n_sequences, n_entries)
 
 
@@ -235,8 +245,14 @@ def corrupt_pair(case: str) -> tuple[bytes, bytes]:
         "first pointer": (data, idx[:34] + lengths + struct.pack("<4q", 2, 6, 6, 8) + documents),
         "negative length": (data, idx[:34] + struct.pack("<4i", 3, -1, 2, 4) + pointers + documents),
         "decreasing documents": (data, idx[:34] + lengths + pointers + struct.pack("<5q", 0, 2, 1, 3, 4)),
-        "documents not ending at the count": (data, idx[:34] + lengths + pointers + struct.pack("<5q", 0, 1, 2, 3, 3)),
-        "documents not starting at 0": (data, idx[:34] + lengths + pointers + struct.pack("<5q", 1, 1, 2, 3, 4)),
+        "documents not ending at the count": (
+            data,
+            idx[:34] + lengths + pointers + struct.pack("<5q", 0, 1, 2, 3, 3),
+        ),
+        "documents not starting at 0": (
+            data,
+            idx[:34] + lengths + pointers + struct.pack("<5q", 1, 1, 2, 3, 4),
+        ),
     }[case]
 
 
@@ -312,8 +328,11 @@ def test_megatron_core_builder_writes_our_bytes(tmp_path, megatron, vocab_size):
 
 def test_megatron_core_reads_our_files(tmp_path, megatron):
     docs = random_documents(5, 40, 70_000)
-    merge_indexed_datasets([write(tmp_path / "a", docs[:25], 70_000), write(tmp_path / "b", docs[25:], 70_000)],
-                           tmp_path / "ds", 70_000)
+    merge_indexed_datasets(
+        [write(tmp_path / "a", docs[:25], 70_000), write(tmp_path / "b", docs[25:], 70_000)],
+        tmp_path / "ds",
+        70_000,
+    )
     theirs = megatron.IndexedDataset(str(tmp_path / "ds"))
     assert len(theirs) == len(docs)
     assert [theirs[i].tolist() for i in range(len(docs))] == docs

@@ -80,6 +80,13 @@ def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
         yield array[start : start + CHUNK]
 
 
+def _read_chunks(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The array stored raw in `path`, CHUNK entries at a time."""
+    with open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK * dtype.itemsize):
+            yield np.frombuffer(chunk, dtype=dtype)
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the renames inside `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -156,7 +163,8 @@ class IndexedDatasetWriter:
                 f"{dataset.idx_path}: tokens are {dataset.dtype}; allowed: {self.dtype}, the dtype of "
                 f"{idx_path(self.prefix)} (vocab_size {self.vocab_size})"
             )
-        for chunk in _chunks(dataset.tokens):
+        # read, not mapped: touched pages of a map would count as resident memory for the whole copy
+        for chunk in _read_chunks(dataset.bin_path, dataset.dtype):
             self._write_tokens(chunk, f"the tokens copied from {dataset.bin_path}")
         for chunk in _chunks(dataset.sequence_lengths):
             self._files["lengths"].write(chunk.astype("<i4").tobytes())
@@ -216,7 +224,9 @@ class IndexedDatasetWriter:
         indices; chunk by chunk."""
         lengths_file, docs_file = self._temps["lengths"], self._temps["docs"]
         with open(self._temps["idx"], "wb") as out:
-            out.write(HEADER.pack(MAGIC, VERSION, dtype_code(self.dtype), self.n_sequences, self.n_documents + 1))
+            out.write(
+                HEADER.pack(MAGIC, VERSION, dtype_code(self.dtype), self.n_sequences, self.n_documents + 1)
+            )
             with open(lengths_file, "rb") as stream:
                 shutil.copyfileobj(stream, out)
             position = 0
@@ -228,13 +238,6 @@ class IndexedDatasetWriter:
                 shutil.copyfileobj(stream, out)
             out.flush()
             os.fsync(out.fileno())
-
-
-def _read_chunks(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The array stored raw in `path`, CHUNK entries at a time."""
-    with open(path, "rb") as stream:
-        while chunk := stream.read(CHUNK * dtype.itemsize):
-            yield np.frombuffer(chunk, dtype=dtype)
 
 
 def merge_indexed_datasets(shards: Sequence[str | Path], prefix: str | Path, vocab_size: int) -> None:
@@ -262,7 +265,9 @@ class IndexedDataset:
         self.n_documents = n_entries - 1
         index = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
         self.sequence_lengths = self._slice(index, HEADER.size, "<i4", self.n_sequences)
-        self.sequence_pointers = self._slice(index, HEADER.size + 4 * self.n_sequences, "<i8", self.n_sequences)
+        self.sequence_pointers = self._slice(
+            index, HEADER.size + 4 * self.n_sequences, "<i8", self.n_sequences
+        )
         self.document_indices = self._slice(index, HEADER.size + 12 * self.n_sequences, "<i8", n_entries)
         modes_at = HEADER.size + 12 * self.n_sequences + 8 * n_entries
         has_modes = len(index) > modes_at
@@ -316,7 +321,9 @@ class IndexedDataset:
             raise self._fail(self.idx_path, f"{size} bytes, shorter than the {HEADER.size}-byte header")
         magic, version, code, n_sequences, n_entries = HEADER.unpack(raw)
         if magic != MAGIC:
-            raise self._fail(self.idx_path, f"not a Megatron indexed dataset (magic {magic!r}, expected {MAGIC!r})")
+            raise self._fail(
+                self.idx_path, f"not a Megatron indexed dataset (magic {magic!r}, expected {MAGIC!r})"
+            )
         if version != VERSION:
             raise self._fail(self.idx_path, f"version {version}; allowed: {VERSION}")
         if code not in DTYPE_CODES:
@@ -370,7 +377,9 @@ class IndexedDataset:
                 "(the sequence count)",
             )
         if self.n_sequences and int(self.sequence_pointers[0]) != 0:
-            raise self._fail(self.idx_path, f"the first sequence pointer is {self.sequence_pointers[0]}, not 0")
+            raise self._fail(
+                self.idx_path, f"the first sequence pointer is {self.sequence_pointers[0]}, not 0"
+            )
 
     def _check_index(self) -> None:
         """O(documents), chunk by chunk: lengths >= 0, pointers their running byte sums, document

@@ -115,9 +115,14 @@ def test_uint16_below_65500_as_megatron_chooses(tmp_path, vocab_size, itemsize, 
     assert IndexedDataset(prefix)[0].tolist() == [0, vocab_size - 1]
 
 
-def test_round_trip_of_random_documents(tmp_path):
+@pytest.mark.parametrize("as_array", [list, lambda doc: np.asarray(doc, dtype=np.uint32)])
+def test_round_trip_of_random_documents(tmp_path, as_array):
     docs = random_documents(0, 300, 50_000)
-    ds = IndexedDataset(write(tmp_path / "r", docs, 50_000))
+    with IndexedDatasetWriter(tmp_path / "r", 50_000) as writer:
+        for doc in docs:
+            writer.add_document(as_array(doc))
+    assert (writer.n_documents, writer.n_sequences, writer.n_tokens) == (300, 300, sum(map(len, docs)))
+    ds = IndexedDataset(tmp_path / "r")
     assert [ds[i].tolist() for i in range(len(ds))] == docs
     assert ds.total_tokens == sum(map(len, docs)) == len(ds.tokens)
 

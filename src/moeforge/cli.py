@@ -337,6 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one checkpoint)")
     verify.set_defaults(handler=run_checkpoint_verify)
 
+    data = commands.add_parser("data", help="prepare text into memory-mapped token datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="tokenize .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet files into Megatron-LM indexed datasets",
+    )
+    prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories of documents")
+    prepare.add_argument("--out", required=True, help="the prepared dataset's directory")
+    prepare.add_argument("--tokenizer", default="byte", help="'byte' (default) or a tokenizer.json")
+    prepare.add_argument("--text-field", default="text", help="the text's key or column in .jsonl/.parquet")
+    prepare.add_argument(
+        "--val-fraction", type=float, default=0.0, help="share of documents held out (by their text's hash)"
+    )
+    prepare.add_argument("--val", nargs="+", default=[], metavar="INPUT", help="inputs held out whole instead")
+    prepare.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    prepare.add_argument("--chunk-mb", type=float, default=16.0, help="input read per task (default 16)")
+    prepare.set_defaults(handler=run_data_prepare)
+
     plan = commands.add_parser(
         "plan",
         help="memory, traffic, pipeline bubble and step time of a layout on a cluster; --search ranks layouts",
@@ -765,6 +783,28 @@ def run_report(args: argparse.Namespace, rest: list[str]) -> int:
     out = _output_dir(args.out, "--out") if args.out else None
     for path in write_report(args.run_dir, out):
         print(path)
+    return 0
+
+
+def run_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    _reject_extra(rest)
+    from moeforge.data.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(
+        tuple(args.inputs),
+        Path(args.out),
+        args.tokenizer,
+        args.text_field,
+        args.val_fraction,
+        tuple(args.val),
+        args.workers,
+        int(args.chunk_mb * 2**20),
+    )
+    manifest = prepare(options)
+    counts = ", ".join(
+        f"{split} {info['documents']:,} documents / {info['tokens']:,} tokens" for split, info in manifest["splits"].items()
+    )
+    print(f"prepared {args.out}: {counts}")
     return 0
 
 

@@ -1,0 +1,214 @@
+"""`moeforge data prepare`: text files in, memory-mappable token datasets out.
+
+    DIR/train.bin, DIR/train.idx    Megatron-LM indexed dataset (indexed.py) of the training documents
+    DIR/val.bin,   DIR/val.idx      the held-out documents, same format
+    DIR/manifest.json               tokenizer hash and vocabulary, counts, sources, every file's SHA-256
+    DIR/parts/                      one finished dataset per chunk of input while preparing (removed at the end)
+
+The inputs are read in chunks of whole documents (sources.py) in a fixed order; worker processes
+tokenize the chunks, each into a dataset of its own under parts/, named by the chunk's position. A
+part is written under a temporary name and renamed when complete, so an interrupted prepare reruns
+with the same command and skips every part that exists. The parts are then concatenated in chunk
+order: the output depends on the inputs and the tokenizer only, never on the number of workers or
+on interruptions (byte-identical files).
+
+Each document is stored as its tokens followed by the document separator (the tokenizer's
+end-of-document token, or a newline for the byte tokenizer), as Megatron's `--append-eod` does, so the
+concatenated token file is the packed stream the loader cuts into windows. Held-out documents are
+chosen by their text: a document goes to validation when the first 8 bytes of its SHA-256, read as a
+fraction of 2^64, fall below `val_fraction` — independent of order and chunking, and an exact
+duplicate never lands on both sides. Memory is bounded by `chunk_bytes` times the workers in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from moeforge.config import ConfigError, DataConfig
+from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_indexed_datasets
+from moeforge.data.sources import Chunk, iter_chunks, list_sources
+from moeforge.data.tokenizer import Tokenizer, build_tokenizer, document_separator
+
+SPLITS = ("train", "val")
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+FORMAT = "moeforge-prepared/1"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What `moeforge data prepare` was asked for."""
+
+    inputs: tuple[str, ...]
+    out: Path
+    tokenizer: str = "byte"
+    """'byte' or the path of a Hugging Face tokenizer.json"""
+    text_field: str = "text"
+    val_fraction: float = 0.0
+    """the share of documents held out (0: none, unless `val_inputs` are given)"""
+    val_inputs: tuple[str, ...] = ()
+    """files held out whole, instead of a fraction of `inputs`"""
+    workers: int = 1
+    chunk_bytes: int = 16 << 20
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction: got {self.val_fraction}; allowed: a number in [0, 1)")
+        if self.val_fraction and self.val_inputs:
+            raise ConfigError("--val-fraction: set together with --val; allowed: one way to hold out documents")
+        if self.workers < 1:
+            raise ConfigError(f"--workers: got {self.workers}; allowed: an integer >= 1")
+        if self.chunk_bytes < 1 << 10:
+            raise ConfigError(f"--chunk-mb: got {self.chunk_bytes / 2**20:g}; allowed: at least 1 KiB")
+
+
+def prepare(options: PrepareOptions, progress: bool = True) -> dict[str, Any]:
+    """Prepare `options.inputs` into `options.out` (module docstring); returns the manifest."""
+    options.validate()
+    tokenizer = build_tokenizer(DataConfig(tokenizer=options.tokenizer))
+    parts = options.out / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    jobs = list(_jobs(options))
+    todo = [job for job in jobs if not _part_done(parts, job.name)]
+    with tqdm(total=sum(job.chunk.nbytes for job in todo), unit="B", unit_scale=True, disable=not progress,
+              desc="tokenizing") as bar:  # fmt: skip
+        for nbytes, docs, tokens in _run(todo, options, parts):
+            bar.update(nbytes)
+            bar.set_postfix(docs=docs, tokens=tokens)
+    for split in SPLITS:
+        merge_indexed_datasets([parts / f"{job.name}.{split}" for job in jobs], options.out / split, tokenizer.vocab_size)
+    manifest = _manifest(options, tokenizer, jobs)
+    _write_atomically(options.out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(parts)
+    return manifest
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One chunk of documents to tokenize, and which split its documents go to."""
+
+    chunk: Chunk
+    held_out: bool
+    """every document to validation (a --val input); else by `val_fraction`"""
+    path: Path
+    """the file the chunk was read from"""
+
+    @property
+    def name(self) -> str:
+        return f"{'val' if self.held_out else 'in'}-{self.chunk.source:05d}-{self.chunk.ordinal:07d}"
+
+
+def _jobs(options: PrepareOptions) -> Iterator[_Job]:
+    for inputs, held_out in ((options.inputs, False), (options.val_inputs, True)):
+        if inputs:
+            sources = list_sources(list(inputs))
+            for chunk in iter_chunks(sources, options.text_field, options.chunk_bytes):
+                yield _Job(chunk, held_out, sources[chunk.source].path)
+
+
+def _run(jobs: list[_Job], options: PrepareOptions, parts: Path) -> Iterator[tuple[int, int, int]]:
+    """Tokenize `jobs` on `options.workers` processes; yields (bytes, documents, tokens) of each."""
+    args = [(job, options.tokenizer, options.val_fraction, parts) for job in jobs]
+    if options.workers == 1:
+        yield from map(_tokenize_job, args)
+        return
+    with multiprocessing.get_context("spawn").Pool(options.workers) as pool:
+        yield from pool.imap(_tokenize_job, args)  # in order, at most a few chunks ahead
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}
+"""a worker process's tokenizer, built once per process"""
+
+
+def _tokenize_job(args: tuple[_Job, str, float, Path]) -> tuple[int, int, int]:
+    """Write the job's train and val parts; (input bytes, documents, tokens)."""
+    job, tokenizer_name, val_fraction, parts = args
+    if tokenizer_name not in _TOKENIZERS:
+        _TOKENIZERS[tokenizer_name] = build_tokenizer(DataConfig(tokenizer=tokenizer_name))
+    tokenizer = _TOKENIZERS[tokenizer_name]
+    separator = document_separator(tokenizer)
+    held_out = [job.held_out or _is_held_out(doc, val_fraction) for doc in job.chunk.documents]
+    encoded = tokenizer.encode_batch(job.chunk.documents)
+    tokens = 0
+    for split, wanted in zip(SPLITS, (False, True), strict=True):
+        prefix = parts / f"{job.name}.{split}"
+        with IndexedDatasetWriter(prefix, tokenizer.vocab_size) as writer:
+            for ids, out in zip(encoded, held_out, strict=True):
+                if out == wanted:
+                    writer.add_document(np.asarray(ids + separator))
+                    tokens += len(ids) + len(separator)
+    return job.chunk.nbytes, len(encoded), tokens
+
+
+def _is_held_out(document: str, val_fraction: float) -> bool:
+    """Whether a document goes to validation: by its text's SHA-256 (module docstring)."""
+    if not val_fraction:
+        return False
+    digest = hashlib.sha256(document.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
+
+
+def _part_done(parts: Path, name: str) -> bool:
+    """Both splits of a part were written to the end (the writer renames its index last)."""
+    return all(Path(f"{parts / name}.{split}.idx").is_file() for split in SPLITS)
+
+
+def _manifest(options: PrepareOptions, tokenizer: Tokenizer, jobs: list[_Job]) -> dict[str, Any]:
+    """What was prepared, from what, and every output file's size and SHA-256 (no time stamps: the
+    same inputs give the same manifest)."""
+    files = {}
+    splits = {}
+    for split in SPLITS:
+        dataset = IndexedDataset(options.out / split)
+        splits[split] = {"documents": dataset.n_documents, "tokens": int(dataset.total_tokens)}
+        for suffix in (".bin", ".idx"):
+            path = options.out / f"{split}{suffix}"
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    sources = sorted({(str(job.path), job.held_out) for job in jobs})
+    return {
+        "format": FORMAT,
+        "tokenizer": _tokenizer_identity(options.tokenizer),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "separator": document_separator(tokenizer),
+        "text_field": options.text_field,
+        "val_fraction": options.val_fraction,
+        "splits": splits,
+        "sources": [{"path": path, "held_out": held_out} for path, held_out in sources],
+        "files": files,
+    }
+
+
+def _tokenizer_identity(name: str) -> dict[str, str]:
+    """'byte', or the tokenizer.json's SHA-256: what a training run checks it tokenizes alike."""
+    if name == "byte":
+        return {"kind": "byte"}
+    return {"kind": "tokenizer.json", "sha256": _file_sha256(Path(name))}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    tmp.rename(path)

@@ -1,0 +1,119 @@
+"""`moeforge data prepare`: the prepared datasets hold every document's tokens, in input order, the
+same bytes whatever the number of workers or interruptions, with a manifest that names them."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from moeforge.cli import main
+from moeforge.data import prepare as prepare_module
+from moeforge.data.indexed import IndexedDataset
+from moeforge.data.prepare import MANIFEST_FILE, PrepareOptions, _is_held_out, prepare
+from moeforge.data.tokenizer import ByteTokenizer, HFTokenizer, document_separator
+from test_data import SENTENCES, write_bpe_tokenizer
+
+OUTPUTS = ("train.bin", "train.idx", "val.bin", "val.idx", MANIFEST_FILE)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[Path, list[str]]:
+    """A directory of .jsonl and .txt files and its documents in the order a prepare reads them."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    records = [f"{SENTENCES[i % 3]} number {i}" for i in range(60)]
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records[:40]))
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records[40:]))
+    (root / "c.txt").write_text("one whole text file, one document\n")
+    return root, [*records, "one whole text file, one document\n"]
+
+
+def documents(dataset: IndexedDataset) -> list[list[int]]:
+    return [dataset[i].tolist() for i in range(dataset.n_documents)]
+
+
+def run(corpus_dir: Path, out: Path, **options) -> dict:
+    return prepare(PrepareOptions((str(corpus_dir),), out, **options), progress=False)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_every_document_is_its_tokens_and_a_separator_in_input_order(corpus, tmp_path, tokenizer):
+    root, docs = corpus
+    if tokenizer == "bpe":
+        tokenizer = str(write_bpe_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"]))
+        tok = HFTokenizer(tokenizer)
+    else:
+        tok = ByteTokenizer()
+    manifest = run(root, tmp_path / "out", tokenizer=tokenizer, val_fraction=0.2)
+    held = [_is_held_out(doc, 0.2) for doc in docs]
+    assert 0 < sum(held) < len(docs)  # both splits have documents
+    expected = {split: [tok.encode(d) + document_separator(tok) for d, h in zip(docs, held) if h == (split == "val")]
+                for split in ("train", "val")}  # fmt: skip
+    for split in ("train", "val"):
+        dataset = IndexedDataset(tmp_path / "out" / split)
+        assert documents(dataset) == expected[split]
+        assert manifest["splits"][split] == {
+            "documents": len(expected[split]),
+            "tokens": sum(map(len, expected[split])),
+        }
+    assert manifest["vocab_size"] == tok.vocab_size
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_workers_and_chunk_sizes_do_not_change_a_byte(corpus, tmp_path):
+    root, _ = corpus
+    run(root, tmp_path / "one", val_fraction=0.1)
+    run(root, tmp_path / "two", val_fraction=0.1, workers=2, chunk_bytes=1 << 10)
+    for name in OUTPUTS:
+        assert filecmp.cmp(tmp_path / "one" / name, tmp_path / "two" / name, shallow=False), name
+
+
+def test_an_interrupted_prepare_reruns_only_the_unfinished_chunks(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    run(root, tmp_path / "straight", chunk_bytes=1 << 10)
+    calls = []
+    real = prepare_module._tokenize_job
+
+    def dies_on_the_third(args):
+        calls.append(args[0].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(args)
+
+    monkeypatch.setattr(prepare_module, "_tokenize_job", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(root, tmp_path / "out", chunk_bytes=1 << 10)
+    done = calls[:2]
+    calls.clear()
+    run(root, tmp_path / "out", chunk_bytes=1 << 10)
+    assert calls and not set(done) & set(calls)  # the finished chunks were not tokenized again
+    for name in OUTPUTS:
+        assert filecmp.cmp(tmp_path / "straight" / name, tmp_path / "out" / name, shallow=False), name
+
+
+def test_whole_files_held_out_and_the_command_line(corpus, tmp_path, capsys):
+    root, docs = corpus
+    held = tmp_path / "held.txt"
+    held.write_text("a held-out document\n")
+    code = main(["data", "prepare", str(root), "--val", str(held), "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert f"prepared {tmp_path / 'out'}: train {len(docs)} documents" in capsys.readouterr().out
+    val = IndexedDataset(tmp_path / "out" / "val")
+    assert documents(val) == [list(b"a held-out document\n") + document_separator(ByteTokenizer())]
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--val-fraction", "1"], "--val-fraction: got 1.0; allowed: a number in [0, 1)"),
+        (["--workers", "0"], "--workers: got 0; allowed: an integer >= 1"),
+    ],
+)
+def test_bad_flags_are_one_line(corpus, tmp_path, capsys, flags, said):
+    root, _ = corpus
+    assert main(["data", "prepare", str(root), "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and "\n" not in err

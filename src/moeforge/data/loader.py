@@ -58,7 +58,7 @@ def _consecutive_windows(tokens: TokenArray, start: int, stop: int, seq_len: int
     """[stop-start, seq_len+1] int64: windows start..stop-1, read as one slice of the stream."""
     part = tokens[start * (seq_len + 1) : stop * (seq_len + 1)]
     rows = part.long() if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part, dtype=np.int64))
-    return rows.view(stop - start, seq_len + 1)
+    return rows.reshape(stop - start, seq_len + 1)
 
 
 def _as_batch(windows: torch.Tensor) -> Batch:

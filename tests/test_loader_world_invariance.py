@@ -79,6 +79,15 @@ RECORDED_ORDER = [[3, 8, 0, 7], [1, 2, 6, 9], [4, 5, 3, 9], [6, 7, 4, 8]]
 """recorded with the loader that materialised the stream (commit 0a0c7ac)"""
 
 
+def test_the_int32_epoch_order_is_randperms_int64_order():
+    """The loader holds an epoch's order as int32; randperm draws the same permutation for it."""
+    n = 1_000_000
+    loader = PackedLoader(torch.zeros(2 * n, dtype=torch.uint8), 1, global_batch_size=1, seed=4)
+    digest = hashlib.sha256(b"moeforge-data/4/1").digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    assert torch.equal(loader.window_ids(n, n), torch.randperm(n, generator=generator))
+
+
 def test_batch_rows_are_the_windows_of_their_ids():
     loader = PackedLoader(torch.arange(1000), 8, global_batch_size=16, seed=1, rank=1, world_size=4)
     for _ in range(10):

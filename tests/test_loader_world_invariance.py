@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import small_config
 from moeforge.data import PackedLoader, split_train_val, validation_batches
 from moeforge.parallel import data_parallel_rank
+from moeforge.run import read_metrics
+from moeforge.train import trainer
 
 # ---------------------------------------------------------------------------------------------
 # The reference: the loader as it was before it read windows per batch (copied, shortened)
@@ -221,3 +224,30 @@ def test_a_memory_mapped_file_is_read_only_where_the_batches_fall(tmp_path):
     reference = PackedLoader(in_memory_train, seq_len, global_batch_size=2, seed=0)
     assert_same_batches(first, [reference.next_batch() for _ in range(2)])
     assert_same_batches(validation, validation_batches(in_memory_val, 2, seq_len, 1))
+
+
+def test_training_on_memory_mapped_tokens_matches_training_on_the_tensor(tmp_path, monkeypatch):
+    """The trainer given the corpus as uint16 memmaps (what prepared data will give it) logs the
+    same losses, validation included, as on today's in-memory tensors."""
+
+    def cfg():
+        return small_config(train__steps="3", train__eval_every="3")
+
+    trainer.Trainer(cfg(), tmp_path / "tensor").fit()
+    in_memory = trainer.build_datasets
+
+    def memory_mapped(data_cfg, seq_len):
+        tokenizer, train, val = in_memory(data_cfg, seq_len)
+        path = tmp_path / "tokens.bin"
+        torch.cat([train, val]).numpy().astype(np.uint16).tofile(path)
+        mapped = np.memmap(path, dtype=np.uint16, mode="r")
+        return tokenizer, mapped[: len(train)], mapped[len(train) :]
+
+    monkeypatch.setattr(trainer, "build_datasets", memory_mapped)
+    mapped_run = trainer.Trainer(cfg(), tmp_path / "mapped")
+    assert isinstance(mapped_run.loader.tokens, np.memmap) and isinstance(mapped_run.val_tokens, np.memmap)
+    mapped_run.fit()
+    losses = [
+        [(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / run)] for run in ("tensor", "mapped")
+    ]
+    assert losses[0] == losses[1] and losses[0][-1][1] is not None

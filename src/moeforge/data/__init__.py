@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from moeforge.config import ConfigError, DataConfig
 from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
-from moeforge.data.loader import PackedLoader, count_windows, split_train_val, validation_batches
+from moeforge.data.loader import PackedLoader, TokenArray, count_windows, split_train_val, validation_batches
 from moeforge.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -20,6 +18,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "PackedLoader",
+    "TokenArray",
     "Tokenizer",
     "build_datasets",
     "build_tokenizer",
@@ -34,7 +33,7 @@ __all__ = [
 ]
 
 
-def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, TokenArray, TokenArray]:
     """(tokenizer, train tokens, val tokens) for a run; the validation split is checked to hold one
     window of `seq_len` here, the training split by `PackedLoader`, which reads it."""
     tokenizer = build_tokenizer(data_cfg)

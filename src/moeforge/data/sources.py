@@ -14,7 +14,8 @@ A directory stands for every file of those formats under it, recursively, in sor
 of inputs is therefore a pure function of the file tree. Empty documents are dropped.
 
 Memory is bounded by one document, never by a file: .jsonl is read line by line, compressed
-streams are decompressed as they are read, Parquet by record batches of `PARQUET_BATCH_ROWS`.
+streams are decompressed as they are read, Parquet by record batches of `PARQUET_BATCH_ROWS` read
+page by page (not a row group at a time).
 `iter_chunks` groups the documents of each source into chunks of about `chunk_bytes` with a stable
 id, (source index, ordinal within the source), for a parallel prepare that hands chunks to worker
 processes and restarts without redoing the finished ones.
@@ -44,6 +45,8 @@ FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl"
 ALLOWED = ".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet"
 PARQUET_BATCH_ROWS = 256
 """rows per Parquet record batch: the memory a Parquet source holds is this many documents"""
+PARQUET_READ_BYTES = 256 * 1024
+"""bytes per read of a Parquet column chunk; with its pages, what a Parquet source holds besides a batch"""
 ZSTD_READ_BYTES = 16 * 1024
 """compressed bytes fed to zstd per call: what it returns at once is this times the compression ratio"""
 BOM = b"\xef\xbb\xbf"
@@ -267,7 +270,8 @@ def _parquet_documents(source: Source, text_field: str) -> Iterator[str]:
     pa = _optional("pyarrow", source)
     parquet = _optional("pyarrow.parquet", source)
     try:
-        file = parquet.ParquetFile(source.path)
+        # Unbuffered reads would hold a whole column chunk, pre-buffering several row groups
+        file = parquet.ParquetFile(source.path, pre_buffer=False, buffer_size=PARQUET_READ_BYTES)
     except pa.ArrowException as err:
         raise DataSourceError("input", f"{source.name} is not a Parquet file: {first_line(err)}") from None
     with file:

@@ -146,8 +146,10 @@ def test_read_directory_sorted_recursive(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "A1"}) + "\n" + json.dumps({"text": "A2"}))
     (tmp_path / "sub" / "c.txt").write_text("C")
     (tmp_path / "notes.md").write_text("ignored")
-    (tmp_path / "empty.txt").write_text("")
     assert read_documents(tmp_path) == ["A1", "A2", "B", "C"]
+    (tmp_path / "empty.txt").write_text("")  # an empty source is refused, as every other one
+    with pytest.raises(ConfigError, match=r"^data\.path: '.*empty\.txt' is empty"):
+        read_documents(tmp_path)
 
 
 def test_jsonl_missing_field_names_text_field_and_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Documents to train on: the embedded corpus, or the user's .txt / .jsonl files.
+"""Documents to train on: the embedded corpus, or the user's files (read by `sources`).
 
 The embedded corpus is the text of Python's own reference manual as shipped in
 `pydoc_data.topics` (~465 KB of English and grammar, PSF licence). Every CPython carries it, so
@@ -8,13 +8,14 @@ version gives a (slightly) different corpus, the same interpreter always the sam
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from pydoc_data.topics import topics
 
-from moeforge.config import ConfigError, DataConfig
+from moeforge.config import DataConfig
+from moeforge.data.sources import DataSourceError, iter_documents, list_sources
 
-SUFFIXES = (".txt", ".jsonl")
+TRAINER_FLAGS = {"input": "data.path", "text-field": "data.text-field"}
+"""the trainer's names for the flags that `sources` errors name"""
 
 
 def embedded_corpus() -> list[str]:
@@ -30,65 +31,9 @@ def load_documents(cfg: DataConfig) -> list[str]:
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Non-empty documents of a .txt file (one document), a .jsonl file (one per record) or a
-    directory (every .txt/.jsonl file under it, in sorted path order)."""
-    root = Path(path)
-    if not root.exists():
-        raise ConfigError(f"data.path: got {str(root)!r}; allowed: an existing file or directory")
-    files = _data_files(root)
-    docs = [doc for file in files for doc in _read_file(file, text_field) if doc]
-    if not docs:
-        raise ConfigError(f"data.path: {str(root)!r} holds no text")
-    return docs
-
-
-def _data_files(root: Path) -> list[Path]:
-    if root.is_file():
-        if root.suffix.lower() not in SUFFIXES:
-            raise ConfigError(
-                f"data.path: got {str(root)!r}; allowed: a .txt or .jsonl file, or a directory of them"
-            )
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
-    if not files:
-        raise ConfigError(f"data.path: no .txt or .jsonl files under {str(root)!r}")
-    return files
-
-
-def _read_file(file: Path, text_field: str) -> list[str]:
-    text = _read_utf8(file)
-    if file.suffix.lower() == ".txt":
-        return [text]
-    records = [
-        _jsonl_text(line, text_field, file, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()
-    ]
-    if not records:
-        raise ConfigError(f"data.path: {str(file)!r} has no records (an empty .jsonl file)")
-    return records
-
-
-def _read_utf8(file: Path) -> str:
-    data = file.read_bytes()
+    """The non-empty documents of a file or a directory of files (any format `sources` reads), in
+    memory: the trainer's path for small corpora. Errors name the trainer's flags (`data.path`)."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(
-            f"data.path: {str(file)!r} line {line} is not UTF-8 text (byte {err.start} of the file)"
-        ) from None
-
-
-def _jsonl_text(line: str, text_field: str, file: Path, line_no: int) -> str:
-    where = f"{str(file)!r} line {line_no}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"data.path: {where} is not valid JSON: {err.msg}") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise ConfigError(f"data.text-field: {where} has no field {text_field!r}")
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise ConfigError(
-            f"data.text-field: {where} has a {type(value).__name__} in {text_field!r}, not a string"
-        )
-    return value
+        return [doc for source in list_sources([path]) for doc in iter_documents(source, text_field)]
+    except DataSourceError as err:
+        raise err.renamed(TRAINER_FLAGS) from None

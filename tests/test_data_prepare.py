@@ -120,3 +120,39 @@ def test_bad_flags_are_one_line(corpus, tmp_path, capsys, flags, said):
     assert main(["data", "prepare", str(root), "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert said in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on a prepared directory
+
+
+def test_training_reads_a_prepared_directory_through_memory_maps(corpus, tmp_path):
+    import numpy as np
+
+    from conftest import small_config
+    from moeforge.train.trainer import Trainer
+    from moeforge.run import read_metrics
+
+    root, _ = corpus
+    run(root, tmp_path / "data", val_fraction=0.3)
+    cfg = small_config(data__path=str(tmp_path / "data"), train__steps="2", train__seq_len="16")
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert isinstance(trainer.loader.tokens, np.memmap) and isinstance(trainer.val_tokens, np.memmap)
+    train = IndexedDataset(tmp_path / "data" / "train").tokens
+    assert trainer.loader.n_windows == len(train) // 17
+    trainer.fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_prepared_directory_that_does_not_match_is_one_line(corpus, tmp_path, capsys):
+    root, _ = corpus
+    run(root, tmp_path / "data", val_fraction=0.3)
+    tokenizer = write_bpe_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"])
+    base = ["train", "--out", str(tmp_path / "run"), "--data.path", str(tmp_path / "data"), "--train.steps", "1"]
+    assert main([*base, "--data.tokenizer", str(tokenizer)]) == 2
+    assert "data.tokenizer: got" in capsys.readouterr().err
+    with (tmp_path / "data" / "train.bin").open("r+b") as stream:
+        stream.truncate(10)
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.bin: 10 bytes, the manifest recorded" in err and "\n" not in err

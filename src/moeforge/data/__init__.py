@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moeforge.config import ConfigError, DataConfig
 from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
+from moeforge.data.prepared import is_prepared, open_prepared
 from moeforge.data.loader import PackedLoader, TokenArray, count_windows, split_train_val, validation_batches
 from moeforge.data.tokenizer import (
     ByteTokenizer,
@@ -35,8 +36,18 @@ __all__ = [
 
 def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, TokenArray, TokenArray]:
     """(tokenizer, train tokens, val tokens) for a run; the validation split is checked to hold one
-    window of `seq_len` here, the training split by `PackedLoader`, which reads it."""
+    window of `seq_len` here, the training split by `PackedLoader`, which reads it. A prepared
+    directory (`moeforge data prepare`) is opened as memory maps of its train and val files; text
+    files and the embedded corpus are tokenized in memory, the last `data.val-fraction` held out."""
     tokenizer = build_tokenizer(data_cfg)
+    if is_prepared(data_cfg.path):
+        train, val = open_prepared(data_cfg)
+        if count_windows(len(val), seq_len) == 0:
+            raise ConfigError(
+                f"data.path: {data_cfg.path!r} holds {len(val)} validation tokens; allowed: at least "
+                f"train.seq-len+1={seq_len + 1} (prepare it with --val-fraction or --val)"
+            )
+        return tokenizer, train, val
     tokens = encode_documents(tokenizer, load_documents(data_cfg))
     train, val = split_train_val(tokens, data_cfg.val_fraction)
     if count_windows(len(val), seq_len) == 0:

@@ -178,7 +178,7 @@ def _manifest(options: PrepareOptions, tokenizer: Tokenizer, jobs: list[_Job]) -
     sources = sorted({(str(job.path), job.held_out) for job in jobs})
     return {
         "format": FORMAT,
-        "tokenizer": _tokenizer_identity(options.tokenizer),
+        "tokenizer": tokenizer_identity(options.tokenizer),
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "separator": document_separator(tokenizer),
@@ -190,7 +190,7 @@ def _manifest(options: PrepareOptions, tokenizer: Tokenizer, jobs: list[_Job]) -
     }
 
 
-def _tokenizer_identity(name: str) -> dict[str, str]:
+def tokenizer_identity(name: str) -> dict[str, str]:
     """'byte', or the tokenizer.json's SHA-256: what a training run checks it tokenizes alike."""
     if name == "byte":
         return {"kind": "byte"}

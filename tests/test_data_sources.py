@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from moeforge.config import ConfigError
+from moeforge.config import ConfigError, DataConfig
+from moeforge.data import load_documents
 from moeforge.data.sources import (
     Chunk,
     DataSourceError,
@@ -365,10 +366,21 @@ def test_bad_paths_are_refused_in_one_line(tmp_path, make, expected):
         list_sources([])
 
 
-def test_a_missing_extra_names_it(tmp_path, monkeypatch):
-    path = write_source(tmp_path / "d.parquet", DOCS)
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
-    assert refusal([path]).endswith("needs pyarrow: pip install 'moeforge[data]'")
+@pytest.mark.parametrize("name, package", [("d.parquet", "pyarrow"), ("d.jsonl.zst", "zstandard")])
+def test_a_missing_extra_is_named(tmp_path, monkeypatch, name, package):
+    path = write_source(tmp_path / name, DOCS)
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
+    assert refusal([path]).endswith(f"needs {package}: pip install 'moeforge[data]'")
+
+
+def test_the_trainer_reads_every_format_and_names_its_own_flags(tmp_path):
+    write_source(tmp_path / "a.parquet", DOCS[:2], field="body")
+    write_source(tmp_path / "b.jsonl.zst", DOCS[2:], field="body")
+    assert load_documents(DataConfig(path=str(tmp_path), text_field="body")) == DOCS
+    with pytest.raises(ConfigError, match=r"^data\.text-field: '.*a\.parquet' has no column 'text'; its col"):
+        load_documents(DataConfig(path=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"^data\.path: got '.*missing'; allowed: an existing file"):
+        load_documents(DataConfig(path=str(tmp_path / "missing")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from moeforge.config import ConfigError
+from moeforge.config import ConfigError, DataConfig
+from moeforge.data import load_documents
 from moeforge.data.sources import (
     Chunk,
     DataSourceError,
@@ -169,7 +170,11 @@ def test_chunks_fill_up_to_the_bound_and_skip_finished_sources(tmp_path):
     sources = list_sources([tmp_path])
     chunks = list(iter_chunks(sources, chunk_bytes=12))
     assert [(c.id, len(c.documents), c.nbytes) for c in chunks] == [
-        ((0, 0), 3, 12), ((0, 1), 3, 12), ((0, 2), 3, 12), ((0, 3), 1, 4), ((1, 0), 3, 12)
+        ((0, 0), 3, 12),
+        ((0, 1), 3, 12),
+        ((0, 2), 3, 12),
+        ((0, 3), 1, 4),
+        ((1, 0), 3, 12),
     ]
     assert list(iter_chunks(sources, chunk_bytes=12, done_sources={0})) == chunks[-1:]
     with pytest.raises(ConfigError, match=r"^chunk-bytes: got 0; allowed: "):
@@ -196,42 +201,137 @@ def parquet_bytes(tmp_path, table) -> bytes:
     return (tmp_path / "scratch.parquet").read_bytes()
 
 
+def unchecked_strings(values: list[bytes]) -> pa.Array:
+    """A string array of `values` as another writer might store them: not checked to be UTF-8."""
+    binary = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(binary), binary.buffers())
+
+
 @pytest.mark.parametrize(
     "name, content, expected",
     [
-        ("d.jsonl", b'{"text": "ok"}\n{not json\n', r"^input: '.*d\.jsonl' line 2 is not valid JSON: Expecting"),
-        ("d.jsonl", b'{"text": "ok"}\n\n["a list"]\n', r"^input: '.*d\.jsonl' line 3 is a JSON list, not an object$"),
-        ("d.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"^text-field: '.*d\.jsonl' line 2 has no field 'text'$"),
+        (
+            "d.jsonl",
+            b'{"text": "ok"}\n{not json\n',
+            r"^input: '.*d\.jsonl' line 2 is not valid JSON: Expecting",
+        ),
+        (
+            "d.jsonl",
+            b'{"text": "ok"}\n\n["a list"]\n',
+            r"^input: '.*d\.jsonl' line 3 is a JSON list, not an object$",
+        ),
+        (
+            "d.jsonl",
+            b'{"text": "ok"}\n{"body": "x"}\n',
+            r"^text-field: '.*d\.jsonl' line 2 has no field 'text'$",
+        ),
         ("d.jsonl", b'{"text": 3}\n', r"^text-field: '.*d\.jsonl' line 1 has a int in 'text', not a string$"),
-        ("d.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
-         r"^input: '.*d\.jsonl' line 2 is not UTF-8 text \(byte 30 of the file\)$"),
-        ("d.jsonl", b'{"text": "half an emoji \\ud83d"}\n',
-         r"^input: '.*d\.jsonl' line 1 has a lone surrogate \\ud83d in 'text' \(not UTF-8 text\)$"),
-        ("d.jsonl.gz", gzip.compress(b'{"text": "a"}\n{"text": "\xff"}\n'),
-         r"^input: '.*d\.jsonl\.gz' line 2 is not UTF-8 text \(byte 24 of the decompressed stream\)$"),
-        ("d.txt", b"one\ntwo \xc3(\n", r"^input: '.*d\.txt' line 2 is not UTF-8 text \(byte 8 of the file\)$"),
-        ("d.jsonl.gz", gzip.compress(jsonl_bytes(DOCS * 50))[:-30],
-         r"^input: '.*d\.jsonl\.gz' is not a valid gzip file \(after line \d+\): Compressed file ended"),
-        ("d.jsonl.gz", jsonl_bytes(DOCS), r"^input: '.*d\.jsonl\.gz' is not a valid gzip file \(after line 0\): "),
-        ("d.jsonl.zst", ZST[: len(ZST) // 2],
-         r"^input: '.*d\.jsonl\.zst' is not a valid zstd file \(after line \d+\): the file ends inside a frame"),
-        ("d.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"garbage" * 10,
-         r"^input: '.*d\.jsonl\.zst' is not a valid zstd file \(after line 0\): "),
+        (
+            "d.jsonl",
+            b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+            r"^input: '.*d\.jsonl' line 2 is not UTF-8 text \(byte 30 of the file\)$",
+        ),
+        (
+            "d.jsonl",
+            b'{"text": "half an emoji \\ud83d"}\n',
+            r"^input: '.*d\.jsonl' line 1 has a lone surrogate \\ud83d in 'text' \(not UTF-8 text\)$",
+        ),
+        (
+            "d.jsonl.gz",
+            gzip.compress(b'{"text": "a"}\n{"text": "\xff"}\n'),
+            r"^input: '.*d\.jsonl\.gz' line 2 is not UTF-8 text \(byte 24 of the decompressed stream\)$",
+        ),
+        (
+            "d.txt",
+            b"one\ntwo \xc3(\n",
+            r"^input: '.*d\.txt' line 2 is not UTF-8 text \(byte 8 of the file\)$",
+        ),
+        (
+            "d.jsonl.gz",
+            gzip.compress(jsonl_bytes(DOCS * 50))[:-30],
+            r"^input: '.*d\.jsonl\.gz' is not a valid gzip file \(after line \d+\): Compressed file ended",
+        ),
+        (
+            "d.jsonl.gz",
+            jsonl_bytes(DOCS),
+            r"^input: '.*d\.jsonl\.gz' is not a valid gzip file \(after line 0\): ",
+        ),
+        (
+            "d.jsonl.zst",
+            ZST[: len(ZST) // 2],
+            r"^input: '.*d\.jsonl\.zst' is not a valid zstd file \(after line \d+\): the file ends inside a frame",
+        ),
+        (
+            "d.jsonl.zst",
+            b"\x28\xb5\x2f\xfd" + b"garbage" * 10,
+            r"^input: '.*d\.jsonl\.zst' is not a valid zstd file \(after line 0\): ",
+        ),
         ("d.parquet", b"PAR1 not really", r"^input: '.*d\.parquet' is not a Parquet file: "),
-        ("d.parquet", lambda tmp: parquet_bytes(tmp, pa.table({"id": [1], "body": ["x"]})),
-         r"^text-field: '.*d\.parquet' has no column 'text'; its columns: 'id', 'body'$"),
-        ("d.parquet", lambda tmp: parquet_bytes(tmp, pa.table({"text": [1, 2]})),
-         r"^text-field: '.*d\.parquet' column 'text' holds int64, not strings$"),
-        ("d.parquet", lambda tmp: parquet_bytes(tmp, pa.table({"text": ["a"] * 300 + [None]})),
-         r"^text-field: '.*d\.parquet' row 300 has no text \(null in 'text'\)$"),
+        (
+            "d.parquet",
+            lambda tmp: parquet_bytes(tmp, pa.table({"id": [1], "body": ["x"]})),
+            r"^text-field: '.*d\.parquet' has no column 'text'; its columns: 'id', 'body'$",
+        ),
+        (
+            "d.parquet",
+            lambda tmp: parquet_bytes(tmp, pa.table({"text": [1, 2]})),
+            r"^text-field: '.*d\.parquet' column 'text' holds int64, not strings$",
+        ),
+        (
+            "d.parquet",
+            lambda tmp: parquet_bytes(
+                tmp, pa.table({"text": unchecked_strings([b"ok"] * 300 + [b"caf\xe9"])})
+            ),
+            r"^input: '.*d\.parquet' row 300 is not UTF-8 text \(byte 3 of its 'text'\)$",
+        ),
+        (
+            "d.parquet",
+            lambda tmp: parquet_bytes(tmp, pa.table({"text": ["a"] * 300 + [None]})),
+            r"^text-field: '.*d\.parquet' row 300 has no text \(null in 'text'\)$",
+        ),
         ("d.txt", b"", r"^input: '.*d\.txt' is empty \(a \.txt file is one document\)$"),
         ("d.jsonl", b"\n \n", r"^input: '.*d\.jsonl' has no records \(an empty \.jsonl file\)$"),
-        ("d.jsonl.gz", gzip.compress(b""), r"^input: '.*d\.jsonl\.gz' has no records \(an empty \.jsonl\.gz file\)$"),
+        (
+            "d.jsonl.gz",
+            gzip.compress(b""),
+            r"^input: '.*d\.jsonl\.gz' has no records \(an empty \.jsonl\.gz file\)$",
+        ),
         ("d.jsonl.zst", b"", r"^input: '.*d\.jsonl\.zst' has no records \(an empty \.jsonl\.zst file\)$"),
-        ("d.jsonl", b'{"text": ""}\n{"text": ""}\n',
-         r"^input: '.*d\.jsonl' has no documents: all 2 records have an empty 'text'$"),
-        ("d.parquet", lambda tmp: parquet_bytes(tmp, pa.table({"text": pa.array([], pa.string())})),
-         r"^input: '.*d\.parquet' has no records \(an empty \.parquet file\)$"),
+        (
+            "d.jsonl",
+            b'{"text": ""}\n{"text": ""}\n',
+            r"^input: '.*d\.jsonl' has no documents: all 2 records have an empty 'text'$",
+        ),
+        (
+            "d.parquet",
+            lambda tmp: parquet_bytes(tmp, pa.table({"text": pa.array([], pa.string())})),
+            r"^input: '.*d\.parquet' has no records \(an empty \.parquet file\)$",
+        ),
+    ],
+    ids=[
+        "not-json",
+        "not-an-object",
+        "missing-field",
+        "field-not-string",
+        "jsonl-bad-utf8",
+        "lone-surrogate",
+        "gz-bad-utf8",
+        "txt-bad-utf8",
+        "gz-truncated",
+        "gz-not-gzip",
+        "zst-truncated",
+        "zst-garbage",
+        "parquet-garbage",
+        "parquet-no-column",
+        "parquet-not-strings",
+        "parquet-bad-utf8",
+        "parquet-null",
+        "empty-txt",
+        "empty-jsonl",
+        "empty-gz",
+        "empty-zst",
+        "only-empty-texts",
+        "empty-parquet",
     ],
 )
 def test_bad_input_is_one_line_naming_the_file(tmp_path, name, content, expected):
@@ -245,8 +345,14 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, name, content, expected
 @pytest.mark.parametrize(
     "make, expected",
     [
-        (lambda tmp: tmp / "missing.jsonl", r"^input: got '.*missing\.jsonl'; allowed: an existing file or directory$"),
-        (lambda tmp: tmp / "data.csv", r"^input: got '.*data\.csv'; allowed: a \.txt, \.jsonl, .* or \.parquet file"),
+        (
+            lambda tmp: tmp / "missing.jsonl",
+            r"^input: got '.*missing\.jsonl'; allowed: an existing file or directory$",
+        ),
+        (
+            lambda tmp: tmp / "data.csv",
+            r"^input: got '.*data\.csv'; allowed: a \.txt, \.jsonl, .* or \.parquet file",
+        ),
         (lambda tmp: tmp / "dir", r"^input: no \.txt, .* files under '.*dir'$"),
     ],
 )
@@ -260,10 +366,21 @@ def test_bad_paths_are_refused_in_one_line(tmp_path, make, expected):
         list_sources([])
 
 
-def test_a_missing_extra_names_it(tmp_path, monkeypatch):
-    path = write_source(tmp_path / "d.parquet", DOCS)
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
-    assert refusal([path]).endswith("needs pyarrow: pip install 'moeforge[data]'")
+@pytest.mark.parametrize("name, package", [("d.parquet", "pyarrow"), ("d.jsonl.zst", "zstandard")])
+def test_a_missing_extra_is_named(tmp_path, monkeypatch, name, package):
+    path = write_source(tmp_path / name, DOCS)
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
+    assert refusal([path]).endswith(f"needs {package}: pip install 'moeforge[data]'")
+
+
+def test_the_trainer_reads_every_format_and_names_its_own_flags(tmp_path):
+    write_source(tmp_path / "a.parquet", DOCS[:2], field="body")
+    write_source(tmp_path / "b.jsonl.zst", DOCS[2:], field="body")
+    assert load_documents(DataConfig(path=str(tmp_path), text_field="body")) == DOCS
+    with pytest.raises(ConfigError, match=r"^data\.text-field: '.*a\.parquet' has no column 'text'; its col"):
+        load_documents(DataConfig(path=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"^data\.path: got '.*missing'; allowed: an existing file"):
+        load_documents(DataConfig(path=str(tmp_path / "missing")))
 
 
 # ---------------------------------------------------------------------------------------------

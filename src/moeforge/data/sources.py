@@ -40,7 +40,13 @@ from typing import BinaryIO
 from moeforge.config import ConfigError
 from moeforge.errors import first_line
 
-FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
+FORMATS = {
+    ".jsonl.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl": "jsonl",
+    ".txt": "txt",
+    ".parquet": "parquet",
+}
 """name ending -> format; the longer endings first, so that the first match is the right one"""
 ALLOWED = ".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet"
 PARQUET_BATCH_ROWS = 256
@@ -126,13 +132,12 @@ def _input_files(path: Path) -> list[Path]:
         raise DataSourceError("input", f"got {str(path)!r}; allowed: an existing file or directory")
     if path.is_file():
         if _format_of(path) is None:
-            raise DataSourceError("input", f"got {str(path)!r}; allowed: a {ALLOWED} file, or a directory of them")
+            raise DataSourceError(
+                "input", f"got {str(path)!r}; allowed: a {ALLOWED} file, or a directory of them"
+            )
         return [path]
-    files = sorted(
-        file
-        for file in path.rglob("*")
-        if file.is_file() and _format_of(file) and not _hidden(file.relative_to(path))
-    )
+    relative = (file.relative_to(path) for file in path.rglob("*") if file.is_file() and _format_of(file))
+    files = [path / file for file in sorted((file for file in relative if not _hidden(file)), key=_path_key)]
     if not files:
         raise DataSourceError("input", f"no {ALLOWED} files under {str(path)!r}")
     return files
@@ -142,6 +147,12 @@ def _format_of(path: Path) -> str | None:
     """The format `path`'s name ends with (case-insensitive), or None."""
     name = path.name.lower()
     return next((fmt for ending, fmt in FORMATS.items() if name.endswith(ending)), None)
+
+
+def _path_key(relative: Path) -> tuple[str, ...]:
+    """The sort key of a file under a listed directory: its path's parts, compared as strings
+    (so 'a/b' sorts before 'a-b', whatever Python's own ordering of paths)."""
+    return relative.parts
 
 
 def _hidden(relative: Path) -> bool:
@@ -165,7 +176,9 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
                 documents += 1
                 yield text
     except OSError as err:
-        raise DataSourceError("input", f"cannot read {source.name}: {err.strerror or first_line(err)}") from None
+        raise DataSourceError(
+            "input", f"cannot read {source.name}: {err.strerror or first_line(err)}"
+        ) from None
     if not documents:
         raise DataSourceError("input", _no_documents(source, records, text_field))
 
@@ -188,7 +201,9 @@ def _txt_documents(source: Source, text_field: str) -> Iterator[str]:
     except UnicodeDecodeError as err:
         at = start + err.start
         line = data.count(b"\n", 0, at) + 1
-        raise DataSourceError("input", f"{source.name} line {line} is not UTF-8 text (byte {at} of the file)") from None
+        raise DataSourceError(
+            "input", f"{source.name} line {line} is not UTF-8 text (byte {at} of the file)"
+        ) from None
     yield text
 
 
@@ -201,7 +216,9 @@ def _jsonl_documents(source: Source, text_field: str) -> Iterator[str]:
         for line_no, raw in enumerate(_checked(stream, errors, source.name, kind, "line"), 1):
             start = len(BOM) if offset == 0 and raw.startswith(BOM) else 0
             if raw[start:].strip():
-                yield _record_text(_utf8_line(raw, start, offset, where, source, line_no), text_field, source, line_no)
+                yield _record_text(
+                    _utf8_line(raw, start, offset, where, source, line_no), text_field, source, line_no
+                )
             offset += len(raw)
 
 
@@ -216,7 +233,9 @@ def _open_jsonl(source: Source) -> tuple[BinaryIO, tuple[type[BaseException], ..
     return open(source.path, "rb"), (), "jsonl"
 
 
-def _checked(items: Iterable, errors: tuple[type[BaseException], ...], name: str, kind: str, unit: str) -> Iterator:
+def _checked(
+    items: Iterable, errors: tuple[type[BaseException], ...], name: str, kind: str, unit: str
+) -> Iterator:
     """`items`, with a failure of the kinds in `errors` while producing one turned into a one-line
     error naming the file and the last good line or row."""
     done, iterator = 0, iter(items)
@@ -257,7 +276,9 @@ def _record_text(line: str, text_field: str, source: Source, line_no: int) -> st
         raise DataSourceError("text-field", f"{where} has no field {text_field!r}")
     text = record[text_field]
     if not isinstance(text, str):
-        raise DataSourceError("text-field", f"{where} has a {type(text).__name__} in {text_field!r}, not a string")
+        raise DataSourceError(
+            "text-field", f"{where} has a {type(text).__name__} in {text_field!r}, not a string"
+        )
     if not text.isascii() and (bad := SURROGATE.search(text)):
         raise DataSourceError(
             "input", f"{where} has a lone surrogate \\u{ord(bad[0]):04x} in {text_field!r} (not UTF-8 text)"
@@ -279,19 +300,42 @@ def _parquet_documents(source: Source, text_field: str) -> Iterator[str]:
         batches = file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field])
         row = 0
         for batch in _checked(batches, (pa.ArrowException,), source.name, "Parquet", "record batch"):
-            column = batch.column(0)
-            if column.null_count:
-                null = row + column.is_null().to_pylist().index(True)
-                raise DataSourceError("text-field", f"{source.name} row {null} has no text (null in {text_field!r})")
-            yield from column.to_pylist()
-            row += len(column)
+            yield from _column_texts(batch.column(0), row, text_field, source)
+            row += batch.num_rows
+
+
+def _column_texts(column, row: int, text_field: str, source: Source) -> list[str]:
+    """The strings of a batch's text column, whose first row is row `row` of the file; a null or
+    invalid UTF-8 (which Arrow does not check when reading) is refused with its row."""
+    if column.null_count:
+        null = row + column.is_null().to_pylist().index(True)
+        raise DataSourceError("text-field", f"{source.name} row {null} has no text (null in {text_field!r})")
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = column.cast(_optional("pyarrow", source).large_binary()).to_pylist()
+    n, at = next((n, at) for n, value in enumerate(values) if (at := _utf8_error_at(value)) is not None)
+    raise DataSourceError(
+        "input", f"{source.name} row {row + n} is not UTF-8 text (byte {at} of its {text_field!r})"
+    )
+
+
+def _utf8_error_at(value: bytes) -> int | None:
+    """The offset of the first byte of `value` that is not UTF-8, or None if it all is."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return None
 
 
 def _check_text_column(schema, text_field: str, source: Source) -> None:
     """Refuses a Parquet schema without a string column `text_field`, listing the columns it has."""
     if text_field not in schema.names:
         columns = ", ".join(map(repr, schema.names)) or "none"
-        raise DataSourceError("text-field", f"{source.name} has no column {text_field!r}; its columns: {columns}")
+        raise DataSourceError(
+            "text-field", f"{source.name} has no column {text_field!r}; its columns: {columns}"
+        )
     kind = schema.field(text_field).type
     if str(kind) not in ("string", "large_string", "string_view"):  # Arrow's UTF-8 string types
         raise DataSourceError("text-field", f"{source.name} column {text_field!r} holds {kind}, not strings")
@@ -377,9 +421,10 @@ def iter_chunks(
     in `done_sources` (every chunk of them finished by an earlier run) are skipped unread."""
     if chunk_bytes < 1:
         raise ConfigError(f"chunk-bytes: got {chunk_bytes}; allowed: a positive number of bytes")
-    for index, source in enumerate(sources):
-        if index not in done_sources:
-            yield from _source_chunks(index, source, text_field, chunk_bytes)
+    todo = [(index, source) for index, source in enumerate(sources) if index not in done_sources]
+    return (
+        chunk for index, source in todo for chunk in _source_chunks(index, source, text_field, chunk_bytes)
+    )
 
 
 def _source_chunks(index: int, source: Source, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:

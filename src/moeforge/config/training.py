@@ -150,7 +150,8 @@ class DataConfig:
     """Where tokens come from."""
 
     path: str = ""
-    """a local .txt/.jsonl file or a directory of them; '' = the embedded corpus (Python's own docs)"""
+    """a directory made by `moeforge data prepare` (memory-mapped), or a local .txt, .jsonl(.gz/.zst)
+    or .parquet file or a directory of them (tokenized at start); '' = the embedded corpus"""
     tokenizer: str = "byte"
     """'byte' (256 symbols, no files) or the path of a Hugging Face tokenizer.json"""
     text_field: str = "text"

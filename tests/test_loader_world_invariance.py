@@ -251,3 +251,23 @@ def test_training_on_memory_mapped_tokens_matches_training_on_the_tensor(tmp_pat
         [(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / run)] for run in ("tensor", "mapped")
     ]
     assert losses[0] == losses[1] and losses[0][-1][1] is not None
+
+
+def test_a_resume_on_other_tokens_of_the_same_size_is_refused_naming_data_path():
+    """n_windows alone would pass: the fingerprint samples the tokens themselves."""
+    from moeforge.config import ConfigError
+    from moeforge.data.loader import PackedLoader, token_fingerprint
+
+    tokens = torch.randint(0, 256, (50_000,))
+    saved = PackedLoader(tokens, 16, 8)
+    saved.next_batch()
+    state = saved.state_dict()
+    as_uint16 = np.asarray(tokens.numpy(), dtype=np.uint16)
+    assert token_fingerprint(as_uint16) == state["fingerprint"]  # the same tokens, however stored
+    PackedLoader(as_uint16, 16, 8).load_state_dict(state)
+    other = tokens.clone()
+    other[:100] = (other[:100] + 1) % 256
+    with pytest.raises(ConfigError, match=r"^data.path: the checkpoint's data order was built with fingerprint="):
+        PackedLoader(other, 16, 8).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "fingerprint"}  # written before it was recorded
+    PackedLoader(other, 16, 8).load_state_dict(legacy)

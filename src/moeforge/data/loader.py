@@ -12,6 +12,7 @@ touch, not a copy of the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -165,22 +166,51 @@ class PackedLoader:
         return self._order
 
     def state_dict(self) -> dict[str, Any]:
-        """World-size-free state; seed, seq_len and n_windows are kept to catch a changed setup."""
+        """World-size-free state; seed, seq_len, n_windows and the tokens' fingerprint are kept to
+        catch a changed setup."""
         return {
             "sequences_consumed": self.sequences_consumed,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "n_windows": self.n_windows,
+            "fingerprint": self.fingerprint,
         }
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`token_fingerprint` of the training tokens (computed once, when first asked for)."""
+        return token_fingerprint(self.tokens)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, where in (("seed", "train.seed"), ("seq_len", "train.seq-len"), ("n_windows", "data.path")):
+        checked = (("seed", "train.seed"), ("seq_len", "train.seq-len"), ("n_windows", "data.path"))
+        # checkpoints written before the fingerprint was recorded are checked on the rest
+        checked += (("fingerprint", "data.path"),) if "fingerprint" in state else ()
+        for key, where in checked:
             if state[key] != getattr(self, key):
                 raise ConfigError(
                     f"{where}: the checkpoint's data order was built with {key}={state[key]}, this run has "
                     f"{getattr(self, key)}; resuming needs the same data, tokenizer, val-fraction, seq-len and seed"
                 )
         self.sequences_consumed = int(state["sequences_consumed"])
+
+
+FINGERPRINT_BLOCKS = 64
+FINGERPRINT_BLOCK_TOKENS = 2048
+
+
+def token_fingerprint(tokens: TokenArray) -> str:
+    """A short hash of a token stream that costs the same for 1 MB and 1 TB: its length and
+    FINGERPRINT_BLOCKS blocks of FINGERPRINT_BLOCK_TOKENS tokens spread evenly over it, as int64 (so
+    the same tokens give the same hash as a uint16 memory map or an int64 tensor). Another corpus,
+    tokenizer or split changes it; an edit between the sampled blocks would not (it is no checksum)."""
+    n = len(tokens)
+    digest = hashlib.sha256(str(n).encode())
+    for block in range(FINGERPRINT_BLOCKS):
+        start = n * block // FINGERPRINT_BLOCKS
+        part = tokens[start : min(n, start + FINGERPRINT_BLOCK_TOKENS)]
+        values = part.numpy() if isinstance(part, torch.Tensor) else np.asarray(part)
+        digest.update(values.astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def validation_batches(

@@ -1,7 +1,7 @@
 """The package layers, lowest first, and the one import rule: a module imports only from its own
 package, or from a package of a lower layer (never a sibling of its layer, never one above).
 
-    errors, runtime
+    errors, runtime, durable      (durable: fsync a written file, a directory)
     safe_paths                    files named by other files, opened inside their directory only
     config
     model                         plain single-device modules: no process groups, no collectives
@@ -28,7 +28,7 @@ import moeforge
 
 SOURCE = Path(moeforge.__file__).parent
 LAYERS = [
-    {"errors", "runtime"},
+    {"errors", "runtime", "durable"},
     {"safe_paths"},
     {"config"},
     {"model"},

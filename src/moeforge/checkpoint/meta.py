@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moeforge.durable import fsync_directory, write_synced
 from moeforge.errors import RunFailure, first_line
 from moeforge.safe_paths import FileMissing, PathRefused, read_inside
 
@@ -75,18 +75,9 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     """meta.json (with the format) and meta.sha256 in `directory`, each fsynced, in that order, then
     the directory itself (module docstring)."""
     data = json.dumps({**meta, "format": FORMAT}, indent=1).encode()
-    _write_synced(directory / META_FILE, data)
-    _write_synced(directory / META_HASH_FILE, f"{hashlib.sha256(data).hexdigest()}  {META_FILE}\n".encode())
+    write_synced(directory / META_FILE, data)
+    write_synced(directory / META_HASH_FILE, f"{hashlib.sha256(data).hexdigest()}  {META_FILE}\n".encode())
     fsync_directory(directory)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make the entries of `directory` (files created or renamed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_meta(path: Path) -> CheckpointMeta:
@@ -159,10 +150,3 @@ def _are_file_entries(files: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _write_synced(file: Path, data: bytes) -> None:
-    with file.open("wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())

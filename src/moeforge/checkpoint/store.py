@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from moeforge.durable import fsync_directory
 from moeforge.errors import first_line
 from moeforge.safe_paths import PathRefused
 from moeforge.checkpoint.checksums import record_checksums
@@ -56,7 +57,6 @@ from moeforge.checkpoint.meta import (
     META_HASH_FILE,
     CheckpointError,
     CheckpointMeta,
-    fsync_directory,
     read_meta,
     write_meta,
 )

@@ -36,6 +36,7 @@ from types import TracebackType
 
 import numpy as np
 
+from moeforge.durable import fsync_directory
 from moeforge.errors import MoeforgeError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -85,15 +86,6 @@ def _read_chunks(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
     with open(path, "rb") as stream:
         while chunk := stream.read(CHUNK * dtype.itemsize):
             yield np.frombuffer(chunk, dtype=dtype)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames inside `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexedDatasetWriter:
@@ -188,7 +180,7 @@ class IndexedDatasetWriter:
             final_idx.unlink(missing_ok=True)  # an old .idx must never describe the new .bin
             os.replace(self._temps["bin"], bin_path(self.prefix))
             os.replace(self._temps["idx"], final_idx)
-            _fsync_directory(self.prefix.parent)
+            fsync_directory(self.prefix.parent)
         finally:
             self._remove_temps()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from moeforge.config import ConfigError, DataConfig
 from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_indexed_datasets
 from moeforge.data.sources import Chunk, iter_chunks, list_sources
 from moeforge.data.tokenizer import Tokenizer, build_tokenizer, document_separator
+from moeforge.durable import fsync_directory, write_synced
 
 SPLITS = ("train", "val")
 MANIFEST_FILE = "manifest.json"
@@ -207,8 +207,6 @@ def _file_sha256(path: Path) -> str:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
+    write_synced(tmp, data)
     tmp.rename(path)
+    fsync_directory(path.parent)

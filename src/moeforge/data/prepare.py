@@ -22,6 +22,8 @@ duplicate never lands on both sides. Memory is bounded by `chunk_bytes` times th
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -79,19 +81,30 @@ def prepare(options: PrepareOptions, progress: bool = True) -> dict[str, Any]:
     tokenizer = build_tokenizer(DataConfig(tokenizer=options.tokenizer))
     parts = options.out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
-    jobs = list(_jobs(options))
-    todo = [job for job in jobs if not _part_done(parts, job.name)]
-    with tqdm(total=sum(job.chunk.nbytes for job in todo), unit="B", unit_scale=True, disable=not progress,
-              desc="tokenizing") as bar:  # fmt: skip
-        for nbytes, docs, tokens in _run(todo, options, parts):
+    seen: list[_Job] = []  # every chunk's job as it streams past, its documents dropped
+    total = sum(source.size for inputs, _ in _inputs(options) for source in list_sources(list(inputs)))
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="tokenizing") as bar:
+        for nbytes, docs, tokens in _run(_unfinished(_jobs(options), parts, seen, bar), options, parts):
             bar.update(nbytes)
             bar.set_postfix(docs=docs, tokens=tokens)
     for split in SPLITS:
-        merge_indexed_datasets([parts / f"{job.name}.{split}" for job in jobs], options.out / split, tokenizer.vocab_size)
-    manifest = _manifest(options, tokenizer, jobs)
+        shards = [parts / f"{job.name}.{split}" for job in seen]
+        merge_indexed_datasets(shards, options.out / split, tokenizer.vocab_size)
+    manifest = _manifest(options, tokenizer, seen)
     _write_atomically(options.out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     shutil.rmtree(parts)
     return manifest
+
+
+def _unfinished(jobs: Iterator[_Job], parts: Path, seen: list[_Job], bar: tqdm) -> Iterator[_Job]:
+    """The jobs whose parts a previous attempt did not finish; every job is recorded in `seen`
+    without its documents (only its name and file are kept), the finished ones counted on `bar`."""
+    for job in jobs:
+        seen.append(dataclasses.replace(job, chunk=dataclasses.replace(job.chunk, documents=[])))
+        if _part_done(parts, job.name):
+            bar.update(job.chunk.nbytes)
+        else:
+            yield job
 
 
 @dataclass(frozen=True)
@@ -109,22 +122,35 @@ class _Job:
         return f"{'val' if self.held_out else 'in'}-{self.chunk.source:05d}-{self.chunk.ordinal:07d}"
 
 
+def _inputs(options: PrepareOptions) -> list[tuple[tuple[str, ...], bool]]:
+    """(inputs, held out whole) of each kind of input given."""
+    return [(inputs, held) for inputs, held in ((options.inputs, False), (options.val_inputs, True)) if inputs]
+
+
 def _jobs(options: PrepareOptions) -> Iterator[_Job]:
-    for inputs, held_out in ((options.inputs, False), (options.val_inputs, True)):
-        if inputs:
-            sources = list_sources(list(inputs))
-            for chunk in iter_chunks(sources, options.text_field, options.chunk_bytes):
-                yield _Job(chunk, held_out, sources[chunk.source].path)
+    """The chunks of every input in order, read as they are asked for."""
+    for inputs, held_out in _inputs(options):
+        sources = list_sources(list(inputs))
+        for chunk in iter_chunks(sources, options.text_field, options.chunk_bytes):
+            yield _Job(chunk, held_out, sources[chunk.source].path)
 
 
-def _run(jobs: list[_Job], options: PrepareOptions, parts: Path) -> Iterator[tuple[int, int, int]]:
-    """Tokenize `jobs` on `options.workers` processes; yields (bytes, documents, tokens) of each."""
-    args = [(job, options.tokenizer, options.val_fraction, parts) for job in jobs]
+def _run(jobs: Iterator[_Job], options: PrepareOptions, parts: Path) -> Iterator[tuple[int, int, int]]:
+    """Tokenize `jobs` on `options.workers` processes, in order, with at most two chunks a worker read
+    ahead (a pool's `imap` would read every chunk of the corpus into its queue); yields (bytes,
+    documents, tokens) of each."""
+    args = ((job, options.tokenizer, options.val_fraction, parts) for job in jobs)
     if options.workers == 1:
         yield from map(_tokenize_job, args)
         return
     with multiprocessing.get_context("spawn").Pool(options.workers) as pool:
-        yield from pool.imap(_tokenize_job, args)  # in order, at most a few chunks ahead
+        in_flight: collections.deque = collections.deque()
+        for arg in args:
+            in_flight.append(pool.apply_async(_tokenize_job, (arg,)))
+            if len(in_flight) >= 2 * options.workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}

@@ -63,9 +63,14 @@ def read_run_config(run_dir: Path) -> dict[str, Any] | None:
 
 def tokenizer_for_run(run_dir: Path, cfg: Config) -> Tokenizer:
     """The tokenizer a run trained with: its copied tokenizer.json, or the byte tokenizer."""
-    copied = tokenizer_file(run_dir)
-    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=str(copied) if copied else "byte")
+    data_cfg = dataclasses.replace(cfg.data, path="", tokenizer=tokenizer_name_for_run(run_dir))
     return build_tokenizer(data_cfg)
+
+
+def tokenizer_name_for_run(run_dir: Path) -> str:
+    """The `data.tokenizer` a run's tokenizer is rebuilt from: its copied tokenizer.json, or 'byte'."""
+    copied = tokenizer_file(run_dir)
+    return str(copied) if copied else "byte"
 
 
 def tokenizer_file(directory: Path, home: Path | None = None) -> Path | None:

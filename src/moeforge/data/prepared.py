@@ -38,6 +38,15 @@ def open_prepared(cfg: DataConfig) -> tuple[TokenArray, TokenArray]:
             f"data.tokenizer: got {cfg.tokenizer!r}; allowed: the tokenizer {where} was prepared with "
             f"({manifest['tokenizer']})"
         )
+    check_file_sizes(root, manifest)
+    train, val = (IndexedDataset(root / split).tokens for split in SPLITS)
+    return train, val
+
+
+def check_file_sizes(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is inside `root` with the size it recorded (a cheap check for a
+    changed or truncated file; the SHA-256 sums are for a full check by hand)."""
+    where = root / MANIFEST_FILE
     for name, entry in manifest["files"].items():
         try:
             size = file_inside(root, name, where).stat().st_size
@@ -45,8 +54,6 @@ def open_prepared(cfg: DataConfig) -> tuple[TokenArray, TokenArray]:
             raise ConfigError(str(err)) from None
         if size != entry["bytes"]:
             raise ConfigError(f"{root / name}: {size} bytes, the manifest recorded {entry['bytes']} (changed or truncated)")
-    train, val = (IndexedDataset(root / split).tokens for split in SPLITS)
-    return train, val
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     loss = CE(logits, targets) + balance loss (the MoE layers') + L_MTP
     L_MTP = (lambda / D) * sum_k CE_k      (DeepSeek-V3 eqs. 24-25)
 
-Cross-entropies run in fp32 whatever the compute dtype.
+Cross-entropies run in fp32 whatever the compute dtype (model/cross_entropy.py).
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from moeforge.model.cross_entropy import token_cross_entropy
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import ModelOutput
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, S, V] against labels [B, S], in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
 def mtp_depth_losses(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:

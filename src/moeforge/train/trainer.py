@@ -21,6 +21,7 @@ from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
 from moeforge.data import PackedLoader, build_datasets, validation_batches
 from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
+from moeforge.model.cross_entropy import summed_token_cross_entropy
 from moeforge.model.flops import training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
 from moeforge.model.transformer import ModelOutput, Transformer
@@ -48,7 +49,7 @@ from moeforge.plan import device_peak_flops, estimate_run
 from moeforge.plan.layout import layout_from_config, stage_block_counts
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
-from moeforge.train.losses import TrainingLosses, token_cross_entropy, training_losses
+from moeforge.train.losses import TrainingLosses, training_losses
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.step_sums import StepSums
 
@@ -453,24 +454,21 @@ class Trainer:
         batches = validation_batches(
             self.val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
         )
-        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for inputs, targets in batches:
-            with autocast_context(self.cfg.train, self.device):
-                logits = self._logits(inputs.to(self.device))
-            if logits is not None:
-                total += token_cross_entropy(logits, targets.to(self.device)).double() * targets.numel()
-            count += targets.numel()
+        sums = summed_token_cross_entropy(batches, self._logits, self.device)
+        total = sums.total
         if self.pipeline is not None:  # the loss is on the last stage's rank
             self.pipeline.moe_stats.clear()
             total = sum_across_ranks(total, self.mesh["pp"].get_group())
         self.model.train()
-        return float(total) / count
+        return float(total) / sums.tokens
 
     def _logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """The model's logits for `inputs`; under pipelining on the last stage's rank only."""
-        if self.pipeline is None:
-            return self.model(inputs).logits
-        return self.pipeline.logits(inputs, tuple(inputs.shape), self.mesh["pp"].get_group())
+        """The model's logits for `inputs`, under the run's autocast; under pipelining on the last
+        stage's rank only."""
+        with autocast_context(self.cfg.train, self.device):
+            if self.pipeline is None:
+                return self.model(inputs).logits
+            return self.pipeline.logits(inputs, tuple(inputs.shape), self.mesh["pp"].get_group())
 
     # ------------------------------------------------------------------------------------------
     # The loop

@@ -1,0 +1,133 @@
+"""Loss and perplexity of a trained model on prepared token datasets (`moeforge eval`).
+
+The text is cut into the windows the trainer validates on (data/loader.py `validation_batches`:
+consecutive, non-overlapping windows of seq_len+1 tokens from the start of the split, the tail that
+does not fill a window left out) and the mean next-token cross-entropy over every target token is
+summed by the same function as the trainer's validation (model/cross_entropy.py), so that the two
+agree exactly when their batches coincide. Perplexity is exp(loss), loss in nats per token.
+
+A dataset is checked before any is evaluated, each refusal one line naming the directory, its
+manifest or the flag: it must be a prepared directory (`moeforge data prepare`) made with the
+tokenizer of the checkpoint's run, with a vocabulary the model's embedding covers (the manifest's
+vocab_size: every token id is below it, so no token is read to check), and a split of at least one
+window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeforge.config import ConfigError
+from moeforge.data.indexed import IndexedDataset
+from moeforge.data.loader import TokenArray, count_windows, validation_batches
+from moeforge.data.prepare import MANIFEST_FILE, SPLITS, tokenizer_identity
+from moeforge.data.prepared import check_file_sizes, is_prepared, read_manifest
+from moeforge.model.cross_entropy import summed_token_cross_entropy
+from moeforge.model.transformer import Transformer
+
+
+@dataclass
+class EvalResult:
+    """A model's mean next-token cross-entropy over the windows of one token stream."""
+
+    loss: float
+    """nats per target token"""
+    tokens: int
+    """target tokens scored: windows * seq_len"""
+    windows: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    tokens: TokenArray,
+    seq_len: int,
+    batch_size: int = 8,
+    max_batches: int = 0,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """`model`'s loss on the consecutive windows of seq_len+1 of the 1-D `tokens`, `batch_size` windows a
+    forward, the first `max_batches` batches (0: every window). The model is left in the mode it had."""
+    n_windows = count_windows(len(tokens), seq_len)
+    if n_windows == 0:
+        raise ConfigError(
+            f"--seq-len: got {seq_len}; allowed: at most {len(tokens) - 1}, the tokens given less one"
+        )
+    batches = validation_batches(tokens, batch_size, seq_len, max_batches or -(-n_windows // batch_size))
+    was_training = model.training
+    model.eval()
+    try:
+        sums = summed_token_cross_entropy(batches, lambda inputs: model(inputs).logits, device)
+    finally:
+        model.train(was_training)
+    return EvalResult(float(sums.total) / sums.tokens, sums.tokens, sums.windows)
+
+
+def check_eval_flags(seq_len: int, batch_size: int, max_batches: int) -> None:
+    """One-line errors for --seq-len (0: the run's), --batch-size and --max-batches (0: every window)."""
+    if seq_len < 0:
+        raise ConfigError(f"--seq-len: got {seq_len}; allowed: an integer >= 1 (0: the run's train.seq-len)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: got {batch_size}; allowed: an integer >= 1")
+    if max_batches < 0:
+        raise ConfigError(f"--max-batches: got {max_batches}; allowed: an integer >= 0 (0: every window)")
+
+
+def check_seq_len(seq_len: int, max_seq_len: int) -> None:
+    """--seq-len within the positions the model was built for."""
+    if seq_len > max_seq_len:
+        raise ConfigError(f"--seq-len: got {seq_len}; allowed: 1 to the model's max-seq-len {max_seq_len}")
+
+
+def check_data_dir(path: str | Path) -> Path:
+    """`path` as a prepared directory, or a one-line error (missing, or not made by `data prepare`)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"DATA_DIR: {str(path)!r} is not a directory")
+    if not is_prepared(root):
+        raise ConfigError(
+            f"DATA_DIR: {str(path)!r} has no {MANIFEST_FILE}; make one with `moeforge data prepare`"
+        )
+    return root
+
+
+def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq_len: int) -> TokenArray:
+    """The tokens of `split` of the prepared directory `root` as a memory map, after the checks of the
+    module docstring against the run's `tokenizer` ('byte' or a tokenizer.json) and the model's
+    `vocab_size`; reads the manifest and the index, not the tokens."""
+    assert split in SPLITS, split
+    manifest = read_manifest(root)
+    where = root / MANIFEST_FILE
+    wanted = tokenizer_identity(tokenizer)
+    if manifest["tokenizer"] != wanted:
+        raise ConfigError(
+            f"{where}: prepared with the tokenizer {_describe(manifest['tokenizer'])}; the checkpoint's run "
+            f"uses {_describe(wanted)} (prepare the data again with --tokenizer {tokenizer})"
+        )
+    if manifest["vocab_size"] > vocab_size:
+        raise ConfigError(
+            f"{where}: vocab_size {manifest['vocab_size']}; allowed: at most the model's vocab-size {vocab_size}"
+        )
+    check_file_sizes(root, manifest)
+    tokens = IndexedDataset(root / split).tokens
+    if count_windows(len(tokens), seq_len) == 0:
+        raise ConfigError(
+            f"{root / split}.bin: {len(tokens)} tokens in split {split!r}; allowed: at least one window of "
+            f"--seq-len+1 = {seq_len + 1}"
+        )
+    return tokens
+
+
+def _describe(identity: dict[str, str]) -> str:
+    """'byte', or 'tokenizer.json sha256 0123456789ab...' for a manifest's tokenizer identity."""
+    if identity.get("kind") == "byte":
+        return "'byte'"
+    return f"{identity.get('kind')} sha256 {str(identity.get('sha256'))[:12]}..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moeforge.config import ConfigError, DataConfig
+from moeforge.config.training import is_mixture
 from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
 from moeforge.data.prepared import is_prepared, open_prepared
 from moeforge.data.loader import PackedLoader, TokenArray, count_windows, split_train_val, validation_batches
@@ -39,6 +40,11 @@ def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, Token
     window of `seq_len` here, the training split by `PackedLoader`, which reads it. A prepared
     directory (`moeforge data prepare`) is opened as memory maps of its train and val files; text
     files and the embedded corpus are tokenized in memory, the last `data.val-fraction` held out."""
+    if is_mixture(data_cfg.path):
+        raise ConfigError(
+            f"data.path: got the mixture {data_cfg.path!r}; allowed here: one path (mixtures are read by "
+            "moeforge.data.blend.open_mixture, which the trainer uses)"
+        )
     tokenizer = build_tokenizer(data_cfg)
     if is_prepared(data_cfg.path):
         train, val = open_prepared(data_cfg)

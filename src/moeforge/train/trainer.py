@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
-from moeforge.data import PackedLoader, build_datasets, validation_batches
+from moeforge.config.training import is_mixture
+from moeforge.data import PackedLoader, TokenArray, build_datasets, build_tokenizer, validation_batches
+from moeforge.data.blend import BlendedLoader, open_mixture
 from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.cross_entropy import summed_token_cross_entropy
@@ -133,7 +135,14 @@ class Trainer:
         self.device = self.world.device
         tcfg = cfg.train
 
-        self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
+        if is_mixture(cfg.data.path):
+            self.tokenizer = build_tokenizer(cfg.data)
+            sources = open_mixture(cfg.data, tcfg.seq_len)
+            self.val_sets = [(s.path, s.weight, s.val) for s in sources]
+        else:
+            self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
+            self.val_sets = [("", 1.0, self.val_tokens)]
+        """(source path, weight, validation tokens) of each source; one ('', 1.0, ...) without a mixture"""
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self._check_plan()
@@ -148,9 +157,20 @@ class Trainer:
         data_rank, data_ranks = data_parallel_rank(self.rank, self.world_size, pp, replicas)
         self.data_parallel_size = data_ranks // replicas
         """data-parallel ranks of one replica: what the step's summed losses are averaged over"""
-        self.loader = PackedLoader(
-            train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks
-        )
+        if is_mixture(cfg.data.path):
+            self.loader: PackedLoader | BlendedLoader = BlendedLoader(
+                [s.train for s in sources],
+                [s.weight for s in sources],
+                tcfg.seq_len,
+                tcfg.global_batch_size,
+                tcfg.seed,
+                data_rank,
+                data_ranks,
+            )
+        else:
+            self.loader = PackedLoader(
+                train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks
+            )
         self.local_batch = tcfg.global_batch_size // data_ranks
         """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch;
         the stages of one pipeline the same ones)"""
@@ -448,11 +468,23 @@ class Trainer:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps
         return self.cfg.model.moe.bias_update_rate if self.step <= until else 0.0
 
-    @torch.no_grad()
     def validation_loss(self) -> float:
+        """Mean token cross-entropy on the validation split; with a mixture, the sources' validation
+        losses averaged with the mixture's weights (`validation_losses` gives each)."""
+        return self._mixture_mean(self.validation_losses())
+
+    def validation_losses(self) -> dict[str, float]:
+        """Validation loss of each source's own validation split, by path ('' without a mixture)."""
+        return {name: self._split_loss(tokens) for name, _, tokens in self.val_sets}
+
+    def _mixture_mean(self, losses: dict[str, float]) -> float:
+        return sum(weight * losses[name] for name, weight, _ in self.val_sets)
+
+    @torch.no_grad()
+    def _split_loss(self, val_tokens: TokenArray) -> float:
         self.model.eval()
         batches = validation_batches(
-            self.val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
+            val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
         )
         sums = summed_token_cross_entropy(batches, self._logits, self.device)
         total = sums.total
@@ -497,8 +529,10 @@ class Trainer:
                 bar.update(metrics["loss"], tokens_per_s, imbalance)
                 is_last = self.step == tcfg.steps
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or is_last:
-                    val_loss = self.validation_loss()
-                    metrics["val_loss"] = val_loss
+                    val_losses = self.validation_losses()
+                    val_loss = metrics["val_loss"] = self._mixture_mean(val_losses)
+                    if len(self.val_sets) > 1:
+                        metrics["val_loss_per_source"] = val_losses
                 if is_last and self.diloco is not None:
                     metrics["diloco_total"] = self.diloco.summary(self.step)
                 if self.step % tcfg.log_every == 0 or is_last or "val_loss" in metrics or "diloco" in metrics:
@@ -530,6 +564,9 @@ class Trainer:
             "model_tflops": achieved / 1e12,
             "mfu": achieved / self.peak_flops if self.peak_flops else None,
         }
+        if isinstance(self.loader, BlendedLoader) and len(self.val_sets) > 1:
+            paths = [name for name, _, _ in self.val_sets]
+            record["tokens_per_source"] = dict(zip(paths, self.loader.tokens_per_source()))
         record.update({k: v for k, v in metrics.items()})
         return record
 

@@ -26,7 +26,8 @@ from moeforge.config.loading import (
 )
 from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
-from moeforge.config.training import Config, DataConfig, ParallelConfig, TrainConfig
+from moeforge.config.data import DataConfig
+from moeforge.config.training import Config, ParallelConfig, TrainConfig
 
 __all__ = [
     "DEFAULT_PRESET",

@@ -1,14 +1,13 @@
-"""A run's other sections (`TrainConfig`, `DataConfig`, `ParallelConfig`) and the whole `Config`."""
+"""A run's other sections (`TrainConfig`, `ParallelConfig`) and the whole `Config`."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from moeforge.config.checks import ConfigError, _check, _check_bounds, _check_choices, _check_values, _flag
+from moeforge.config.data import DataConfig
 from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
 
@@ -144,62 +143,6 @@ class TrainConfig:
             _check(value >= 0, f"train.{_flag(name)}", value, "a number >= 0")
         switch = self.mtp_lambda_switch
         _check(0 <= switch <= 1, "train.mtp-lambda-switch", switch, "a number in [0, 1]")
-
-
-@dataclass
-class DataConfig:
-    """Where tokens come from."""
-
-    path: str = ""
-    """a directory made by `moeforge data prepare` (memory-mapped), or a local .txt, .jsonl(.gz/.zst)
-    or .parquet file or a directory of them (tokenized at start); '' = the embedded corpus; a
-    mixture of prepared directories with positive weights: 'a:0.7,b:0.3' (weights normalised)"""
-    tokenizer: str = "byte"
-    """'byte' (256 symbols, no files) or the path of a Hugging Face tokenizer.json"""
-    text_field: str = "text"
-    """the key holding the text in .jsonl records"""
-    val_fraction: float = 0.05
-    """fraction of the corpus held out for validation loss"""
-
-    def validate(self) -> None:
-        _check_values(self, "data")
-        _check(0 < self.val_fraction < 1, "data.val-fraction", self.val_fraction, "a number in (0, 1)")
-        if is_mixture(self.path):
-            for name, _ in mixture_sources(self.path):
-                _check(Path(name).is_dir(), "data.path", name, "a directory made by `moeforge data prepare`")
-        elif self.path:
-            _check(Path(self.path).exists(), "data.path", self.path, "an existing file or directory")
-        if self.tokenizer != "byte":
-            _check(
-                Path(self.tokenizer).is_file(),
-                "data.tokenizer",
-                self.tokenizer,
-                "'byte' or the path of an existing tokenizer.json",
-            )
-
-
-def is_mixture(path: str) -> bool:
-    """Whether `data.path` is a mixture 'a:0.7,b:0.3' rather than one file or directory (an
-    existing path is never read as a mixture, whatever its name)."""
-    return bool(path) and not Path(path).exists() and ("," in path or ":" in path)
-
-
-def mixture_sources(path: str) -> list[tuple[str, float]]:
-    """(directory, weight) of each source of the mixture `path` ('a:0.7,b:0.3'), weights normalised
-    to sum to 1; each weight must be a positive finite number."""
-    sources = []
-    for item in path.split(","):
-        name, _, text = item.rpartition(":")
-        try:
-            weight = float(text)
-        except ValueError:
-            weight = math.nan
-        allowed = "SOURCE:WEIGHT items with a positive finite weight, e.g. 'a:0.7,b:0.3'"
-        _check(bool(name) and math.isfinite(weight) and weight > 0, "data.path", item, allowed)
-        sources.append((name, weight))
-    total = sum(weight for _, weight in sources)
-    _check(math.isfinite(total), "data.path", path, "weights whose sum is a finite number")
-    return [(name, weight / total) for name, weight in sources]
 
 
 @dataclass

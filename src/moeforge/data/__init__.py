@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeforge.config import ConfigError, DataConfig
-from moeforge.config.training import is_mixture
+from moeforge.config.data import is_mixture
 from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
 from moeforge.data.prepared import is_prepared, open_prepared
 from moeforge.data.loader import PackedLoader, TokenArray, count_windows, split_train_val, validation_batches

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moeforge.config import ConfigError, DataConfig
-from moeforge.config.training import mixture_sources
+from moeforge.config.data import mixture_sources
 from moeforge.data.loader import Batch, PackedLoader, TokenArray, _as_batch, _gather_windows, count_windows
 from moeforge.data.prepare import MANIFEST_FILE
 from moeforge.data.prepared import is_prepared, open_prepared, read_manifest

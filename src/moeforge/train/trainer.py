@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
-from moeforge.config.training import is_mixture
+from moeforge.config.data import is_mixture
 from moeforge.data import PackedLoader, TokenArray, build_datasets, build_tokenizer, validation_batches
 from moeforge.data.blend import BlendedLoader, open_mixture
 from moeforge.diloco import StreamingDiLoCo

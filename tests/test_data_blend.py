@@ -187,6 +187,17 @@ def test_sources_of_different_tokenizers_are_one_line(two_sources, tmp_path, cap
     assert "error: data.path: " in err and "a mixture needs one tokenizer" in err and "\n" not in err
 
 
+def test_a_source_too_short_for_one_window_is_named(two_sources, tmp_path, capsys):
+    """The sources' splits hold one or two thousand tokens each: at seq-len 2000 neither makes one window,
+    and the line names the first source and its split (not the loader's anonymous train.seq-len line)."""
+    a, b = two_sources
+    flags = ["--data.path", f"{a}:1,{b}:1", "--model.max-seq-len", "2048", "--train.seq-len", "2000"]
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"data.path: {a!r} holds" in err and "training tokens; allowed: at least train.seq-len+1=2001" in err
+    assert "\n" not in err
+
+
 def test_a_resumed_mixture_run_sees_what_an_uninterrupted_one_sees(two_sources, tmp_path):
     from moeforge.train.trainer import Trainer
 

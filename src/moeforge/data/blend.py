@@ -44,7 +44,7 @@ class BlendSource:
 
 def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
     """The sources of the mixture `cfg.path`, each a prepared directory of the same tokenizer whose
-    val split holds at least one window of `seq_len`."""
+    train and val splits hold at least one window of `seq_len` each."""
     sources = mixture_sources(cfg.path)
     for name, _ in sources:
         if not is_prepared(name):
@@ -63,11 +63,12 @@ def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
     opened = []
     for name, weight in sources:
         train, val = open_prepared(DataConfig(path=name, tokenizer=cfg.tokenizer))
-        if count_windows(len(val), seq_len) == 0:
-            raise ConfigError(
-                f"data.path: {name!r} holds {len(val)} validation tokens; allowed: at least "
-                f"train.seq-len+1={seq_len + 1} (prepare it with --val-fraction or --val)"
-            )
+        for split, tokens, hint in (("training", train, ""), ("validation", val, " (prepare it with --val-fraction or --val)")):
+            if count_windows(len(tokens), seq_len) == 0:
+                raise ConfigError(
+                    f"data.path: {name!r} holds {len(tokens)} {split} tokens; allowed: at least "
+                    f"train.seq-len+1={seq_len + 1}{hint}"
+                )
         opened.append(BlendSource(name, weight, train, val))
     return opened
 

@@ -31,19 +31,34 @@ def is_prepared(path: str | Path) -> bool:
 def open_prepared(cfg: DataConfig) -> tuple[TokenArray, TokenArray]:
     """(train tokens, val tokens) of the prepared directory `cfg.path`, as memory maps."""
     root = Path(cfg.path)
-    manifest = read_manifest(root)
-    where = root / MANIFEST_FILE
-    if manifest["tokenizer"] != tokenizer_identity(cfg.tokenizer):
-        raise ConfigError(
-            f"data.tokenizer: got {cfg.tokenizer!r}; allowed: the tokenizer {where} was prepared with "
-            f"({manifest['tokenizer']})"
-        )
-    check_file_sizes(root, manifest)
+    checked_manifest(root, cfg.tokenizer)
     train, val = (IndexedDataset(root / split).tokens for split in SPLITS)
     return train, val
 
 
-def check_file_sizes(root: Path, manifest: dict[str, Any]) -> None:
+def checked_manifest(root: Path, tokenizer: str) -> dict[str, Any]:
+    """The manifest of the prepared directory `root`, after the checks of the module docstring
+    against `tokenizer` ('byte' or a tokenizer.json): what training and `moeforge eval` both open."""
+    manifest = read_manifest(root)
+    wanted = tokenizer_identity(tokenizer)
+    if manifest["tokenizer"] != wanted:
+        raise ConfigError(
+            f"data.tokenizer: got {tokenizer!r} ({_describe(wanted)}), but {root / MANIFEST_FILE} was prepared "
+            f"with the tokenizer {_describe(manifest['tokenizer'])}; allowed: that tokenizer, or the data "
+            f"prepared again with --tokenizer {tokenizer}"
+        )
+    _check_file_sizes(root, manifest)
+    return manifest
+
+
+def _describe(identity: dict[str, str]) -> str:
+    """'byte', or 'tokenizer.json sha256 0123456789ab...' for a manifest's tokenizer identity."""
+    if identity.get("kind") == "byte":
+        return "'byte'"
+    return f"{identity.get('kind')} sha256 {str(identity.get('sha256'))[:12]}..."
+
+
+def _check_file_sizes(root: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists is inside `root` with the size it recorded (a cheap check for a
     changed or truncated file; the SHA-256 sums are for a full check by hand)."""
     where = root / MANIFEST_FILE

@@ -24,8 +24,8 @@ import torch
 from moeforge.config import ConfigError
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import TokenArray, count_windows, validation_batches
-from moeforge.data.prepare import MANIFEST_FILE, SPLITS, tokenizer_identity
-from moeforge.data.prepared import check_file_sizes, is_prepared, read_manifest
+from moeforge.data.prepare import MANIFEST_FILE, SPLITS
+from moeforge.data.prepared import checked_manifest, is_prepared
 from moeforge.model.cross_entropy import summed_token_cross_entropy
 from moeforge.model.transformer import Transformer
 
@@ -104,19 +104,12 @@ def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq
     module docstring against the run's `tokenizer` ('byte' or a tokenizer.json) and the model's
     `vocab_size`; reads the manifest and the index, not the tokens."""
     assert split in SPLITS, split
-    manifest = read_manifest(root)
-    where = root / MANIFEST_FILE
-    wanted = tokenizer_identity(tokenizer)
-    if manifest["tokenizer"] != wanted:
-        raise ConfigError(
-            f"{where}: prepared with the tokenizer {_describe(manifest['tokenizer'])}; the checkpoint's run "
-            f"uses {_describe(wanted)} (prepare the data again with --tokenizer {tokenizer})"
-        )
+    manifest = checked_manifest(root, tokenizer)
     if manifest["vocab_size"] > vocab_size:
         raise ConfigError(
-            f"{where}: vocab_size {manifest['vocab_size']}; allowed: at most the model's vocab-size {vocab_size}"
+            f"{root / MANIFEST_FILE}: vocab_size {manifest['vocab_size']}; allowed: at most the model's "
+            f"vocab-size {vocab_size}"
         )
-    check_file_sizes(root, manifest)
     tokens = IndexedDataset(root / split).tokens
     if count_windows(len(tokens), seq_len) == 0:
         raise ConfigError(
@@ -125,9 +118,3 @@ def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq
         )
     return tokens
 
-
-def _describe(identity: dict[str, str]) -> str:
-    """'byte', or 'tokenizer.json sha256 0123456789ab...' for a manifest's tokenizer identity."""
-    if identity.get("kind") == "byte":
-        return "'byte'"
-    return f"{identity.get('kind')} sha256 {str(identity.get('sha256'))[:12]}..."

@@ -27,7 +27,16 @@ import torch
 
 from moeforge.config import ConfigError, DataConfig
 from moeforge.config.data import mixture_sources
-from moeforge.data.loader import Batch, PackedLoader, TokenArray, _as_batch, _gather_windows, count_windows
+from moeforge.data.loader import (
+    Batch,
+    GlobalBatches,
+    PackedLoader,
+    TokenArray,
+    _as_batch,
+    _gather_windows,
+    count_windows,
+    refuse_changed_setup,
+)
 from moeforge.data.prepare import MANIFEST_FILE
 from moeforge.data.prepared import is_prepared, open_prepared, read_manifest
 
@@ -93,7 +102,7 @@ def _source_seed(seed: int, source: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class BlendedLoader:
+class BlendedLoader(GlobalBatches):
     """Global batches drawn from several token streams in fixed proportions (module docstring),
     each rank getting its contiguous slice; the interface of `PackedLoader`, with window ids as
     [count, 2] rows of (source, window of that source)."""
@@ -121,18 +130,6 @@ class BlendedLoader:
         self._cursor = 0
         """the position `_counts` belong to"""
         self._counts = np.zeros(len(sources), dtype=np.int64)
-
-    def next_batch(self) -> Batch:
-        """This rank's (inputs, targets) of the next global batch, each [local_batch_size, seq_len]."""
-        return self.batch(self.next_batch_ids())
-
-    def next_batch_ids(self) -> torch.Tensor:
-        """[local_batch_size, 2] (source, window) of this rank's part of the next global batch;
-        consumes the batch. The ranks' parts, concatenated in rank order, are the global batch."""
-        start = self.sequences_consumed + self.rank * self.local_batch_size
-        ids = self.window_ids(start, self.local_batch_size)
-        self.sequences_consumed += self.global_batch_size
-        return ids
 
     def batch(self, ids: torch.Tensor) -> Batch:
         """(inputs, targets) of the (source, window) rows `ids`, each [len(ids), seq_len] int64."""
@@ -188,14 +185,12 @@ class BlendedLoader:
         ]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        checked = (("seed", "train.seed", self.seed), ("seq_len", "train.seq-len", self.seq_len))
-        checked += (("sources", "data.path", self._identity()),)
-        for key, where, mine in checked:
-            if state.get(key) != mine:
-                raise ConfigError(
-                    f"{where}: the checkpoint's data order was built with {key}={state.get(key)}, this run has "
-                    f"{mine}; resuming needs the same sources, weights, tokenizer, seq-len and seed"
-                )
+        checked = (
+            ("seed", "train.seed", self.seed),
+            ("seq_len", "train.seq-len", self.seq_len),
+            ("sources", "data.path", self._identity()),
+        )
+        refuse_changed_setup(state, checked, "sources, weights, tokenizer, seq-len and seed")
         position = int(state["sequences_consumed"])
         counts = np.asarray(state["source_counts"], dtype=np.int64)
         assert counts.sum() == position and np.all(np.abs(counts - self.weights * position) <= 1), (

@@ -12,9 +12,10 @@ touch, not a copy of the file.
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,51 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-class PackedLoader:
+class GlobalBatches(abc.ABC):
+    """What the loaders share: this rank's contiguous slice of each global batch, read from the
+    subclass's `window_ids(position, count)` and `batch(ids)` at the world's position
+    `sequences_consumed`, its only training state."""
+
+    sequences_consumed: int
+    global_batch_size: int
+    local_batch_size: int
+    rank: int
+
+    def next_batch(self) -> Batch:
+        """This rank's (inputs, targets) of the next global batch, each [local_batch_size, seq_len]."""
+        return self.batch(self.next_batch_ids())
+
+    def next_batch_ids(self) -> torch.Tensor:
+        """The ids of this rank's part of the next global batch; consumes the batch.
+
+        The ranks' parts, concatenated in rank order, are the global batch, the same whatever the
+        world size."""
+        start = self.sequences_consumed + self.rank * self.local_batch_size
+        ids = self.window_ids(start, self.local_batch_size)
+        self.sequences_consumed += self.global_batch_size
+        return ids
+
+    @abc.abstractmethod
+    def window_ids(self, position: int, count: int) -> torch.Tensor:
+        """The ids of the windows at global positions [position, position+count): each loader's order."""
+
+    @abc.abstractmethod
+    def batch(self, ids: torch.Tensor) -> Batch:
+        """(inputs, targets) of the windows `ids`: each loader's windows."""
+
+
+def refuse_changed_setup(state: dict[str, Any], checked: Iterable[tuple[str, str, Any]], needs: str) -> None:
+    """A one-line `ConfigError` naming the flag when a saved loader's (key, flag, this run's value)
+    differs from this run's; `needs` says what a resume must keep."""
+    for key, where, mine in checked:
+        if state.get(key) != mine:
+            raise ConfigError(
+                f"{where}: the checkpoint's data order was built with {key}={state.get(key)}, this run has "
+                f"{mine}; resuming needs the same {needs}"
+            )
+
+
+class PackedLoader(GlobalBatches):
     """Global batches of `global_batch_size` sequences, each rank getting its contiguous slice.
 
     Epoch e visits every window once, in the order `randperm` gives with a generator seeded by
@@ -126,22 +171,8 @@ class PackedLoader:
         """Fractional passes over the training windows so far."""
         return self.sequences_consumed / self.n_windows
 
-    def next_batch(self) -> Batch:
-        """This rank's (inputs, targets) of the next global batch, each [local_batch_size, seq_len]."""
-        return self.batch(self.next_batch_ids())
-
-    def next_batch_ids(self) -> torch.Tensor:
-        """[local_batch_size] window ids of this rank's part of the next global batch; consumes the batch.
-
-        The ranks' parts, concatenated in rank order, are the global batch, the same whatever the
-        world size."""
-        start = self.sequences_consumed + self.rank * self.local_batch_size
-        ids = self.window_ids(start, self.local_batch_size)
-        self.sequences_consumed += self.global_batch_size
-        return ids
-
     def batch(self, ids: torch.Tensor) -> Batch:
-        """(inputs, targets) of the windows `ids`, each [len(ids), seq_len] int64."""
+        """(inputs, targets) of the windows `ids` ([count] window ids), each [len(ids), seq_len] int64."""
         return _as_batch(_gather_windows(self.tokens, ids, self.seq_len))
 
     def window_ids(self, position: int, count: int) -> torch.Tensor:
@@ -182,15 +213,11 @@ class PackedLoader:
         return token_fingerprint(self.tokens)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        checked = (("seed", "train.seed"), ("seq_len", "train.seq-len"), ("n_windows", "data.path"))
+        keys = (("seed", "train.seed"), ("seq_len", "train.seq-len"), ("n_windows", "data.path"))
         # checkpoints written before the fingerprint was recorded are checked on the rest
-        checked += (("fingerprint", "data.path"),) if "fingerprint" in state else ()
-        for key, where in checked:
-            if state[key] != getattr(self, key):
-                raise ConfigError(
-                    f"{where}: the checkpoint's data order was built with {key}={state[key]}, this run has "
-                    f"{getattr(self, key)}; resuming needs the same data, tokenizer, val-fraction, seq-len and seed"
-                )
+        keys += (("fingerprint", "data.path"),) if "fingerprint" in state else ()
+        checked = [(key, where, getattr(self, key)) for key, where in keys]
+        refuse_changed_setup(state, checked, "data, tokenizer, val-fraction, seq-len and seed")
         self.sequences_consumed = int(state["sequences_consumed"])
 
 

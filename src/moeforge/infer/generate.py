@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeforge.config import ConfigError
+from moeforge.config.checks import INT64
 from moeforge.infer.decode import DecodeStep, decode_step, steady_state
 from moeforge.model.flops import kv_cache_bytes_per_token, parameter_counts
 from moeforge.model.transformer import Transformer
@@ -51,7 +52,7 @@ def check_prompt_text(text: str) -> None:
 
 def check_seed(seed: int) -> None:
     """A seed `torch.Generator.manual_seed` takes: an integer within int64."""
-    if not -(2**63) <= seed < 2**63:
+    if not INT64[0] <= seed <= INT64[1]:
         raise ConfigError(f"--seed: got {seed}; allowed: an integer within int64 (|seed| < 2**63)")
 
 

@@ -2,6 +2,7 @@
 package, or from a package of a lower layer (never a sibling of its layer, never one above).
 
     errors, runtime, durable      (durable: fsync a written file, a directory)
+    in_flight                     a result still in flight (`Pending`) and an exchange's times
     safe_paths                    files named by other files, opened inside their directory only
     config
     model                         plain single-device modules: no process groups, no collectives
@@ -29,6 +30,7 @@ import moeforge
 SOURCE = Path(moeforge.__file__).parent
 LAYERS = [
     {"errors", "runtime", "durable"},
+    {"in_flight"},
     {"safe_paths"},
     {"config"},
     {"model"},

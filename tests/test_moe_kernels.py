@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from moeforge.config import MoEConfig
 from moeforge.model.mlp import reference_swiglu, swiglu
 from moeforge.model.moe import MoE
-from moeforge.model.moe.dispatch import LocalDispatcher, fan_in_rows, fan_out_rows
+from moeforge.model.moe.dispatch import LocalDispatcher
+from moeforge.model.moe.row_gathers import fan_in_rows, fan_out_rows
 from moeforge.model.moe.experts import grouped_swiglu, looped_swiglu
 
 

@@ -20,26 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class AllToAllTimes:
-    """perf_counter seconds of one exchange: issued, and the wait on it (forward, then backward)."""
-
-    issued: float = 0.0
-    wait_began: float = 0.0
-    wait_ended: float = 0.0
-    grad_issued: float | None = None
-    """the reverse exchange of the gradient (None until backward reaches it)"""
-    grad_wait_began: float | None = None
-    grad_wait_ended: float | None = None
-
-    @property
-    def exposed(self) -> float:
-        """Seconds the calling thread blocked on this exchange, forward plus backward."""
-        forward = self.wait_ended - self.wait_began
-        if self.grad_wait_ended is None or self.grad_wait_began is None:
-            return forward
-        return forward + self.grad_wait_ended - self.grad_wait_began
+from moeforge.in_flight import AllToAllTimes
 
 
 @dataclass

@@ -26,12 +26,17 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from moeforge.model.moe.dispatch import Pending, fan_in_rows, fan_out_rows
+from moeforge.in_flight import AllToAllTimes, Pending
+from moeforge.model.moe.dispatch import Dispatched
 from moeforge.model.moe.experts import RoutedExperts
-from moeforge.parallel.async_all_to_all import AllToAllTimes, start_all_to_all
+from moeforge.model.moe.row_gathers import fan_in_rows, fan_out_rows
+from moeforge.parallel.async_all_to_all import start_all_to_all
 
 
 class ExpertParallelDispatch(NamedTuple):
+    """How `AllToAllDispatcher.dispatch` sent the tokens and grouped the received rows (a
+    `DispatchState`): what `combine` needs to send the expert outputs back and sum them per token."""
+
     token_of_sent: torch.Tensor
     """[S] the token of each sent row (rows ordered by destination rank, then token)"""
     sent_of_token: torch.Tensor
@@ -111,13 +116,13 @@ class AllToAllDispatcher:
 
     def dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+    ) -> Dispatched[ExpertParallelDispatch]:
         """`start_dispatch`, waited on at once: the rows and their routing travel together."""
         return self.start_dispatch(x, expert_indices, gates).wait()
 
     def start_dispatch(
         self, x: torch.Tensor, expert_indices: torch.Tensor, gates: torch.Tensor
-    ) -> Pending[tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]]:
+    ) -> Pending[Dispatched[ExpertParallelDispatch]]:
         """A dispatch with its two row exchanges left in flight; `wait()` returns the rows grouped by
         local expert, the tokens per local expert and the state `combine` needs. The counts
         exchange still blocks: its sizes are needed to issue the others."""
@@ -130,7 +135,7 @@ class AllToAllDispatcher:
         self._record("dispatch", received.times)
         self._record("dispatch routing", routing_received.times)
 
-        def finish() -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+        def finish() -> Dispatched[ExpertParallelDispatch]:
             return self._group_by_expert(received.wait(), routing_received.wait(), rows, counts)
 
         return Pending(finish, (received.times, routing_received.times))
@@ -163,7 +168,7 @@ class AllToAllDispatcher:
 
     def _group_by_expert(
         self, received: torch.Tensor, routing_received: torch.Tensor, rows: _RowsToSend, counts: _CountsExchanged
-    ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelDispatch]:
+    ) -> Dispatched[ExpertParallelDispatch]:
         """Step 4 of a dispatch, on the receiver: copy each received row [M, D] once per local expert
         it serves, grouped by expert; `routing_received` [M, 2k] is each row's k gates, then its k
         local expert ids (-1 where served elsewhere)."""
@@ -186,7 +191,7 @@ class AllToAllDispatcher:
             sorted_of_slot,
             gates_received.reshape(-1).index_select(0, slot_of_sorted),
         )
-        return by_expert, counts.tokens_per_expert, state
+        return Dispatched(by_expert, counts.tokens_per_expert, state)
 
     def _sum_per_received_row(self, expert_out: torch.Tensor, state: ExpertParallelDispatch) -> torch.Tensor:
         """The gate-weighted sum of each received row's expert outputs, [M, D] (a plain sum when the

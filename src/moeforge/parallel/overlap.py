@@ -60,12 +60,11 @@ from torch.distributed.pipelining.schedules import (
     _wait_batch_p2p,
 )
 
+from moeforge.in_flight import AllToAllTimes, Pending
 from moeforge.model.moe import MoE, MoEStats
-from moeforge.model.moe.dispatch import Pending
 from moeforge.model.moe.router import RouterOutput
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import Block, ModelOutput, Transformer
-from moeforge.parallel.async_all_to_all import AllToAllTimes
 from moeforge.parallel.expert_parallel import AllToAllDispatcher
 from moeforge.parallel.pipeline import Pipeline
 

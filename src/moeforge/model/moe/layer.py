@@ -27,7 +27,7 @@ all-reduce over the data-parallel ranks for the batch-wise aux loss, which count
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ from torch import nn
 from moeforge.config import ConfigError, MoEConfig
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe.balance import batch_aux_loss, router_z_loss, sequence_aux_loss
-from moeforge.model.moe.dispatch import LocalDispatcher, Pending, TokenDispatcher
+from moeforge.in_flight import Pending
+from moeforge.model.moe.dispatch import DispatchState, Dispatched, LocalDispatcher, TokenDispatcher
 from moeforge.model.moe.experts import RoutedExperts
 from moeforge.model.moe.router import Router, RouterOutput
 
@@ -101,7 +102,7 @@ class MoE(nn.Module):
         """The experts and gates of each token [N, dim]."""
         return self.router(tokens)
 
-    def dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> Dispatched[DispatchState]:
         """(rows grouped by local expert, rows per local expert, state for `combine`); under expert
         parallelism this is where tokens leave for the ranks that own their experts."""
         return self.dispatcher.dispatch(tokens, routing.expert_indices, routing.gates)
@@ -113,16 +114,16 @@ class MoE(nn.Module):
         `row_gates` [R] when given (then `combine` needs `state.gates_applied()`)."""
         return self.experts(x_sorted, tokens_per_expert, row_gates)
 
-    def combine(self, expert_out: torch.Tensor, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, state: DispatchState, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's gate-weighted expert outputs [N, dim] (brought back first under expert
         parallelism), plus the shared experts' output on `tokens`."""
         return self.add_shared_output(self.dispatcher.combine(expert_out, state), self.shared_output(tokens))
 
-    def start_dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> Pending[tuple[torch.Tensor, torch.Tensor, Any]]:
+    def start_dispatch(self, tokens: torch.Tensor, routing: RouterOutput) -> Pending[Dispatched[DispatchState]]:
         """`dispatch` with its exchanges left in flight: `wait()` returns what `dispatch` returns."""
         return self.dispatcher.start_dispatch(tokens, routing.expert_indices, routing.gates)
 
-    def start_combine(self, expert_out: torch.Tensor, state: Any) -> Pending[torch.Tensor]:
+    def start_combine(self, expert_out: torch.Tensor, state: DispatchState) -> Pending[torch.Tensor]:
         """The routed half of `combine` with its exchange left in flight: `wait()` returns the routed
         output [N, dim] (`add_shared_output` completes it)."""
         return self.dispatcher.start_combine(expert_out, state)

@@ -14,7 +14,7 @@ import torch
 from conftest import small_config
 from moeforge.checkpoint import load_model
 from moeforge.diloco import OuterGradientNotFinite
-from moeforge.parallel.replicas import local_shard
+from moeforge.parallel.sharded_load import local_shard
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer

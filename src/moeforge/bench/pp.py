@@ -194,7 +194,7 @@ def idle_fraction(intervals: Iterable[Interval], start: float, end: float) -> fl
     return 1.0 - busy_seconds(intervals, start, end) / (end - start)
 
 
-def schedule_stages(schedule: PipelineScheduleSingle | PipelineScheduleMulti) -> list[PipelineStage]:
+def stages_of_schedule(schedule: PipelineScheduleSingle | PipelineScheduleMulti) -> list[PipelineStage]:
     """The stages a torch schedule runs on this rank (torch keeps them as `_stage` or `_stages`)."""
     return list(schedule._stages) if isinstance(schedule, PipelineScheduleMulti) else [schedule._stage]
 
@@ -210,10 +210,10 @@ ACTION_KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
 def record_actions(pipe: Pipeline, intervals: list[Interval]) -> None:
     """Wrap this rank's stages' compute methods and the schedule's loss so that each call appends
     its Interval to `intervals` (instance attributes: the torch classes stay untouched)."""
-    for stage in schedule_stages(pipe.schedule):
+    for stage in stages_of_schedule(pipe.schedule):
         for name, kind in ACTION_KINDS.items():
             setattr(stage, name, _timed(getattr(stage, name), intervals, stage.stage_index, kind))
-    last = next((s for s in schedule_stages(pipe.schedule) if s.is_last), None)
+    last = next((s for s in stages_of_schedule(pipe.schedule) if s.is_last), None)
     if last is not None:
         # torch computes the loss outside forward_one_chunk (schedules.py `_maybe_compute_loss`)
         loss_of = pipe.schedule._maybe_compute_loss

@@ -61,13 +61,13 @@ from moeforge.checkpoint.meta import (
     write_meta,
 )
 from moeforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
-from moeforge.parallel.replicas import (
+from moeforge.parallel.hsdp_reads import (
     broadcast_shards,
     broadcast_verdict,
     is_first_replica,
-    local_shard,
     replicated,
 )
+from moeforge.parallel.sharded_load import local_shard
 
 if TYPE_CHECKING:
     from moeforge.parallel.mesh import ParallelMesh
@@ -322,7 +322,7 @@ def _raise_unless_fits(path: Path, error: str | None) -> None:
 
 def _read_on_first_replica_and_broadcast(state: dict[str, Any], path: Path, mesh: ParallelMesh) -> LoadStats:
     """Replica 0 fills `state` from storage; every other replica copies it from its replica-0 peer
-    (parallel/replicas.py).
+    (parallel/hsdp_reads.py).
 
     The small leaves travel with replica 0's verdict, pickled: the non-tensors (optimizer
     hyper-parameters) and the tensors not on the mesh's device (optimizer step counts and RNG state

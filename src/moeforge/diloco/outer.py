@@ -31,7 +31,7 @@ from moeforge.config import DiLoCoConfig
 from moeforge.diloco.exchange import Exchange, receive, start_exchange
 from moeforge.diloco.fragments import Fragment, fragments_due, split_into_fragments
 from moeforge.errors import RunFailure
-from moeforge.parallel.replicas import local_shard
+from moeforge.parallel.sharded_load import local_shard
 
 
 class OuterGradientNotFinite(RunFailure, RuntimeError):

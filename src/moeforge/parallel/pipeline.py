@@ -61,7 +61,7 @@ from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.parallel.regional import recomputing
-from moeforge.parallel.replicas import local_shard
+from moeforge.parallel.sharded_load import local_shard
 
 SCHEDULES: dict[str, tuple[type, int, str]] = {
     "1f1b": (Schedule1F1B, 1, "loop"),

@@ -16,10 +16,14 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from moeforge.parallel.replicas import local_shard
-
 Box = list[tuple[int, int, bool]]
 """[start, stop) in each dim of the full tensor, and whether the stored tensor has that dim"""
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (its storage itself), a plain tensor."""
+    with torch.no_grad():  # to_local() then returns the local shard, not an autograd view of it
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @dataclass(frozen=True)

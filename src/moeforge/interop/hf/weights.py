@@ -49,7 +49,7 @@ from moeforge.interop.hf.safetensors_io import (
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.mesh import ParallelMesh
 from moeforge.parallel.pipeline import StageModel
-from moeforge.parallel.replicas import broadcast_shards, broadcast_verdict, is_first_replica, replicated
+from moeforge.parallel.hsdp_reads import broadcast_shards, broadcast_verdict, is_first_replica, replicated
 from moeforge.parallel.sharded_load import LocalPart, index_box, local_part, overlap
 from moeforge.plan.memory_budget import check_model_fits
 
@@ -89,7 +89,7 @@ def load_hf_weights(
     modules the checkpoint stores no layer for keep their initialisation.
 
     With the `mesh` of an HSDP run (dp_replicate > 1), only replica 0 reads; the other replicas
-    receive their shards from it (parallel/replicas.py).
+    receive their shards from it (parallel/hsdp_reads.py).
 
     Under pipelining, `model` is the rank's `StageModel`: it reads the tensors of its own stages only.
 

@@ -1,4 +1,4 @@
-"""Read once per HSDP world, not once per replica: replica 0 reads, the others receive.
+"""Read once per HSDP world, not once per dp_replicate replica: replica 0 reads, the others receive.
 
 With dp_replicate R > 1, rank (r, s) of the mesh holds the same shards as rank (0, s), so whatever
 replica 0 reads from storage (a checkpoint, a Hugging Face model) the other replicas can take over
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from moeforge.parallel.mesh import ParallelMesh
+from moeforge.parallel.sharded_load import local_shard
 
 
 def replicated(mesh: ParallelMesh | None) -> bool:
@@ -46,9 +46,3 @@ def broadcast_shards(mesh: ParallelMesh, tensors: Iterable[torch.Tensor]) -> Non
     works = [dist.broadcast(local_shard(t), group=group, group_src=0, async_op=True) for t in tensors]
     for work in works:
         work.wait()
-
-
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: a DTensor's local shard (its storage itself), a plain tensor."""
-    with torch.no_grad():  # to_local() then returns the local shard, not an autograd view of it
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor

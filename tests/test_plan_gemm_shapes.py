@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeforge.config import load_config
 from moeforge.model.transformer import Transformer
-from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.plan.gemm_shapes import Gemm, micro_batch_gemms
 from moeforge.plan.layout import moeforge_attention_kernel
 

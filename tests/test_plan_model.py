@@ -15,7 +15,7 @@ from moeforge.config import ConfigError, load_config
 from moeforge.model.flops import training_flops_per_token
 from moeforge.plan import Layout, TrainingShape, estimate_run, load_cluster, plan_layout
 from moeforge.plan.comm import expected_rows, hit_probability, rows_from_counts
-from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.plan.layout import moeforge_attention_kernel, stage_block_counts
 from moeforge.plan.memory import sharded_state
 from moeforge.plan.pipeline import activations_in_flight, bubble_time

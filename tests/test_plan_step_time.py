@@ -13,7 +13,7 @@ from moeforge.plan import Layout, TrainingShape, available_clusters, load_cluste
 from moeforge.plan import memory_traffic as traffic
 from moeforge.plan import op_counts
 from moeforge.plan.cluster import Cluster
-from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.plan.block_flops import flops_per_token_by_block
 
 SMALL = ModelConfig(
     vocab_size=32,

@@ -461,7 +461,7 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 def run_train(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.interop import apply_hf_model, hf_weights_loader
-    from moeforge.report import report_after_training
+    from moeforge.run_plots import report_after_training
     from moeforge.train.trainer import Trainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -776,7 +776,7 @@ def run_convert(args: argparse.Namespace, rest: list[str]) -> int:
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.interop import apply_hf_model
     from moeforge.plan import TrainingShape, layout_from_config, load_cluster, plan_layout, search_layouts
-    from moeforge.plan.report import format_plan, format_search
+    from moeforge.plan.summary import format_plan, format_search
     from moeforge.plan.search import best_per_shape, candidate_layouts
 
     if args.gpus < 1:
@@ -827,7 +827,7 @@ def _pipeline_degree(layout_flags: dict[str, str], gpus: int) -> int:
 
 def run_report(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
-    from moeforge.report import write_report
+    from moeforge.run_plots import write_report
 
     out = _output_dir(args.out, "--out") if args.out else None
     for path in write_report(args.run_dir, out):

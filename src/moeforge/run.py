@@ -5,7 +5,7 @@ RUN_DIR/tokenizer.json   the Hugging Face tokenizer it trained with (absent: the
 RUN_DIR/checkpoints/     sharded checkpoints (moeforge.checkpoint)
 RUN_DIR/metrics.jsonl    one JSON object per logged step
 RUN_DIR/tensorboard/     TensorBoard event files
-RUN_DIR/report/          PNG plots (moeforge.report)
+RUN_DIR/report/          PNG plots (moeforge.run_plots)
 
 A tokenizer.json found in a run directory (or a Hugging Face directory) is used only when it is a
 regular file inside that directory, symlinks resolved, of at most `MAX_TOKENIZER_BYTES`

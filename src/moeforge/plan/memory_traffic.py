@@ -8,7 +8,7 @@ The counts are elements read plus elements written per token (one tensor of widt
 w), from the model's code, op by op (`moeforge.model`). Conventions, fixed before any comparison:
 - a unary elementwise op over width w moves 2w (read, write), a binary one 3w;
 - a view (reshape, split, chunk, transpose) moves nothing, a copy into a new layout 2w;
-- a matmul's own reads and writes are the matmul's (`plan.flops`), not counted here;
+- a matmul's own reads and writes are the matmul's (`plan.block_flops`), not counted here;
 - integer bookkeeping over the k assignments of a token (sort, bincount, inverse permutation) is
   a few k integers, negligible next to k x dim rows, and not counted;
 - the backward moves `BACKWARD_FACTOR` x the forward's bytes: it reads the output gradient and
@@ -121,7 +121,7 @@ def score_elements(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
     on the CPU without moeforge's padding), per head a row of S scores. Forward: the causal mask's add 2S, `_safe_softmax` = softmax 2S,
     `isneginf` 2S, the row's `all` S and `where` 3S: 10 S. Backward: `_softmax_backward_data` reads
     the gradient and the probabilities and writes 3S; the add's gradient passes through. (The two
-    products are matmuls, `plan.flops`.) Not under `BACKWARD_FACTOR`'s rule, since these ops'
+    products are matmuls, `plan.block_flops`.) Not under `BACKWARD_FACTOR`'s rule, since these ops'
     backward is lighter than their forward (`backward_elements_by_block`). A fused kernel keeps the
     scores on chip: none."""
     row = cfg.n_heads * seq_len
@@ -189,7 +189,7 @@ def padding_elements(cfg: ModelConfig) -> float:
 
 
 def forward_elements_by_block(cfg: ModelConfig, seq_len: int = 0, attention_kernel: str = "fused") -> dict[int, float]:
-    """Forward elements per token of each block, indexed as `plan.flops.flops_per_token_by_block`
+    """Forward elements per token of each block, indexed as `plan.block_flops.flops_per_token_by_block`
     (-1 the embedding gather 2d; n_layers the head, the loss and the MTP modules); each attention
     layer's S x S scores too under the 'eager' kernel (`score_elements`), its value padding under
     'padded' (`padding_elements`)."""

@@ -75,7 +75,7 @@ class StepOperators:
     """gradient clipping and one AdamW step (fused, as the trainer runs it), per tensor"""
 
     def by_block(self, cfg: ModelConfig) -> dict[int, PassOperators]:
-        """Operators per micro-batch of each block, indexed as `plan.flops.flops_per_token_by_block`
+        """Operators per micro-batch of each block, indexed as `plan.block_flops.flops_per_token_by_block`
         (the embedding's go with the head, at n_layers)."""
         ops = {-1: PassOperators(0.0, 0.0)}
         for b in range(cfg.n_layers):

@@ -41,7 +41,7 @@ from moeforge.plan.comm import (
     expected_rows,
     ring_bytes,
 )
-from moeforge.plan.flops import flops_per_token_by_block
+from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.plan.layout import Layout, attended_head_dims, resolved_attention_kernel
 from moeforge.plan.memory import MemoryEstimate, blocks_of_rank, memory_estimate, sharded_state
 from moeforge.plan.memory_traffic import (

@@ -7,7 +7,7 @@ import pytest
 from conftest import SMALL, small_config
 
 from moeforge.cli import main as cli_main
-from moeforge.report import ReportError, plot_expert_load, report_after_training, write_report
+from moeforge.run_plots import ReportError, plot_expert_load, report_after_training, write_report
 
 matplotlib = pytest.importorskip("matplotlib")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,7 +57,7 @@ def test_report_command_writes_the_three_pngs(tmp_path, capsys):
 def test_loss_figure_has_an_mtp_panel_with_the_losses_but_not_the_weight(tmp_path):
     import matplotlib.pyplot as plt
 
-    from moeforge.report import plot_losses
+    from moeforge.run_plots import plot_losses
     from moeforge.run import read_metrics
 
     fig = plot_losses(plt, read_metrics(synthetic_run(tmp_path / "run", mtp=True)))

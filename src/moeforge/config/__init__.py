@@ -27,7 +27,9 @@ from moeforge.config.loading import (
 from moeforge.config.diloco import DiLoCoConfig
 from moeforge.config.model import ModelConfig, MoEConfig
 from moeforge.config.data import DataConfig
-from moeforge.config.training import Config, ParallelConfig, TrainConfig
+from moeforge.config.parallel import ParallelConfig
+from moeforge.config.run_config import Config
+from moeforge.config.train import TrainConfig
 
 __all__ = [
     "DEFAULT_PRESET",

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from moeforge.config.checks import ConfigError, _choice_fields, _flag, field_docs
 from moeforge.config.data import mixture_text
-from moeforge.config.training import Config
+from moeforge.config.run_config import Config
 
 PRESETS_DIR = Path(__file__).parent.parent / "presets"
 DEFAULT_PRESET = "tiny"

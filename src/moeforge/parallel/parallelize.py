@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moeforge.config import ConfigError, ParallelConfig
+from moeforge.config.cross_section import check_layout_fits_experts
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block, Transformer
 from moeforge.parallel.expert_parallel import AllToAllDispatcher, ExpertParallelExperts
@@ -58,7 +59,7 @@ def parallelize(
     routing), with one-line errors."""
     ep_mesh = mesh["ep"]
     if cfg is not None:
-        cfg.validate_for(model.cfg.moe)
+        check_layout_fits_experts(cfg, model.cfg.moe)
         if ep_mesh.size() != cfg.ep:
             raise ConfigError(f"parallel.ep: got {cfg.ep}; allowed: the mesh's ep size {ep_mesh.size()}")
     if ep_mesh.size() > 1:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from moeforge.config import Config, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
-from moeforge.config.training import parse_stage_blocks
+from moeforge.config.parallel import parse_stage_blocks
 from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.model.attention import pads_mla_values
 from moeforge.model.flops import attention_head_dims

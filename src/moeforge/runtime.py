@@ -16,8 +16,8 @@ def keep_freed_memory() -> bool:
     """Stop glibc from returning large freed blocks to the OS after every step.
 
     By default glibc serves blocks above a few MB with a fresh mmap and unmaps them on free, so each
-    activation / gradient buffer of a training step pays page faults again (measured here: ~11 ms
-    to fault in 32 MB vs ~1.4 ms to refill it). Raising the mmap and trim thresholds keeps them in
+    activation / gradient buffer of a training step pays page faults again, which costs several
+    times refilling a buffer already mapped (docs/benchmarks/source-figures.md). Raising the mmap and trim thresholds keeps them in
     the heap — what jemalloc/tcmalloc do, which PyTorch recommends for CPU training. Returns whether
     it was applied (only on glibc).
     """

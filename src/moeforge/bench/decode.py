@@ -66,7 +66,7 @@ class DecodeBenchSettings:
     prompt_len: int = 16
     repeats: int = 5
     threads: int = 1
-    """torch threads for every case (1: a 2-core VM shared with other jobs makes 2 threads wait on each other)"""
+    """torch threads for every case (1: on a small CPU shared with other jobs, threads wait on each other)"""
     compile: bool = True
 
     def validate(self) -> None:

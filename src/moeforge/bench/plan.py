@@ -5,7 +5,7 @@ two compared; no constant is fitted to the runs.
 
 - **The cluster.** A "device" is one gloo process of one thread; a layout of P processes runs on
   the cluster "cpu-P": one node of P devices that share the machine's cores and memory (4 devices
-  on 2 cores take turns). One thread each, also for a single process: a multi-threaded process
+  on fewer cores take turns). One thread each, also for a single process: a multi-threaded process
   collapses when other work holds a core (OpenMP's threads wait for each other). Its facts are
   measured in the same P processes right before each run (the share of a shared machine that our
   processes get drifts; the GEMM rate is measured again after the run, once, to show by how
@@ -66,7 +66,8 @@ TrainerFactory = Callable[[Config, str], Steps]
 """(run config, run directory) -> a trainer, e.g. `moeforge.train.trainer.Trainer`"""
 
 TOLERANCE = 0.30
-"""issue 15, item 4: the planned step time within 30 % of the measured one"""
+"""the relative error of the planned step time against the measured one under which a case counts
+as planned well (the table's <=30% column)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,7 @@ def model_gemm_flops(cfg: Config, repeats: int) -> float:
     `repeats`: the rate the run's matmuls can reach here, which small shapes keep well under the
     n^3 GEMM's. Every call multiplies operands of its own, as in a training step, where an operand
     was last touched many kernels ago and comes from memory, not from the cache (the same operands
-    again and again measured ~20 % faster than the step's matmuls run)."""
+    again and again run faster than the step's matmuls do: docs/plan-step-time.md)."""
     model = cfg.model
     tokens = micro_batch_size(cfg, dist.get_world_size()) * cfg.train.seq_len
     gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep,

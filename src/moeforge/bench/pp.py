@@ -20,11 +20,11 @@ The baseline is one process running the same model on the same micro-batches wit
 (loss / n_micro per micro-batch, as the trainer), with the threads of one rank: the ideal pipelined
 step is its time / pp, and efficiency = ideal / measured step. It is timed twice: alone (in the
 calling process), and on every rank at once before the schedules ("beside"): where pp processes do
-not get pp times the compute of one (this 2-vCPU machine: two single-thread processes each run ~2x
-slower than one alone), the second ratio is the schedule's own efficiency.
+not get pp times the compute of one (on a small or shared CPU, single-thread processes run slower
+side by side than alone: docs/pipeline-bench.md), the second ratio is the schedule's own efficiency.
 
-On a 2-core CPU each of pp=2's processes has a core; pp=4 puts 4 single-thread processes on 2
-cores, so its figures measure the OS scheduler at least as much as the schedule.
+With fewer cores than processes, the processes take turns on the cores, so the figures measure
+the OS scheduler at least as much as the schedule.
 
 `--ep N` (N > 1): pp x N processes on a ("pp", "ep") mesh; every MoE layer's experts are spread over
 the ep group (`apply_expert_parallel`) and each ep rank reads its own micro-batches. The

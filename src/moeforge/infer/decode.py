@@ -69,7 +69,8 @@ def moe_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """weights[chosen], [N, k, ...]: by `index_select`, a plain copy per expert, which runs at copy
-    speed on CPU where advanced indexing takes ~1.5x longer (eager; compiled, both fuse the same)."""
+    speed on CPU where advanced indexing takes longer (eager; compiled, both fuse the same;
+    docs/benchmarks/source-figures.md)."""
     return weights.index_select(0, chosen.reshape(-1)).view(*chosen.shape, *weights.shape[1:])
 
 
@@ -93,6 +94,6 @@ def decode_step(compile: bool, device: torch.device) -> DecodeStep:
 
 def steady_state(compile: bool) -> contextlib.AbstractContextManager:
     """Around a decoding loop of a compiled step: skip the guards dynamo checks at every call that
-    cannot tell its graphs apart (~1 ms a step on a 2-core CPU, 10-15% of a small model's step).
+    cannot tell its graphs apart (a sizeable share of a small model's step: docs/decoding.md).
     Safe inside one loop: the same model, caches and shapes at every step."""
     return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if compile else contextlib.nullcontext()

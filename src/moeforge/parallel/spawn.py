@@ -2,9 +2,9 @@
 on loopback). For CPU benchmarks and tests of the distributed code; real runs use torchrun.
 
 The processes come from a fork server that imported torch and moeforge once (where the platform has
-one): a spawned interpreter spends ~2 s of CPU importing them, which on a 2-core machine made the
-process start-ups a large part of the distributed tests' time (4 spawned processes: 8 s; forked
-from the warm server: 0.03 s). The server only imports modules (no thread pool, no process group
+one): a spawned interpreter spends seconds of CPU importing them, which on a small machine makes
+the process start-ups a large part of the distributed tests' time, while a fork of the warm server
+starts at once (docs/benchmarks/source-figures.md). The server only imports modules (no thread pool, no process group
 exists in it), so forking it is safe. A forked child does not inherit the caller's *current*
 environment, working directory, import path or standard output and error (the server keeps those
 of its start), so they travel with each call and are restored first, as a spawned child would see

@@ -2,9 +2,9 @@
 
 Weights are 3-D, one slice per expert, laid out [in, out] so a group computes `x @ w[e]`:
 `w13` [E, dim, 2*hidden] fuses the gate (columns [:hidden]) and up (columns [hidden:]) projections,
-`w2` [E, hidden, dim] is the down projection. Measured on a 2-core CPU (dim 512, hidden 256,
-32 experts, 16k rows, fwd+bwd): [in, out] with fused gate/up runs ~10 % faster than separate
-[out, in] weights used transposed, whose weight gradients come out transposed and must be copied.
+`w2` [E, hidden, dim] is the down projection. The fused [in, out] layout makes the gate and up
+projections one GEMM, and spares the copies that separate [out, in] weights used transposed would
+need: their weight gradients come out transposed (docs/benchmarks/source-figures.md).
 
 Backends:
 - 'grouped': `torch._grouped_mm`, one call per projection with `offs` = int32 cumulative counts and
@@ -33,11 +33,10 @@ CUDA_ROW_ALIGN = 16
 
 CPU_BF16_ROW_ALIGN = 64
 """Rows each group is padded to a multiple of in bf16 on the CPU. There `torch._grouped_mm` runs one
-oneDNN GEMM per group, and oneDNN compiles a kernel for every new shape (AMX): with the expert
-loads changing every step, nearly every group's GEMM was a new shape, and a DeepSeek-V3-like
-4-layer step took 2.2x as long as in fp32. Padded to 64 rows the shapes repeat and the kernels are
-reused: that step then takes 0.8x the fp32 one (16 and 32 rows: 0.95x; 128: 0.82x; measured on
-this 2-core Xeon with AMX, eager)."""
+oneDNN GEMM per group, and oneDNN compiles a kernel for every new GEMM shape (bf16 matrix units):
+with the expert loads changing every step, nearly every group's GEMM would be a new shape and pay
+that compilation. Padded to a multiple of 64 rows the shapes repeat and the kernels are reused;
+64 was the fastest alignment tried (docs/training-performance.md, "bf16 on a CPU with AMX")."""
 
 
 class RoutedExperts(nn.Module):

@@ -5,22 +5,19 @@ import json
 
 import pytest
 
-from moeforge.bench.pp import (
+from moeforge.bench.pp import PpBenchSettings, run_pp_bench
+from moeforge.bench.pp_results import formula_bubble, format_table, planner_layout
+from moeforge.bench.pp_timeline import (
     ExchangeWait,
     Interval,
-    PpBenchSettings,
     chunk_seconds,
     exchange_waits,
     exposed_all_to_all_seconds,
-    formula_bubble,
-    format_table,
     hidden_fraction,
     idle_fraction,
     in_flight_under_compute,
     intersected,
     merged,
-    planner_layout,
-    run_pp_bench,
     subtracted,
     waited_seconds,
 )

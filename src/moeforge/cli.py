@@ -712,7 +712,8 @@ def bench_trainer(cfg, out: str):
 
 def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
-    from moeforge.bench.pp import PpBenchSettings, format_table, run_pp_bench
+    from moeforge.bench.pp import PpBenchSettings, run_pp_bench
+    from moeforge.bench.pp_results import format_table
 
     settings = PpBenchSettings(
         pp=args.pp,

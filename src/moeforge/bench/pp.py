@@ -42,6 +42,10 @@ forward and backward), and per rank and step:
 
 The other schedules have no overlap: their exposed time is all of their waits. pp x ep processes
 share the cores with each other and with gloo's threads; the overlapped run adds a thread.
+
+This module runs the ranks and records their steps; bench/pp_timeline.py turns a rank's timestamps
+into its figures, bench/saved_activations.py counts the saved bytes, and bench/pp_results.py sums
+up the ranks per schedule, computes the formula columns and draws the table.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +69,17 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 
+from moeforge.bench.pp_results import schedule_summary
+from moeforge.bench.pp_timeline import (
+    Interval,
+    chunk_seconds,
+    exchange_waits,
+    exposed_all_to_all_seconds,
+    idle_fraction,
+    in_flight_under_compute,
+    waited_seconds,
+)
+from moeforge.bench.saved_activations import SavedActivationMeter
 from moeforge.config import ConfigError, ModelConfig, load_config
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import ModelOutput, Transformer
@@ -73,11 +88,6 @@ from moeforge.parallel.overlap import ForwardBackwardSpans, overlap_forward_and_
 from moeforge.parallel.parallelize import apply_expert_parallel, sum_across_ranks
 from moeforge.parallel.pipeline import SCHEDULES, Pipeline, build_pipeline
 from moeforge.parallel.spawn import run_on_processes
-from moeforge.plan.layout import Layout
-from moeforge.plan.pipeline import activations_in_flight, bubble_time
-
-PLANNER_SCHEDULE = {"1f1b": "1f1b", "interleaved-1f1b": "interleaved", "zbv": "zbv", "dualpipev": "dualpipev"}
-"""`parallel.pp-schedule` name -> the planner's `Layout.pp_schedule`"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,32 +176,7 @@ def bench_model(settings: PpBenchSettings) -> Transformer:
     return Transformer(settings.model_config())
 
 
-# ---- timestamps ------------------------------------------------------------------------------
-
-
-class Interval(NamedTuple):
-    """One compute action: `kind` F, loss, B (full backward), I (backward for inputs), W (for weights)."""
-
-    kind: str
-    stage: int
-    start: float
-    end: float
-
-
-def busy_seconds(intervals: Iterable[Interval], start: float, end: float) -> float:
-    """Length of the union of the intervals clipped to [start, end]."""
-    busy, reached = 0.0, start
-    for interval in sorted(intervals, key=lambda i: i.start):
-        lo, hi = max(interval.start, reached), min(interval.end, end)
-        if hi > lo:
-            busy += hi - lo
-            reached = hi
-    return busy
-
-
-def idle_fraction(intervals: Iterable[Interval], start: float, end: float) -> float:
-    """1 - busy / wall over the step [start, end]: the share of the step spent outside compute."""
-    return 1.0 - busy_seconds(intervals, start, end) / (end - start)
+# ---- recording a step -----------------------------------------------------------------------
 
 
 def stages_of_schedule(schedule: PipelineScheduleSingle | PipelineScheduleMulti) -> list[PipelineStage]:
@@ -229,211 +214,6 @@ def _timed(method: Callable, intervals: list[Interval], stage: int, kind: Callab
         return result
 
     return timed
-
-
-def chunk_seconds(intervals: Iterable[Interval]) -> dict[str, float]:
-    """Mean seconds of one chunk on one micro-batch: forward (the loss added to the forwards),
-    backward_input (input-only backwards, else full ones) and backward_weight (0 without W)."""
-    total: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for interval in intervals:
-        total[interval.kind] = total.get(interval.kind, 0.0) + interval.end - interval.start
-        count[interval.kind] = count.get(interval.kind, 0) + 1
-    backward = "I" if "I" in count else "B"
-    return {
-        "forward": (total["F"] + total.get("loss", 0.0)) / count["F"],
-        "backward_input": total[backward] / count[backward],
-        "backward_weight": total["W"] / count["W"] if "W" in count else 0.0,
-    }
-
-
-# ---- expert all-to-all ----------------------------------------------------------------------
-
-Segment = tuple[float, float]
-"""[start, end) in perf_counter seconds"""
-
-FORWARD_KINDS, BACKWARD_KINDS = ("F", "loss"), ("B", "I", "W")
-"""the action kinds run by the thread that waits on forward exchanges, and on backward ones (the
-same thread but when DualPipeV's overlap runs an F&B action's backward on a second one)"""
-
-
-class ExchangeWait(NamedTuple):
-    """One direction of one expert all-to-all: issued, then waited on by the thread of `direction`."""
-
-    direction: str
-    """forward (the tokens' way) or backward (their gradients' way)"""
-    issued: float
-    wait_began: float
-    wait_ended: float
-
-
-def exchange_waits(recorded: Iterable[RecordedExchange]) -> list[ExchangeWait]:
-    """Both directions of every recorded exchange (the backward one once backward has reached it)."""
-    waits = []
-    for exchange in recorded:
-        t = exchange.times
-        waits.append(ExchangeWait("forward", t.issued, t.wait_began, t.wait_ended))
-        if t.grad_issued is not None and t.grad_wait_began is not None and t.grad_wait_ended is not None:
-            waits.append(ExchangeWait("backward", t.grad_issued, t.grad_wait_began, t.grad_wait_ended))
-    return waits
-
-
-def merged(segments: Iterable[Segment]) -> list[Segment]:
-    """The union of the segments as disjoint sorted ones (empty ones dropped)."""
-    union: list[Segment] = []
-    for lo, hi in sorted(s for s in segments if s[1] > s[0]):
-        if union and lo <= union[-1][1]:
-            union[-1] = (union[-1][0], max(union[-1][1], hi))
-        else:
-            union.append((lo, hi))
-    return union
-
-
-def intersected(a: list[Segment], b: list[Segment]) -> list[Segment]:
-    """a ∩ b, both disjoint and sorted (as `merged` gives them)."""
-    return merged((max(x[0], y[0]), min(x[1], y[1])) for x in a for y in b)
-
-
-def subtracted(a: list[Segment], b: list[Segment]) -> list[Segment]:
-    """a minus b, both disjoint and sorted."""
-    rest = a
-    for lo, hi in b:
-        rest = merged(piece for s in rest for piece in ((s[0], min(s[1], lo)), (max(s[0], hi), s[1])))
-    return rest
-
-
-def seconds_of(segments: Iterable[Segment]) -> float:
-    return sum(hi - lo for lo, hi in merged(segments))
-
-
-def thread_compute(
-    intervals: Iterable[Interval], waits: Iterable[ExchangeWait], direction: str
-) -> list[Segment]:
-    """When the thread of `direction` computed: its actions minus its waits on all-to-alls."""
-    kinds = FORWARD_KINDS if direction == "forward" else BACKWARD_KINDS
-    actions = merged((i.start, i.end) for i in intervals if i.kind in kinds)
-    return subtracted(
-        actions, merged((w.wait_began, w.wait_ended) for w in waits if w.direction == direction)
-    )
-
-
-def exposed_all_to_all_seconds(
-    intervals: Iterable[Interval], waits: Iterable[ExchangeWait], start: float, end: float
-) -> float:
-    """Seconds of the step [start, end] in which a thread of the rank waited on an all-to-all and
-    no thread computed: the all-to-all time the rank lived through. One thread (no overlap): the
-    sum of its waits."""
-    intervals, waits = list(intervals), list(waits)
-    compute = merged(
-        thread_compute(intervals, waits, "forward") + thread_compute(intervals, waits, "backward")
-    )
-    waiting = merged((w.wait_began, w.wait_ended) for w in waits)
-    return seconds_of(intersected(subtracted(waiting, compute), [(start, end)]))
-
-
-def waited_seconds(waits: Iterable[ExchangeWait]) -> float:
-    """Seconds the threads spent in waits on all-to-alls, summed over threads."""
-    return sum(w.wait_ended - w.wait_began for w in waits)
-
-
-def in_flight_under_compute(
-    span: ForwardBackwardSpans, intervals: Iterable[Interval], waits: Iterable[ExchangeWait]
-) -> tuple[float, float]:
-    """(seconds in which an all-to-all of one direction, issued inside this overlapped F&B action,
-    was in flight (issue to end of its wait) while the other direction's thread computed, seconds
-    in flight in all): the first is > 0 when the overlap is real."""
-    intervals, waits = list(intervals), list(waits)
-    under, in_flight = 0.0, 0.0
-    for direction, own, other in (
-        ("forward", span.forward, span.backward),
-        ("backward", span.backward, span.forward),
-    ):
-        flying = merged(
-            (w.issued, w.wait_ended)
-            for w in waits
-            if w.direction == direction and own[0] <= w.issued and w.wait_ended <= own[1]
-        )
-        other_direction = "backward" if direction == "forward" else "forward"
-        computing = intersected(thread_compute(intervals, waits, other_direction), [other])
-        under += seconds_of(intersected(flying, computing))
-        in_flight += seconds_of(flying)
-    return under, in_flight
-
-
-def hidden_fraction(exposed_off: float, exposed_on: float) -> float:
-    """1 - exposed with the overlap / exposed without: the share of the all-to-all time it hides."""
-    return 1.0 - exposed_on / exposed_off if exposed_off > 0 else 0.0
-
-
-# ---- the formulas ----------------------------------------------------------------------------
-
-
-def planner_layout(schedule: str, pp: int) -> Layout:
-    """The planner's Layout of a `parallel.pp-schedule` at `pp` ranks (stages per rank as run here)."""
-    return Layout(pp=pp, pp_schedule=PLANNER_SCHEDULE[schedule], pp_virtual=SCHEDULES[schedule][1])
-
-
-def formula_bubble(
-    schedule: str, pp: int, n_micro: int, forward: float, backward_input: float, backward_weight: float
-) -> dict[str, float]:
-    """The planner's bubble for chunk times F, I, W (one chunk, one micro-batch), in seconds and as
-    a fraction of the step it implies: bubble / (bubble + n_micro * v * (F + I + W)), v chunks per rank."""
-    layout = planner_layout(schedule, pp)
-    chunks = layout.chunks_per_rank()
-    bubble = bubble_time(layout, forward * chunks, backward_input * chunks, backward_weight * chunks)
-    compute = n_micro * chunks * (forward + backward_input + backward_weight)
-    return {"bubble_s": bubble, "idle_fraction": bubble / (bubble + compute)}
-
-
-# ---- saved activations -----------------------------------------------------------------------
-
-
-class _Saved:
-    """A tensor autograd saved for backward; tells the meter when autograd lets it go."""
-
-    def __init__(self, tensor: torch.Tensor, meter: SavedActivationMeter, key: int):
-        self.tensor, self.meter, self.key = tensor, meter, key
-
-    def __del__(self):
-        self.meter.release(self.key)
-
-
-class SavedActivationMeter:
-    """Bytes of the storages autograd holds saved for backward: alive now, at the peak, and packed
-    in all. A storage saved by several ops counts once; the `skipped` tensors' storages (parameters,
-    buffers) never count. Use `hooks()` as a context manager around the forwards."""
-
-    def __init__(self, skipped: Iterable[torch.Tensor]):
-        self.skipped = {t.untyped_storage().data_ptr() for t in skipped}
-        self.references: dict[int, list[int]] = {}  # storage address -> [bytes, saved references]
-        self.live_bytes = self.peak_bytes = self.packed_bytes = 0
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-    def pack(self, tensor: torch.Tensor) -> _Saved | torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.skipped or storage.nbytes() == 0:
-            return tensor
-        if key not in self.references:
-            self.references[key] = [storage.nbytes(), 0]
-            self.live_bytes += storage.nbytes()
-            self.packed_bytes += storage.nbytes()
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        self.references[key][1] += 1
-        return _Saved(tensor, self, key)
-
-    @staticmethod
-    def unpack(saved: _Saved | torch.Tensor) -> torch.Tensor:
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def release(self, key: int) -> None:
-        entry = self.references[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live_bytes -= entry[0]
-            del self.references[key]
 
 
 # ---- one rank --------------------------------------------------------------------------------
@@ -642,205 +422,3 @@ def run_pp_bench(settings: PpBenchSettings) -> dict[str, Any]:
             for schedule in settings.schedules
         },
     }
-
-
-def schedule_summary(
-    settings: PpBenchSettings, schedule: str, ranks: list[dict[str, Any]], baseline_s: float, beside_s: float
-) -> dict[str, Any]:
-    """One schedule's figures from every rank's: the step time of the slowest rank per repeat, the
-    median idle fraction per rank, the formula on the chunk times averaged over the ranks, and the
-    efficiency against the baseline step alone (`baseline_s`) and beside pp - 1 others (`beside_s`);
-    under expert parallelism the all-to-all times per rank, and DualPipeV's overlap."""
-    chunk = {key: statistics.mean(r["chunk_s"][key] for r in ranks) for key in ranks[0]["chunk_s"]}
-    formula = formula_bubble(schedule, settings.pp, settings.microbatches, **chunk)
-    layout = planner_layout(schedule, settings.pp)
-    steps = slowest_rank_steps(ranks)
-    summary = {
-        "step_s": steps,
-        "idle_fraction": [statistics.median(r["idle_fraction"]) for r in ranks],
-        "formula": formula,
-        "chunk_s": chunk,
-        "actions": sorted({kind for r in ranks for kind in r["actions"]}),
-        "saved_peak_bytes": [r["saved_peak_bytes"] for r in ranks],
-        "held_micro_batches": [r["saved_peak_bytes"] / r["saved_bytes_per_micro_batch"] for r in ranks],
-        "formula_held_micro_batches": [
-            activations_in_flight(layout, settings.microbatches, rank // settings.ep)
-            for rank in range(len(ranks))
-        ],
-        "stages": [r["stages"] for r in ranks],
-        "efficiency": baseline_s / settings.pp / steps["median"],
-        "efficiency_beside": beside_s / settings.pp / steps["median"],
-    }
-    if settings.ep > 1:
-        summary["all_to_all"] = all_to_all_summary(ranks)
-    if all("overlap" in r for r in ranks):
-        summary["overlap"] = overlap_summary(ranks, steps, summary["all_to_all"])
-    return summary
-
-
-def slowest_rank_steps(ranks: list[dict[str, Any]]) -> dict[str, float]:
-    """Per repeat the slowest rank's step: the best and the median over the repeats."""
-    steps = [max(walls) for walls in zip(*(r["step_s"] for r in ranks))]
-    return {"best": min(steps), "median": statistics.median(steps)}
-
-
-def all_to_all_summary(ranks: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per rank, medians over the repeats: the exposed all-to-all seconds (a thread waits, none
-    computes), the threads' waits summed, and the exchanges (one per direction) of a step."""
-    return {
-        "exposed_s": [statistics.median(r["a2a_exposed_s"]) for r in ranks],
-        "waited_s": [statistics.median(r["a2a_waited_s"]) for r in ranks],
-        "exchanges_per_step": [statistics.median(r["a2a_exchanges"]) for r in ranks],
-    }
-
-
-def overlap_summary(
-    ranks: list[dict[str, Any]], plain_steps: dict[str, float], plain_a2a: dict[str, list[float]]
-) -> dict[str, Any]:
-    """DualPipeV with its F&B overlap against without (`plain_*`): step times and their ratio, the
-    exposed all-to-all per rank and the fraction hidden, and the evidence from timestamps: per rank
-    the share of overlapped actions in which an all-to-all was in flight while the other thread
-    computed, and the share of their exchanges' in-flight time the other thread's compute covered."""
-    overlapped = [r["overlap"] for r in ranks]
-    steps = slowest_rank_steps(overlapped)
-    a2a = all_to_all_summary(overlapped)
-    return {
-        "step_s": steps,
-        "step_ratio": steps["median"] / plain_steps["median"],
-        "idle_fraction": [statistics.median(r["idle_fraction"]) for r in overlapped],
-        **{f"{key}": value for key, value in a2a.items()},
-        "hidden_fraction": [
-            hidden_fraction(off, on) for off, on in zip(plain_a2a["exposed_s"], a2a["exposed_s"])
-        ],
-        "hidden_fraction_all_ranks": hidden_fraction(sum(plain_a2a["exposed_s"]), sum(a2a["exposed_s"])),
-        "overlapped_actions_per_step": [statistics.median(r["overlapped_actions"]) for r in overlapped],
-        "actions_with_a2a_under_compute": [
-            sum(r["actions_with_a2a_under_compute"]) / max(1, sum(r["overlapped_actions"]))
-            for r in overlapped
-        ],
-        "in_flight_under_compute": [
-            sum(r["a2a_under_compute_s"]) / max(1e-12, sum(r["a2a_in_flight_s"])) for r in overlapped
-        ],
-    }
-
-
-HEADER = [
-    "schedule",
-    "step s",
-    "eff. alone",
-    "eff. beside",
-    "idle per rank",
-    "formula",
-    "F/I/W ms per chunk",
-    "saved MiB per rank",
-    "held mb (formula)",
-]
-A2A_HEADER = "a2a exposed ms per rank"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The result as a plain-text table, one row per schedule (and the overlap's, under --ep)."""
-    cfg = result["config"]
-    base = result["single_process_s"]
-    ep = cfg.get("ep", 1)
-    lines = [
-        (
-            f"pipeline schedules: pp={cfg['pp']}{f' x ep={ep}' if ep > 1 else ''} gloo processes "
-            f"({cfg['threads_per_rank']} thread each, {cfg['cpus']} CPUs, torch {cfg['torch']}); "
-            f"{cfg['layers']}-block MoE transformer, dim {cfg['dim']}; "
-            f"{cfg['microbatches']} micro-batches of {cfg['micro_batch_size']}x{cfg['seq_len']} tokens"
-            + (" per ep rank" if ep > 1 else "")
-        ),
-        f"step time: slowest rank, median (best) of {cfg['repeats']} after {cfg['warmup']} warm-up",
-        (
-            f"efficiency = T1 / pp / step, T1 = one process's step without pipeline, alone: {base['median']:.3f} s "
-            f"(best {base['best']:.3f}); beside {cfg.get('processes', cfg['pp']) - 1} other(s) doing the same: "
-            f"{result['single_process_beside_s']:.3f} s"
-        ),
-        "idle: measured per rank (1 - compute / step wall) vs the formula's bubble / (bubble + compute) on the "
-        "measured chunk F, I (B when not split), W",
-    ]
-    if ep > 1:
-        lines.append(
-            f"ranks pp.ep: {' '.join(cfg['ranks'])}; a2a exposed: time a thread of the rank waits on an expert "
-            "all-to-all (both directions, counts included) and no thread computes; per step, median"
-        )
-    if cfg["oversubscribed"]:
-        lines.append(
-            f"NOTE: {cfg.get('processes', cfg['pp'])} processes on {cfg['cpus']} CPUs: they take turns on the cores, "
-            "so idle time and step time measure the OS scheduler as much as the schedule"
-        )
-    header = HEADER + ([A2A_HEADER] if ep > 1 else [])
-    rows = [header]
-    for name, s in result["schedules"].items():
-        rows.append(_schedule_row(name, s, ep))
-        if "overlap" in s:
-            o = s["overlap"]
-            overlap_row = {**s, "step_s": o["step_s"], "idle_fraction": o["idle_fraction"]}
-            overlap_row["all_to_all"] = {"exposed_s": o["exposed_s"]}
-            rows.append(_schedule_row(f"{name} +overlap", overlap_row, ep, with_chunks=False))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines.append("")
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells))
-    for name, s in result["schedules"].items():
-        if "overlap" in s:
-            lines += ["", *_overlap_lines(name, s, cfg["ranks"])]
-    if ep > 1:
-        lines += [
-            "",
-            "Only dualpipev overlaps (its F&B actions: forward and backward on two threads, "
-            "`overlap_forward_and_backward`); the other schedules run each action alone, so their exposed "
-            "all-to-all time is all of it.",
-        ]
-    return "\n".join(lines)
-
-
-def _schedule_row(name: str, s: dict[str, Any], ep: int, with_chunks: bool = True) -> list[str]:
-    chunk = s["chunk_s"]
-    held = zip(s["held_micro_batches"], s["formula_held_micro_batches"])
-    row = [
-        name,
-        f"{s['step_s']['median']:.3f} ({s['step_s']['best']:.3f})",
-        f"{s['efficiency']:.2f}" if with_chunks else "",
-        f"{s['efficiency_beside']:.2f}" if with_chunks else "",
-        " ".join(f"{i:.2f}" for i in s["idle_fraction"]),
-        f"{s['formula']['idle_fraction']:.2f}" if with_chunks else "",
-        "/".join(f"{chunk[k] * 1e3:.0f}" for k in ("forward", "backward_input", "backward_weight"))
-        if with_chunks
-        else "",
-        " ".join(f"{b / 2**20:.0f}" for b in s["saved_peak_bytes"]) if with_chunks else "",
-        " ".join(f"{h:.1f}({f:g})" for h, f in held) if with_chunks else "",
-    ]
-    if ep > 1:
-        row.append(" ".join(f"{e * 1e3:.0f}" for e in s["all_to_all"]["exposed_s"]))
-    return row
-
-
-def _overlap_lines(name: str, s: dict[str, Any], ranks: list[str]) -> list[str]:
-    """The overlap on against off, per rank."""
-    o, off = s["overlap"], s["all_to_all"]
-    lines = [
-        (
-            f"{name} F&B overlap, off (forward then backward) vs on (two threads), alternating steps: step "
-            f"{s['step_s']['median']:.3f} -> {o['step_s']['median']:.3f} s (on/off {o['step_ratio']:.2f}); "
-            f"hidden fraction over all ranks {o['hidden_fraction_all_ranks']:.2f}"
-        ),
-        (
-            f"{'rank':<6}{'exposed ms off':>15}{'on':>7}{'hidden':>8}{'waited ms off':>15}{'on':>7}"
-            f"{'F&B actions':>13}{'a2a under other thread':>24}{'in flight covered':>19}"
-        ),
-    ]
-    for i, rank in enumerate(ranks):
-        lines.append(
-            f"{rank:<6}{off['exposed_s'][i] * 1e3:>15.0f}{o['exposed_s'][i] * 1e3:>7.0f}{o['hidden_fraction'][i]:>8.2f}"
-            f"{off['waited_s'][i] * 1e3:>15.0f}{o['waited_s'][i] * 1e3:>7.0f}"
-            f"{o['overlapped_actions_per_step'][i]:>13g}{o['actions_with_a2a_under_compute'][i]:>24.2f}"
-            f"{o['in_flight_under_compute'][i]:>19.2f}"
-        )
-    lines.append(
-        "a2a under other thread: share of F&B actions in which an all-to-all of one direction was in flight while "
-        "the other direction's thread computed; in flight covered: share of those exchanges' in-flight time it did"
-    )
-    return lines

@@ -7,22 +7,17 @@ import time
 
 import pytest
 
-from moeforge.bench.plan import (
-    LAYOUTS,
-    PlanBenchSettings,
-    bench_config,
+from moeforge.bench.machine_cluster import (
     cluster_toml,
     ep_dispatch_seconds,
     fsdp_unit_seconds,
     host_seconds_beyond,
-    format_table,
     machine_cluster,
-    plan_run,
-    run_plan_bench,
     sync_figures,
     wait_line,
     without_overheads,
 )
+from moeforge.bench.plan import LAYOUTS, PlanBenchSettings, bench_config, format_table, plan_run, run_plan_bench
 from moeforge.config import ConfigError
 from moeforge.plan import load_cluster
 from moeforge.train.trainer import Trainer

@@ -664,7 +664,8 @@ def run_bench_diloco(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"wrote {write_plot(result, args.plot)}", file=sys.stderr)
 def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
-    from moeforge.bench.plan import PlanBenchSettings, cluster_toml, format_table, run_plan_bench
+    from moeforge.bench.machine_cluster import cluster_toml
+    from moeforge.bench.plan import PlanBenchSettings, format_table, run_plan_bench
     from moeforge.plan import Cluster
     from moeforge.train.trainer import Trainer
 

@@ -5,8 +5,9 @@ Modules, one job each: `cluster` (the GPUs and their links, presets in clusters/
 (how a run is spread), `tensors` (the model's parameters, from a meta-device build), `memory`,
 `comm`, `pipeline` (bubble formulas), `block_flops` (training FLOPs per token of each block),
 `memory_traffic` (bytes of the non-matmul work), `op_counts` (operators a step dispatches),
-`step_time` (the plan of one layout), `search`, `summary` (a plan or a search as a table or a
-dict), and `estimate` (the one-line estimate the trainer prints).
+`step_communication` (what a step sends, and its seconds), `step_time` (the plan of one layout),
+`search`, `summary` (a plan or a search as a table or a dict), and `estimate` (the one-line
+estimate the trainer prints).
 """
 
 from moeforge.plan.cluster import Cluster, available_clusters, load_cluster

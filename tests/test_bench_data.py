@@ -125,6 +125,7 @@ def test_the_corpus_is_the_same_for_the_same_size_and_seed(tmp_path):
         (["--startup-mb", "a,b"], r"--startup-mb: got 'a,b'; allowed"),
         (["--repeats", "0"], r"--repeats: got 0; allowed: an integer >= 1"),
         (["--workers", "0"], r"--workers: got 0; allowed"),
+        (["--work-dir", "/no/such/dir"], r"--work-dir: '/no/such/dir' is not a directory"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv, message, capsys):

@@ -93,6 +93,8 @@ class DataBenchSettings:
         if self.startup_mb and (len(self.startup_mb) != 2 or not 0 < self.startup_mb[0] < self.startup_mb[1]):
             raise ConfigError(f"--startup-mb: got {','.join(map(str, self.startup_mb))}; allowed: SMALL,LARGE "
                               "with 0 < SMALL < LARGE")
+        if self.work_dir and not Path(self.work_dir).is_dir():
+            raise ConfigError(f"--work-dir: {self.work_dir!r} is not a directory")
         if any(p not in (1, 2) for p in self.processes):
             raise ConfigError(f"processes: got {self.processes}; allowed: 1 and 2")
         PrepareOptions((), Path(), chunk_bytes=self.chunk_bytes, workers=self.workers).validate()

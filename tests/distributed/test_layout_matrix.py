@@ -158,7 +158,7 @@ def one_process_batches(steps: int) -> list[list[int]]:
     """The window ids of the global batches of steps 1..`steps` in one process: a `PackedLoader` over
     the training tokens the trainer reads (`build_datasets`), with the run's seed, seq_len and batch."""
     cfg = small_config(**options("one process"))
-    _, train_tokens, _ = build_datasets(cfg.data, cfg.train.seq_len)
+    _, train_tokens, _ = build_datasets(cfg.data, cfg.train.seq_len, progress=False)
     loader = PackedLoader(train_tokens, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed)
     return [loader.next_batch_ids().tolist() for _ in range(steps)]
 

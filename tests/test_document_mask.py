@@ -1,0 +1,144 @@
+"""Document masking (`--data.document-mask`): packed documents compute what each computes alone.
+
+The reference is the model itself run on each document separately (positions from 0, causal over
+the document alone), in fp32: every token's logits, the MTP logits, and the gradients of the summed
+cross-entropy must match the packed run's.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL
+
+from moeforge.config import load_config
+from moeforge.model.attention import document_mask, document_positions
+from moeforge.model.mtp import mtp_inputs_and_labels
+from moeforge.model.transformer import Transformer
+
+SEQ = 32
+ROWS = [
+    [6, 9, 1, 7, 10],  # five documents, one of a single token
+    [12, 3, 18],  # the first continues a document begun before the window (its ids start at 40)
+]
+"""document lengths of each packed row (each sums to SEQ + 1: the window's last token is a target)"""
+
+
+def window_document_ids(lengths: list[int], first_id: int) -> torch.Tensor:
+    """[sum(lengths)] the document id of each token of a window made of documents of `lengths`."""
+    return torch.cat([torch.full((n,), first_id + d) for d, n in enumerate(lengths)])
+
+
+def packed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, input document ids), each [len(ROWS), SEQ]: windows of SEQ+1 random tokens."""
+    generator = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, vocab, (len(ROWS), SEQ + 1), generator=generator)
+    ids = torch.stack([window_document_ids(lengths, 40 * r) for r, lengths in enumerate(ROWS)])
+    return windows[:, :-1], windows[:, 1:], ids[:, :-1]
+
+
+def document_spans(ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal ids in the 1-D `ids`, by a plain loop."""
+    spans, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def small_model(preset: str, **overrides: str) -> Transformer:
+    values = dict(SMALL)
+    values.update({key.replace("__", ".").replace("_", "-"): value for key, value in overrides.items()})
+    cfg = load_config(preset=preset, overrides=values)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    with torch.no_grad():  # larger weights than the init: attention far from uniform, so a leak shows
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    return model
+
+
+MODELS = {
+    "gqa": lambda: small_model("tiny", model__mtp_depth="2"),
+    "mla": lambda: small_model("deepseek-v3-tiny"),
+}
+
+
+def summed_loss(out, targets: torch.Tensor, spans_by_row: list[list[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the logits and of each MTP depth k; with `spans_by_row` the MTP terms
+    only over positions i with i + k inside i's document (those a document run alone has)."""
+    loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    for depth, logits in enumerate(out.mtp_logits, start=1):
+        _, labels = mtp_inputs_and_labels(targets, depth)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        if spans_by_row is not None:
+            keep = torch.zeros_like(per_token, dtype=torch.bool)
+            for row, spans in enumerate(spans_by_row):
+                for start, end in spans:
+                    keep[row, start : end - depth] = True
+            per_token = per_token[keep]
+        loss = loss + per_token.sum()
+    return loss
+
+
+def test_positions_and_mask_match_a_plain_loop():
+    ids = torch.tensor([[3, 3, 3, 5, 5, 9, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 2, 3, 3, 0, 0, 4]])
+    positions, mask = document_positions(ids), document_mask(ids)
+    assert mask.shape == (3, 1, 8, 8)
+    for row in range(ids.shape[0]):
+        spans = document_spans(ids[row])
+        doc_of = {i: d for d, (s, e) in enumerate(spans) for i in range(s, e)}
+        assert positions[row].tolist() == [i - spans[doc_of[i]][0] for i in range(8)]
+        expected = [[j <= i and doc_of[i] == doc_of[j] for j in range(8)] for i in range(8)]
+        assert mask[row, 0].tolist() == expected
+    assert positions[1].tolist() == list(range(8))  # one document: plain positions and causal
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_packed_documents_give_the_logits_and_gradients_of_each_document_alone(attention):
+    model = MODELS[attention]()
+    inputs, targets, ids = packed_batch(model.cfg.vocab_size)
+    spans_by_row = [document_spans(row) for row in ids]
+    depths = model.cfg.mtp_depth
+    assert depths >= 1
+
+    packed = model(inputs, mtp_targets=targets, document_ids=ids)
+    # RoPE's scores depend on offsets only, so the logits cannot show the positions: check the tables
+    cos, sin, _ = model.training_attention(SEQ, ids)
+    for row, spans in enumerate(spans_by_row):
+        for start, end in spans:
+            assert torch.equal(cos[row, 0, start:end], model.rope_cos[: end - start])
+            assert torch.equal(sin[row, 0, start:end], model.rope_sin[: end - start])
+    summed_loss(packed, targets, spans_by_row).backward()
+    packed_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    for row, spans in enumerate(spans_by_row):
+        for start, end in spans:
+            mine = targets[row : row + 1, start:end]
+            # a document of no more tokens than MTP depths has no MTP positions: run without them
+            alone = model(inputs[row : row + 1, start:end], mtp_targets=mine if end - start > depths else None)
+            summed_loss(alone, mine).backward()
+            torch.testing.assert_close(packed.logits[row, start:end], alone.logits[0], atol=2e-5, rtol=1e-5)
+            for depth in range(1, len(alone.mtp_logits) + 1):
+                mine = packed.mtp_logits[depth - 1][row, start : max(start, end - depth)]
+                torch.testing.assert_close(mine, alone.mtp_logits[depth - 1][0], atol=2e-5, rtol=1e-5)
+    alone_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert alone_grads.keys() == packed_grads.keys()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, alone_grads[name], atol=5e-5, rtol=1e-4, msg=name)
+
+    # without the ids the same rows attend across documents: the logits differ
+    plain = model(inputs)
+    assert not torch.allclose(plain.logits, packed.logits, atol=1e-3)
+
+
+def test_one_document_per_row_is_plain_causal_attention():
+    model = MODELS["mla"]()
+    inputs, targets, _ = packed_batch(model.cfg.vocab_size)
+    ids = torch.zeros_like(inputs)
+    masked = model(inputs, mtp_targets=targets, document_ids=ids)
+    plain = model(inputs, mtp_targets=targets)
+    torch.testing.assert_close(masked.logits, plain.logits, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.mtp_logits[0], plain.mtp_logits[0], atol=2e-5, rtol=1e-5)

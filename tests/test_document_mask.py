@@ -5,12 +5,16 @@ the document alone), in fp32: every token's logits, the MTP logits, and the grad
 cross-entropy must match the packed run's.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMALL
 
-from moeforge.config import load_config
+from moeforge.config import ConfigError, load_config
+from moeforge.data.blend import BlendedLoader
+from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter
+from moeforge.data.loader import PackedLoader, validation_batches, validation_document_ids
 from moeforge.model.attention import document_mask, document_positions
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import Transformer
@@ -142,3 +146,81 @@ def test_one_document_per_row_is_plain_causal_attention():
     plain = model(inputs, mtp_targets=targets)
     torch.testing.assert_close(masked.logits, plain.logits, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(masked.mtp_logits[0], plain.mtp_logits[0], atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loader: document ids of each window from the prepared dataset's index
+
+
+def indexed_corpus(prefix, seed: int, n_documents: int = 80) -> tuple[IndexedDataset, np.ndarray]:
+    """A prepared dataset of random documents (some empty) and, by a plain running count, the
+    corpus-wide number of the document each token belongs to."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 14, n_documents)
+    with IndexedDatasetWriter(prefix, 300) as writer:
+        for n in lengths:
+            writer.add_document(rng.integers(0, 300, n))
+    owner = np.repeat(np.arange(n_documents), lengths)
+    return IndexedDataset(prefix), owner
+
+
+def windows_of(ids: torch.Tensor, seq_len: int) -> list[range]:
+    return [range(int(w) * (seq_len + 1), (int(w) + 1) * (seq_len + 1)) for w in ids]
+
+
+def assert_ids_follow_documents(document_ids: torch.Tensor, windows: list[range], owner: np.ndarray) -> None:
+    """Each row counts from 0 and steps up exactly where the token's corpus document changes."""
+    for row, window in zip(document_ids.tolist(), windows):
+        expected, current = [], 0
+        for i in window[:-1]:
+            current += i > window[0] and owner[i] != owner[i - 1]
+            expected.append(current)
+        assert row == expected
+
+
+def test_packed_loader_gives_the_document_ids_of_each_window(tmp_path):
+    ds, owner = indexed_corpus(tmp_path / "c", seed=0)
+    seq_len = 9
+    loader = PackedLoader(ds, seq_len, global_batch_size=6, seed=3, document_mask=True)
+    plain = PackedLoader(ds.tokens, seq_len, global_batch_size=6, seed=3)
+    for _ in range(4):
+        ids = loader.window_ids(loader.sequences_consumed, 6)
+        inputs, targets, document_ids = loader.next_training_batch()
+        expected_inputs, expected_targets = plain.next_batch()
+        assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets)
+        assert document_ids.shape == inputs.shape and document_ids.dtype == torch.int64
+        assert_ids_follow_documents(document_ids, windows_of(ids, seq_len), owner)
+    assert plain.next_training_batch()[2] is None  # without the option: no ids
+
+
+def test_validation_document_ids_follow_the_validation_batches(tmp_path):
+    ds, owner = indexed_corpus(tmp_path / "v", seed=1)
+    seq_len, batch = 7, 3
+    batches = list(validation_batches(ds.tokens, batch, seq_len, 4))
+    documents = list(validation_document_ids(ds, batch, seq_len, 4))
+    assert [d.shape for d in documents] == [inputs.shape for inputs, _ in batches]
+    for b, document_ids in enumerate(documents):
+        first = b * batch
+        assert_ids_follow_documents(document_ids, windows_of(torch.arange(first, first + len(document_ids)), seq_len), owner)
+
+
+def test_blended_loader_gives_each_source_s_document_ids(tmp_path):
+    (a, owner_a), (b, owner_b) = indexed_corpus(tmp_path / "a", seed=2), indexed_corpus(tmp_path / "b", seed=4)
+    seq_len = 5
+    loader = BlendedLoader([a, b], [0.6, 0.4], seq_len, global_batch_size=8, seed=1, document_mask=True)
+    ids = loader.window_ids(0, 8)
+    inputs, _, document_ids = loader.next_training_batch()
+    assert torch.equal(inputs, loader.batch(ids)[0])
+    for source, owner in ((0, owner_a), (1, owner_b)):
+        rows = ids[:, 0] == source
+        assert rows.any()
+        assert_ids_follow_documents(document_ids[rows], windows_of(ids[rows, 1], seq_len), owner)
+
+
+def test_plain_tokens_and_unsupported_layouts_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^data\.document-mask: .*document index"):
+        PackedLoader(torch.arange(100), 8, 2, document_mask=True)
+    with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.pp=2"):
+        load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.pp": "2", "train.micro-batch-size": "1"}, world_size=2)
+    with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.ep-overlap"):
+        load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.ep-overlap": "true"})

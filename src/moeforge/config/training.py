@@ -315,6 +315,7 @@ class Config:
             "weight backward cannot use one tied weight as the last stage's embedding and head)",
         )
         self._validate_overlap(world_size)
+        self._validate_document_mask()
         _check(
             not (self.train.compile and self.parallel.pp > 1 and self.parallel.pp_schedule in ("zbv", "dualpipev")),
             "train.compile",
@@ -392,6 +393,24 @@ class Config:
             "train.micro-batch-size",
             micro,
             "at least 2 sequences per micro-batch with parallel.ep-overlap (each runs as two halves)",
+        )
+
+    def _validate_document_mask(self) -> None:
+        """The document ids reach the model's blocks through `Transformer.forward`; the pipeline's
+        stages and the overlapped forward run the blocks themselves and do not pass them."""
+        if not self.data.document_mask:
+            return
+        _check(
+            self.parallel.pp == 1,
+            "data.document-mask",
+            True,
+            f"false with parallel.pp={self.parallel.pp} (pipeline stages do not carry document ids yet)",
+        )
+        _check(
+            not self.parallel.ep_overlap,
+            "data.document-mask",
+            True,
+            "false with parallel.ep-overlap (the overlapped forward does not carry document ids yet)",
         )
 
     def _micro_batches(self, world_size: int) -> int:

@@ -37,6 +37,7 @@ from moeforge.data.loader import (
     count_windows,
     refuse_changed_setup,
 )
+from moeforge.data.indexed import IndexedDataset
 from moeforge.data.prepare import MANIFEST_FILE
 from moeforge.data.prepared import is_prepared, open_prepared, read_manifest
 
@@ -105,23 +106,26 @@ def _source_seed(seed: int, source: int) -> int:
 class BlendedLoader(GlobalBatches):
     """Global batches drawn from several token streams in fixed proportions (module docstring),
     each rank getting its contiguous slice; the interface of `PackedLoader`, with window ids as
-    [count, 2] rows of (source, window of that source)."""
+    [count, 2] rows of (source, window of that source). `document_mask` needs every source to be an
+    `IndexedDataset` (as `PackedLoader`'s)."""
 
     def __init__(
         self,
-        sources: Sequence[TokenArray],
+        sources: Sequence[TokenArray | IndexedDataset],
         weights: Sequence[float],
         seq_len: int,
         global_batch_size: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: bool = False,
     ) -> None:
         assert len(sources) == len(weights) >= 1 and min(weights) > 0, "one positive weight per source"
         self.orders = [
-            PackedLoader(tokens, seq_len, global_batch_size, _source_seed(seed, d), rank, world_size)
+            PackedLoader(tokens, seq_len, global_batch_size, _source_seed(seed, d), rank, world_size, document_mask)
             for d, tokens in enumerate(sources)
         ]
+        self.document_mask = document_mask
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -139,6 +143,15 @@ class BlendedLoader(GlobalBatches):
             if rows.any():
                 windows[rows] = _gather_windows(order.tokens, ids[rows, 1], self.seq_len)
         return _as_batch(windows)
+
+    def document_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), seq_len] int64 document ids of the inputs of the (source, window) rows `ids`."""
+        documents = torch.empty(len(ids), self.seq_len, dtype=torch.long)
+        for d, order in enumerate(self.orders):
+            rows = ids[:, 0] == d
+            if rows.any():
+                documents[rows] = order.document_ids(ids[rows, 1])
+        return documents
 
     def window_ids(self, position: int, count: int) -> torch.Tensor:
         """[count, 2] int64 (source, window) at global positions [position, position+count): a pure

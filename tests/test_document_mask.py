@@ -5,11 +5,14 @@ the document alone), in fp32: every token's logits, the MTP logits, and the grad
 cross-entropy must match the packed run's.
 """
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL
+from conftest import SMALL, small_config
 
 from moeforge.config import ConfigError, load_config
 from moeforge.data.blend import BlendedLoader
@@ -17,7 +20,10 @@ from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from moeforge.data.loader import PackedLoader, validation_batches, validation_document_ids
 from moeforge.model.attention import document_mask, document_positions
 from moeforge.model.mtp import mtp_inputs_and_labels
+from moeforge.data.prepare import PrepareOptions, prepare
 from moeforge.model.transformer import Transformer
+from moeforge.run import read_metrics
+from moeforge.train.trainer import Trainer
 
 SEQ = 32
 ROWS = [
@@ -220,7 +226,51 @@ def test_blended_loader_gives_each_source_s_document_ids(tmp_path):
 def test_plain_tokens_and_unsupported_layouts_are_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*document index"):
         PackedLoader(torch.arange(100), 8, 2, document_mask=True)
+    with pytest.raises(ConfigError, match=r"^data\.document-mask: .*document index"):
+        validation_document_ids(torch.arange(100), 2, 8, 1)
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.pp=2"):
         load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.pp": "2", "train.micro-batch-size": "1"}, world_size=2)
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.ep-overlap"):
         load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.ep-overlap": "true"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Training with --data.document-mask on a prepared directory
+
+
+def test_training_with_document_mask_starts_at_the_loss_of_each_document_alone(tmp_path):
+    """The first step's loss is, by hand, the summed cross-entropy of every document piece of the
+    step's windows run alone through the initial model, over the batch's tokens; then the loss falls."""
+    rng = np.random.default_rng(0)
+    words = ["moe", "expert", "router", "token", "layer", "gate", "loss", "batch"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(120)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20]))
+    data = tmp_path / "data"
+    prepare(PrepareOptions((str(tmp_path / "train.jsonl"),), data, val_inputs=(str(tmp_path / "val.jsonl"),)), progress=False)
+    seq_len, batch = 32, 4
+    cfg = small_config(
+        data__path=str(data), data__document_mask="true", train__steps="8", train__seq_len=str(seq_len),
+        train__global_batch_size=str(batch), train__lr="1e-2",
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    initial = copy.deepcopy(trainer.model).eval()
+    windows = trainer.loader.window_ids(0, batch)
+
+    # the byte tokenizer stores each document as its UTF-8 bytes and a newline separator
+    starts = np.cumsum([0] + [len(t.encode()) + 1 for t in texts])
+    stream = torch.from_numpy(np.concatenate([np.frombuffer(t.encode() + b"\n", np.uint8) for t in texts]).astype(np.int64))
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for w in windows.tolist():
+            lo, hi = w * (seq_len + 1), (w + 1) * (seq_len + 1)
+            cuts = sorted({lo, *(int(s) for s in starts if lo < s < hi - 1), hi - 1})  # pieces of the inputs
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                logits = initial(stream[a:b][None]).logits[0]
+                total += F.cross_entropy(logits, stream[a + 1 : b + 1], reduction="sum").double()
+    result = trainer.fit()
+    metrics = [r for r in read_metrics(tmp_path / "run") if "lm_loss" in r]
+    assert metrics[0]["lm_loss"] == pytest.approx(float(total) / (batch * seq_len), rel=1e-5)
+    losses = [r["lm_loss"] for r in metrics]
+    assert all(np.isfinite(losses)) and np.isfinite(result.val_loss)
+    assert np.mean(losses[-3:]) < losses[0]

@@ -314,10 +314,11 @@ def validation_batches(
 
 
 def validation_document_ids(
-    val: IndexedDataset, batch_size: int, seq_len: int, n_batches: int
+    val: TokenArray | IndexedDataset, batch_size: int, seq_len: int, n_batches: int
 ) -> Iterator[torch.Tensor]:
     """The document ids [b, seq_len] of the inputs of each batch `validation_batches(val.tokens, ...)`
-    gives, in the same order (`--data.document-mask`)."""
+    gives, in the same order (`--data.document-mask`); `val` must be a prepared dataset."""
+    _refuse_plain_tokens(True, val if isinstance(val, IndexedDataset) else None)
     stop = min(count_windows(len(val.tokens), seq_len), batch_size * n_batches)
     return (
         _window_document_ids(val, torch.arange(i, min(i + batch_size, stop)), seq_len)

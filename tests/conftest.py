@@ -1,8 +1,24 @@
-"""Shared helpers: a small, fast configuration of the default model."""
+"""Shared helpers: a small, fast configuration of the default model; a data cache of the session's own."""
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from moeforge.config import Config, load_config
+from moeforge.data.cache import CACHE_ENV
+
+if not os.environ.get(CACHE_ENV):  # processes the tests spawn inherit it, and keep it
+    os.environ[CACHE_ENV] = _SESSION_CACHE = tempfile.mkdtemp(prefix="moeforge-test-cache-")
+else:
+    _SESSION_CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the data cache this session made (the embedded corpus and raw text prepared by tests)."""
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 SMALL = {
     "model.dim": "64",
@@ -38,3 +54,16 @@ def small_config(world_size: int = 1, **overrides: str) -> Config:
 @pytest.fixture
 def small_cfg() -> Config:
     return small_config()
+
+
+def trainer_documents(cfg) -> list[str]:
+    """The documents the trainer reads for the raw-text `cfg` (a DataConfig), decoded from the
+    prepared cache it makes of them (byte tokenizer; none held out, so no document is cut)."""
+    import dataclasses
+
+    from moeforge.data.cache import prepared_cache
+    from moeforge.data.indexed import IndexedDataset
+
+    root = prepared_cache(dataclasses.replace(cfg, val_fraction=1e-12), progress=False)
+    train = IndexedDataset(root / "train")
+    return [bytes(train[i][:-1].tolist()).decode() for i in range(len(train))]

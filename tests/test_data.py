@@ -15,12 +15,9 @@ from moeforge.data import (
     build_tokenizer,
     document_separator,
     embedded_corpus,
-    encode_documents,
-    load_documents,
-    read_documents,
-    split_train_val,
     validation_batches,
 )
+from conftest import trainer_documents
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -86,20 +83,10 @@ def test_hf_tokenizer_round_trips_and_finds_eos(tmp_path):
     assert tok.encode_batch(SENTENCES) == [tok.encode(s) for s in SENTENCES]
 
 
-def test_hf_stream_has_eos_between_documents(tmp_path):
-    tok = HFTokenizer(write_bpe_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"]))
-    stream = encode_documents(tok, SENTENCES)
-    expected = tok.encode(SENTENCES[0]) + [tok.eos_id] + tok.encode(SENTENCES[1])
-    expected += [tok.eos_id] + tok.encode(SENTENCES[2])
-    assert stream.dtype == torch.long
-    assert stream.tolist() == expected
-
-
 def test_hf_tokenizer_without_eos_separates_with_newline(tmp_path):
     tok = HFTokenizer(write_bpe_tokenizer(tmp_path / "tok.json", []))
     assert tok.eos_id is None
     assert document_separator(tok) == tok.encode("\n") != []
-    assert tok.decode(encode_documents(tok, SENTENCES[:2]).tolist()) == "\n".join(SENTENCES[:2])
 
 
 def test_hf_tokenizer_bad_file_names_the_field(tmp_path):
@@ -110,10 +97,11 @@ def test_hf_tokenizer_bad_file_names_the_field(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_byte_stream_joins_documents_with_newline():
-    stream = encode_documents(ByteTokenizer(), ["ab", "é"])
-    assert stream.dtype == torch.long
-    assert stream.tolist() == [97, 98, 10, 0xC3, 0xA9]
+def test_byte_stream_ends_each_document_with_a_newline(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in ["ab", "é"] * 8))
+    _, train, val = build_datasets(DataConfig(path=str(path), val_fraction=0.5), seq_len=4)
+    assert [*train, *val] == [97, 98, 10, 0xC3, 0xA9, 10] * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,19 +113,19 @@ def test_embedded_corpus_is_pydoc_topics_in_sorted_order():
     assert docs == [topics[k] for k in sorted(topics)]
     assert docs == embedded_corpus()
     assert sum(map(len, docs)) > 100_000
-    assert load_documents(DataConfig()) == docs
+    assert trainer_documents(DataConfig()) == docs
 
 
 def test_read_txt_file_is_one_document(tmp_path):
     (tmp_path / "a.txt").write_text("line one\nline two\n", encoding="utf-8")
-    assert read_documents(tmp_path / "a.txt") == ["line one\nline two\n"]
+    assert trainer_documents(DataConfig(path=str(tmp_path / "a.txt"))) == ["line one\nline two\n"]
 
 
 def test_read_jsonl_one_document_per_record(tmp_path):
     lines = [json.dumps({"body": "first", "id": 1}), "", json.dumps({"body": "sécond"})]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = DataConfig(path=str(tmp_path / "d.jsonl"), text_field="body")
-    assert load_documents(cfg) == ["first", "sécond"]
+    assert trainer_documents(cfg) == ["first", "sécond"]
 
 
 def test_read_directory_sorted_recursive(tmp_path):
@@ -146,45 +134,45 @@ def test_read_directory_sorted_recursive(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "A1"}) + "\n" + json.dumps({"text": "A2"}))
     (tmp_path / "sub" / "c.txt").write_text("C")
     (tmp_path / "notes.md").write_text("ignored")
-    assert read_documents(tmp_path) == ["A1", "A2", "B", "C"]
+    assert trainer_documents(DataConfig(path=str(tmp_path))) == ["A1", "A2", "B", "C"]
     (tmp_path / "empty.txt").write_text("")  # an empty source is refused, as every other one
     with pytest.raises(ConfigError, match=r"^data\.path: '.*empty\.txt' is empty"):
-        read_documents(tmp_path)
+        trainer_documents(DataConfig(path=str(tmp_path)))
 
 
 def test_jsonl_missing_field_names_text_field_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "x"}) + "\n")
     with pytest.raises(ConfigError, match=r"^data\.text-field: .*line 2 has no field 'text'$"):
-        read_documents(path)
+        trainer_documents(DataConfig(path=str(path)))
 
 
 def test_jsonl_non_string_field_names_text_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": 3}) + "\n")
     with pytest.raises(ConfigError, match=r"^data\.text-field: .*line 1"):
-        read_documents(path)
+        trainer_documents(DataConfig(path=str(path)))
 
 
 def test_invalid_utf8_names_the_file_and_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ConfigError, match=r"^data\.path: '.*docs\.jsonl' line 2 is not UTF-8 text \(byte 30 "):
-        read_documents(path)
+        trainer_documents(DataConfig(path=str(path)))
 
 
 def test_empty_jsonl_names_the_file(tmp_path):
     (tmp_path / "good.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match=r"^data\.path: '.*empty\.jsonl' has no records \(an empty \.jsonl file\)$"):
-        read_documents(tmp_path)
+        trainer_documents(DataConfig(path=str(tmp_path)))
 
 
 def test_jsonl_invalid_json_names_path_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
     with pytest.raises(ConfigError, match=r"^data\.path: .*line 2 is not valid JSON"):
-        read_documents(path)
+        trainer_documents(DataConfig(path=str(path)))
 
 
 @pytest.mark.parametrize(
@@ -204,18 +192,12 @@ def test_bad_data_path_names_the_field(tmp_path, name, content):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=r"^data\.path: ") as err:
-        load_documents(DataConfig(path=str(path)))
+        trainer_documents(DataConfig(path=str(path)))
     assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
 # Splitting and packing
-
-
-def test_split_holds_out_the_tail():
-    tokens = torch.arange(100)
-    train, val = split_train_val(tokens, 0.1)
-    assert train.tolist() == list(range(90)) and val.tolist() == list(range(90, 100))
 
 
 def test_batches_are_shifted_windows_of_the_stream():
@@ -335,9 +317,9 @@ def test_validation_needs_one_window():
 
 def test_build_datasets_on_embedded_corpus():
     tok, train, val = build_datasets(DataConfig(val_fraction=0.05), seq_len=64)
-    total = encode_documents(tok, embedded_corpus())
+    total = b"".join(doc.encode() + b"\n" for doc in embedded_corpus())
     assert isinstance(tok, ByteTokenizer)
-    assert torch.equal(torch.cat([train, val]), total)
+    assert [*train.tolist(), *val.tolist()] == list(total)
     assert len(val) == int(len(total) * 0.05)
 
 

@@ -15,6 +15,7 @@ import torch
 from conftest import small_config
 from moeforge.cli import main
 from moeforge.config import ConfigError
+from moeforge.config.data import mixture_sources
 from moeforge.data import PackedLoader
 from moeforge.data.blend import BlendedLoader, _source_seed, blend_sources
 from moeforge.data.prepare import PrepareOptions, prepare
@@ -210,3 +211,18 @@ def test_a_resumed_mixture_run_sees_what_an_uninterrupted_one_sees(two_sources, 
     assert resumed.loader.sequences_consumed == 3 * resumed.cfg.train.global_batch_size
     whole, split = read_metrics(tmp_path / "whole")[-1], read_metrics(tmp_path / "split")[-1]
     assert split["tokens_per_source"] == whole["tokens_per_source"] and split["loss"] == whole["loss"]
+
+
+def test_a_toml_table_is_the_same_mixture_as_the_flag(two_sources, tmp_path):
+    from moeforge.config import load_config
+
+    a, b = two_sources
+    toml = tmp_path / "mix.toml"
+    toml.write_text(f'[data.path]\n"{a}" = 3\n"{b}" = 1.0\n')
+    from_table = load_config(config_file=toml)
+    assert from_table.data.path == f"{a}:3,{b}:1.0"
+    assert mixture_sources(from_table.data.path) == [(a, 0.75), (b, 0.25)]
+    for table, said in [("", "at least one"), (f'"{a}" = "heavy"', "a number"), (f'"{a}" = -1', "positive")]:
+        toml.write_text(f"[data.path]\n{table}\n")
+        with pytest.raises(ConfigError, match=rf"^data\.path: .*{said}"):
+            load_config(config_file=toml).validate()

@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from moeforge.config import ConfigError, DataConfig
-from moeforge.data import load_documents
+from conftest import trainer_documents
 from moeforge.data.sources import (
     Chunk,
     DataSourceError,
@@ -376,11 +376,11 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, name, package):
 def test_the_trainer_reads_every_format_and_names_its_own_flags(tmp_path):
     write_source(tmp_path / "a.parquet", DOCS[:2], field="body")
     write_source(tmp_path / "b.jsonl.zst", DOCS[2:], field="body")
-    assert load_documents(DataConfig(path=str(tmp_path), text_field="body")) == DOCS
+    assert trainer_documents(DataConfig(path=str(tmp_path), text_field="body")) == DOCS
     with pytest.raises(ConfigError, match=r"^data\.text-field: '.*a\.parquet' has no column 'text'; its col"):
-        load_documents(DataConfig(path=str(tmp_path)))
+        trainer_documents(DataConfig(path=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"^data\.path: got '.*missing'; allowed: an existing file"):
-        load_documents(DataConfig(path=str(tmp_path / "missing")))
+        trainer_documents(DataConfig(path=str(tmp_path / "missing")))
 
 
 # ---------------------------------------------------------------------------------------------

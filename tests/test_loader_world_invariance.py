@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import small_config
-from moeforge.data import PackedLoader, split_train_val, validation_batches
+from moeforge.data import PackedLoader, validation_batches
 from moeforge.parallel import data_parallel_rank
 from moeforge.run import read_metrics
 from moeforge.train import trainer
@@ -204,7 +204,8 @@ def test_a_memory_mapped_file_is_read_only_where_the_batches_fall(tmp_path):
     measured_peak = reset_peak_rss()
     before = memory_kb()
     mapped = np.memmap(path, dtype=np.uint16, mode="r")
-    train, val = split_train_val(mapped, 0.01)
+    cut = n_tokens - n_tokens // 100
+    train, val = mapped[:cut], mapped[cut:]
     loader = PackedLoader(train, seq_len, global_batch_size=2, seed=0)
     first = [loader.next_batch() for _ in range(2)]
     validation = list(validation_batches(val, 2, seq_len, 1))
@@ -220,33 +221,30 @@ def test_a_memory_mapped_file_is_read_only_where_the_batches_fall(tmp_path):
         assert after["VmHWM"] - before["VmRSS"] < read_kb + file_kb / 20
 
     in_memory = torch.from_numpy(np.fromfile(path, dtype=np.uint16))
-    in_memory_train, in_memory_val = split_train_val(in_memory, 0.01)
+    in_memory_train, in_memory_val = in_memory[:cut], in_memory[cut:]
     reference = PackedLoader(in_memory_train, seq_len, global_batch_size=2, seed=0)
     assert_same_batches(first, [reference.next_batch() for _ in range(2)])
     assert_same_batches(validation, validation_batches(in_memory_val, 2, seq_len, 1))
 
 
 def test_training_on_memory_mapped_tokens_matches_training_on_the_tensor(tmp_path, monkeypatch):
-    """The trainer given the corpus as uint16 memmaps (what prepared data will give it) logs the
-    same losses, validation included, as on today's in-memory tensors."""
+    """The trainer reads the corpus as uint16 memmaps of its prepared cache, and logs the same
+    losses, validation included, as when given the same tokens as in-memory int64 tensors."""
 
     def cfg():
         return small_config(train__steps="3", train__eval_every="3")
 
-    trainer.Trainer(cfg(), tmp_path / "tensor").fit()
-    in_memory = trainer.build_datasets
-
-    def memory_mapped(data_cfg, seq_len):
-        tokenizer, train, val = in_memory(data_cfg, seq_len)
-        path = tmp_path / "tokens.bin"
-        torch.cat([train, val]).numpy().astype(np.uint16).tofile(path)
-        mapped = np.memmap(path, dtype=np.uint16, mode="r")
-        return tokenizer, mapped[: len(train)], mapped[len(train) :]
-
-    monkeypatch.setattr(trainer, "build_datasets", memory_mapped)
     mapped_run = trainer.Trainer(cfg(), tmp_path / "mapped")
     assert isinstance(mapped_run.loader.tokens, np.memmap) and isinstance(mapped_run.val_tokens, np.memmap)
     mapped_run.fit()
+    memory_mapped = trainer.build_datasets
+
+    def in_memory(data_cfg, seq_len, progress=True):
+        tokenizer, train, val = memory_mapped(data_cfg, seq_len, progress)
+        return tokenizer, torch.from_numpy(train.astype(np.int64)), torch.from_numpy(val.astype(np.int64))
+
+    monkeypatch.setattr(trainer, "build_datasets", in_memory)
+    trainer.Trainer(cfg(), tmp_path / "tensor").fit()
     losses = [
         [(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / run)] for run in ("tensor", "mapped")
     ]

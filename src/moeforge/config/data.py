@@ -15,8 +15,9 @@ class DataConfig:
 
     path: str = ""
     """a directory made by `moeforge data prepare` (memory-mapped), or a local .txt, .jsonl(.gz/.zst)
-    or .parquet file or a directory of them (tokenized at start); '' = the embedded corpus; a
-    mixture of prepared directories with positive weights: 'a:0.7,b:0.3' (weights normalised)"""
+    or .parquet file or a directory of them (prepared into a cache the first time); '' = the embedded
+    corpus; a mixture of prepared directories with positive weights: 'a:0.7,b:0.3' (weights
+    normalised), in a TOML file also as a table [data.path] of "directory" = weight"""
     tokenizer: str = "byte"
     """'byte' (256 symbols, no files) or the path of a Hugging Face tokenizer.json"""
     text_field: str = "text"
@@ -67,3 +68,16 @@ def mixture_sources(path: str) -> list[tuple[str, float]]:
     total = sum(weight for _, weight in sources)
     _check(math.isfinite(total), "data.path", path, "weights whose sum is a finite number")
     return [(name, weight / total) for name, weight in sources]
+
+
+def mixture_text(table: dict[str, object], where: str = "data.path") -> str:
+    """A mixture given as a TOML table {directory: weight} in its flag form 'a:0.7,b:0.3' (the
+    weights are checked by `mixture_sources` when the config is validated)."""
+    _check(bool(table), where, table, "a table of at least one directory = weight")
+    items = []
+    for name, weight in table.items():
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        _check(number, where, f"{name} = {weight!r}", "a number as each directory's weight")
+        _check("," not in name, where, name, "a directory whose name has no ','")
+        items.append(f"{name}:{weight!r}")
+    return ",".join(items)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from moeforge.config.checks import ConfigError, _choice_fields, _flag, field_docs
+from moeforge.config.data import mixture_text
 from moeforge.config.training import Config
 
 PRESETS_DIR = Path(__file__).parent.parent / "presets"
@@ -104,6 +105,8 @@ def apply_mapping(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{dotted}: expected a table of fields, got {value!r}")
             apply_mapping(current, value, f"{dotted}.")
         else:
+            if dotted == "data.path" and isinstance(value, dict):  # a mixture as a TOML table
+                value = mixture_text(value)
             setattr(obj, name, _coerce(value, _field_type(type(obj), name), dotted))
 
 

@@ -1,19 +1,21 @@
-"""Data: the embedded corpus or user files -> tokens -> packed, sharded, resumable batches."""
+"""Data: the embedded corpus or user files -> prepared token files -> packed, sharded, resumable batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moeforge.config import ConfigError, DataConfig
 from moeforge.config.data import is_mixture
-from moeforge.data.corpus import embedded_corpus, load_documents, read_documents
+from moeforge.data.cache import prepared_cache
+from moeforge.data.corpus import embedded_corpus
 from moeforge.data.prepared import is_prepared, open_prepared
-from moeforge.data.loader import PackedLoader, TokenArray, count_windows, split_train_val, validation_batches
+from moeforge.data.loader import PackedLoader, TokenArray, count_windows, validation_batches
 from moeforge.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
     build_tokenizer,
     document_separator,
-    encode_documents,
 )
 
 __all__ = [
@@ -27,38 +29,34 @@ __all__ = [
     "count_windows",
     "document_separator",
     "embedded_corpus",
-    "encode_documents",
-    "load_documents",
-    "read_documents",
-    "split_train_val",
     "validation_batches",
 ]
 
 
-def build_datasets(data_cfg: DataConfig, seq_len: int) -> tuple[Tokenizer, TokenArray, TokenArray]:
-    """(tokenizer, train tokens, val tokens) for a run; the validation split is checked to hold one
-    window of `seq_len` here, the training split by `PackedLoader`, which reads it. A prepared
-    directory (`moeforge data prepare`) is opened as memory maps of its train and val files; text
-    files and the embedded corpus are tokenized in memory, the last `data.val-fraction` held out."""
+def build_datasets(
+    data_cfg: DataConfig, seq_len: int, progress: bool = True
+) -> tuple[Tokenizer, TokenArray, TokenArray]:
+    """(tokenizer, train tokens, val tokens) for a run, memory maps of a prepared directory: the one
+    `data.path` names, or for text files and the embedded corpus the one `prepared_cache` makes
+    once (the last `data.val-fraction` of their tokens held out). The validation split is checked
+    to hold one window of `seq_len` here, the training split by `PackedLoader`, which reads it."""
     if is_mixture(data_cfg.path):
         raise ConfigError(
             f"data.path: got the mixture {data_cfg.path!r}; allowed here: one path (mixtures are read by "
             "moeforge.data.blend.open_mixture, which the trainer uses)"
         )
     tokenizer = build_tokenizer(data_cfg)
-    if is_prepared(data_cfg.path):
-        train, val = open_prepared(data_cfg)
-        if count_windows(len(val), seq_len) == 0:
-            raise ConfigError(
-                f"data.path: {data_cfg.path!r} holds {len(val)} validation tokens; allowed: at least "
-                f"train.seq-len+1={seq_len + 1} (prepare it with --val-fraction or --val)"
-            )
-        return tokenizer, train, val
-    tokens = encode_documents(tokenizer, load_documents(data_cfg))
-    train, val = split_train_val(tokens, data_cfg.val_fraction)
+    prepared = is_prepared(data_cfg.path)
+    root = Path(data_cfg.path) if prepared else prepared_cache(data_cfg, progress)
+    train, val = open_prepared(root, data_cfg.tokenizer)
     if count_windows(len(val), seq_len) == 0:
+        allowed = (
+            "prepare it with --val-fraction or --val"
+            if prepared
+            else f"a data.val-fraction leaving them of the corpus's {len(train) + len(val)} tokens"
+        )
         raise ConfigError(
-            f"data.val-fraction: got {data_cfg.val_fraction}; allowed: a fraction leaving at least "
-            f"train.seq-len+1={seq_len + 1} of the corpus's {len(tokens)} tokens for validation"
+            f"{'data.path' if prepared else 'data.val-fraction'}: {data_cfg.path or 'the embedded corpus'!r} "
+            f"holds {len(val)} validation tokens; allowed: at least train.seq-len+1={seq_len + 1} ({allowed})"
         )
     return tokenizer, train, val

@@ -72,7 +72,7 @@ def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
             )
     opened = []
     for name, weight in sources:
-        train, val = open_prepared(DataConfig(path=name, tokenizer=cfg.tokenizer))
+        train, val = open_prepared(Path(name), cfg.tokenizer)
         for split, tokens, hint in (("training", train, ""), ("validation", val, " (prepare it with --val-fraction or --val)")):
             if count_windows(len(tokens), seq_len) == 0:
                 raise ConfigError(

@@ -34,19 +34,6 @@ TokenArray = torch.Tensor | np.ndarray
 """A 1-D array of token ids: a torch tensor or a numpy array (a `numpy.memmap` included)."""
 
 
-def split_train_val(tokens: TokenArray, val_fraction: float) -> tuple[TokenArray, TokenArray]:
-    """(train, val): the last `val_fraction` of the stream is held out.
-
-    A contiguous tail rather than random windows: no validation window shares a document, or a
-    neighbouring window's context, with training data, and the split does not depend on seq_len or
-    the seed. The stream's document order is fixed (sorted topics or files) rather than by time, so
-    the tail is the same kind of text as the rest. `val_fraction` is in (0, 1) (`DataConfig.validate`).
-    Both parts are views of `tokens`: splitting a memmap reads nothing.
-    """
-    n_val = int(len(tokens) * val_fraction)
-    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-
-
 def count_windows(n_tokens: int, seq_len: int) -> int:
     """Training sequences of `seq_len` tokens (windows of seq_len+1) that `n_tokens` make."""
     return n_tokens // (seq_len + 1)

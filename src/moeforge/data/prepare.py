@@ -63,11 +63,16 @@ class PrepareOptions:
     """files held out whole, instead of a fraction of `inputs`"""
     workers: int = 1
     chunk_bytes: int = 16 << 20
+    val_tail: float = 0.0
+    """instead: the last fraction of the token stream held out, the document where the cut falls split
+    in two (the trainer's rule for raw text and the embedded corpus, cache.py)"""
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction: got {self.val_fraction}; allowed: a number in [0, 1)")
-        if self.val_fraction and self.val_inputs:
+        if not 0 <= self.val_tail < 1:
+            raise ConfigError(f"data.val-fraction: got {self.val_tail}; allowed: a number in [0, 1)")
+        if sum(map(bool, (self.val_fraction, self.val_inputs, self.val_tail))) > 1:
             raise ConfigError("--val-fraction: set together with --val; allowed: one way to hold out documents")
         if self.workers < 1:
             raise ConfigError(f"--workers: got {self.workers}; allowed: an integer >= 1")
@@ -90,6 +95,8 @@ def prepare(options: PrepareOptions, progress: bool = True) -> dict[str, Any]:
     for split in SPLITS:
         shards = [parts / f"{job.name}.{split}" for job in seen]
         merge_indexed_datasets(shards, options.out / split, tokenizer.vocab_size)
+    if options.val_tail:
+        _hold_out_tail(options.out, options.val_tail, tokenizer.vocab_size)
     manifest = _manifest(options, tokenizer, seen)
     _write_atomically(options.out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     shutil.rmtree(parts)
@@ -185,6 +192,27 @@ def _is_held_out(document: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
 
 
+def _hold_out_tail(out: Path, fraction: float, vocab_size: int) -> None:
+    """Move the last `fraction` of the training tokens (every document went to training) to the
+    validation split, cutting the document where the cut falls in two. Rerun from the start by an
+    interrupted prepare: the merge before it writes the training split afresh."""
+    whole = out / "whole"
+    for suffix in (".bin", ".idx"):
+        (out / f"train{suffix}").replace(f"{whole}{suffix}")
+    stream = IndexedDataset(whole)
+    cut = stream.total_tokens - int(stream.total_tokens * fraction)
+    with IndexedDatasetWriter(out / "train", vocab_size) as train, IndexedDatasetWriter(out / "val", vocab_size) as val:
+        for i in range(len(stream)):
+            start, end = stream.document_span(i)
+            if start < cut:
+                train.add_document(stream.tokens[start : min(end, cut)])
+            if end > cut:
+                val.add_document(stream.tokens[max(start, cut) : end])
+    del stream
+    for suffix in (".bin", ".idx"):
+        Path(f"{whole}{suffix}").unlink()
+
+
 def _part_done(parts: Path, name: str) -> bool:
     """Both splits of a part were written to the end (the writer renames its index last)."""
     return all(Path(f"{parts / name}.{split}.idx").is_file() for split in SPLITS)
@@ -210,6 +238,7 @@ def _manifest(options: PrepareOptions, tokenizer: Tokenizer, jobs: list[_Job]) -
         "separator": document_separator(tokenizer),
         "text_field": options.text_field,
         "val_fraction": options.val_fraction,
+        "val_tail": options.val_tail,
         "splits": splits,
         "sources": [{"path": path, "held_out": held_out} for path, held_out in sources],
         "files": files,

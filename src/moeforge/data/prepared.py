@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeforge.config import ConfigError, DataConfig
+from moeforge.config import ConfigError
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import TokenArray
 from moeforge.data.prepare import FORMAT, MANIFEST_FILE, SPLITS, tokenizer_identity
@@ -28,10 +28,10 @@ def is_prepared(path: str | Path) -> bool:
     return bool(path) and (Path(path) / MANIFEST_FILE).is_file()
 
 
-def open_prepared(cfg: DataConfig) -> tuple[TokenArray, TokenArray]:
-    """(train tokens, val tokens) of the prepared directory `cfg.path`, as memory maps."""
-    root = Path(cfg.path)
-    checked_manifest(root, cfg.tokenizer)
+def open_prepared(root: Path, tokenizer: str) -> tuple[TokenArray, TokenArray]:
+    """(train tokens, val tokens) of the prepared directory `root`, as memory maps, after the checks
+    of the module docstring against `tokenizer` ('byte' or a tokenizer.json)."""
+    checked_manifest(root, tokenizer)
     train, val = (IndexedDataset(root / split).tokens for split in SPLITS)
     return train, val
 

@@ -1,5 +1,5 @@
-"""Documents streamed from the user's files: what `moeforge data prepare` reads, and the trainer's
-small-corpus path too (`corpus.read_documents`), so that each format has one reader.
+"""Documents streamed from the user's files: what `moeforge data prepare` reads, for itself and for
+the trainer's cache of raw text (cache.py), so that each format has one reader.
 
 Formats, recognised by the name's ending and mixed freely:
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Protocol
 
 import tokenizers
-import torch
 
 from moeforge.config import ConfigError, DataConfig
 from moeforge.errors import first_line
@@ -95,14 +94,3 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
 def document_separator(tok: Tokenizer) -> list[int]:
     """Tokens placed between two documents: the end-of-document token, or else a newline."""
     return [tok.eos_id] if tok.eos_id is not None else tok.encode("\n")
-
-
-def encode_documents(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
-    """All documents as one 1-D int64 token stream, `document_separator` between neighbours."""
-    separator = document_separator(tok)
-    stream: list[int] = []
-    for i, ids in enumerate(tok.encode_batch(docs)):
-        if i:
-            stream.extend(separator)
-        stream.extend(ids)
-    return torch.tensor(stream, dtype=torch.long)

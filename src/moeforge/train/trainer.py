@@ -142,7 +142,9 @@ class Trainer:
             sources = open_mixture(cfg.data, tcfg.seq_len)
             self.val_sets = [(s.path, s.weight, s.val) for s in sources]
         else:
-            self.tokenizer, train_tokens, self.val_tokens = build_datasets(cfg.data, tcfg.seq_len)
+            self.tokenizer, train_tokens, self.val_tokens = build_datasets(
+                cfg.data, tcfg.seq_len, progress=self.is_main and tcfg.progress
+            )
             self.val_sets = [("", 1.0, self.val_tokens)]
         """(source path, weight, validation tokens) of each source; one ('', 1.0, ...) without a mixture"""
         if cfg.model.vocab_size < self.tokenizer.vocab_size:

@@ -39,7 +39,7 @@ from moeforge.data.loader import (
 )
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.prepare import MANIFEST_FILE
-from moeforge.data.prepared import is_prepared, open_prepared, read_manifest
+from moeforge.data.prepared import is_prepared, open_prepared_datasets, read_manifest
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class BlendSource:
 
     path: str
     weight: float
-    train: TokenArray
-    val: TokenArray
+    train: IndexedDataset
+    val: IndexedDataset
 
 
 def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
@@ -72,8 +72,8 @@ def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
             )
     opened = []
     for name, weight in sources:
-        train, val = open_prepared(Path(name), cfg.tokenizer)
-        for split, tokens, hint in (("training", train, ""), ("validation", val, " (prepare it with --val-fraction or --val)")):
+        train, val = open_prepared_datasets(Path(name), cfg.tokenizer)
+        for split, tokens, hint in (("training", train.tokens, ""), ("validation", val.tokens, " (prepare it with --val-fraction or --val)")):
             if count_windows(len(tokens), seq_len) == 0:
                 raise ConfigError(
                     f"data.path: {name!r} holds {len(tokens)} {split} tokens; allowed: at least "

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
 from moeforge.config.data import is_mixture
-from moeforge.data import PackedLoader, TokenArray, build_datasets, build_tokenizer, validation_batches
+from moeforge.data import PackedLoader, TokenArray, build_indexed_datasets, build_tokenizer, validation_batches
 from moeforge.data.blend import BlendedLoader, open_mixture
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import validation_document_ids
@@ -142,11 +142,11 @@ class Trainer:
             sources = open_mixture(cfg.data, tcfg.seq_len)
             self.val_sets = [(s.path, s.weight, s.val) for s in sources]
         else:
-            self.tokenizer, train_tokens, self.val_tokens = build_datasets(
+            self.tokenizer, train, val = build_indexed_datasets(
                 cfg.data, tcfg.seq_len, progress=self.is_main and tcfg.progress
             )
-            self.val_sets = [("", 1.0, self.val_tokens)]
-        """(source path, weight, validation tokens) of each source; one ('', 1.0, ...) without a mixture"""
+            self.val_sets = [("", 1.0, val)]
+        """(source path, weight, validation dataset) of each source; one ('', 1.0, ...) without a mixture"""
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self._check_plan()
@@ -170,10 +170,11 @@ class Trainer:
                 tcfg.seed,
                 data_rank,
                 data_ranks,
+                cfg.data.document_mask,
             )
         else:
             self.loader = PackedLoader(
-                train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks
+                train, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks, cfg.data.document_mask
             )
         self.local_batch = tcfg.global_batch_size // data_ranks
         """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch;

@@ -20,7 +20,10 @@ from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from moeforge.data.loader import PackedLoader, validation_batches, validation_document_ids
 from moeforge.model.attention import document_mask, document_positions
 from moeforge.model.mtp import mtp_inputs_and_labels
+from moeforge.checkpoint.model_loading import load_model
+from moeforge.cli import main
 from moeforge.data.prepare import PrepareOptions, prepare
+from moeforge.infer.evaluate import evaluate
 from moeforge.model.transformer import Transformer
 from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer
@@ -238,7 +241,7 @@ def test_plain_tokens_and_unsupported_layouts_are_refused_in_one_line():
 # Training with --data.document-mask on a prepared directory
 
 
-def test_training_with_document_mask_starts_at_the_loss_of_each_document_alone(tmp_path):
+def test_training_with_document_mask_starts_at_the_loss_of_each_document_alone(tmp_path, capsys):
     """The first step's loss is, by hand, the summed cross-entropy of every document piece of the
     step's windows run alone through the initial model, over the batch's tokens; then the loss falls."""
     rng = np.random.default_rng(0)
@@ -274,3 +277,11 @@ def test_training_with_document_mask_starts_at_the_loss_of_each_document_alone(t
     losses = [r["lm_loss"] for r in metrics]
     assert all(np.isfinite(losses)) and np.isfinite(result.val_loss)
     assert np.mean(losses[-3:]) < losses[0]
+
+    # `moeforge eval` scores the validation split as the run validated it: inside each document
+    val = IndexedDataset(data / "val")
+    trained = load_model(tmp_path / "run").model
+    assert evaluate(trained, val, seq_len, batch, 1, document_mask=True).loss == pytest.approx(result.val_loss, rel=1e-6)
+    assert evaluate(trained, val, seq_len, batch, 1).loss != pytest.approx(result.val_loss, rel=1e-6)
+    main(["eval", "--checkpoint", str(tmp_path / "run"), str(data), "--batch-size", str(batch), "--max-batches", "1", "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["datasets"][0]["loss"] == pytest.approx(result.val_loss, rel=1e-6)

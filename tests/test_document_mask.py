@@ -25,6 +25,7 @@ from moeforge.cli import main
 from moeforge.data.prepare import PrepareOptions, prepare
 from moeforge.infer.evaluate import evaluate
 from moeforge.model.transformer import Transformer
+from moeforge.parallel.overlap import overlapped_forward
 from moeforge.run import read_metrics
 from moeforge.train.trainer import Trainer
 
@@ -147,6 +148,19 @@ def test_packed_documents_give_the_logits_and_gradients_of_each_document_alone(a
     assert not torch.allclose(plain.logits, packed.logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_the_overlapped_forward_attends_inside_documents_too(attention):
+    """parallel.ep-overlap's two halves (here in one process, local dispatch) give the whole batch's
+    masked forward: each half gets its own rows of the positions and of the mask."""
+    model = MODELS[attention]()
+    inputs, targets, ids = packed_batch(model.cfg.vocab_size)
+    whole = model(inputs, mtp_targets=targets, document_ids=ids)
+    halves = overlapped_forward(model, inputs, targets, document_ids=ids)
+    torch.testing.assert_close(halves.logits, whole.logits, atol=2e-5, rtol=1e-5)
+    for mine, expected in zip(halves.mtp_logits, whole.mtp_logits, strict=True):
+        torch.testing.assert_close(mine, expected, atol=2e-5, rtol=1e-5)
+
+
 def test_one_document_per_row_is_plain_causal_attention():
     model = MODELS["mla"]()
     inputs, targets, _ = packed_batch(model.cfg.vocab_size)
@@ -226,15 +240,13 @@ def test_blended_loader_gives_each_source_s_document_ids(tmp_path):
         assert_ids_follow_documents(document_ids[rows], windows_of(ids[rows, 1], seq_len), owner)
 
 
-def test_plain_tokens_and_unsupported_layouts_are_refused_in_one_line():
+def test_plain_tokens_and_pipelines_are_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*document index"):
         PackedLoader(torch.arange(100), 8, 2, document_mask=True)
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*document index"):
         validation_document_ids(torch.arange(100), 2, 8, 1)
     with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.pp=2"):
         load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.pp": "2", "train.micro-batch-size": "1"}, world_size=2)
-    with pytest.raises(ConfigError, match=r"^data\.document-mask: .*parallel\.ep-overlap"):
-        load_config(overrides={**SMALL, "data.document-mask": "true", "parallel.ep-overlap": "true"})
 
 
 # ------------------------------------------------------------------------------------------------

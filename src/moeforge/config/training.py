@@ -396,21 +396,13 @@ class Config:
         )
 
     def _validate_document_mask(self) -> None:
-        """The document ids reach the model's blocks through `Transformer.forward`; the pipeline's
-        stages and the overlapped forward run the blocks themselves and do not pass them."""
-        if not self.data.document_mask:
-            return
+        """The document ids reach the blocks through `Transformer.forward` (or the overlapped forward);
+        the pipeline's stages run their blocks themselves and do not pass them."""
         _check(
-            self.parallel.pp == 1,
+            not self.data.document_mask or self.parallel.pp == 1,
             "data.document-mask",
             True,
             f"false with parallel.pp={self.parallel.pp} (pipeline stages do not carry document ids yet)",
-        )
-        _check(
-            not self.parallel.ep_overlap,
-            "data.document-mask",
-            True,
-            "false with parallel.ep-overlap (the overlapped forward does not carry document ids yet)",
         )
 
     def _micro_batches(self, world_size: int) -> int:

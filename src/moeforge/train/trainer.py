@@ -433,9 +433,9 @@ class Trainer:
     def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None) -> ModelOutput:
         """One micro-batch through the whole model (MTP modules included), attending inside the
         `documents` given (data.document-mask), with the expert all-to-all of each half hidden
-        under the other half's compute under parallel.ep-overlap (config-checked: not both)."""
+        under the other half's compute under parallel.ep-overlap."""
         if self.cfg.parallel.ep_overlap:
-            return overlapped_forward(self.model, inputs, targets)
+            return overlapped_forward(self.model, inputs, targets, document_ids=documents)
         return self.model(inputs, mtp_targets=targets, document_ids=documents)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:

@@ -26,6 +26,7 @@ bench: $(VENV_STAMP)
 	$(PY) -m moeforge bench ep
 	$(PY) -m moeforge bench train --preset deepseek-v3-tiny --peers
 	$(PY) -m moeforge bench decode
+	$(PY) -m moeforge bench data
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests

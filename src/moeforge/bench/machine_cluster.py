@@ -107,7 +107,7 @@ def model_gemm_flops(cfg: Config, micro_batch: int, repeats: int) -> float:
     `repeats`: the rate the run's matmuls can reach here, which small shapes keep well under the
     n^3 GEMM's. Every call multiplies operands of its own, as in a training step, where an operand
     was last touched many kernels ago and comes from memory, not from the cache (the same operands
-    again and again run faster than the step's matmuls do: docs/plan-step-time.md)."""
+    again and again run faster than the step's matmuls do: docs/benchmarks/plan.md)."""
     model = cfg.model
     tokens = micro_batch * cfg.train.seq_len
     gemms = micro_batch_gemms(model, list(range(-1, model.n_layers + 1)), tokens, cfg.train.seq_len, cfg.parallel.ep,

@@ -12,7 +12,7 @@ or does not import here, is skipped with a one-line note.
   Its experts always compute in bf16 (0.3.0 casts their inputs and weights before
   `torch._grouped_mm`), so in an fp32 run it is not like for like; `--dtype bf16` is. It is not in
   the `bench` extra: importing it needs `spmd_types`, `tyro`, `einops`, `torch_checkpointing` and
-  `triton` beside it (docs/moe-performance.md has the install line).
+  `triton` beside it (docs/benchmarks/moe.md has the install line).
 """
 
 from __future__ import annotations

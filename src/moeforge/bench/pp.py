@@ -21,7 +21,7 @@ The baseline is one process running the same model on the same micro-batches wit
 step is its time / pp, and efficiency = ideal / measured step. It is timed twice: alone (in the
 calling process), and on every rank at once before the schedules ("beside"): where pp processes do
 not get pp times the compute of one (on a small or shared CPU, single-thread processes run slower
-side by side than alone: docs/pipeline-bench.md), the second ratio is the schedule's own efficiency.
+side by side than alone: docs/benchmarks/pp.md), the second ratio is the schedule's own efficiency.
 
 With fewer cores than processes, the processes take turns on the cores, so the figures measure
 the OS scheduler at least as much as the schedule.

@@ -282,7 +282,7 @@ def pads_mla_values(device_type: str) -> bool:
     """Whether MLA's training attention zero-pads its values to the query/key width on this device
     type, so that SDPA can take a fused kernel. On the CPU torch's only one (flash) needs equal widths;
     with unequal ones SDPA takes its math path, which writes the S x S scores out and makes an MLA
-    layer's forward and backward slower (docs/training-performance.md). The
+    layer's forward and backward slower (docs/benchmarks/train.md). The
     padded output columns are zeros and are dropped. CUDA's memory-efficient and cuDNN kernels take
     unequal widths as they are."""
     return device_type == "cpu"

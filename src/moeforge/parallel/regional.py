@@ -149,7 +149,7 @@ def _eager_unless_bf16(experts: nn.Module) -> None:
 @functools.cache
 def _compiled_swiglu() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The experts' gated SwiGLU compiled on its own (one kernel forward, one backward, where eager
-    runs several passes over [rows, hidden]; docs/moe-performance.md), so that it runs compiled
+    runs several passes over [rows, hidden]; docs/benchmarks/moe.md), so that it runs compiled
     between the fp32 grouped GEMMs that stay eager; shared by all blocks (one graph per row count)."""
     return torch.compile(reference_swiglu, dynamic=False)
 

@@ -3,7 +3,7 @@ measured on.
 
 A device does not multiply at one rate: on a CPU the model's GEMMs (a few hundred rows, widths of
 64-512) run well below the rate of a 2048^3 GEMM, and per-expert GEMMs of a few dozen rows lower
-still (docs/plan-step-time.md). `fp32-efficiency` ("the fraction of the FP32 peak that FP32 matmuls reach in a
+still (docs/benchmarks/plan.md). `fp32-efficiency` ("the fraction of the FP32 peak that FP32 matmuls reach in a
 training step") is therefore a property of the shapes as much as of the device: `moeforge bench
 plan` times these shapes (forward and both backward products) on the machine and sets it from them,
 a microbenchmark like the 2048^3 one, not a fit to any step time.

@@ -14,7 +14,7 @@ w), from the model's code, op by op (`moeforge.model`). Conventions, fixed befor
 - the backward moves `BACKWARD_FACTOR` x the forward's bytes: it reads the output gradient and
   the saved inputs of each op and writes the input gradients.
 Two ops are counted from the kernels torch runs instead, forward and backward, after runs showed the
-conventions far off for them (docs/plan-step-time.md; tests profile those kernels): RMSNorm under
+conventions far off for them (docs/benchmarks/plan.md; tests profile those kernels): RMSNorm under
 autograd and the S x S scores of attention written out (SDPA's math path). MLA's value padding (the
 'padded' attention kernel) adds its copies and the wider SDPA I/O (`padding_elements`).
 """

@@ -31,7 +31,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or AdamW over `parameter_groups`; AdamW's fused kernel when every parameter is on a device
     that has one (CPU, CUDA): one pass over each parameter's four tensors instead of torch's default
-    for CPU tensors, a for-loop of eight elementwise ops per tensor (docs/training-performance.md);
+    for CPU tensors, a for-loop of eight elementwise ops per tensor (docs/benchmarks/train.md);
     on CUDA one kernel for all updates, no host sync."""
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":

@@ -36,7 +36,7 @@ CPU_BF16_ROW_ALIGN = 64
 oneDNN GEMM per group, and oneDNN compiles a kernel for every new GEMM shape (bf16 matrix units):
 with the expert loads changing every step, nearly every group's GEMM would be a new shape and pay
 that compilation. Padded to a multiple of 64 rows the shapes repeat and the kernels are reused;
-64 was the fastest alignment tried (docs/training-performance.md, "bf16 on a CPU with AMX")."""
+64 was the fastest alignment tried (docs/benchmarks/train.md, "bf16 on a CPU with AMX")."""
 
 
 class RoutedExperts(nn.Module):

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
-from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
-from moeforge.config.data import is_mixture
-from moeforge.data import PackedLoader, TokenArray, build_indexed_datasets, build_tokenizer, validation_batches
-from moeforge.data.blend import BlendedLoader, open_mixture
+from moeforge.config import Config, ConfigError, config_from_dict
+from moeforge.data import TokenArray, validation_batches
+from moeforge.data.blend import BlendedLoader
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import validation_document_ids
 from moeforge.diloco import StreamingDiLoCo
@@ -28,33 +27,23 @@ from moeforge.errors import RunFailure, print_line
 from moeforge.model.cross_entropy import summed_token_cross_entropy
 from moeforge.model.flops import training_flops_per_token
 from moeforge.model.moe.balance import load_stats, update_expert_biases
-from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.model.transformer import Transformer
 from moeforge.parallel import (
     ParallelMesh,
     World,
-    apply_block_wrappers,
     build_mesh,
-    clip_grad_norm_,
     data_parallel_rank,
     init_distributed,
     launched_distributed,
-    parallelize,
     sum_across_ranks,
 )
-from moeforge.parallel.overlap import overlap_forward_and_backward, overlapped_forward
-from moeforge.parallel.pipeline import (
-    Pipeline,
-    StageModel,
-    cut_into_stages,
-    schedule_stages,
-    sum_tied_embedding_grads,
-)
+from moeforge.parallel.pipeline import StageModel
 from moeforge.plan import device_peak_flops, estimate_run
-from moeforge.plan.layout import layout_from_config, stage_block_counts
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
-from moeforge.train.losses import TrainingLosses, training_losses
+from moeforge.train.execution import build_execution
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
+from moeforge.train.run_data import build_run_data
 from moeforge.train.step_sums import StepSums
 
 
@@ -79,13 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: got 'cuda' but no CUDA device is available; allowed: 'cpu' | 'auto'")
     return torch.device(name)
-
-
-def autocast_context(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `train.computes_in_bf16`, else nothing."""
-    if not train.computes_in_bf16(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
@@ -125,7 +107,6 @@ class Trainer:
         out_dir: Path | str,
         init_weights: Callable[[Transformer, ParallelMesh | None], None] | None = None,
     ):
-        self.cfg = cfg
         self.out_dir = Path(out_dir)
         device = resolve_device(cfg.train.device)
         self.world = (
@@ -135,22 +116,14 @@ class Trainer:
         )
         self.rank, self.world_size, self.is_main = self.world.rank, self.world.world_size, self.world.is_main
         self.device = self.world.device
-        tcfg = cfg.train
-
-        if is_mixture(cfg.data.path):
-            self.tokenizer = build_tokenizer(cfg.data)
-            sources = open_mixture(cfg.data, tcfg.seq_len)
-            self.val_sets = [(s.path, s.weight, s.val) for s in sources]
-        else:
-            self.tokenizer, train, val = build_indexed_datasets(
-                cfg.data, tcfg.seq_len, progress=self.is_main and tcfg.progress
-            )
-            self.val_sets = [("", 1.0, val)]
-        """(source path, weight, validation dataset) of each source; one ('', 1.0, ...) without a mixture"""
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            cfg.model.vocab_size = self.tokenizer.vocab_size
-        self._check_plan()
         replicas, pp = cfg.diloco.replicas, cfg.parallel.pp
+        data_rank, data_ranks = data_parallel_rank(self.rank, self.world_size, pp, replicas)
+        data = build_run_data(cfg, data_rank, data_ranks, progress=self.is_main and cfg.train.progress)
+        self.tokenizer, self.loader, self.val_sets = data.tokenizer, data.loader, data.val_sets
+        self.cfg = _with_vocabulary_of(cfg, self.tokenizer.vocab_size)
+        """the run's config; its model's vocabulary grown to the tokenizer's (the caller's is left as given)"""
+        cfg, tcfg = self.cfg, self.cfg.train
+        self._check_plan()
         self.replica_size = self.world_size // replicas
         """ranks of one DiLoCo replica (the whole world without DiLoCo)"""
         self.mesh = (
@@ -158,24 +131,8 @@ class Trainer:
             if self.replica_size > 1
             else None
         )
-        data_rank, data_ranks = data_parallel_rank(self.rank, self.world_size, pp, replicas)
         self.data_parallel_size = data_ranks // replicas
         """data-parallel ranks of one replica: what the step's summed losses are averaged over"""
-        if is_mixture(cfg.data.path):
-            self.loader: PackedLoader | BlendedLoader = BlendedLoader(
-                [s.train for s in sources],
-                [s.weight for s in sources],
-                tcfg.seq_len,
-                tcfg.global_batch_size,
-                tcfg.seed,
-                data_rank,
-                data_ranks,
-                cfg.data.document_mask,
-            )
-        else:
-            self.loader = PackedLoader(
-                train, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks, cfg.data.document_mask
-            )
         self.local_batch = tcfg.global_batch_size // data_ranks
         """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch;
         the stages of one pipeline the same ones)"""
@@ -185,31 +142,18 @@ class Trainer:
                 f"train.micro-batch-size: got {self.micro_batch}; allowed: a divisor of the per-rank batch "
                 f"{self.local_batch}"
             )
-        self.n_micro = self.local_batch // self.micro_batch
-        self._mtp_weight = 0.0
-        """the MTP loss weight lambda of the current step"""
-        self._stage_losses: list[TrainingLosses] = []
-        """the last pipeline stage's losses of each micro-batch of the current step"""
+        n_micro = self.local_batch // self.micro_batch
 
         torch.manual_seed(tcfg.seed)
         model = Transformer(cfg.model).to(self.device)
         self.moe_rows = {name: row for row, (name, _) in enumerate(model.named_moe_layers())}
         """each MoE layer's row in the step's [L, E] load counts (whole model, MTP modules' included)"""
-        self.pipeline: Pipeline | None = None
-        self.model: Transformer | StageModel = model
+        self.execution = build_execution(model, cfg, self.device, self.mesh, n_micro, self.micro_batch, self.moe_rows)
+        """how a step runs here: the whole model, or this rank's pipeline stages (execution.py)"""
+        self.model: Transformer | StageModel = self.execution.model
         """this rank's model: the whole Transformer, or under pipelining its stages' part (StageModel)"""
-        self.shard_group = None
-        """the dp_shard group the gradient norm is reduced over (None in one process)"""
-        # per-block recomputation and compilation, applied between EP and FSDP (parallel/regional.py)
-        wrappers = {"activation_checkpoint": tcfg.activation_checkpoint, "compile": tcfg.compile}
-        if self.mesh is not None:
-            if pp > 1:
-                self.pipeline, self.model = self._build_pipeline(model, wrappers)
-            else:
-                parallelize(model, self.mesh, cfg.parallel, **wrappers)
-            self.shard_group = self.mesh["dp_shard"].get_group()
-        else:
-            apply_block_wrappers(model, **wrappers)
+        self.pipeline = getattr(self.execution, "pipeline", None)
+        """the pipeline schedule over the pp ranks, or None"""
         if tcfg.init_from_hf:  # after parallelize: each rank reads only what its own shards hold
             if init_weights is None:
                 raise ConfigError(
@@ -217,7 +161,7 @@ class Trainer:
                     "(pass moeforge.interop.hf_weights_loader(cfg), as `moeforge train` does)"
                 )
             init_weights(self.model, self.mesh)
-            self._sync_embedding_copy()
+            self.execution.sync_embedding_copy()
         self.diloco = None
         if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
             group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
@@ -244,40 +188,6 @@ class Trainer:
         if not estimate.fits and not self.cfg.train.force:
             raise ConfigError(estimate.refusal())
 
-    def _build_pipeline(self, model: Transformer, wrappers: dict[str, Any]) -> tuple[Pipeline, StageModel]:
-        """Cut `model` into this rank's pipeline stages (blocks per stage: parallel.pp-stage-blocks,
-        or the planner's balance by FLOPs), shard them (EP, the block `wrappers` and FSDP inside each
-        stage) and make the schedule over the pp ranks."""
-        cfg, mesh = self.cfg, self.mesh
-        assert mesh is not None
-        pp_group = mesh["pp"].get_group()
-        blocks = stage_block_counts(layout_from_config(cfg), cfg.model)
-        stages = cut_into_stages(
-            model, cfg.parallel.pp_schedule, mesh["pp"].get_local_rank(), cfg.parallel.pp, blocks
-        )
-        stage_model = StageModel(model, stages.chunks)
-        zero_bubble = cfg.parallel.pp_schedule in ("zbv", "dualpipev")
-        parallelize(
-            stage_model, mesh, cfg.parallel, stages.chunks, reshard_after_forward=not zero_bubble, **wrappers
-        )
-        pipeline = schedule_stages(
-            model, stages, self.n_micro, self.micro_batch, cfg.train.seq_len, self._pipeline_loss, pp_group
-        )
-        if cfg.parallel.ep_overlap:  # DualPipeV (config-checked): forward and backward chunks at once
-            overlap_forward_and_backward(pipeline)
-        return pipeline, stage_model
-
-    def _pipeline_loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
-        """The last stage's objective for one micro-batch (the balance losses reach the gradients
-        by their own hooks); its terms are kept for the step's sums."""
-        losses = training_losses(out, targets, self._mtp_weight)
-        self._stage_losses.append(losses)
-        return losses.total
-
-    def _sync_embedding_copy(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.sync_embedding_copy()
-
     # ------------------------------------------------------------------------------------------
     # Resume and checkpoints
 
@@ -291,7 +201,7 @@ class Trainer:
         saved = ckpt.read_meta(path)
         check_resume_compatible(saved.config, self.cfg, path)
         meta = self._load_checkpoint(path, saved.extra.get("diloco"))
-        self._sync_embedding_copy()
+        self.execution.sync_embedding_copy()
         self.step = meta.step
         self.loader.load_state_dict(meta.extra["data"])
         self.scheduler.load_state_dict(meta.extra["scheduler"])
@@ -369,27 +279,17 @@ class Trainer:
         self.model.train()
         inputs, targets, documents = self.loader.next_training_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        self._mtp_weight = mtp_lambda(self.step, self.cfg.train)
+        mtp_weight = mtp_lambda(self.step, self.cfg.train)
         moe = self.cfg.model.moe
         sums = StepSums(
-            self.n_micro,
+            len(inputs) // self.micro_batch,
             self.device,
             moe.balance_loss_names(),
             self.cfg.model.mtp_depth,
             (len(self.moe_rows), moe.n_experts),
         )
-        if self.pipeline is not None:
-            self._pipeline_forward_backward(inputs, targets, sums)
-        else:
-            # with data.document-mask each micro-batch's document ids, else None for each
-            per_micro = documents.to(self.device).split(self.micro_batch) if documents is not None else [None] * self.n_micro
-            for inp, tgt, docs in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch), per_micro):
-                with autocast_context(self.cfg.train, self.device):
-                    out = self._forward(inp, tgt, docs)
-                losses = training_losses(out, tgt, self._mtp_weight)
-                (losses.total / self.n_micro).backward()
-                sums.add(losses, out)
-        grad_norm = self._clip_gradients()
+        self.execution.forward_backward(inputs, targets, documents, mtp_weight, self.micro_batch, sums)
+        grad_norm = self.execution.clip_gradients(self.cfg.train.grad_clip or float("inf"))
         reduced = self._sum_over_replica(sums.packed(stop_requested=self._stop_signal is not None))
         host = sums.to_host(reduced, grad_norm, self.data_parallel_size)
         if not math.isfinite(host.lm_loss):
@@ -398,7 +298,7 @@ class Trainer:
                 f"{self.last_checkpoint or '(none yet)'} is intact — lower train.lr or raise train.warmup-steps"
             )
         self.optimizer.step()
-        self._sync_embedding_copy()
+        self.execution.sync_embedding_copy()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -421,7 +321,7 @@ class Trainer:
         }
         if host.mtp_depths:
             depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
-            metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": self._mtp_weight, **depths})
+            metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
         if self.diloco is not None:
             synced = self.diloco.after_inner_step(self.step)
             if self.step == self.cfg.train.steps:
@@ -430,31 +330,6 @@ class Trainer:
                 metrics["diloco"] = synced
         return metrics
 
-    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None) -> ModelOutput:
-        """One micro-batch through the whole model (MTP modules included), attending inside the
-        `documents` given (data.document-mask), with the expert all-to-all of each half hidden
-        under the other half's compute under parallel.ep-overlap."""
-        if self.cfg.parallel.ep_overlap:
-            return overlapped_forward(self.model, inputs, targets, document_ids=documents)
-        return self.model(inputs, mtp_targets=targets, document_ids=documents)
-
-    def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
-        """The step's micro-batches through the pipeline schedule: tokens enter on the first
-        stage's rank, targets on the last's; this rank's part of the losses and counts goes to
-        `sums`, and the two copies of the embedding get their summed gradient."""
-        pipe = self.pipeline
-        assert pipe is not None
-        self._stage_losses.clear()
-        args = [inputs] if pipe.has_first else []
-        with autocast_context(self.cfg.train, self.device):
-            pipe.schedule.step(*args, target=targets if pipe.has_last else None)
-        for losses in self._stage_losses:
-            sums.add_losses(losses)
-        for name, stats in pipe.moe_stats:
-            sums.add_moe_stats(self.moe_rows[name], stats)
-        pipe.moe_stats.clear()
-        sum_tied_embedding_grads(pipe)
-
     def _sum_over_replica(self, packed: torch.Tensor) -> torch.Tensor:
         """The step's sums over the ranks of this replica (of the world, without DiLoCo), pipeline
         stages included: the losses logged, the counts the biases follow. DiLoCo replicas share
@@ -462,15 +337,6 @@ class Trainer:
         if self.mesh is None:
             return packed
         return sum_across_ranks(packed, self.mesh["replica_world"].get_group())
-
-    def _clip_gradients(self) -> torch.Tensor:
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        parameters = list(self.model.parameters())
-        if self.pipeline is None:
-            return clip_grad_norm_(parameters, max_norm, self.shard_group)
-        counted = self.model.norm_parameters()
-        pp_group = self.mesh["pp"].get_group()
-        return clip_grad_norm_(parameters, max_norm, self.shard_group, counted=counted, stage_group=pp_group)
 
     def _bias_rate(self) -> float:
         until = self.cfg.train.bias_update_until * self.cfg.train.steps
@@ -493,28 +359,17 @@ class Trainer:
         self.model.eval()
         shape = (self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1)
         tokens = val.tokens if isinstance(val, IndexedDataset) else val
-        logits_of = self._logits
+        logits_of = self.execution.logits
         if self.cfg.data.document_mask:  # each batch's document ids, in step with the batches
             documents = validation_document_ids(val, *shape)
 
             def logits_of(inputs: torch.Tensor) -> torch.Tensor | None:
-                return self._logits(inputs, next(documents).to(self.device))
+                return self.execution.logits(inputs, next(documents).to(self.device))
 
         sums = summed_token_cross_entropy(validation_batches(tokens, *shape), logits_of, self.device)
-        total = sums.total
-        if self.pipeline is not None:  # the loss is on the last stage's rank
-            self.pipeline.moe_stats.clear()
-            total = sum_across_ranks(total, self.mesh["pp"].get_group())
+        total = self.execution.validation_total(sums.total)
         self.model.train()
         return float(total) / sums.tokens
-
-    def _logits(self, inputs: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The model's logits for `inputs` (attending inside `documents` when given), under the run's
-        autocast; under pipelining on the last stage's rank only."""
-        with autocast_context(self.cfg.train, self.device):
-            if self.pipeline is None:
-                return self.model(inputs, document_ids=documents).logits
-            return self.pipeline.logits(inputs, tuple(inputs.shape), self.mesh["pp"].get_group())
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -600,6 +455,13 @@ class Trainer:
     def _restore_signal_handlers(previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _with_vocabulary_of(cfg: Config, vocab_size: int) -> Config:
+    """`cfg`, or a copy of it whose model's vocabulary is grown to `vocab_size` (a tokenizer's)."""
+    if cfg.model.vocab_size >= vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
 
 
 def _mean_violation(load: list[dict[str, Any]]) -> float | None:

@@ -1,5 +1,6 @@
 """The trainer: schedules, a falling loss, bit-exact resume, atomic checkpoints, clean failures."""
 
+import hashlib
 import json
 
 import pytest
@@ -211,3 +212,30 @@ def test_clip_grad_norm_in_one_process_against_a_float64_norm(max_norm):
     scale = min(1.0, max_norm / (expected.item() + 1e-6))
     for p, g in zip(params, before):
         torch.testing.assert_close(p.grad.double(), g * scale, rtol=1e-6, atol=0)
+
+
+def test_metrics_reach_weights_and_biases_offline(tmp_path, monkeypatch):
+    """train.wandb-project logs every metrics.jsonl record's scalars to a W&B run (offline here: no
+    network; what reaches `Run.log` is recorded on its way through), whose id follows the run
+    directory so that a resume continues it."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = wandb.Run.log
+
+    def recorded(run, data, step=None, **kwargs):
+        logged.append((step, dict(data)))
+        return real_log(run, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", recorded)
+    cfg = small_config(train__steps="3", train__wandb_project="moeforge-test")
+    Trainer(cfg, tmp_path / "run").fit()
+    records = read_metrics(tmp_path / "run")
+    assert [step for step, _ in logged] == [r["step"] for r in records] == [1, 2, 3]
+    for (_, data), record in zip(logged, records):
+        assert data["loss"] == record["loss"] and data["lm_loss"] == record["lm_loss"]
+        assert data["load/0/max_violation"] == record["load"][0]["max_violation"]
+    run_id = hashlib.sha256(str((tmp_path / "run").resolve()).encode()).hexdigest()[:16]
+    (offline,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
+    assert (offline / f"run-{run_id}.wandb").stat().st_size > 0

@@ -88,6 +88,8 @@ class TrainConfig:
     """start even when the planner estimates that the layout does not fit the device's memory"""
     report: bool = True
     """write the PNG report (loss curves, expert load; `moeforge report`) to OUT/report at the end"""
+    wandb_project: str = ""
+    """also log the metrics to this Weights & Biases project ('' = off; WANDB_MODE=offline logs locally)"""
 
     def computes_in_bf16(self, device_type: str) -> bool:
         """Whether `dtype` means bf16 autocast on this device: 'bf16', or 'auto' on CUDA. 'auto' stays

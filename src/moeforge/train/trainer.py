@@ -382,7 +382,7 @@ class Trainer:
             self.resume_if_possible()
         if self.is_main:
             write_run_files(self.out_dir, self.cfg)
-        logger = MetricsLogger(self.out_dir, enabled=self.is_main)
+        logger = MetricsLogger(self.out_dir, self.is_main, tcfg.wandb_project, self.cfg.to_dict())
         bar = ProgressBar(tcfg.steps, self.step, enabled=self.is_main and tcfg.progress)
         tokens_per_step = tcfg.global_batch_size * tcfg.seq_len
         previous_handlers = self._install_signal_handlers()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from moeforge.checkpoint import CheckpointError
-from moeforge.train.trainer import check_resume_compatible
+from moeforge.train.compatibility import check_resume_compatible
 
 
 def test_fields_added_after_a_checkpoint_take_their_defaults(small_cfg):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
-from moeforge.config import Config, ConfigError, config_from_dict
+from moeforge.config import Config, ConfigError
 from moeforge.data import TokenArray, validation_batches
 from moeforge.data.blend import BlendedLoader
 from moeforge.data.indexed import IndexedDataset
@@ -41,6 +41,7 @@ from moeforge.parallel.pipeline import StageModel
 from moeforge.plan import device_peak_flops, estimate_run
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
+from moeforge.train.compatibility import check_resume_compatible
 from moeforge.train.execution import build_execution
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.run_data import build_run_data
@@ -68,32 +69,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: got 'cuda' but no CUDA device is available; allowed: 'cpu' | 'auto'")
     return torch.device(name)
-
-
-def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
-    """A run may change its training knobs on resume, never its model. Fields a saved config lacks
-    (added to moeforge after it was written) take their defaults, which keep the old behaviour."""
-    now = _dotted(dataclasses.asdict(current.model), "model.")
-    was = _dotted(dataclasses.asdict(config_from_dict(saved).model), "model.")
-    differing = sorted(k for k in now if now[k] != was.get(k))
-    if differing:
-        key = differing[0]
-        raise ckpt.CheckpointError(
-            f"checkpoint {str(path)!r} is from another model: {key} was {was.get(key)!r}, now {now[key]!r} "
-            "(use a new --out)"
-        )
-
-
-def _dotted(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """{'moe': {'n_experts': 8}} -> {'model.moe.n-experts': 8}"""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = prefix + key.replace("_", "-")
-        if isinstance(value, dict):
-            flat.update(_dotted(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 class Trainer:

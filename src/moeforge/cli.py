@@ -659,7 +659,6 @@ def run_bench_ep(args: argparse.Namespace, rest: list[str]) -> int:
 
 def run_bench_diloco(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.bench.diloco import DilocoBenchSettings, format_table, run_diloco_bench, write_plot
-    from moeforge.train.trainer import Trainer
 
     settings = DilocoBenchSettings(
         preset=args.preset,
@@ -676,18 +675,20 @@ def run_bench_diloco(args: argparse.Namespace, rest: list[str]) -> int:
         overrides=tuple(parse_overrides(rest).items()),
     )
     out = _output_dir(args.out, "--out") if args.out else None
-    result = run_diloco_bench(settings, Trainer, out)
+    result = run_diloco_bench(settings, out)
     if result is None:
         return 0
     print(json.dumps(result) if args.json else format_table(result))
     if args.plot:
         print(f"wrote {write_plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
 def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
     from moeforge.bench.machine_cluster import cluster_toml
     from moeforge.bench.plan import PlanBenchSettings, format_table, run_plan_bench
     from moeforge.plan import Cluster
-    from moeforge.train.trainer import Trainer
 
     settings = PlanBenchSettings(
         presets=tuple(p for p in args.presets.split(",") if p),
@@ -696,7 +697,7 @@ def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
         warmup=args.warmup,
     )
     out = _output_dir(args.clusters_out, "--clusters-out") if args.clusters_out else None
-    result = run_plan_bench(settings, Trainer)
+    result = run_plan_bench(settings)
     if out is not None:
         for name, fields in result["clusters"].items():
             (out / f"{name}.toml").write_text(cluster_toml(Cluster(**fields)))
@@ -706,7 +707,6 @@ def run_bench_plan(args: argparse.Namespace, rest: list[str]) -> int:
 
 def run_bench_train(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.bench.train import TrainBenchSettings, format_table, run_train_bench
-    from moeforge.interop import apply_hf_model
 
     settings = TrainBenchSettings(
         preset=args.preset,
@@ -717,23 +717,13 @@ def run_bench_train(args: argparse.Namespace, rest: list[str]) -> int:
         repeats=args.repeats,
         peers=args.peers,
     )
-    result = run_train_bench(settings, bench_trainer, apply_hf_model)
+    result = run_train_bench(settings)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
-def bench_trainer(cfg, out: str):
-    """`bench train`'s trainer, in its spawned processes: `moeforge train`'s, with the weights of
-    train.init-from-hf when set."""
-    from moeforge.interop import hf_weights_loader
-    from moeforge.train.trainer import Trainer
-
-    return Trainer(cfg, out, init_weights=hf_weights_loader(cfg) if cfg.train.init_from_hf else None)
-
-
 def run_bench_data(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.bench.data import DataBenchSettings, format_table, run_data_bench
-    from moeforge.train.trainer import Trainer
 
     settings = DataBenchSettings(
         size_mb=args.size_mb,
@@ -748,7 +738,7 @@ def run_bench_data(args: argparse.Namespace, rest: list[str]) -> int:
         overrides=tuple(parse_overrides(rest).items()),
         work_dir=args.work_dir,
     )
-    result = run_data_bench(settings, Trainer)
+    result = run_data_bench(settings)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -788,11 +778,6 @@ def run_bench_pp(args: argparse.Namespace, rest: list[str]) -> int:
 def run_bench_decode(args: argparse.Namespace, rest: list[str]) -> int:
     _reject_extra(rest)
     from moeforge.bench.decode import DecodeBenchSettings, format_table, run_decode_bench
-    from moeforge.infer import SamplingConfig, generate
-    from moeforge.interop import from_hf
-
-    def greedy(model, prompt, new_tokens, compile):
-        return generate(model, prompt, new_tokens, SamplingConfig(temperature=0), compile=compile)
 
     settings = DecodeBenchSettings(
         models=tuple(m for m in args.models.split(",") if m),
@@ -802,7 +787,7 @@ def run_bench_decode(args: argparse.Namespace, rest: list[str]) -> int:
         threads=args.threads,
         compile=not args.no_compile,
     )
-    result = run_decode_bench(settings, greedy, lambda path: from_hf(path, progress=False))
+    result = run_decode_bench(settings)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

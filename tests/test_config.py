@@ -5,7 +5,8 @@ import re
 import pytest
 
 from moeforge import cli
-from moeforge.cli import parse_overrides
+from moeforge.cli import train as train_command
+from moeforge.cli.arguments import parse_overrides
 from moeforge.config import (
     Config,
     ConfigError,
@@ -188,7 +189,7 @@ def _train_handler_raising(monkeypatch, error: Exception) -> None:
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "load_config", fail)
+    monkeypatch.setattr(train_command, "load_config", fail)
 
 
 def test_cli_reports_project_errors_in_one_line_with_their_exit_code(monkeypatch, tmp_path, capsys):

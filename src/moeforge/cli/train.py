@@ -1,13 +1,15 @@
 """`moeforge train`: train a model from a preset, a TOML file and dotted overrides; rerunning with the
-same --out resumes. Its `--help` lists every configuration option."""
+same --out resumes. Its `--help` lists every configuration option with the value the --preset gives."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+from typing import NoReturn
 
 from moeforge.cli.arguments import output_dir, parse_overrides
-from moeforge.config import available_presets, format_choices, iter_options, load_config
+from moeforge.config import DEFAULT_PRESET, available_presets, format_choices, iter_options, load_config
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -15,8 +17,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (no arguments: the tiny default on the embedded corpus)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=options_help(),
+        add_help=False,
     )
+    train.add_argument("-h", "--help", action=_HelpOfPreset, help="show this help message and exit")
     train.add_argument(
         "--config", help="a TOML file with [model], [model.moe], [train], [data], [parallel], [diloco] tables"
     )
@@ -34,9 +37,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=run)
 
 
-def options_help() -> str:
-    lines = ["configuration options (--section.field-name VALUE; default shown is before any preset):"]
-    for option in iter_options():
+class _HelpOfPreset(argparse.Action):
+    """`-h/--help`: shown once every flag is parsed, wherever it stands, so that the options list the
+    values of the --preset given (argparse's own help action would stop at it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.handler = functools.partial(_print_help, parser)
+
+
+def _print_help(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> NoReturn:
+    parser.epilog = options_help(args.preset)
+    parser.print_help()
+    parser.exit()
+
+
+def options_help(preset: str | None) -> str:
+    """Every configuration option with its value under `preset` (None: the default preset)."""
+    name = preset or DEFAULT_PRESET
+    lines = [f"configuration options (--section.field-name VALUE; default shown is preset {name}'s):"]
+    for option in iter_options(load_config(name)):
         allowed = f" (allowed: {format_choices(option.choices)})" if option.choices else ""
         lines.append(f"  --{option.flag} {option.default!r}{allowed}\n      {option.doc}")
     return "\n".join(lines)

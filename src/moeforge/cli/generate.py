@@ -33,8 +33,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step (CUDA: as a CUDA graph); costs ~30-100 s of compilation on a "
-        "2-core CPU before the first token, so off by default",
+        help="torch.compile the decoding step (CUDA: as a CUDA graph); the compilation, timed apart as "
+        "compile_s, comes before the first token, so off by default",
     )
     gen.set_defaults(handler=run)
 

@@ -137,7 +137,7 @@ def test_training_reads_a_prepared_directory_through_memory_maps(corpus, tmp_pat
     run(root, tmp_path / "data", val_fraction=0.3)
     cfg = small_config(data__path=str(tmp_path / "data"), train__steps="2", train__seq_len="16")
     trainer = Trainer(cfg, tmp_path / "run")
-    assert isinstance(trainer.loader.tokens, np.memmap) and isinstance(trainer.val_tokens, np.memmap)
+    assert isinstance(trainer.loader.tokens, np.memmap) and isinstance(trainer.val_sets[0][2].tokens, np.memmap)
     train = IndexedDataset(tmp_path / "data" / "train").tokens
     assert trainer.loader.n_windows == len(train) // 17
     trainer.fit()

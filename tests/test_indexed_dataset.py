@@ -342,3 +342,29 @@ def test_megatron_core_reads_our_files(tmp_path, megatron):
     assert len(theirs) == len(docs)
     assert [theirs[i].tolist() for i in range(len(docs))] == docs
     assert theirs.document_indices.tolist() == list(range(len(docs) + 1))
+
+
+def test_document_starts_in_a_token_range_match_a_plain_scan(tmp_path):
+    """Every [lo, hi) of a corpus with empty documents: the starts of the non-empty documents, as a
+    running count of the lengths gives them."""
+    documents = random_documents(3, 60, 300, max_len=9)
+    documents[5] = documents[6] = []
+    ds = IndexedDataset(write(tmp_path / "d", documents, 300))
+    offsets = [0, *accumulate(len(doc) for doc in documents)]
+    starts = sorted({offset for offset, doc in zip(offsets, documents) if doc})
+    total = offsets[-1]
+    for lo in range(0, total + 1, 7):
+        for hi in (lo, lo + 1, lo + 13, total):
+            expected = [s for s in starts if lo <= s < hi]
+            assert ds.document_starts(lo, hi).tolist() == expected, (lo, hi)
+
+
+def test_document_starts_skip_sequences_inside_a_document(tmp_path):
+    """Megatron's --split-sentences layout: the second sequence of a document starts none."""
+    code, fmt, itemsize = UINT16
+    idx = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, 3, 3)
+    idx += struct.pack("<3i", 2, 1, 3) + struct.pack("<3q", 0, 4, 6) + struct.pack("<3q", 0, 2, 3)
+    ds = IndexedDataset(write_raw(tmp_path / "s", struct.pack("<6H", *range(6)), idx))
+    assert ds.document_starts(0, 6).tolist() == [0, 3]
+    assert ds.document_starts(1, 3).tolist() == []
+    assert ds.document_starts(3, 4).tolist() == [3]

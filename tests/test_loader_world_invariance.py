@@ -235,15 +235,16 @@ def test_training_on_memory_mapped_tokens_matches_training_on_the_tensor(tmp_pat
         return small_config(train__steps="3", train__eval_every="3")
 
     mapped_run = trainer.Trainer(cfg(), tmp_path / "mapped")
-    assert isinstance(mapped_run.loader.tokens, np.memmap) and isinstance(mapped_run.val_tokens, np.memmap)
+    val = mapped_run.val_sets[0][2]
+    assert isinstance(mapped_run.loader.tokens, np.memmap) and isinstance(val.tokens, np.memmap)
     mapped_run.fit()
-    memory_mapped = trainer.build_datasets
+    memory_mapped = trainer.build_indexed_datasets
 
     def in_memory(data_cfg, seq_len, progress=True):
         tokenizer, train, val = memory_mapped(data_cfg, seq_len, progress)
-        return tokenizer, torch.from_numpy(train.astype(np.int64)), torch.from_numpy(val.astype(np.int64))
+        return tokenizer, torch.from_numpy(train.tokens.astype(np.int64)), torch.from_numpy(val.tokens.astype(np.int64))
 
-    monkeypatch.setattr(trainer, "build_datasets", in_memory)
+    monkeypatch.setattr(trainer, "build_indexed_datasets", in_memory)
     trainer.Trainer(cfg(), tmp_path / "tensor").fit()
     losses = [
         [(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / run)] for run in ("tensor", "mapped")

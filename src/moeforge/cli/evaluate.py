@@ -43,8 +43,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     vocab_size = loaded.config.model.vocab_size
     splits = [open_eval_split(root, args.split, tokenizer, vocab_size, seq_len) for root in roots]
     datasets = []
-    for path, tokens in zip(args.data_dirs, splits, strict=True):
-        result = evaluate(loaded.model, tokens, seq_len, args.batch_size, args.max_batches, device)
+    document_mask = loaded.config.data.document_mask  # scored as the run validated
+    for path, split in zip(args.data_dirs, splits, strict=True):
+        result = evaluate(loaded.model, split, seq_len, args.batch_size, args.max_batches, device, document_mask)
         figures = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}
         datasets.append({"path": path, **figures, "windows": result.windows})
         if not args.json:

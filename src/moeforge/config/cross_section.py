@@ -102,6 +102,14 @@ def check_cross_sections(cfg: Config, world_size: int) -> None:
         "weight backward cannot use one tied weight as the last stage's embedding and head)",
     )
     check_overlap(cfg, world_size)
+    # the document ids reach the blocks through Transformer.forward (or the overlapped forward); the
+    # pipeline's stages run their blocks themselves and do not pass them
+    _check(
+        not cfg.data.document_mask or cfg.parallel.pp == 1,
+        "data.document-mask",
+        True,
+        f"false with parallel.pp={cfg.parallel.pp} (pipeline stages do not carry document ids yet)",
+    )
     _check(
         not (cfg.train.compile and cfg.parallel.pp > 1 and cfg.parallel.pp_schedule in ("zbv", "dualpipev")),
         "train.compile",

@@ -24,6 +24,10 @@ class DataConfig:
     """the key holding the text in .jsonl records"""
     val_fraction: float = 0.05
     """fraction of the corpus held out for validation loss"""
+    document_mask: bool = False
+    """attend only within each document of a packed training window (block-diagonal causal attention,
+    positions restarting at each document), as if each were trained on alone; the documents are the
+    prepared dataset's"""
 
     def validate(self) -> None:
         _check_values(self, "data")

@@ -8,7 +8,8 @@ from moeforge.config import ConfigError, DataConfig
 from moeforge.config.data import is_mixture
 from moeforge.data.cache import prepared_cache
 from moeforge.data.corpus import embedded_corpus
-from moeforge.data.prepared import is_prepared, open_prepared
+from moeforge.data.indexed import IndexedDataset
+from moeforge.data.prepared import is_prepared, open_prepared_datasets
 from moeforge.data.loader import PackedLoader, TokenArray, count_windows, validation_batches
 from moeforge.data.tokenizer import (
     ByteTokenizer,
@@ -25,6 +26,7 @@ __all__ = [
     "TokenArray",
     "Tokenizer",
     "build_datasets",
+    "build_indexed_datasets",
     "build_tokenizer",
     "count_windows",
     "document_separator",
@@ -40,6 +42,15 @@ def build_datasets(
     `data.path` names, or for text files and the embedded corpus the one `prepared_cache` makes
     once (the last `data.val-fraction` of their tokens held out). The validation split is checked
     to hold one window of `seq_len` here, the training split by `PackedLoader`, which reads it."""
+    tokenizer, train, val = build_indexed_datasets(data_cfg, seq_len, progress)
+    return tokenizer, train.tokens, val.tokens
+
+
+def build_indexed_datasets(
+    data_cfg: DataConfig, seq_len: int, progress: bool = True
+) -> tuple[Tokenizer, IndexedDataset, IndexedDataset]:
+    """`build_datasets` with each split as its whole indexed dataset, document index included (what
+    `--data.document-mask` reads; the loaders take either)."""
     if is_mixture(data_cfg.path):
         raise ConfigError(
             f"data.path: got the mixture {data_cfg.path!r}; allowed here: one path (mixtures are read by "
@@ -48,15 +59,16 @@ def build_datasets(
     tokenizer = build_tokenizer(data_cfg)
     prepared = is_prepared(data_cfg.path)
     root = Path(data_cfg.path) if prepared else prepared_cache(data_cfg, progress)
-    train, val = open_prepared(root, data_cfg.tokenizer)
-    if count_windows(len(val), seq_len) == 0:
+    train, val = open_prepared_datasets(root, data_cfg.tokenizer)
+    n_train, n_val = len(train.tokens), len(val.tokens)
+    if count_windows(n_val, seq_len) == 0:
         allowed = (
             "prepare it with --val-fraction or --val"
             if prepared
-            else f"a data.val-fraction leaving them of the corpus's {len(train) + len(val)} tokens"
+            else f"a data.val-fraction leaving them of the corpus's {n_train + n_val} tokens"
         )
         raise ConfigError(
             f"{'data.path' if prepared else 'data.val-fraction'}: {data_cfg.path or 'the embedded corpus'!r} "
-            f"holds {len(val)} validation tokens; allowed: at least train.seq-len+1={seq_len + 1} ({allowed})"
+            f"holds {n_val} validation tokens; allowed: at least train.seq-len+1={seq_len + 1} ({allowed})"
         )
     return tokenizer, train, val

@@ -37,8 +37,9 @@ from moeforge.data.loader import (
     count_windows,
     refuse_changed_setup,
 )
+from moeforge.data.indexed import IndexedDataset
 from moeforge.data.prepare import MANIFEST_FILE
-from moeforge.data.prepared import is_prepared, open_prepared, read_manifest
+from moeforge.data.prepared import is_prepared, open_prepared_datasets, read_manifest
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class BlendSource:
 
     path: str
     weight: float
-    train: TokenArray
-    val: TokenArray
+    train: IndexedDataset
+    val: IndexedDataset
 
 
 def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
@@ -71,8 +72,8 @@ def open_mixture(cfg: DataConfig, seq_len: int) -> list[BlendSource]:
             )
     opened = []
     for name, weight in sources:
-        train, val = open_prepared(Path(name), cfg.tokenizer)
-        for split, tokens, hint in (("training", train, ""), ("validation", val, " (prepare it with --val-fraction or --val)")):
+        train, val = open_prepared_datasets(Path(name), cfg.tokenizer)
+        for split, tokens, hint in (("training", train.tokens, ""), ("validation", val.tokens, " (prepare it with --val-fraction or --val)")):
             if count_windows(len(tokens), seq_len) == 0:
                 raise ConfigError(
                     f"data.path: {name!r} holds {len(tokens)} {split} tokens; allowed: at least "
@@ -105,23 +106,26 @@ def _source_seed(seed: int, source: int) -> int:
 class BlendedLoader(GlobalBatches):
     """Global batches drawn from several token streams in fixed proportions (module docstring),
     each rank getting its contiguous slice; the interface of `PackedLoader`, with window ids as
-    [count, 2] rows of (source, window of that source)."""
+    [count, 2] rows of (source, window of that source). `document_mask` needs every source to be an
+    `IndexedDataset` (as `PackedLoader`'s)."""
 
     def __init__(
         self,
-        sources: Sequence[TokenArray],
+        sources: Sequence[TokenArray | IndexedDataset],
         weights: Sequence[float],
         seq_len: int,
         global_batch_size: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: bool = False,
     ) -> None:
         assert len(sources) == len(weights) >= 1 and min(weights) > 0, "one positive weight per source"
         self.orders = [
-            PackedLoader(tokens, seq_len, global_batch_size, _source_seed(seed, d), rank, world_size)
+            PackedLoader(tokens, seq_len, global_batch_size, _source_seed(seed, d), rank, world_size, document_mask)
             for d, tokens in enumerate(sources)
         ]
+        self.document_mask = document_mask
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -139,6 +143,15 @@ class BlendedLoader(GlobalBatches):
             if rows.any():
                 windows[rows] = _gather_windows(order.tokens, ids[rows, 1], self.seq_len)
         return _as_batch(windows)
+
+    def document_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), seq_len] int64 document ids of the inputs of the (source, window) rows `ids`."""
+        documents = torch.empty(len(ids), self.seq_len, dtype=torch.long)
+        for d, order in enumerate(self.orders):
+            rows = ids[:, 0] == d
+            if rows.any():
+                documents[rows] = order.document_ids(ids[rows, 1])
+        return documents
 
     def window_ids(self, position: int, count: int) -> torch.Tensor:
         """[count, 2] int64 (source, window) at global positions [position, position+count): a pure

@@ -27,6 +27,7 @@ and the `.bin` in chunks, never reading a token.
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import struct
@@ -291,6 +292,23 @@ class IndexedDataset:
         i %= self.n_documents
         first, last = int(self.document_indices[i]), int(self.document_indices[i + 1])
         return self._token_offset(first), self._token_offset(last)
+
+    def document_starts(self, lo: int, hi: int) -> np.ndarray:
+        """The token offsets (int64, ascending, distinct) in [lo, hi) of `tokens` where a document
+        starts: what `--data.document-mask` needs of a window of the stream.
+
+        Binary searches of the memory-mapped sequence pointers and document indices, then a read of
+        only the entries inside the range: O(log n + documents in range), never a copy of the index.
+        (Not np.searchsorted: the index's int64 arrays sit at unaligned offsets of the .idx, and
+        numpy copies an unaligned array whole before searching it.)"""
+        itemsize = self.dtype.itemsize
+        first = bisect.bisect_left(self.sequence_pointers, lo * itemsize)  # first sequence at or after lo
+        last = bisect.bisect_left(self.sequence_pointers, hi * itemsize, lo=first)
+        # the document indices list the sequence each document begins with (non-decreasing)
+        begin = bisect.bisect_left(self.document_indices, first, hi=self.n_documents)
+        end = bisect.bisect_left(self.document_indices, last, lo=begin, hi=self.n_documents)
+        sequences = np.asarray(self.document_indices[begin:end])
+        return np.unique(np.asarray(self.sequence_pointers[sequences], dtype=np.int64) // itemsize)
 
     def _token_offset(self, sequence: int) -> int:
         """Where sequence `sequence` starts in `tokens` (the total at the end)."""

@@ -8,6 +8,11 @@ The stream is any 1-D integer array: a torch tensor, or a numpy array such as a 
 uint16 or int32 over a prepared token file. It is kept as given and only the windows of a batch are
 read from it (then widened to int64), so a memory-mapped corpus costs each rank the pages its batches
 touch, not a copy of the file.
+
+Given a prepared dataset (`IndexedDataset`) instead, the loader also knows where its documents start,
+and with `document_mask` gives each window's document ids (`document_ids`): the model then keeps
+attention inside each document (`--data.document-mask`). They come from binary searches of the
+mapped index per window, never from a table over the corpus.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from moeforge.config import ConfigError
+from moeforge.data.indexed import IndexedDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TokenArray = torch.Tensor | np.ndarray
@@ -50,6 +56,25 @@ def _consecutive_windows(tokens: TokenArray, start: int, stop: int, seq_len: int
     return rows.reshape(stop - start, seq_len + 1)
 
 
+def _window_document_ids(index: IndexedDataset, ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[len(ids), seq_len] int64: the document id of each input token of the windows `ids` of
+    `index.tokens`, counted from 0 at each window's first token (which begins a document for the
+    model, whether or not it begins one in the corpus) up by one at each document start."""
+    width = seq_len + 1
+    marks = np.zeros((len(ids), width), dtype=np.int64)
+    for row, window in enumerate(ids.tolist()):
+        lo = window * width
+        marks[row, index.document_starts(lo + 1, lo + width) - lo] = 1
+    return torch.from_numpy(marks.cumsum(axis=1)[:, :-1])
+
+
+def _refuse_plain_tokens(document_mask: bool, index: IndexedDataset | None) -> None:
+    if document_mask and index is None:
+        raise ConfigError(
+            "data.document-mask: needs a prepared dataset's document index; these tokens came without one"
+        )
+
+
 def _as_batch(windows: torch.Tensor) -> Batch:
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
@@ -66,6 +91,7 @@ class GlobalBatches(abc.ABC):
     `sequences_consumed`, its only training state."""
 
     sequences_consumed: int
+    document_mask: bool
     global_batch_size: int
     local_batch_size: int
     rank: int
@@ -73,6 +99,13 @@ class GlobalBatches(abc.ABC):
     def next_batch(self) -> Batch:
         """This rank's (inputs, targets) of the next global batch, each [local_batch_size, seq_len]."""
         return self.batch(self.next_batch_ids())
+
+    def next_training_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`next_batch` and the document ids of its inputs [local_batch_size, seq_len] when the loader
+        keeps documents apart (`document_mask`), else None."""
+        ids = self.next_batch_ids()
+        inputs, targets = self.batch(ids)
+        return inputs, targets, self.document_ids(ids) if self.document_mask else None
 
     def next_batch_ids(self) -> torch.Tensor:
         """The ids of this rank's part of the next global batch; consumes the batch.
@@ -91,6 +124,11 @@ class GlobalBatches(abc.ABC):
     @abc.abstractmethod
     def batch(self, ids: torch.Tensor) -> Batch:
         """(inputs, targets) of the windows `ids`: each loader's windows."""
+
+    @abc.abstractmethod
+    def document_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), seq_len] int64 document ids of the inputs of the windows `ids` (equal ids: one
+        document); needs the loader's data to have a document index."""
 
 
 def refuse_changed_setup(state: dict[str, Any], checked: Iterable[tuple[str, str, Any]], needs: str) -> None:
@@ -119,17 +157,25 @@ class PackedLoader(GlobalBatches):
     order, n_windows entries (int32 below 2**31 windows), drawn in O(n_windows) time at the first
     batch of each epoch. For a 1 TB uint16 token file (5.5e11 tokens) at seq_len 4096 that is 1.3e8
     windows: 0.5 GB on every rank.
+
+    `tokens` may be a prepared `IndexedDataset`, whose documents `document_ids` then reads; with
+    `document_mask` `next_training_batch` gives them (plain tokens have no documents: refused).
     """
 
     def __init__(
         self,
-        tokens: TokenArray,
+        tokens: TokenArray | IndexedDataset,
         seq_len: int,
         global_batch_size: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: bool = False,
     ) -> None:
+        self.index = tokens if isinstance(tokens, IndexedDataset) else None
+        """the document index of the tokens, when they came with one"""
+        _refuse_plain_tokens(document_mask, self.index)
+        tokens = self.index.tokens if self.index is not None else tokens
         if global_batch_size % world_size:
             raise ConfigError(
                 f"train.global-batch-size: got {global_batch_size}; allowed: a multiple of the "
@@ -148,6 +194,7 @@ class PackedLoader(GlobalBatches):
         self.world_size = world_size
         self.local_batch_size = global_batch_size // world_size
         self.tokens = tokens
+        self.document_mask = document_mask
         self.n_windows = count_windows(len(tokens), seq_len)
         self.sequences_consumed = 0
         self._order_epoch = -1
@@ -161,6 +208,11 @@ class PackedLoader(GlobalBatches):
     def batch(self, ids: torch.Tensor) -> Batch:
         """(inputs, targets) of the windows `ids` ([count] window ids), each [len(ids), seq_len] int64."""
         return _as_batch(_gather_windows(self.tokens, ids, self.seq_len))
+
+    def document_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), seq_len] int64 document ids of the inputs of the windows `ids` [count]."""
+        _refuse_plain_tokens(True, self.index)
+        return _window_document_ids(self.index, ids, self.seq_len)
 
     def window_ids(self, position: int, count: int) -> torch.Tensor:
         """Window ids (int64) at global positions [position, position+count) of the concatenated epoch
@@ -244,5 +296,18 @@ def validation_batches(
     stop = min(n_windows, batch_size * n_batches)
     return (
         _as_batch(_consecutive_windows(val_tokens, i, min(i + batch_size, stop), seq_len))
+        for i in range(0, stop, batch_size)
+    )
+
+
+def validation_document_ids(
+    val: TokenArray | IndexedDataset, batch_size: int, seq_len: int, n_batches: int
+) -> Iterator[torch.Tensor]:
+    """The document ids [b, seq_len] of the inputs of each batch `validation_batches(val.tokens, ...)`
+    gives, in the same order (`--data.document-mask`); `val` must be a prepared dataset."""
+    _refuse_plain_tokens(True, val if isinstance(val, IndexedDataset) else None)
+    stop = min(count_windows(len(val.tokens), seq_len), batch_size * n_batches)
+    return (
+        _window_document_ids(val, torch.arange(i, min(i + batch_size, stop)), seq_len)
         for i in range(0, stop, batch_size)
     )

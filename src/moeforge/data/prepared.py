@@ -31,8 +31,15 @@ def is_prepared(path: str | Path) -> bool:
 def open_prepared(root: Path, tokenizer: str) -> tuple[TokenArray, TokenArray]:
     """(train tokens, val tokens) of the prepared directory `root`, as memory maps, after the checks
     of the module docstring against `tokenizer` ('byte' or a tokenizer.json)."""
+    train, val = open_prepared_datasets(root, tokenizer)
+    return train.tokens, val.tokens
+
+
+def open_prepared_datasets(root: Path, tokenizer: str) -> tuple[IndexedDataset, IndexedDataset]:
+    """`open_prepared`'s splits as whole indexed datasets: their tokens and where their documents
+    start (what `--data.document-mask` reads)."""
     checked_manifest(root, tokenizer)
-    train, val = (IndexedDataset(root / split).tokens for split in SPLITS)
+    train, val = (IndexedDataset(root / split) for split in SPLITS)
     return train, val
 
 

@@ -23,7 +23,7 @@ import torch
 
 from moeforge.config import ConfigError
 from moeforge.data.indexed import IndexedDataset
-from moeforge.data.loader import TokenArray, count_windows, validation_batches
+from moeforge.data.loader import TokenArray, count_windows, validation_batches, validation_document_ids
 from moeforge.data.prepare import MANIFEST_FILE, SPLITS
 from moeforge.data.prepared import checked_manifest, is_prepared
 from moeforge.model.cross_entropy import summed_token_cross_entropy
@@ -48,24 +48,34 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model: Transformer,
-    tokens: TokenArray,
+    data: TokenArray | IndexedDataset,
     seq_len: int,
     batch_size: int = 8,
     max_batches: int = 0,
     device: torch.device | str = "cpu",
+    document_mask: bool = False,
 ) -> EvalResult:
-    """`model`'s loss on the consecutive windows of seq_len+1 of the 1-D `tokens`, `batch_size` windows a
-    forward, the first `max_batches` batches (0: every window). The model is left in the mode it had."""
+    """`model`'s loss on the consecutive windows of seq_len+1 of the 1-D tokens `data` (or a prepared
+    dataset's), `batch_size` windows a forward, the first `max_batches` batches (0: every window);
+    with `document_mask` (a run's data.document-mask) attending inside the dataset's documents, as
+    the trainer validates. The model is left in the mode it had."""
+    tokens = data.tokens if isinstance(data, IndexedDataset) else data
     n_windows = count_windows(len(tokens), seq_len)
     if n_windows == 0:
         raise ConfigError(
             f"--seq-len: got {seq_len}; allowed: at most {len(tokens) - 1}, the tokens given less one"
         )
-    batches = validation_batches(tokens, batch_size, seq_len, max_batches or -(-n_windows // batch_size))
+    shape = (batch_size, seq_len, max_batches or -(-n_windows // batch_size))
+    documents = validation_document_ids(data, *shape) if document_mask else None
+
+    def logits_of(inputs: torch.Tensor) -> torch.Tensor:
+        ids = next(documents).to(device) if documents is not None else None  # in step with the batches
+        return model(inputs, document_ids=ids).logits
+
     was_training = model.training
     model.eval()
     try:
-        sums = summed_token_cross_entropy(batches, lambda inputs: model(inputs).logits, device)
+        sums = summed_token_cross_entropy(validation_batches(tokens, *shape), logits_of, device)
     finally:
         model.train(was_training)
     return EvalResult(float(sums.total) / sums.tokens, sums.tokens, sums.windows)
@@ -99,8 +109,8 @@ def check_data_dir(path: str | Path) -> Path:
     return root
 
 
-def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq_len: int) -> TokenArray:
-    """The tokens of `split` of the prepared directory `root` as a memory map, after the checks of the
+def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq_len: int) -> IndexedDataset:
+    """`split` of the prepared directory `root`, memory-mapped, after the checks of the
     module docstring against the run's `tokenizer` ('byte' or a tokenizer.json) and the model's
     `vocab_size`; reads the manifest and the index, not the tokens."""
     assert split in SPLITS, split
@@ -110,11 +120,11 @@ def open_eval_split(root: Path, split: str, tokenizer: str, vocab_size: int, seq
             f"{root / MANIFEST_FILE}: vocab_size {manifest['vocab_size']}; allowed: at most the model's "
             f"vocab-size {vocab_size}"
         )
-    tokens = IndexedDataset(root / split).tokens
-    if count_windows(len(tokens), seq_len) == 0:
+    dataset = IndexedDataset(root / split)
+    if count_windows(len(dataset.tokens), seq_len) == 0:
         raise ConfigError(
-            f"{root / split}.bin: {len(tokens)} tokens in split {split!r}; allowed: at least one window of "
+            f"{root / split}.bin: {len(dataset.tokens)} tokens in split {split!r}; allowed: at least one window of "
             f"--seq-len+1 = {seq_len + 1}"
         )
-    return tokens
+    return dataset
 

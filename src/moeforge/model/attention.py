@@ -1,6 +1,12 @@
 """Attention: rotary position embeddings, KV caches, grouped-query attention via SDPA, and multi-head
 latent attention (MLA) with its compressed cache.
 
+Training attention is causal over the whole sequence, or with document masking (`--data.document-mask`)
+block-diagonal causal over the documents packed into it: `document_positions` restart RoPE's
+positions at each document and `document_mask` lets a token see only the earlier tokens of its own
+document, so each document computes what it would alone. The mask is a boolean SDPA mask, which has
+a backward on the CPU (FlexAttention's block masks have none there in torch 2.13).
+
 The caches are static, as gpt-fast's: allocated once at their full length, written at a tensor of
 slot indices, and read whole under a mask, so that a decoding step has the same shapes at every
 position (what `torch.compile` and CUDA graphs need). Slots past the newest token are masked, so
@@ -55,6 +61,32 @@ def cache_slots(index: torch.Tensor, max_len: int, pad: torch.Tensor | None = No
     return CacheSlots(index, (mask & visible).unsqueeze(1))
 
 
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool, True where a document starts: at each row's first token and wherever the id
+    differs from the one before (a document is a run of equal ids)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] int64: each token's position inside its document, 0 at every start. A row that begins
+    inside a document begins it at 0 too: that piece is all the row holds of it."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    last_start = torch.where(document_starts(document_ids), index, 0).cummax(dim=1).values
+    return index - last_start
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool, True where query i may attend key j: j <= i inside the same document
+    (block-diagonal causal). The diagonal is always True, so no row is empty."""
+    segment = document_starts(document_ids).cumsum(dim=1)  # [B, S] the document's number in the row
+    same = segment[:, :, None] == segment[:, None, :]
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
 class KVCache(nn.Module):
     """Keys and values of one attention layer for incremental decoding, [B, n_kv_heads, max_len, head_dim]."""
 
@@ -92,9 +124,15 @@ class GroupedQueryAttention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: CacheSlots | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or with `slots` over the cache as well."""
+        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or where `mask` [B, 1, S, S] allows
+        (`document_mask`), or with `slots` over the cache as well."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -104,7 +142,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if slots is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:
             k, v = self.cache.update(slots.index, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=slots.mask, enable_gqa=gqa)
@@ -171,9 +209,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.cache: LatentCache | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: CacheSlots | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or with `slots` over the cache as well."""
+        """x [B, S, dim] -> [B, S, dim]; causal over x alone, or where `mask` [B, 1, S, S] allows
+        (`document_mask`), or with `slots` over the cache as well."""
         batch, seq, _ = x.shape
         q_nope, q_rope = self.queries(x)
         q_rope = apply_rope(q_rope, cos, sin)
@@ -181,7 +225,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_norm(latent)
         rope_key = apply_rope(rope_key.unsqueeze(1), cos, sin).squeeze(1)
         if slots is None:
-            out = self._attend_expanded(q_nope, q_rope, latent, rope_key)
+            out = self._attend_expanded(q_nope, q_rope, latent, rope_key, mask)
         else:
             cached = self.cache.update(slots.index, torch.cat([latent, rope_key], dim=-1))
             out = self._attend_latent(q_nope, q_rope, cached, slots.mask)
@@ -195,9 +239,15 @@ class MultiHeadLatentAttention(nn.Module):
         return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
     def _attend_expanded(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        rope_key: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal attention over the whole sequence with per-head keys/values expanded from the latent."""
+        """Attention over the whole sequence, causal or where `mask` [B, 1, S, S] allows, with per-head
+        keys/values expanded from the latent."""
         batch, seq, _ = latent.shape
         kv = self.wkv_b(latent).view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -206,7 +256,7 @@ class MultiHeadLatentAttention(nn.Module):
         pad = k.shape[-1] - self.v_dim if pads_mla_values(v.device.type) else 0
         if pad > 0:
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out[..., : self.v_dim] if pad > 0 else out
 
     def _attend_latent(

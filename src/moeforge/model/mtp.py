@@ -46,11 +46,13 @@ class MTPModule(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: Any = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22), and
         what the block's MoE layer measured (None for a dense block). With the block's KV cache set
-        up, `slots` (`CacheSlots`) say where these positions sit in it."""
-        out, stats = self.block(self.merge(hidden, embedded), cos, sin, slots)
+        up, `slots` (`CacheSlots`) say where these positions sit in it; with document masking, `mask`
+        [B, 1, S, S] and the per-row cos/sin are the main model's for these S positions."""
+        out, stats = self.block(self.merge(hidden, embedded), cos, sin, slots, mask)
         return self.norm(out), stats
 
     def merge(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:

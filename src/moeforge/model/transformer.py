@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from moeforge.config import ConfigError, ModelConfig
-from moeforge.model.attention import CacheSlots, build_attention, cache_slots, rope_tables
+from moeforge.model.attention import (
+    CacheSlots,
+    build_attention,
+    cache_slots,
+    document_mask,
+    document_positions,
+    rope_tables,
+)
 from moeforge.model.mlp import SwiGLU
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.mtp import MTPModule, mtp_inputs_and_labels
@@ -65,20 +72,31 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: CacheSlots | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's output and, for an MoE block, what its MoE layer measured."""
-        x = self.attend(x, cos, sin, slots)
+        x = self.attend(x, cos, sin, slots, mask)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
 
     def attend(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: CacheSlots | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The first half of the block: x + attention(norm(x)), [B, S, dim] (over the KV cache with `slots`)."""
-        return x + self.attention(self.attention_norm(x), cos, sin, slots)
+        """The first half of the block: x + attention(norm(x)), [B, S, dim] (over the KV cache with
+        `slots`; inside documents with `mask`, `document_mask`)."""
+        return x + self.attention(self.attention_norm(x), cos, sin, slots, mask)
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal(0, std) on the projections, Normal(0, out_std) on the residual outputs, ones on norms."""
@@ -96,6 +114,9 @@ class Transformer(nn.Module):
     With KV caches set up (`setup_caches`), `start_pos` gives the cache slot of tokens[:, 0], or
     `input_pos` [S] the slots of all S tokens, and `pad` [B] the left padding of each row (see
     `positions`).
+    Without caches, `document_ids` [B, S] (one id per token; a document is a run of equal ids) keep
+    attention inside each document packed into a row, positions restarting at its start: every
+    token's logits are those of its document run alone (`--data.document-mask`).
     `mtp` holds `cfg.mtp_depth` multi-token prediction modules, run only when `mtp_targets` are given.
     """
 
@@ -139,12 +160,16 @@ class Transformer(nn.Module):
         mtp_targets: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         pad: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model on tokens [B, S]; with the next-token `mtp_targets` [B, S] the MTP modules
         run too (they read the embeddings of the tokens ahead, eqs. 21-23)."""
         seq = tokens.shape[1]
-        slots = None
-        if self.cache_len is None:
+        slots = mask = None
+        if document_ids is not None:
+            assert self.cache_len is None and start_pos == 0, "document_ids are for forwards without KV caches"
+            cos, sin, mask = self.training_attention(seq, document_ids)
+        elif self.cache_len is None:
             cos, sin = self.rope_cos[start_pos : start_pos + seq], self.rope_sin[start_pos : start_pos + seq]
         else:
             if input_pos is None:
@@ -154,28 +179,50 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         moe_stats: list[MoEStats] = []
         for layer in self.layers:
-            h, stats = layer(h, cos, sin, slots)
+            h, stats = layer(h, cos, sin, slots, mask)
             _keep(moe_stats, stats)
         hidden = self.norm(h)
         out = ModelOutput(self.output(hidden), hidden, moe_stats)
         if mtp_targets is not None:
-            out.mtp_logits = self._mtp_logits(hidden, mtp_targets, moe_stats)
+            out.mtp_logits = self._mtp_logits(hidden, mtp_targets, moe_stats, document_ids)
         return out
 
     def _mtp_logits(
-        self, hidden: torch.Tensor, targets: torch.Tensor, moe_stats: list[MoEStats]
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        moe_stats: list[MoEStats],
+        document_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Logits of each MTP depth k = 1..D, [B, S-k, vocab], over positions i = 0..S-k-1: depth k
-        reads the first S-k positions of depth k-1 and the embeddings of t_{i+k} (eqs. 21-23)."""
+        reads the first S-k positions of depth k-1 and the embeddings of t_{i+k} (eqs. 21-23).
+
+        With `document_ids` its attention and positions are the main model's over those positions.
+        Position i of a document's last k reads t_{i+k} and predicts t_{i+k+1} of the next document,
+        as the main head's last position of a document predicts the next one's first token."""
         logits = []
         for depth, module in enumerate(self.mtp, start=1):
             embed_tokens, _ = mtp_inputs_and_labels(targets, depth)
             seq = embed_tokens.shape[1]
             embedded = self.tok_embeddings(embed_tokens)
-            hidden, stats = module(hidden[:, :seq], embedded, self.rope_cos[:seq], self.rope_sin[:seq])
+            ids = None if document_ids is None else document_ids[:, :seq]
+            cos, sin, mask = self.training_attention(seq, ids)
+            hidden, stats = module(hidden[:, :seq], embedded, cos, sin, mask=mask)
             _keep(moe_stats, stats)
             logits.append(self.output(hidden))
         return logits
+
+    def training_attention(
+        self, seq: int, document_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE's cos and sin and the attention mask of a forward over `seq` positions without KV
+        caches: positions 0..seq-1 and no mask (SDPA's causal kernel), or with `document_ids` [B, seq]
+        each row's positions restarting at its documents' starts ([B, 1, seq, head_dim] tables) and
+        the block-diagonal causal `document_mask`."""
+        if document_ids is None:
+            return self.rope_cos[:seq], self.rope_sin[:seq], None
+        cos, sin = self.rope_at(document_positions(document_ids))
+        return cos, sin, document_mask(document_ids)
 
     @staticmethod
     def positions(input_pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:

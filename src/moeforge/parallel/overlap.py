@@ -2,7 +2,8 @@
 
 `overlapped_forward(model, tokens, mtp_targets)` returns what `model(tokens, mtp_targets=...)`
 returns, but runs each block on the two halves of the micro-batch (split along the batch) in turns,
-so that one half's exchange is in flight while the other half computes. Per MoE block:
+so that one half's exchange is in flight while the other half computes (with `document_ids`, each
+half attends with its own rows of the RoPE tables and of the document mask). Per MoE block:
 
     half A: attention, route, dispatch issued      |
     half B: attention, route, dispatch issued      |  A's dispatch in flight
@@ -127,10 +128,11 @@ def overlapped_forward(
     mtp_targets: torch.Tensor | None = None,
     parts: int = 2,
     timeline: OverlapTimeline | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> ModelOutput:
-    """`model(tokens [B, S], mtp_targets=...)` with each block run on `parts` slices of the batch in
-    turns (module docstring); `parts=1` is the same schedule with nothing to overlap (a baseline).
-    The times of every compute span and exchange go to `timeline` when given."""
+    """`model(tokens [B, S], mtp_targets=..., document_ids=...)` with each block run on `parts` slices
+    of the batch in turns (module docstring); `parts=1` is the same schedule with nothing to overlap
+    (a baseline). The times of every compute span and exchange go to `timeline` when given."""
     if not 1 <= parts <= tokens.shape[0]:
         raise ValueError(
             f"parallel.ep-overlap: a micro-batch of {tokens.shape[0]} sequences cannot be split in {parts}; "
@@ -138,26 +140,48 @@ def overlapped_forward(
         )
     trace = timeline if timeline is not None else OverlapTimeline()
 
-    def forward(tokens: torch.Tensor, mtp_targets: torch.Tensor | None) -> ModelOutput:
-        return _forward_in_parts(model, tokens, mtp_targets, parts, trace)
+    def forward(
+        tokens: torch.Tensor, mtp_targets: torch.Tensor | None, document_ids: torch.Tensor | None
+    ) -> ModelOutput:
+        return _forward_in_parts(model, tokens, mtp_targets, document_ids, parts, trace)
 
-    return _call_as(model, forward, tokens, mtp_targets)
+    return _call_as(model, forward, tokens, mtp_targets, document_ids)
+
+
+AttentionInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""RoPE's cos and sin and the attention mask (None: causal) of one part, as `Block.forward` takes them"""
+
+
+def _attention_parts(
+    model: Transformer, seq: int, document_ids: torch.Tensor | None, parts: int
+) -> list[AttentionInputs]:
+    """Each batch part's `Transformer.training_attention` over `seq` positions: the same shared
+    tables and no mask for every part, or with `document_ids` each part's rows of the per-row tables
+    and of the document mask (the parts are `tensor_split`s of the batch, as the hidden states')."""
+    cos, sin, mask = model.training_attention(seq, document_ids)
+    if mask is None:
+        return [(cos, sin, None)] * parts
+    return list(zip(cos.tensor_split(parts), sin.tensor_split(parts), mask.tensor_split(parts)))
 
 
 def _forward_in_parts(
-    model: Transformer, tokens: torch.Tensor, mtp_targets: torch.Tensor | None, parts: int, trace: OverlapTimeline
+    model: Transformer,
+    tokens: torch.Tensor,
+    mtp_targets: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    parts: int,
+    trace: OverlapTimeline,
 ) -> ModelOutput:
     """`Transformer.forward` (training: no KV cache) with the blocks run by `_block_on_parts`."""
-    seq = tokens.shape[1]
-    cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
+    attention = _attention_parts(model, tokens.shape[1], document_ids, parts)
     h = model.tok_embeddings(tokens)
     moe_stats: list[MoEStats] = []
     for i, block in enumerate(model.layers):
-        h = _block_on_parts(block, h, cos, sin, parts, f"layers.{i}", trace, moe_stats)
+        h = _block_on_parts(block, h, attention, f"layers.{i}", trace, moe_stats)
     hidden = model.norm(h)
     out = ModelOutput(model.output(hidden), hidden, moe_stats)
     if mtp_targets is not None:
-        out.mtp_logits = _mtp_logits(model, hidden, mtp_targets, parts, trace, moe_stats)
+        out.mtp_logits = _mtp_logits(model, hidden, mtp_targets, document_ids, parts, trace, moe_stats)
     return out
 
 
@@ -165,6 +189,7 @@ def _mtp_logits(
     model: Transformer,
     hidden: torch.Tensor,
     targets: torch.Tensor,
+    document_ids: torch.Tensor | None,
     parts: int,
     trace: OverlapTimeline,
     moe_stats: list[MoEStats],
@@ -175,8 +200,9 @@ def _mtp_logits(
         ahead, _ = mtp_inputs_and_labels(targets, depth)
         seq = ahead.shape[1]
         merged = module.merge(hidden[:, :seq], model.tok_embeddings(ahead))
-        cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
-        h = _block_on_parts(module.block, merged, cos, sin, parts, f"mtp.{depth - 1}.block", trace, moe_stats)
+        ids = None if document_ids is None else document_ids[:, :seq]
+        attention = _attention_parts(model, seq, ids, parts)
+        h = _block_on_parts(module.block, merged, attention, f"mtp.{depth - 1}.block", trace, moe_stats)
         hidden = module.norm(h)
         logits.append(model.output(hidden))
     return logits
@@ -185,43 +211,42 @@ def _mtp_logits(
 def _block_on_parts(
     block: Block,
     h: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    parts: int,
+    attention: list[AttentionInputs],
     label: str,
     trace: OverlapTimeline,
     moe_stats: list[MoEStats],
 ) -> torch.Tensor:
-    """The block's output [B, S, dim] on h [B, S, dim], computed on `parts` slices of the batch (in
-    turns for an MoE block); an MoE block's stats, over the whole batch, are appended to `moe_stats`."""
+    """The block's output [B, S, dim] on h [B, S, dim], computed on the `len(attention)` slices of
+    the batch (in turns for an MoE block), each with its own `attention` inputs; an MoE block's
+    stats, over the whole batch, are appended to `moe_stats`."""
     batch, seq, _ = h.shape
-    slices = list(h.tensor_split(parts))
+    slices = list(h.tensor_split(len(attention)))
     if not isinstance(block.ffn, MoE):
         plain_forward = block.forward
 
-        def dense(slices: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
-            return [plain_forward(x, cos, sin)[0] for x in slices]
+        def dense(slices: list[torch.Tensor], attention: list[AttentionInputs]) -> list[torch.Tensor]:
+            return [plain_forward(x, cos, sin, None, mask)[0] for x, (cos, sin, mask) in zip(slices, attention)]
 
-        return torch.cat(_call_as(block, dense, slices, cos, sin))
+        return torch.cat(_call_as(block, dense, slices, attention))
 
-    def moe(slices: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> tuple[list[torch.Tensor], RouterOutput]:
-        return _moe_block_in_turns(block, slices, cos, sin, label, trace)
+    def moe(slices: list[torch.Tensor], attention: list[AttentionInputs]) -> tuple[list[torch.Tensor], RouterOutput]:
+        return _moe_block_in_turns(block, slices, attention, label, trace)
 
-    outs, routing = _call_as(block, moe, slices, cos, sin)
+    outs, routing = _call_as(block, moe, slices, attention)
     moe_stats.append(block.ffn.stats(routing, batch, seq))
     return torch.cat(outs)
 
 
 def _moe_block_in_turns(
-    block: Block, slices: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, label: str, trace: OverlapTimeline
+    block: Block, slices: list[torch.Tensor], attention: list[AttentionInputs], label: str, trace: OverlapTimeline
 ) -> tuple[list[torch.Tensor], RouterOutput]:
     """An MoE block on each slice [b, S, dim], the parts taking turns stage by stage (the table in
     the module docstring); the outputs and the routing of all parts' tokens, in batch order."""
     moe: MoE = block.ffn
     attended, tokens, routings, dispatches = [], [], [], []
-    for part, x in enumerate(slices):
+    for part, (x, (cos, sin, mask)) in enumerate(zip(slices, attention)):
         with trace.span(f"{label} attention+route", part):
-            x = block.attend(x, cos, sin)
+            x = block.attend(x, cos, sin, None, mask)
             flat = block.ffn_norm(x).reshape(-1, x.shape[-1])
             routing = moe.route(flat)
             dispatches.append(trace.record(f"{label} dispatch", part, moe.start_dispatch(flat, routing)))

@@ -19,8 +19,10 @@ import torch.distributed as dist
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError, TrainConfig, config_from_dict
 from moeforge.config.data import is_mixture
-from moeforge.data import PackedLoader, TokenArray, build_datasets, build_tokenizer, validation_batches
+from moeforge.data import PackedLoader, TokenArray, build_indexed_datasets, build_tokenizer, validation_batches
 from moeforge.data.blend import BlendedLoader, open_mixture
+from moeforge.data.indexed import IndexedDataset
+from moeforge.data.loader import validation_document_ids
 from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.cross_entropy import summed_token_cross_entropy
@@ -140,11 +142,11 @@ class Trainer:
             sources = open_mixture(cfg.data, tcfg.seq_len)
             self.val_sets = [(s.path, s.weight, s.val) for s in sources]
         else:
-            self.tokenizer, train_tokens, self.val_tokens = build_datasets(
+            self.tokenizer, train, val = build_indexed_datasets(
                 cfg.data, tcfg.seq_len, progress=self.is_main and tcfg.progress
             )
-            self.val_sets = [("", 1.0, self.val_tokens)]
-        """(source path, weight, validation tokens) of each source; one ('', 1.0, ...) without a mixture"""
+            self.val_sets = [("", 1.0, val)]
+        """(source path, weight, validation dataset) of each source; one ('', 1.0, ...) without a mixture"""
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self._check_plan()
@@ -168,10 +170,11 @@ class Trainer:
                 tcfg.seed,
                 data_rank,
                 data_ranks,
+                cfg.data.document_mask,
             )
         else:
             self.loader = PackedLoader(
-                train_tokens, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks
+                train, tcfg.seq_len, tcfg.global_batch_size, tcfg.seed, data_rank, data_ranks, cfg.data.document_mask
             )
         self.local_batch = tcfg.global_batch_size // data_ranks
         """sequences per rank per step (DiLoCo replicas draw different ones: each its part of the batch;
@@ -364,7 +367,7 @@ class Trainer:
         counts and the stop request over the ranks, and one transfer brings them with the gradient
         norm, for the loss check and the metrics."""
         self.model.train()
-        inputs, targets = self.loader.next_batch()
+        inputs, targets, documents = self.loader.next_training_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self._mtp_weight = mtp_lambda(self.step, self.cfg.train)
         moe = self.cfg.model.moe
@@ -378,9 +381,11 @@ class Trainer:
         if self.pipeline is not None:
             self._pipeline_forward_backward(inputs, targets, sums)
         else:
-            for inp, tgt in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
+            # with data.document-mask each micro-batch's document ids, else None for each
+            per_micro = documents.to(self.device).split(self.micro_batch) if documents is not None else [None] * self.n_micro
+            for inp, tgt, docs in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch), per_micro):
                 with autocast_context(self.cfg.train, self.device):
-                    out = self._forward(inp, tgt)
+                    out = self._forward(inp, tgt, docs)
                 losses = training_losses(out, tgt, self._mtp_weight)
                 (losses.total / self.n_micro).backward()
                 sums.add(losses, out)
@@ -425,12 +430,13 @@ class Trainer:
                 metrics["diloco"] = synced
         return metrics
 
-    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
-        """One micro-batch through the whole model (MTP modules included), with the expert
-        all-to-all of each half hidden under the other half's compute under parallel.ep-overlap."""
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None) -> ModelOutput:
+        """One micro-batch through the whole model (MTP modules included), attending inside the
+        `documents` given (data.document-mask), with the expert all-to-all of each half hidden
+        under the other half's compute under parallel.ep-overlap."""
         if self.cfg.parallel.ep_overlap:
-            return overlapped_forward(self.model, inputs, targets)
-        return self.model(inputs, mtp_targets=targets)
+            return overlapped_forward(self.model, inputs, targets, document_ids=documents)
+        return self.model(inputs, mtp_targets=targets, document_ids=documents)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, sums: StepSums) -> None:
         """The step's micro-batches through the pipeline schedule: tokens enter on the first
@@ -483,12 +489,18 @@ class Trainer:
         return sum(weight * losses[name] for name, weight, _ in self.val_sets)
 
     @torch.no_grad()
-    def _split_loss(self, val_tokens: TokenArray) -> float:
+    def _split_loss(self, val: TokenArray | IndexedDataset) -> float:
         self.model.eval()
-        batches = validation_batches(
-            val_tokens, self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1
-        )
-        sums = summed_token_cross_entropy(batches, self._logits, self.device)
+        shape = (self.micro_batch, self.cfg.train.seq_len, self.cfg.train.eval_batches or 1)
+        tokens = val.tokens if isinstance(val, IndexedDataset) else val
+        logits_of = self._logits
+        if self.cfg.data.document_mask:  # each batch's document ids, in step with the batches
+            documents = validation_document_ids(val, *shape)
+
+            def logits_of(inputs: torch.Tensor) -> torch.Tensor | None:
+                return self._logits(inputs, next(documents).to(self.device))
+
+        sums = summed_token_cross_entropy(validation_batches(tokens, *shape), logits_of, self.device)
         total = sums.total
         if self.pipeline is not None:  # the loss is on the last stage's rank
             self.pipeline.moe_stats.clear()
@@ -496,12 +508,12 @@ class Trainer:
         self.model.train()
         return float(total) / sums.tokens
 
-    def _logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """The model's logits for `inputs`, under the run's autocast; under pipelining on the last
-        stage's rank only."""
+    def _logits(self, inputs: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The model's logits for `inputs` (attending inside `documents` when given), under the run's
+        autocast; under pipelining on the last stage's rank only."""
         with autocast_context(self.cfg.train, self.device):
             if self.pipeline is None:
-                return self.model(inputs).logits
+                return self.model(inputs, document_ids=documents).logits
             return self.pipeline.logits(inputs, tuple(inputs.shape), self.mesh["pp"].get_group())
 
     # ------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from conftest import SMALL
+from moeforge.bench import data as bench_data
 from moeforge.bench.data import DataBenchSettings, format_table, run_data_bench, write_corpus
 from moeforge.cli import build_parser, main
 from moeforge.config import ConfigError
 from moeforge.data import ByteTokenizer, PackedLoader
-from moeforge.train.trainer import Trainer
 
 TINY = dict(size_mb=0.2, chunk_mb=0.05, repeats=2, loader_batches=20, train_steps=2, startup_mb=(),
             overrides=tuple(SMALL.items()))  # fmt: skip
@@ -24,7 +24,8 @@ STEP_S = 0.05
 
 
 class SleepingStep:
-    """A trainer whose step takes STEP_S: training consumes a known number of tokens per second."""
+    """A trainer whose step takes STEP_S: training consumes a known number of tokens per second
+    (put in the bench's place of `Trainer` by the fixture `sleeping_trainer`)."""
 
     def __init__(self, cfg, out):
         pass
@@ -32,6 +33,11 @@ class SleepingStep:
     def train_step(self):
         time.sleep(STEP_S)
         return {}
+
+
+@pytest.fixture
+def sleeping_trainer(monkeypatch):
+    monkeypatch.setattr(bench_data, "Trainer", SleepingStep)
 
 
 class SleepingTokenizer(ByteTokenizer):
@@ -57,7 +63,7 @@ class SleepingLoader(PackedLoader):
 
 
 def test_the_bench_runs_tiny_with_a_real_trainer_and_prints_its_figures():
-    result = run_data_bench(DataBenchSettings(**TINY), Trainer)
+    result = run_data_bench(DataBenchSettings(**TINY))
     json.dumps(result)
     config, prep, load = result["config"], result["prepare"], result["loader"]
     assert config["seq_len"] == 32 and config["global_batch_size"] == 4 and len(config["load_average_before"]) == 3
@@ -75,10 +81,11 @@ def test_the_bench_runs_tiny_with_a_real_trainer_and_prints_its_figures():
     assert "prepare / encode_batch:" in table and "loader / training needs:" in table
 
 
+@pytest.mark.usefixtures("sleeping_trainer")
 def test_a_slower_baseline_tokenizer_raises_the_prepare_ratio_by_the_injected_time():
-    clean = run_data_bench(DataBenchSettings(**TINY), SleepingStep)["prepare"]
+    clean = run_data_bench(DataBenchSettings(**TINY))["prepare"]
     slow = SleepingTokenizer(cost_s=0.1)
-    injected = run_data_bench(DataBenchSettings(**TINY), SleepingStep, baseline_tokenizer=slow)["prepare"]
+    injected = run_data_bench(DataBenchSettings(**TINY), baseline_tokenizer=slow)["prepare"]
     per_round = slow.calls / 2 * slow.cost_s  # seconds added to each round's baseline
     assert slow.calls >= 2 * 4  # 0.2 MB in 0.05 MB chunks: at least 4 batches a round
     for clean_round, slow_round in zip(clean["rounds"], injected["rounds"]):
@@ -89,11 +96,12 @@ def test_a_slower_baseline_tokenizer_raises_the_prepare_ratio_by_the_injected_ti
     assert 0.5 * expected <= injected["ratio"] <= 2 * expected
 
 
+@pytest.mark.usefixtures("sleeping_trainer")
 def test_a_slower_loader_lowers_the_loader_ratio_to_the_injected_costs_ratio():
-    result = run_data_bench(DataBenchSettings(**TINY), SleepingStep)["loader"]
+    result = run_data_bench(DataBenchSettings(**TINY))["loader"]
     assert result["training_tokens_per_s"] == pytest.approx(4 * 32 / STEP_S, rel=0.3)
     assert result["ratio"] > 20  # an unhindered loader is far faster than a 50 ms step
-    injected = run_data_bench(DataBenchSettings(**TINY), SleepingStep, loader=SleepingLoader)["loader"]
+    injected = run_data_bench(DataBenchSettings(**TINY), loader=SleepingLoader)["loader"]
     # tokens per batch are the same on both sides: the ratio is the step's time over the batch's
     assert injected["ratio"] == pytest.approx(STEP_S / SleepingLoader.BATCH_COST_S, rel=0.3)
 
@@ -101,7 +109,7 @@ def test_a_slower_loader_lowers_the_loader_ratio_to_the_injected_costs_ratio():
 @pytest.mark.slow
 def test_startup_on_a_corpus_20x_larger_reports_the_ratios(tmp_path):
     settings = DataBenchSettings(**{**TINY, "repeats": 1, "startup_mb": (0.2, 4.0)})
-    startup = run_data_bench(settings, Trainer)["startup"]
+    startup = run_data_bench(settings)["startup"]
     small, large, ratios = startup["1"]["small"], startup["1"]["large"], startup["1"]["ratios"]
     assert ratios["tokens"] == pytest.approx(20, rel=0.2)
     for case in (small, large):

@@ -20,7 +20,6 @@ from moeforge.bench.diloco import (
 )
 from moeforge.config import ConfigError
 from moeforge.model.transformer import Transformer
-from moeforge.train.trainer import Trainer
 
 SETTINGS = DilocoBenchSettings(
     steps=8,
@@ -80,7 +79,7 @@ def expected_bytes(steps: int, h: int, fragments: int, overlap: int, size) -> in
 
 
 def test_bench_diloco_table_and_bytes(tmp_path):
-    result = run_diloco_bench(SETTINGS, Trainer, tmp_path / "runs")
+    result = run_diloco_bench(SETTINGS, tmp_path / "runs")
     json.dumps(result)
     rows = {row["method"]: row for row in result["methods"]}
     assert list(rows) == ["data parallel", "DiLoCo H=4", "Streaming P=2 fp32", "Streaming P=2 fp4-e3m0"]
@@ -143,4 +142,4 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
 )
 def test_bench_diloco_rejects_bad_settings(change, message):
     with pytest.raises(ConfigError, match=message):
-        run_diloco_bench(DilocoBenchSettings(**change), Trainer)
+        run_diloco_bench(DilocoBenchSettings(**change))

@@ -43,7 +43,7 @@ def test_peer_ratio_is_moeforge_over_transformers():
 )
 def test_bad_options_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
-        run_train_bench(settings, trainer=None)
+        run_train_bench(settings)
 
 
 def test_the_command_takes_dotted_overrides():
@@ -67,7 +67,7 @@ def test_bf16_on_the_cpu_warms_up_longer_than_fp32():
     from moeforge.bench.train import CPU_BF16_WARMUP, bench_config, warmup_steps
 
     settings = TrainBenchSettings(warmup=2)
-    fp32, bf16 = (bench_config(settings, variant, None) for variant in ("eager", "bf16"))
+    fp32, bf16 = (bench_config(settings, variant) for variant in ("eager", "bf16"))
     assert warmup_steps(settings, fp32, "cpu") == 2
     assert warmup_steps(settings, bf16, "cpu") == CPU_BF16_WARMUP
     assert warmup_steps(TrainBenchSettings(warmup=20), bf16, "cpu") == 20

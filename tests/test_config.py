@@ -5,7 +5,8 @@ import re
 import pytest
 
 from moeforge import cli
-from moeforge.cli import parse_overrides
+from moeforge.cli import train as train_command
+from moeforge.cli.arguments import parse_overrides
 from moeforge.config import (
     Config,
     ConfigError,
@@ -184,11 +185,36 @@ def test_help_shows_the_allowed_values_of_a_choice_field(capsys):
     assert any(line.startswith("  --train.steps ") and "allowed" not in line for line in lines)
 
 
+@pytest.mark.parametrize(
+    "argv, preset",
+    [
+        (["train", "--help"], "tiny"),
+        (["train", "--preset", "deepseek-v3-671b", "--help"], "deepseek-v3-671b"),
+        (["train", "--help", "--preset", "deepseek-v3-tiny"], "deepseek-v3-tiny"),
+    ],
+)
+def test_train_help_shows_the_values_the_preset_gives(argv, preset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"configuration options (--section.field-name VALUE; default shown is preset {preset}'s):" in lines
+    cfg = load_config(preset)
+    assert f"  --train.steps {cfg.train.steps!r}" in lines and f"  --train.seq-len {cfg.train.seq_len!r}" in lines
+    if preset == "tiny":  # the preset's values, not the dataclass defaults (300 steps of 128 tokens)
+        assert "  --train.steps 500" in lines and "  --train.seq-len 256" in lines
+
+
+def test_train_help_with_an_unknown_preset_is_one_line(capsys):
+    assert cli.main(["train", "--preset", "tiniest", "--help"]) == ConfigError.exit_code
+    assert capsys.readouterr().err.startswith("moeforge train: error: --preset: unknown preset 'tiniest'; allowed: ")
+
+
 def _train_handler_raising(monkeypatch, error: Exception) -> None:
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "load_config", fail)
+    monkeypatch.setattr(train_command, "load_config", fail)
 
 
 def test_cli_reports_project_errors_in_one_line_with_their_exit_code(monkeypatch, tmp_path, capsys):

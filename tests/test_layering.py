@@ -12,7 +12,9 @@ package, or from a package of a lower layer (never a sibling of its layer, never
     run                           the run directory's layout
     checkpoint                    sharded checkpoints, and a model rebuilt from one
     plan                          the planner: memory, bytes, bubbles, step time (the trainer may use it)
-    train, infer, interop, bench, run_plots
+    train, infer, interop, run_plots
+    bench                         benchmarks measure the trainer, the decoder and the importer, so
+                                  they sit above them and call them directly (no hand-over)
     cli
     the package root and __main__ (the public API, `python -m moeforge`)
 
@@ -40,7 +42,8 @@ LAYERS = [
     {"run"},
     {"checkpoint"},
     {"plan"},
-    {"train", "infer", "interop", "bench", "run_plots"},
+    {"train", "infer", "interop", "run_plots"},
+    {"bench"},
     {"cli"},
     {"__main__", "__init__"},
 ]

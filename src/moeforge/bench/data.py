@@ -6,8 +6,8 @@ in the same run, every round's figures kept (the machine may be shared: read the
   same documents in this one process, chunk by chunk as `prepare` batches them (read before the clock
   starts, nothing written): what the format and the workers cost or win over plain tokenizing.
 - **Loader**: tokens/s of `PackedLoader.next_batch` over the prepared memory map, against the tokens/s
-  a real training step of the run's model consumes (a few steps of the trainer the caller hands in:
-  bench sits beside train and does not import it). The ratio is how many times faster the loader is
+  a real training step of the run's model consumes (a few steps of `moeforge.train.trainer.Trainer`).
+  The ratio is how many times faster the loader is
   than training needs. The files were just written, so their pages are in the page cache: a cold
   disk is not measured here.
 - **Start-up**: time to the end of the first training step and the peak resident set (VmHWM), with
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from pydoc_data.topics import topics
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -43,14 +43,8 @@ from moeforge.data import PackedLoader, Tokenizer, TokenArray, build_datasets, b
 from moeforge.data.prepare import PrepareOptions, prepare
 from moeforge.data.sources import iter_chunks, list_sources
 from moeforge.parallel.spawn import free_port
+from moeforge.train.trainer import Trainer
 
-
-class Steps(Protocol):
-    def train_step(self) -> dict[str, Any]: ...
-
-
-TrainerFactory = Callable[[Config, str], Steps]
-"""(run config, run directory) -> a trainer (module-level, so that a spawned process can import it)"""
 
 Loader = Callable[[TokenArray, int, int, int], PackedLoader]
 """(train tokens, seq_len, global batch size, seed) -> the loader timed (PackedLoader by default)"""
@@ -107,7 +101,6 @@ class DataBenchSettings:
 
 def run_data_bench(
     settings: DataBenchSettings,
-    trainer: TrainerFactory,
     baseline_tokenizer: Tokenizer | None = None,
     loader: Loader = PackedLoader,
 ) -> dict[str, Any]:
@@ -123,8 +116,8 @@ def run_data_bench(
         written = write_corpus(corpus, settings.size_mb)
         rounds = [prepare_round(corpus, work / f"prepared-{r}", settings, tokenizer) for r in range(settings.repeats)]
         cfg = run_config(settings, str(work / "prepared-0"))
-        loader_rounds = [loader_round(cfg, settings, trainer, loader) for _ in range(settings.repeats)]
-        startup = measure_startup(settings, trainer, work) if settings.startup_mb else {}
+        loader_rounds = [loader_round(cfg, settings, loader) for _ in range(settings.repeats)]
+        startup = measure_startup(settings, work) if settings.startup_mb else {}
     return {
         "config": {
             **dataclasses.asdict(settings),
@@ -226,7 +219,7 @@ def spread(name: str, values: list[float]) -> dict[str, Any]:
 # Loader vs training
 
 
-def loader_round(cfg: Config, settings: DataBenchSettings, trainer: TrainerFactory, loader: Loader) -> dict[str, float]:
+def loader_round(cfg: Config, settings: DataBenchSettings, loader: Loader) -> dict[str, float]:
     """One round: `next_batch`'s seconds over the prepared memory map (the first batch, which draws
     the epoch's order, apart), then the training steps'."""
     tcfg = cfg.train
@@ -240,14 +233,14 @@ def loader_round(cfg: Config, settings: DataBenchSettings, trainer: TrainerFacto
         batches.next_batch()
     loader_s = time.perf_counter() - started
     return {"first_batch_s": first_s, "loader_s": loader_s, "batches": settings.loader_batches,
-            "step_s": train_step_seconds(trainer, cfg, settings.train_steps),
+            "step_s": train_step_seconds(cfg, settings.train_steps),
             "tokens_per_batch": tcfg.global_batch_size * tcfg.seq_len}  # fmt: skip
 
 
-def train_step_seconds(trainer: TrainerFactory, cfg: Config, steps: int) -> list[float]:
+def train_step_seconds(cfg: Config, steps: int) -> list[float]:
     """Seconds of each of `steps` training steps after one untimed, in a fresh run directory."""
     with tempfile.TemporaryDirectory() as out:
-        run = trainer(cfg, out)
+        run = Trainer(cfg, out)
         run.train_step()
         seconds = []
         for _ in range(steps):
@@ -273,7 +266,7 @@ def summarise_loader(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 # Start-up: time to the first step and memory
 
 
-def measure_startup(settings: DataBenchSettings, trainer: TrainerFactory, work: Path) -> dict[str, Any]:
+def measure_startup(settings: DataBenchSettings, work: Path) -> dict[str, Any]:
     """For each process count: the small and the large corpus, `repeats` interleaved rounds of fresh
     processes, and the ratios large/small of the medians."""
     sizes = dict(zip(("small", "large"), settings.startup_mb, strict=True))
@@ -290,7 +283,7 @@ def measure_startup(settings: DataBenchSettings, trainer: TrainerFactory, work: 
         for _ in range(settings.repeats):
             for name in sizes:
                 cfg = run_config(settings, str(work / f"startup-{name}"), processes)
-                runs[name].append(first_step_in_fresh_processes(trainer, cfg, processes))
+                runs[name].append(first_step_in_fresh_processes(cfg, processes))
         cases = {name: {**prepared[name], **summarise_startup(runs[name])} for name in sizes}
         result[str(processes)] = {**cases, "ratios": startup_ratios(cases["small"], cases["large"])}
     return result
@@ -309,7 +302,7 @@ def startup_ratios(small: dict[str, Any], large: dict[str, Any]) -> dict[str, fl
             **{field: large[field] / small[field] for field in STARTUP_FIELDS}}  # fmt: skip
 
 
-def first_step_in_fresh_processes(trainer: TrainerFactory, cfg: Config, processes: int) -> dict[str, float]:
+def first_step_in_fresh_processes(cfg: Config, processes: int) -> dict[str, float]:
     """Start `processes` spawned interpreters (joined in one gloo group when 2), each building the
     trainer and taking one step; the slowest rank's seconds from before the start, the largest rank's
     memory."""
@@ -319,7 +312,7 @@ def first_step_in_fresh_processes(trainer: TrainerFactory, cfg: Config, processe
     started = time.time()  # wall clock: compared with the children's
     for rank in range(processes):
         receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_first_step, args=(send, trainer, cfg, rank, processes, port, started))
+        child = ctx.Process(target=_first_step, args=(send, cfg, rank, processes, port, started))
         child.start()
         send.close()
         pipes.append(receive)
@@ -337,7 +330,7 @@ def first_step_in_fresh_processes(trainer: TrainerFactory, cfg: Config, processe
     return {field: max(o[field] for o in outcomes) for field in STARTUP_FIELDS}
 
 
-def _first_step(send: Any, trainer: TrainerFactory, cfg: Config, rank: int, world: int, port: int, started: float) -> None:
+def _first_step(send: Any, cfg: Config, rank: int, world: int, port: int, started: float) -> None:
     """In a spawned process: build the trainer, one step, then the figures down the pipe."""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -345,7 +338,7 @@ def _first_step(send: Any, trainer: TrainerFactory, cfg: Config, rank: int, worl
         torch.set_num_threads(1)  # two ranks share the two cores
     try:
         with tempfile.TemporaryDirectory() as out:
-            trainer(cfg, out).train_step()
+            Trainer(cfg, out).train_step()
             outcome: dict[str, Any] = {"first_step_s": time.time() - started, **resident_memory_mb()}
     except Exception as err:  # reported by the parent in one line
         outcome = {"error": f"{type(err).__name__}: {err}"}

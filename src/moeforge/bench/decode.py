@@ -23,7 +23,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,9 @@ from typing import Any
 import torch
 
 from moeforge.config import ConfigError
+from moeforge.infer import GenerationResult, SamplingConfig, generate
+from moeforge.interop import from_hf
 from moeforge.model.transformer import Transformer
-
-GreedyGenerate = Callable[[Transformer, list[int], int, bool], Any]
-"""(model, prompt, new tokens, compile) -> `infer.GenerationResult` of greedy decoding (the command
-line passes moeforge's own: bench/ sits beside infer/ and interop/, and imports neither)"""
-FromHF = Callable[[str], Transformer]
 
 TIE_GAP = 1e-4
 VOCAB = 2048
@@ -89,7 +85,7 @@ class Timings:
         return max(rates), min(rates)
 
 
-def run_decode_bench(settings: DecodeBenchSettings, greedy: GreedyGenerate, from_hf: FromHF) -> dict[str, Any]:
+def run_decode_bench(settings: DecodeBenchSettings) -> dict[str, Any]:
     settings.validate()
     transformers = _transformers()
     cores, threads_before = os.cpu_count() or 1, torch.get_num_threads()
@@ -98,7 +94,7 @@ def run_decode_bench(settings: DecodeBenchSettings, greedy: GreedyGenerate, from
         copy_gb_s = copy_bandwidth_gb_s()  # the machine's: every core copying
         torch.set_num_threads(settings.threads)
         copy_at_threads_gb_s = copy_bandwidth_gb_s()
-        rows = [_bench_model(transformers, name, settings, greedy, from_hf) for name in settings.models]
+        rows = [_bench_model(transformers, name, settings) for name in settings.models]
     finally:
         torch.set_num_threads(threads_before)
     return {
@@ -124,10 +120,8 @@ def copy_bandwidth_gb_s(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return 2 * n_bytes / best / 1e9
 
 
-def _bench_model(
-    transformers: Any, name: str, settings: DecodeBenchSettings, greedy: GreedyGenerate, from_hf: FromHF
-) -> dict[str, Any]:
-    hf, model = _same_weights(transformers, name, from_hf)
+def _bench_model(transformers: Any, name: str, settings: DecodeBenchSettings) -> dict[str, Any]:
+    hf, model = _same_weights(transformers, name)
     prompt = torch.randint(0, VOCAB, (1, settings.prompt_len), generator=torch.Generator().manual_seed(1))
     n = settings.new_tokens
 
@@ -201,7 +195,12 @@ def _hf_logits(hf: Any, prompt: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(out.logits).float()
 
 
-def _same_weights(transformers: Any, name: str, from_hf: FromHF) -> tuple[Any, Transformer]:
+def greedy(model: Transformer, prompt: list[int], new_tokens: int, compile: bool) -> GenerationResult:
+    """moeforge's greedy decoding of `new_tokens` after `prompt`, the decoding step compiled or not."""
+    return generate(model, prompt, new_tokens, SamplingConfig(temperature=0), compile=compile)
+
+
+def _same_weights(transformers: Any, name: str) -> tuple[Any, Transformer]:
     """A random transformers model of this architecture and the moeforge model imported from its
     saved checkpoint (DeepSeek's routing correction biases made random too, so that they matter)."""
     config_class, values = MODELS[name]
@@ -213,7 +212,7 @@ def _same_weights(transformers: Any, name: str, from_hf: FromHF) -> tuple[Any, T
                 module.e_score_correction_bias.uniform_(-0.1, 0.1)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(Path(tmp))
-        model = from_hf(tmp)
+        model = from_hf(tmp, progress=False)
     return hf, model
 
 

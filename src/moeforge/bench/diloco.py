@@ -20,8 +20,7 @@ with B the largest single exchange (data parallelism: B = 4 x parameters, k = 1,
 given for the step time measured here and for a reference model (bytes scaled by its parameter count,
 a step time assumed), as in Streaming DiLoCo's Table 1 (bandwidth to reach a compute utilisation).
 
-This bench sits beside `train` in the package layers, so the caller hands it the trainer class
-(`moeforge.train.trainer.Trainer`; the command line does).
+Every method is trained by `moeforge.train.trainer.Trainer`, as `moeforge train` trains.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +41,7 @@ from moeforge.parallel.process_group import init_distributed, launched_distribut
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan.comm import bandwidth_for_utilisation
 from moeforge.run import read_metrics
+from moeforge.train.trainer import Trainer
 
 REPLICAS = 2
 """DiLoCo replicas, each one process (data parallelism: the same 2 processes)"""
@@ -60,12 +60,6 @@ PER_METHOD_KEYS = (
     "train.report",
 )
 """config fields the bench sets itself; a --section.field override may not name them"""
-
-
-class TrainerClass(Protocol):
-    """`moeforge.train.trainer.Trainer`: built from a config and a run directory, trained by fit()."""
-
-    def __call__(self, cfg: Config, out_dir: Path) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +173,7 @@ def method_config(settings: DilocoBenchSettings, method: Method, world_size: int
 # Running the methods
 
 
-def run_diloco_bench(
-    settings: DilocoBenchSettings, trainer_class: TrainerClass, out: Path | str | None = None
-) -> dict[str, Any] | None:
+def run_diloco_bench(settings: DilocoBenchSettings, out: Path | str | None = None) -> dict[str, Any] | None:
     """Train every method and read the table back; the result on rank 0 (None on the other rank of a
     torchrun launch). Runs go to `out` (which must not hold them already) or a temporary directory.
 
@@ -198,13 +190,13 @@ def run_diloco_bench(
             raise ConfigError("--out: required under torchrun (every rank writes its part of the runs there)")
         _check_fresh(settings, Path(out))
         dist.barrier()  # every rank has looked before any run directory is made
-        train_methods(world.rank, settings, str(out), trainer_class)
+        train_methods(world.rank, settings, str(out))
         return summarize(settings, Path(out)) if world.is_main else None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out) if out is not None else Path(tmp)
         _check_fresh(settings, root)
         threads = max(1, (os.cpu_count() or 1) // REPLICAS)
-        run_on_processes(REPLICAS, train_methods, settings, str(root), trainer_class, threads=threads)
+        run_on_processes(REPLICAS, train_methods, settings, str(root), threads=threads)
         return summarize(settings, root)
 
 
@@ -215,11 +207,11 @@ def _check_fresh(settings: DilocoBenchSettings, root: Path) -> None:
             raise ConfigError(f"--out: {str(root / method.slug)!r} already exists; use a new --out")
 
 
-def train_methods(rank: int, settings: DilocoBenchSettings, root: str, trainer_class: TrainerClass) -> None:
+def train_methods(rank: int, settings: DilocoBenchSettings, root: str) -> None:
     """On each of the 2 ranks: train every method, one after the other, into root/<slug>."""
     for method in methods(settings):
         cfg = method_config(settings, method, REPLICAS)
-        result = trainer_class(cfg, Path(root) / method.slug).fit()
+        result = Trainer(cfg, Path(root) / method.slug).fit()
         if rank == 0:
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
             print(f"bench diloco: {method.name}: {result.step} steps, val loss {val}", flush=True)

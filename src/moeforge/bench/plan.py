@@ -21,9 +21,8 @@ two compared; no constant is fitted to the runs.
   smallest all-reduce and all-to-all; there is no network (one node).
 - **The runs.** For each layout (1 process; 2 processes FSDP; 2 processes EP2; 4 processes FSDP
   with EP2; 4 processes HSDP 2 x 2) and preset, the trainer runs a few real steps on the spawned
-  gloo processes in fp32 (`moeforge.train.trainer.Trainer`, handed in by the caller: bench sits
-  beside train in the layers and may not import it); a step's time is the slowest rank's
-  `train_step`, and the figure is the median after the warm-up steps.
+  gloo processes in fp32 (`moeforge.train.trainer.Trainer`, as `moeforge train` runs); a step's
+  time is the slowest rank's `train_step`, and the figure is the median after the warm-up steps.
 - **The comparison.** The planner plans the same layout (fp32 matmuls, activations, all-to-all rows
   and FSDP traffic; the run's batch and micro-batch) on the measured cluster; the table shows both
   step times, their ratio, what the planner says bounds the step, the planned step's parts, and
@@ -41,9 +40,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,14 +58,8 @@ from moeforge.config import Config, ConfigError, available_presets, load_config
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan import Cluster, Plan, TrainingShape, layout_from_config, plan_layout
 from moeforge.plan.layout import moeforge_attention_kernel
+from moeforge.train.trainer import Trainer
 
-
-class Steps(Protocol):
-    def train_step(self) -> dict[str, Any]: ...
-
-
-TrainerFactory = Callable[[Config, str], Steps]
-"""(run config, run directory) -> a trainer, e.g. `moeforge.train.trainer.Trainer`"""
 
 TOLERANCE = 0.30
 """the relative error of the planned step time against the measured one under which a case counts
@@ -137,9 +129,9 @@ class PlanBenchSettings:
             raise ConfigError("--presets/--layouts: give at least one of each")
 
 
-def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict[str, Any]:
-    """Measure the machine, run the layouts with `trainer` (a module-level class or function, so
-    that spawned processes can import it), plan them on the measured clusters; a JSON-ready dict."""
+def run_plan_bench(settings: PlanBenchSettings) -> dict[str, Any]:
+    """Measure the machine, run the layouts with the trainer on spawned processes, plan them on the
+    measured clusters; a JSON-ready dict."""
     settings.validate()
     load_before = os.getloadavg()
     worlds = sorted({LAYOUTS[name].processes for name in settings.layouts})
@@ -147,7 +139,7 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             out = Path(tmp) / f"world{world}.json"
-            run_on_processes(world, _spawned_worker, settings, trainer, str(out), threads=1)
+            run_on_processes(world, _spawned_worker, settings, str(out), threads=1)
             measured[world] = json.loads(out.read_text())
     clusters = {world: machine_cluster(measured[world]["machine"], world) for world in worlds}
     rows = []
@@ -175,7 +167,7 @@ def run_plan_bench(settings: PlanBenchSettings, trainer: TrainerFactory) -> dict
     }
 
 
-def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFactory, out: str) -> None:
+def _spawned_worker(rank: int, settings: PlanBenchSettings, out: str) -> None:
     """On each of the world's processes: every layout of this world size, each run measuring the
     machine right before it (on a shared machine the share our processes get drifts; the first
     measurement is the world's cluster, `--clusters-out`) and its GEMM rate again right after it."""
@@ -189,7 +181,7 @@ def _spawned_worker(rank: int, settings: PlanBenchSettings, trainer: TrainerFact
                 micro_batch = micro_batch_size(cfg, dist.get_world_size())
                 before["model_gemm_flops"] = slowest_of_ranks(model_gemm_flops(cfg, micro_batch, settings.repeats), min)
                 machine = machine or before
-                run = time_training(trainer, cfg, settings)
+                run = time_training(cfg, settings)
                 after = slowest_of_ranks(gemm_flops(settings.gemm_size, 1)[0], min)  # one repeat: a drift check
                 runs[f"{preset}/{name}"] = {**run, "machine": before, "gemm_flops_after": after}
     if rank == 0:
@@ -218,10 +210,10 @@ def bench_config(settings: PlanBenchSettings, preset: str, layout: BenchLayout) 
     return load_config(preset, overrides=overrides, world_size=layout.processes)
 
 
-def time_training(make_trainer: TrainerFactory, cfg: Config, settings: PlanBenchSettings) -> dict[str, Any]:
+def time_training(cfg: Config, settings: PlanBenchSettings) -> dict[str, Any]:
     """Seconds of each `train_step` (the slowest rank's), warm-up steps first."""
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(cfg, out)
+        trainer = Trainer(cfg, out)
         seconds = []
         for _ in range(settings.warmup + settings.steps):
             dist.barrier()
@@ -241,7 +233,7 @@ def time_training(make_trainer: TrainerFactory, cfg: Config, settings: PlanBench
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
 
 
-def profiled_matmul_seconds(trainer: Steps) -> tuple[float, float]:
+def profiled_matmul_seconds(trainer: Trainer) -> tuple[float, float]:
     """One more step under torch.profiler: (seconds in matmul and attention kernels, the step's
     seconds), on this rank. Shows where the planner's compute model (only these, at the GEMM rate)
     parts from the step: how fast its matmuls really run, and how long everything else takes."""

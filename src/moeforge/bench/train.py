@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +43,10 @@ import torch.nn.functional as F
 from moeforge.config import Config, ConfigError, load_config
 from moeforge.data import PackedLoader, build_datasets
 from moeforge.model.flops import training_flops_per_token
+from moeforge.interop import apply_hf_model, hf_weights_loader
 from moeforge.plan import device_peak_flops
+from moeforge.train.trainer import Trainer
 
-
-class Steps(Protocol):
-    def train_step(self) -> dict[str, Any]: ...
-
-
-TrainerFactory = Callable[[Config, str], Steps]
-"""(run config, run directory) -> a trainer (module-level, so that a spawned process can import it)"""
 
 VARIANTS: dict[str, dict[str, str]] = {
     "eager": {},
@@ -123,8 +118,7 @@ class TrainBenchSettings:
                               f"{', '.join(VARIANTS)}")
 
 
-def bench_config(settings: TrainBenchSettings, variant: str, apply_init_from: Callable[[Config, str], None] | None,
-                 init_from_hf: str = "") -> Config:
+def bench_config(settings: TrainBenchSettings, variant: str, init_from_hf: str = "") -> Config:
     """The run configuration of one variant: preset <- overrides <- the variant's flags, quiet."""
     values = dict(settings.overrides)
     if init_from_hf:
@@ -135,18 +129,14 @@ def bench_config(settings: TrainBenchSettings, variant: str, apply_init_from: Ca
     values.update({"train.progress": "false", "train.report": "false", "train.eval-every": "0",
                    "train.steps": str(max(settings.warmup, CPU_BF16_WARMUP) + settings.steps + 1000)})
     preset = None if init_from_hf else settings.preset
-    return load_config(preset, overrides=values, apply_init_from=apply_init_from)
+    return load_config(preset, overrides=values, apply_init_from=apply_hf_model)
 
 
-def run_train_bench(
-    settings: TrainBenchSettings,
-    trainer: TrainerFactory,
-    apply_init_from: Callable[[Config, str], None] | None = None,
-) -> dict[str, Any]:
+def run_train_bench(settings: TrainBenchSettings) -> dict[str, Any]:
     """Measure the machine's peak, then every variant (and peer) `repeats` times in fresh processes,
     interleaved; a JSON-ready dict."""
     settings.validate()
-    configs = {v: bench_config(settings, v, apply_init_from) for v in settings.variants}  # errors first
+    configs = {v: bench_config(settings, v) for v in settings.variants}  # errors first
     device = _device(next(iter(configs.values())))
     peak, peak_source = measured_peak(device, settings.gemm_size)
     peaks = {"fp32": peak, "bf16": peak}
@@ -168,12 +158,12 @@ def run_train_bench(
         "repeats": settings.repeats,
     }
     jobs: list[tuple[str, Callable[..., dict[str, Any]], tuple]] = [
-        (v, _moeforge_run, (trainer, cfg, warmup_steps(settings, cfg, device), settings.steps))
+        (v, _moeforge_run, (cfg, warmup_steps(settings, cfg, device), settings.steps))
         for v, cfg in configs.items()
     ]
     with tempfile.TemporaryDirectory() as tmp:
         if settings.peers:
-            for name, job in _peer_jobs(settings, trainer, apply_init_from, Path(tmp)):
+            for name, job in _peer_jobs(settings, Path(tmp)):
                 jobs.append((name, *job))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in jobs}
         for round_ in range(settings.repeats):
@@ -253,9 +243,10 @@ def _child(send: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
     send.close()
 
 
-def _moeforge_run(trainer: TrainerFactory, cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+def _moeforge_run(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+    """`moeforge train`'s trainer, with the weights of train.init-from-hf when set: its step times."""
     with tempfile.TemporaryDirectory() as out:
-        run = trainer(cfg, out)
+        run = Trainer(cfg, out, init_weights=hf_weights_loader(cfg) if cfg.train.init_from_hf else None)
         for _ in range(warmup):
             run.train_step()
         times = _timed(run.train_step, steps, cfg.train.device)
@@ -328,11 +319,7 @@ def summarise(runs: list[dict[str, Any]], peak: float | None) -> dict[str, Any]:
 # transformers as a peer
 
 
-def _peer_jobs(
-    settings: TrainBenchSettings, trainer: TrainerFactory, apply_init_from: Callable | None, tmp: Path
-) -> list[tuple[str, tuple[Callable[..., dict[str, Any]], tuple]]]:
-    if apply_init_from is None:
-        raise ConfigError("--peers: this caller gave no Hugging Face import (apply_init_from)")
+def _peer_jobs(settings: TrainBenchSettings, tmp: Path) -> list[tuple[str, tuple[Callable[..., dict[str, Any]], tuple]]]:
     try:
         import transformers
     except ImportError:
@@ -345,11 +332,11 @@ def _peer_jobs(
         path = tmp / name
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
         for variant in PEER_VARIANTS:
-            cfg = bench_config(settings, variant, apply_init_from, init_from_hf=str(path))
+            cfg = bench_config(settings, variant, init_from_hf=str(path))
             warmup = warmup_steps(settings, cfg, _device(cfg))
-            jobs.append((f"{name}/moeforge-{variant}", (_moeforge_run, (trainer, cfg, warmup, settings.steps))))
+            jobs.append((f"{name}/moeforge-{variant}", (_moeforge_run, (cfg, warmup, settings.steps))))
         for peer_case, variant in (("transformers", "eager"), ("transformers-bf16", "bf16")):
-            cfg = bench_config(settings, variant, apply_init_from, init_from_hf=str(path))
+            cfg = bench_config(settings, variant, init_from_hf=str(path))
             warmup = warmup_steps(settings, cfg, _device(cfg))
             jobs.append((f"{name}/{peer_case}", (_transformers_run, (str(path), cfg, warmup, settings.steps))))
     return jobs

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from conftest import SMALL, small_config
 
 from moeforge.config import ConfigError, load_config
 from moeforge.data.blend import BlendedLoader
 from moeforge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from moeforge.data.loader import PackedLoader, validation_batches, validation_document_ids
-from moeforge.model.attention import document_mask, document_positions
+from moeforge.model import transformer as transformer_module
+from moeforge.model.attention import attention_mask_for, document_block_mask, document_mask, document_positions
 from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.checkpoint.model_loading import load_model
 from moeforge.cli import main
@@ -159,6 +161,43 @@ def test_the_overlapped_forward_attends_inside_documents_too(attention):
     torch.testing.assert_close(halves.logits, whole.logits, atol=2e-5, rtol=1e-5)
     for mine, expected in zip(halves.mtp_logits, whole.mtp_logits, strict=True):
         torch.testing.assert_close(mine, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_the_flex_attention_block_mask_gives_the_sdpa_mask_s_forward(attention, monkeypatch):
+    """CUDA runs the document mask as a FlexAttention block mask (attention_mask_for); its forward
+    runs on the CPU too (not its backward, in torch 2.13), so the two forms are compared here."""
+    model = MODELS[attention]()
+    inputs, targets, ids = packed_batch(model.cfg.vocab_size)
+    with torch.no_grad():
+        dense = model(inputs, mtp_targets=targets, document_ids=ids)
+        monkeypatch.setattr(transformer_module, "attention_mask_for", document_block_mask)
+        assert isinstance(model.training_attention(SEQ, ids)[2], BlockMask)
+        flex = model(inputs, mtp_targets=targets, document_ids=ids)
+    torch.testing.assert_close(flex.logits, dense.logits, atol=2e-5, rtol=1e-5)
+    for mine, expected in zip(flex.mtp_logits, dense.mtp_logits, strict=True):
+        torch.testing.assert_close(mine, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels: CUDA")
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_on_cuda_the_block_mask_gives_the_sdpa_mask_s_logits_and_gradients(attention, monkeypatch):
+    model = MODELS[attention]().cuda()
+    inputs, targets, ids = (t.cuda() for t in packed_batch(model.cfg.vocab_size))
+    assert isinstance(attention_mask_for(ids), BlockMask)
+
+    def run(mask_of):
+        model.zero_grad()
+        with monkeypatch.context() as patch:
+            patch.setattr(transformer_module, "attention_mask_for", mask_of)
+            out = model(inputs, mtp_targets=targets, document_ids=ids)
+        summed_loss(out, targets).backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (dense_logits, dense_grads), (flex_logits, flex_grads) = run(document_mask), run(attention_mask_for)
+    torch.testing.assert_close(flex_logits, dense_logits, atol=1e-4, rtol=1e-4)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, atol=1e-3, rtol=1e-3, msg=name)
 
 
 def test_one_document_per_row_is_plain_causal_attention():

@@ -4,8 +4,10 @@ latent attention (MLA) with its compressed cache.
 Training attention is causal over the whole sequence, or with document masking (`--data.document-mask`)
 block-diagonal causal over the documents packed into it: `document_positions` restart RoPE's
 positions at each document and `document_mask` lets a token see only the earlier tokens of its own
-document, so each document computes what it would alone. The mask is a boolean SDPA mask, which has
-a backward on the CPU (FlexAttention's block masks have none there in torch 2.13).
+document, so each document computes what it would alone. On the CPU the mask is a boolean SDPA mask
+(FlexAttention has no backward there in torch 2.13); on CUDA it is a FlexAttention `BlockMask`, run
+by the compiled `flex_attention`, which skips the blocks outside every document instead of
+computing and masking a dense [S, S] score matrix (`attention_mask_for`).
 
 The caches are static, as gpt-fast's: allocated once at their full length, written at a tensor of
 slot indices, and read whole under a mask, so that a decoding step has the same shapes at every
@@ -15,11 +17,13 @@ overwriting a slot is all it takes to roll a cache back (speculative decoding do
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from moeforge.config import ModelConfig
 
@@ -87,6 +91,47 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """`document_mask` as FlexAttention's block mask (what `flex_attention` takes)."""
+    segment = document_starts(document_ids).cumsum(dim=1)
+    batch, seq = document_ids.shape
+
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (segment[b, q] == segment[b, k])
+
+    return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
+
+
+AttentionMask = torch.Tensor | BlockMask
+"""A boolean [B, 1, S, S] SDPA mask or a FlexAttention block mask"""
+
+
+def attention_mask_for(document_ids: torch.Tensor) -> AttentionMask:
+    """The document mask in the form that pays on `document_ids`' device: a block mask on CUDA, a
+    boolean SDPA mask elsewhere (module docstring)."""
+    return document_block_mask(document_ids) if document_ids.is_cuda else document_mask(document_ids)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None, scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Attention of q [B, H, S, D] over k, v: causal without `mask`, else where it allows; SDPA for a
+    boolean mask, FlexAttention (compiled where it runs on CUDA) for a block mask."""
+    if isinstance(mask, BlockMask):
+        attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """`flex_attention` compiled once per process: uncompiled it materialises the scores."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class KVCache(nn.Module):
     """Keys and values of one attention layer for incremental decoding, [B, n_kv_heads, max_len, head_dim]."""
 
@@ -129,7 +174,7 @@ class GroupedQueryAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: CacheSlots | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """x [B, S, dim] -> [B, S, dim]; causal over x alone, or where `mask` [B, 1, S, S] allows
         (`document_mask`), or with `slots` over the cache as well."""
@@ -142,7 +187,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if slots is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            out = masked_attention(q, k, v, mask, enable_gqa=gqa)
         else:
             k, v = self.cache.update(slots.index, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=slots.mask, enable_gqa=gqa)
@@ -214,7 +259,7 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: CacheSlots | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """x [B, S, dim] -> [B, S, dim]; causal over x alone, or where `mask` [B, 1, S, S] allows
         (`document_mask`), or with `slots` over the cache as well."""
@@ -244,7 +289,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope: torch.Tensor,
         latent: torch.Tensor,
         rope_key: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """Attention over the whole sequence, causal or where `mask` [B, 1, S, S] allows, with per-head
         keys/values expanded from the latent."""
@@ -256,7 +301,7 @@ class MultiHeadLatentAttention(nn.Module):
         pad = k.shape[-1] - self.v_dim if pads_mla_values(v.device.type) else 0
         if pad > 0:
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        out = masked_attention(q, k, v, mask, scale=self.scale)
         return out[..., : self.v_dim] if pad > 0 else out
 
     def _attend_latent(

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeforge.model.attention import AttentionMask
+
 
 class MTPModule(nn.Module):
     """One depth: input norms, the projection M_k, one transformer block, and the norm before the head.
@@ -46,7 +48,7 @@ class MTPModule(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: Any = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """h^k [B, S, dim] from h^{k-1} and Emb(t_{i+k}) at the same S positions (eqs. 21-22), and
         what the block's MoE layer measured (None for a dense block). With the block's KV cache set

@@ -18,10 +18,11 @@ from torch import nn
 
 from moeforge.config import ConfigError, ModelConfig
 from moeforge.model.attention import (
+    AttentionMask,
     CacheSlots,
     build_attention,
     cache_slots,
-    document_mask,
+    attention_mask_for,
     document_positions,
     rope_tables,
 )
@@ -77,7 +78,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: CacheSlots | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's output and, for an MoE block, what its MoE layer measured."""
         x = self.attend(x, cos, sin, slots, mask)
@@ -92,7 +93,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: CacheSlots | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """The first half of the block: x + attention(norm(x)), [B, S, dim] (over the KV cache with
         `slots`; inside documents with `mask`, `document_mask`)."""
@@ -222,7 +223,7 @@ class Transformer(nn.Module):
         if document_ids is None:
             return self.rope_cos[:seq], self.rope_sin[:seq], None
         cos, sin = self.rope_at(document_positions(document_ids))
-        return cos, sin, document_mask(document_ids)
+        return cos, sin, attention_mask_for(document_ids)
 
     @staticmethod
     def positions(input_pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:

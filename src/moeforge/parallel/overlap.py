@@ -62,6 +62,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from moeforge.in_flight import AllToAllTimes, Pending
+from moeforge.model.attention import AttentionMask
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.moe.router import RouterOutput
 from moeforge.model.mtp import mtp_inputs_and_labels
@@ -148,7 +149,7 @@ def overlapped_forward(
     return _call_as(model, forward, tokens, mtp_targets, document_ids)
 
 
-AttentionInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+AttentionInputs = tuple[torch.Tensor, torch.Tensor, AttentionMask | None]
 """RoPE's cos and sin and the attention mask (None: causal) of one part, as `Block.forward` takes them"""
 
 
@@ -156,12 +157,11 @@ def _attention_parts(
     model: Transformer, seq: int, document_ids: torch.Tensor | None, parts: int
 ) -> list[AttentionInputs]:
     """Each batch part's `Transformer.training_attention` over `seq` positions: the same shared
-    tables and no mask for every part, or with `document_ids` each part's rows of the per-row tables
-    and of the document mask (the parts are `tensor_split`s of the batch, as the hidden states')."""
-    cos, sin, mask = model.training_attention(seq, document_ids)
-    if mask is None:
-        return [(cos, sin, None)] * parts
-    return list(zip(cos.tensor_split(parts), sin.tensor_split(parts), mask.tensor_split(parts)))
+    tables and no mask for every part, or with `document_ids` each part's own per-row tables and
+    document mask (the parts are `tensor_split`s of the batch, as the hidden states')."""
+    if document_ids is None:
+        return [model.training_attention(seq)] * parts
+    return [model.training_attention(seq, ids) for ids in document_ids.tensor_split(parts)]
 
 
 def _forward_in_parts(

@@ -5,10 +5,7 @@ embedding goes with the first stage, the final norm, the head and the MTP module
 A chunk keeps its modules under their full-model names (`layers.5.ffn...`), so a chunk's
 `state_dict` is a slice of the model's and checkpoints do not depend on the split.
 
-Placement of stages on ranks (DualPipeV / ZBV paper figures):
-    loop  (1F1B, interleaved 1F1B)  stage s on rank s % pp; rank r holds r, r+pp, r+2pp, ...
-    V     (ZBV, DualPipeV)          rank r holds stages r and 2pp-1-r: the first and the last stage
-                                    share rank 0.
+Stages are placed on ranks in a loop or a V (stage_placement.py).
 
 Two things the single-process loss does that a pipeline must redo:
   * The MoE balance losses are computed in the middle of the model, on stages that never see the
@@ -62,6 +59,7 @@ from moeforge.model.mtp import mtp_inputs_and_labels
 from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.parallel.regional import recomputing
 from moeforge.parallel.sharded_load import local_shard
+from moeforge.parallel.stage_placement import block_ranges, rank_stages, ranges_of_counts, stage_rank
 
 SCHEDULES: dict[str, tuple[type, int, str]] = {
     "1f1b": (Schedule1F1B, 1, "loop"),
@@ -70,32 +68,6 @@ SCHEDULES: dict[str, tuple[type, int, str]] = {
     "dualpipev": (ScheduleDualPipeV, 2, "v"),
 }
 """schedule name -> (torch schedule class, stages per rank, placement style)"""
-
-
-def stage_rank(stage: int, pp: int, style: str) -> int:
-    """The pp rank that runs `stage` (module docstring: loop or V placement)."""
-    if style == "v":
-        return stage if stage < pp else 2 * pp - 1 - stage
-    return stage % pp
-
-
-def rank_stages(rank: int, pp: int, n_stages: int, style: str) -> list[int]:
-    """The stages of pp rank `rank`, in increasing order (the order torch's schedules expect)."""
-    return [s for s in range(n_stages) if stage_rank(s, pp, style) == rank]
-
-
-def block_ranges(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous block ranges, one per stage, sizes differing by at most one (earlier stages get
-    fewer: they also hold the embedding)."""
-    if n_stages > n_layers:
-        raise ValueError(f"parallel.pp: {n_stages} stages need at least as many blocks, got {n_layers}")
-    return [range(s * n_layers // n_stages, (s + 1) * n_layers // n_stages) for s in range(n_stages)]
-
-
-def ranges_of_counts(counts: list[int]) -> list[range]:
-    """[2, 3, 1] -> [range(0, 2), range(2, 5), range(5, 6)]: each stage's blocks."""
-    starts = [sum(counts[:s]) for s in range(len(counts))]
-    return [range(start, start + count) for start, count in zip(starts, counts)]
 
 
 class PipelineChunk(nn.Module):

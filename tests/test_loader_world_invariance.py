@@ -18,7 +18,7 @@ from conftest import small_config
 from moeforge.data import PackedLoader, validation_batches
 from moeforge.parallel import data_parallel_rank
 from moeforge.run import read_metrics
-from moeforge.train import trainer
+from moeforge.train import run_data, trainer
 
 # ---------------------------------------------------------------------------------------------
 # The reference: the loader as it was before it read windows per batch (copied, shortened)
@@ -238,13 +238,13 @@ def test_training_on_memory_mapped_tokens_matches_training_on_the_tensor(tmp_pat
     val = mapped_run.val_sets[0][2]
     assert isinstance(mapped_run.loader.tokens, np.memmap) and isinstance(val.tokens, np.memmap)
     mapped_run.fit()
-    memory_mapped = trainer.build_indexed_datasets
+    memory_mapped = run_data.build_indexed_datasets
 
     def in_memory(data_cfg, seq_len, progress=True):
         tokenizer, train, val = memory_mapped(data_cfg, seq_len, progress)
         return tokenizer, torch.from_numpy(train.tokens.astype(np.int64)), torch.from_numpy(val.tokens.astype(np.int64))
 
-    monkeypatch.setattr(trainer, "build_indexed_datasets", in_memory)
+    monkeypatch.setattr(run_data, "build_indexed_datasets", in_memory)
     trainer.Trainer(cfg(), tmp_path / "tensor").fit()
     losses = [
         [(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / run)] for run in ("tensor", "mapped")

@@ -35,6 +35,19 @@ DEEPSEEK_V3 = {
 }  # fmt: skip
 
 
+GLM4_MOE = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+    "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "use_qk_norm": True, "partial_rotary_factor": 1.0,
+    "num_mtp_layers": 0, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "initializer_range": 0.1,
+}  # fmt: skip
+
+
+def glm4_moe_config(**overrides):
+    return transformers.Glm4MoeConfig(**{**GLM4_MOE, **overrides})
+
+
 def qwen3_config(**overrides):
     return transformers.Qwen3MoeConfig(**{**QWEN3, **overrides})
 

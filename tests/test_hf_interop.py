@@ -10,6 +10,7 @@ from hf_models import (
     VOCAB,
     deepseek_v3_config,
     edit_config,
+    glm4_moe_config,
     mixtral_config,
     qwen3_config,
     read_tensors,
@@ -42,6 +43,8 @@ CASES = {
     "deepseek_v3-no-q-lora-ungrouped": lambda: deepseek_v3_config(
         q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False
     ),
+    "glm4_moe": lambda: glm4_moe_config(),
+    "glm4_moe-no-qk-norm-ungrouped": lambda: glm4_moe_config(use_qk_norm=False, n_group=1, topk_group=1),
 }
 
 
@@ -252,8 +255,28 @@ def test_checkpoint_with_a_foreign_tensor_or_a_missing_one_is_refused(tmp_path):
         from_hf(tmp_path, progress=False)
 
 
+def test_the_default_model_exports_and_transformers_computes_its_logits(tmp_path):
+    """The default preset (GQA attention, DeepSeek-V3 routing with shared experts and a balancing bias)
+    is written as GLM-4.5's MoE; transformers' forward of the export gives moeforge's logits, and
+    reading it back gives the same tensors."""
+    torch.manual_seed(0)
+    model = Transformer(load_config().model).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.expert_bias.uniform_(-0.1, 0.1)
+    to_hf(model, tmp_path / "hf", progress=False)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "glm4_moe"
+    ids = tokens(seq=32)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), expected, rtol=1e-5, atol=2e-5)
+    back = from_hf(tmp_path / "hf", progress=False)
+    assert all(torch.equal(back.state_dict()[name], t) for name, t in model.state_dict().items())
+
+
 def test_export_refuses_what_the_format_cannot_hold(tmp_path, small_cfg):
-    with pytest.raises(HFInteropError, match="score-func"):
+    small_cfg.model.moe.n_shared_experts = 0
+    with pytest.raises(HFInteropError, match="glm4_moe format: moe.n-shared-experts=0"):
         to_hf(Transformer(small_cfg.model), tmp_path / "a", progress=False)
     save_hf_model(qwen3_config(), tmp_path / "hf")
     model = from_hf(tmp_path / "hf", progress=False)

@@ -173,9 +173,8 @@ def common_unsupported(values: dict[str, Any]) -> list[str]:
     if values.get("rope_scaling"):
         problems.append(f"rope_scaling={values['rope_scaling']} (plain RoPE only)")
     rope = values.get("rope_parameters") or {}
-    extra_rope = {
-        k: v for k, v in rope.items() if k != "rope_theta" and not (k == "rope_type" and v == "default")
-    }
+    plain = {"rope_type": "default", "partial_rotary_factor": 1.0}  # (whole heads rotated)
+    extra_rope = {k: v for k, v in rope.items() if k != "rope_theta" and plain.get(k, object()) != v}
     if extra_rope:
         problems.append(f"rope_parameters={rope} (plain RoPE only)")
     return problems

@@ -23,6 +23,7 @@ from moeforge.interop.hf.architecture import (
 from moeforge.interop.hf.deepseek_v3 import DEEPSEEK_V3
 from moeforge.interop.hf.errors import HFInteropError
 from moeforge.interop.hf.layout import declared_mtp_layers, stored_mtp_layers
+from moeforge.interop.hf.glm4_moe import GLM4_MOE
 from moeforge.interop.hf.mixtral import MIXTRAL
 from moeforge.interop.hf.qwen3_moe import QWEN3_MOE
 from moeforge.interop.hf.safetensors_io import model_home, shard_files, tensor_names
@@ -30,7 +31,9 @@ from moeforge.interop.hf.safetensors_io import model_home, shard_files, tensor_n
 CONFIG_FILE = "config.json"
 """a Hugging Face directory's config.json (not the same format as a run's, though the same name)"""
 
-ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (QWEN3_MOE, MIXTRAL, DEEPSEEK_V3)}
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch for arch in (QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, GLM4_MOE)
+}
 
 
 MAX_CONFIG_BYTES = 16 << 20
@@ -119,9 +122,15 @@ def architecture_of(hf: dict[str, Any], where: Path | str) -> Architecture:
 
 
 def export_architecture(cfg: ModelConfig) -> Architecture:
-    """The Hugging Face architecture a moeforge model is written as: DeepSeek-V3 with MLA, Qwen3-MoE
-    when it normalises query/key heads, Mixtral otherwise; an error listing what does not fit."""
-    arch = DEEPSEEK_V3 if cfg.attention == "mla" else QWEN3_MOE if cfg.qk_norm else MIXTRAL
+    """The Hugging Face architecture a moeforge model is written as: DeepSeek-V3 with MLA, GLM-4.5's
+    MoE with grouped-query attention and sigmoid routing (the default model), Qwen3-MoE when it
+    normalises query/key heads, Mixtral otherwise; an error listing what does not fit."""
+    if cfg.attention == "mla":
+        arch = DEEPSEEK_V3
+    elif cfg.moe.score_func == "sigmoid":
+        arch = GLM4_MOE
+    else:
+        arch = QWEN3_MOE if cfg.qk_norm else MIXTRAL
     problems = arch.misfits(cfg)
     if problems:
         raise HFInteropError(

@@ -130,3 +130,43 @@ def test_a_peer_built_from_a_moeforge_layer_computes_the_same_layer(name):
     got = got[0] if isinstance(got, tuple) else got
     tolerance = {"rtol": 2e-2, "atol": 2e-3} if name == "torchtitan" else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(got.reshape(expected.shape), expected, **tolerance)
+
+
+def test_the_ratios_follow_the_measured_times_of_each_case(monkeypatch):
+    """The timer is injected: every step advances a fake clock by a known cost of its own kind (the
+    dense SwiGLU 2, the experts alone 3, the whole layer 5, each GEMM baseline 1 'second'), so each
+    printed ratio must be the ratio of those costs, whichever case it belongs to."""
+    from torch import nn
+
+    from moeforge.bench import moe as bench_moe
+    from moeforge.model.mlp import SwiGLU
+    from moeforge.model.moe import MoE
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_moe, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def costing(make_step, cost_of):
+        def make(*args, **kwargs):
+            step = make_step(*args, **kwargs)
+            cost = cost_of(*args)
+
+            def timed() -> None:
+                step()
+                clock[0] += cost
+
+            return timed
+
+        return make
+
+    def module_cost(module: nn.Module, inputs) -> float:
+        return 2.0 if isinstance(module, SwiGLU) else 5.0 if isinstance(module, MoE) else 3.0
+
+    monkeypatch.setattr(bench_moe, "forward_backward_step", costing(bench_moe.forward_backward_step, module_cost))
+    monkeypatch.setattr(bench_moe, "swiglu_gemms_step", costing(bench_moe.swiglu_gemms_step, lambda *a: 1.0))
+    result = run_moe_bench(dim=16, ffn_dim=8, n_experts=4, top_k=2, tokens=32, backends=("grouped",), repeats=2, warmup=1)
+    cases = result["cases"]
+    assert cases["layer/grouped"]["best_ms"] == pytest.approx(5000)
+    assert cases["layer/grouped"]["vs_dense"] == pytest.approx(2 / 5)
+    assert cases["layer/grouped"]["vs_experts"] == pytest.approx(3 / 5)
+    assert cases["experts/grouped"]["vs_gemm"] == pytest.approx(1 / 3)
+    assert cases["dense"]["expert_gflops"] == pytest.approx(result["expert_gflop"] / 2)

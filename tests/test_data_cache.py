@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from moeforge.config import DataConfig
+from moeforge.config import ConfigError, DataConfig
 from moeforge.data import build_datasets, cache
 from moeforge.data.prepared import is_prepared
 
@@ -121,3 +121,10 @@ def test_the_embedded_corpus_is_prepared_once_per_text(prepare_calls):
     assert np.array_equal(train, again)
     (embedded,) = (cache.cache_root() / "embedded").glob("*.jsonl")
     assert prepare_calls[0].inputs == (str(embedded),)
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(ConfigError, match=r"^data\.path: cannot write the data cache .*MOEFORGE_CACHE_DIR"):
+        build_datasets(DataConfig(), seq_len=64)

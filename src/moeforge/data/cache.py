@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from moeforge.config import DataConfig
+from moeforge.config import ConfigError, DataConfig
 from moeforge.data.corpus import embedded_corpus
 from moeforge.data.prepare import FORMAT, PrepareOptions, prepare, tokenizer_identity
 from moeforge.data.prepared import is_prepared
@@ -66,6 +66,11 @@ def prepared_cache(cfg: DataConfig, progress: bool = True) -> Path:
         return out
     except DataSourceError as err:
         raise err.renamed(TRAINER_FLAGS) from None
+    except OSError as err:  # the inputs' read errors are DataSourceErrors: this is the cache's side
+        raise ConfigError(
+            f"data.path: cannot write the data cache {cache_root()} ({err.strerror}: {err.filename}); "
+            f"set {CACHE_ENV} to a writable directory with room for the prepared tokens"
+        ) from None
 
 
 def _key(inputs: list[str], tokenizer: str, text_field: str, val_tail: float) -> str:

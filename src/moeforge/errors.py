@@ -8,6 +8,7 @@ and exits with its `exit_code`; any other exception is a bug and keeps its trace
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 
 class MoeforgeError(Exception):
@@ -30,8 +31,10 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def print_line(text: str) -> None:
-    """`text` and its newline on stderr in one write. Under torchrun (`python -u`) every rank writes to
-    the same stream, and `print`'s separate write of the newline lets their lines interleave."""
-    sys.stderr.write(f"{text}\n")
-    sys.stderr.flush()
+def print_line(text: str, stream: TextIO | None = None) -> None:
+    """`text` and its newline on `stream` (stderr by default) in one write. Under torchrun (`python -u`)
+    every rank writes to the same stream, and `print`'s separate write of the newline lets their lines
+    interleave."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(f"{text}\n")
+    stream.flush()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from typing import NoReturn
 
 from moeforge.cli.arguments import output_dir, parse_overrides
+from moeforge.errors import print_line
 from moeforge.config import DEFAULT_PRESET, available_presets, format_choices, iter_options, load_config
 
 
@@ -83,12 +85,14 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         report_after_training(out)
     state = "interrupted" if result.interrupted else "done"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    # one write a line: the other ranks may still be writing theirs to the same stream
+    print_line(f"{state} at step {result.step}: loss {result.final_loss:.4f}{val}; checkpoint {result.checkpoint}", sys.stdout)
     if result.exchange is not None:
         sent, plain = result.exchange["bytes_per_replica"], result.exchange["data_parallel_bytes_per_replica"]
         fewer = f" ({plain / sent:,.0f}x fewer)" if sent else ""
-        print(
+        print_line(
             f"diloco: {sent / 1e6:,.1f} MB sent per replica; data parallelism would have sent "
-            f"{plain / 1e6:,.1f} MB for these steps{fewer}"
+            f"{plain / 1e6:,.1f} MB for these steps{fewer}",
+            sys.stdout,
         )
     return 0

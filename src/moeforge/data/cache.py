@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from moeforge.data.prepare import FORMAT, PrepareOptions, prepare, tokenizer_ide
 from moeforge.data.prepared import is_prepared
 from moeforge.data.sources import DataSourceError, list_sources
 from moeforge.durable import fsync_directory, write_synced
+from moeforge.errors import print_line
 
 CACHE_ENV = "MOEFORGE_CACHE_DIR"
 TRAINER_FLAGS = {"input": "data.path", "text-field": "data.text-field"}
@@ -58,7 +60,7 @@ def prepared_cache(cfg: DataConfig, progress: bool = True) -> Path:
         with _locked(out.with_name(out.name + ".lock")):
             if not is_prepared(out):  # another process may have prepared it while this one waited
                 if progress:
-                    print(f"data: preparing {cfg.path or 'the embedded corpus'} once, into {out}", flush=True)
+                    print_line(f"data: preparing {cfg.path or 'the embedded corpus'} once, into {out}", sys.stdout)
                 options = PrepareOptions(
                     tuple(inputs), out, cfg.tokenizer, text_field, val_tail=cfg.val_fraction
                 )

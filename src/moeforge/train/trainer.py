@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ class Trainer:
         CPU this host's available memory shared among its ranks) unless train.force."""
         estimate = estimate_run(self.cfg, self.world_size, self.device)
         if self.is_main and self.cfg.train.progress:
-            print(estimate.one_line(), flush=True)
+            print_line(estimate.one_line(), sys.stdout)
         if not estimate.fits and not self.cfg.train.force:
             raise ConfigError(estimate.refusal())
 
@@ -184,7 +185,7 @@ class Trainer:
         loaded = meta.load_stats.summed_over_ranks(self.device)
         if self.is_main:
             truncate_metrics(self.out_dir, self.step)
-            print(f"resumed from step {self.step}: {loaded.describe()}", flush=True)
+            print_line(f"resumed from step {self.step}: {loaded.describe()}", sys.stdout)
         return True
 
     def _load_checkpoint(self, path: Path, saved_diloco: dict[str, Any] | None) -> ckpt.CheckpointMeta:

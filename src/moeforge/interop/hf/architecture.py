@@ -241,6 +241,50 @@ def softmax_moe(values: dict[str, Any], n_experts: int, expert_ffn_dim: int, rou
     )
 
 
+def sigmoid_group_moe(values: dict[str, Any], **balance: float) -> MoEConfig:
+    """DeepSeek-V3's routing, as DeepSeek-V3 and GLM-4.5's MoE store it: sigmoid scores, top-k inside
+    the best groups chosen with the correction bias, gates normalised (`norm_topk_prob`) and scaled by
+    `routed_scaling_factor`, shared experts; `balance` sets the balance-loss coefficients."""
+    return MoEConfig(
+        n_experts=require(values, "n_routed_experts"),
+        top_k=require(values, "num_experts_per_tok"),
+        expert_ffn_dim=require(values, "moe_intermediate_size"),
+        n_shared_experts=values["n_shared_experts"],
+        score_func="sigmoid",
+        route_norm=bool(values["norm_topk_prob"]),
+        route_scale=float(values["routed_scaling_factor"]),
+        n_groups=values["n_group"] or 1,
+        topk_groups=values["topk_group"] or 1,
+        **balance,
+    )
+
+
+def sigmoid_group_hf_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields of `sigmoid_group_moe`'s routing, and the leading dense layers."""
+    moe = cfg.moe
+    return {
+        "intermediate_size": cfg.ffn_dim,
+        "moe_intermediate_size": moe.expert_ffn_dim,
+        "n_routed_experts": moe.n_experts,
+        "n_shared_experts": moe.n_shared_experts,
+        "routed_scaling_factor": moe.route_scale,
+        "norm_topk_prob": moe.route_norm,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups,
+        "first_k_dense_replace": cfg.n_dense_layers,
+    }
+
+
+def sigmoid_group_misfits(cfg: ModelConfig) -> list[str]:
+    """What a format of `sigmoid_group_moe`'s routing cannot hold of a moeforge model config."""
+    problems = []
+    if cfg.moe.score_func != "sigmoid":
+        problems.append(f"moe.score-func={cfg.moe.score_func!r} (needs 'sigmoid')")
+    if not cfg.moe.n_shared_experts:
+        problems.append("moe.n-shared-experts=0 (needs >= 1)")
+    return problems
+
+
 def softmax_misfits(cfg: ModelConfig) -> list[str]:
     """What a softmax-routed format (Qwen3-MoE, Mixtral) cannot hold of a moeforge model config."""
     moe = cfg.moe

@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeforge.config import ModelConfig, MoEConfig
-from moeforge.interop.hf.architecture import Architecture, common_hf_fields, common_model_fields, require
+from moeforge.config import ModelConfig
+from moeforge.interop.hf.architecture import (
+    Architecture,
+    common_hf_fields,
+    common_model_fields,
+    require,
+    sigmoid_group_hf_fields,
+    sigmoid_group_misfits,
+    sigmoid_group_moe,
+)
 
 # `transformers` builds MLA's latent norms with eps 1e-6 whatever rms_norm_eps says (as DeepSeek's
 # own code does); moeforge uses model.norm-eps everywhere, so only 1e-6 gives the same model.
@@ -37,18 +45,7 @@ def _deepseek_unsupported(values: dict[str, Any]) -> list[str]:
 def _deepseek_to_model(values: dict[str, Any]) -> ModelConfig:
     """Sigmoid scores, top-k inside the best groups chosen with the correction bias, gates normalised
     and scaled by routed_scaling_factor; aux-loss-free balancing and the sequence-wise loss for training."""
-    moe = MoEConfig(
-        n_experts=require(values, "n_routed_experts"),
-        top_k=require(values, "num_experts_per_tok"),
-        expert_ffn_dim=require(values, "moe_intermediate_size"),
-        n_shared_experts=values["n_shared_experts"],
-        score_func="sigmoid",
-        route_norm=bool(values["norm_topk_prob"]),
-        route_scale=float(values["routed_scaling_factor"]),
-        n_groups=values["n_group"] or 1,
-        topk_groups=values["topk_group"] or 1,
-        **_deepseek_balance_losses(values),
-    )
+    moe = sigmoid_group_moe(values, **_deepseek_balance_losses(values))
     nope, rope = require(values, "qk_nope_head_dim"), require(values, "qk_rope_head_dim")
     common = common_model_fields(values)
     return ModelConfig(
@@ -79,16 +76,8 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     del common["head_dim"], common["router_aux_loss_coef"]  # derived by transformers / not used
     return {
         **common,
+        **sigmoid_group_hf_fields(cfg),
         "num_key_value_heads": cfg.n_heads,
-        "intermediate_size": cfg.ffn_dim,
-        "moe_intermediate_size": moe.expert_ffn_dim,
-        "n_routed_experts": moe.n_experts,
-        "n_shared_experts": moe.n_shared_experts,
-        "routed_scaling_factor": moe.route_scale,
-        "norm_topk_prob": moe.route_norm,
-        "n_group": moe.n_groups,
-        "topk_group": moe.topk_groups,
-        "first_k_dense_replace": cfg.n_dense_layers,
         "q_lora_rank": cfg.q_lora_rank or None,
         "kv_lora_rank": cfg.kv_lora_rank,
         "qk_nope_head_dim": cfg.qk_nope_head_dim,
@@ -104,12 +93,7 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _deepseek_misfits(cfg: ModelConfig) -> list[str]:
-    moe = cfg.moe
-    problems = []
-    if moe.score_func != "sigmoid":
-        problems.append(f"moe.score-func={moe.score_func!r} (needs 'sigmoid')")
-    if not moe.n_shared_experts:
-        problems.append("moe.n-shared-experts=0 (needs >= 1)")
+    problems = sigmoid_group_misfits(cfg)
     if cfg.norm_eps != _DEEPSEEK_LATENT_NORM_EPS:
         problems.append(f"norm-eps={cfg.norm_eps} (needs 1e-6)")
     if cfg.mtp_depth > 1:

@@ -16,8 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeforge.config import ModelConfig, MoEConfig
-from moeforge.interop.hf.architecture import Architecture, common_hf_fields, common_model_fields, require
+from moeforge.config import ModelConfig
+from moeforge.interop.hf.architecture import (
+    Architecture,
+    common_hf_fields,
+    common_model_fields,
+    require,
+    sigmoid_group_hf_fields,
+    sigmoid_group_misfits,
+    sigmoid_group_moe,
+)
 
 
 def _glm4_unsupported(values: dict[str, Any]) -> list[str]:
@@ -34,17 +42,9 @@ def _glm4_unsupported(values: dict[str, Any]) -> list[str]:
 
 
 def _glm4_to_model(values: dict[str, Any]) -> ModelConfig:
-    moe = MoEConfig(
-        n_experts=require(values, "n_routed_experts"),
-        top_k=require(values, "num_experts_per_tok"),
-        expert_ffn_dim=require(values, "moe_intermediate_size"),
-        n_shared_experts=values["n_shared_experts"],
-        score_func="sigmoid",
-        route_norm=bool(values["norm_topk_prob"]),
-        route_scale=float(values["routed_scaling_factor"]),
-        n_groups=values["n_group"] or 1,
-        topk_groups=values["topk_group"] or 1,
-    )
+    """DeepSeek-V3's routing (trained with moeforge's default balancing: the bias and the sequence-wise
+    loss) under grouped-query attention."""
+    moe = sigmoid_group_moe(values)
     common = common_model_fields(values)
     return ModelConfig(
         **common,
@@ -56,31 +56,17 @@ def _glm4_to_model(values: dict[str, Any]) -> ModelConfig:
 
 
 def _glm4_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    moe = cfg.moe
     return {
         **common_hf_fields(cfg, "glm4_moe", GLM4_MOE.hf_class),
+        **sigmoid_group_hf_fields(cfg),
         "partial_rotary_factor": 1.0,
-        "intermediate_size": cfg.ffn_dim,
-        "moe_intermediate_size": moe.expert_ffn_dim,
-        "n_routed_experts": moe.n_experts,
-        "n_shared_experts": moe.n_shared_experts,
-        "routed_scaling_factor": moe.route_scale,
-        "norm_topk_prob": moe.route_norm,
-        "n_group": moe.n_groups,
-        "topk_group": moe.topk_groups,
-        "first_k_dense_replace": cfg.n_dense_layers,
         "use_qk_norm": cfg.qk_norm,
         "num_mtp_layers": 0,
     }
 
 
 def _glm4_misfits(cfg: ModelConfig) -> list[str]:
-    moe = cfg.moe
-    problems = []
-    if moe.score_func != "sigmoid":
-        problems.append(f"moe.score-func={moe.score_func!r} (needs 'sigmoid')")
-    if not moe.n_shared_experts:
-        problems.append("moe.n-shared-experts=0 (needs >= 1)")
+    problems = sigmoid_group_misfits(cfg)
     if cfg.mtp_depth:
         problems.append(f"mtp-depth={cfg.mtp_depth} (needs 0: GLM's MTP layers are not written)")
     return problems

@@ -16,7 +16,6 @@ from typing import Any
 
 from moeforge.config import ConfigError
 from moeforge.data.indexed import IndexedDataset
-from moeforge.data.loader import TokenArray
 from moeforge.data.prepare import FORMAT, MANIFEST_FILE, SPLITS, tokenizer_identity
 from moeforge.safe_paths import FileMissing, PathRefused, file_inside, read_inside
 
@@ -28,16 +27,10 @@ def is_prepared(path: str | Path) -> bool:
     return bool(path) and (Path(path) / MANIFEST_FILE).is_file()
 
 
-def open_prepared(root: Path, tokenizer: str) -> tuple[TokenArray, TokenArray]:
-    """(train tokens, val tokens) of the prepared directory `root`, as memory maps, after the checks
-    of the module docstring against `tokenizer` ('byte' or a tokenizer.json)."""
-    train, val = open_prepared_datasets(root, tokenizer)
-    return train.tokens, val.tokens
-
-
 def open_prepared_datasets(root: Path, tokenizer: str) -> tuple[IndexedDataset, IndexedDataset]:
-    """`open_prepared`'s splits as whole indexed datasets: their tokens and where their documents
-    start (what `--data.document-mask` reads)."""
+    """(train, val) of the prepared directory `root` as memory-mapped indexed datasets (their tokens
+    and where their documents start), after the checks of the module docstring against `tokenizer`
+    ('byte' or a tokenizer.json)."""
     checked_manifest(root, tokenizer)
     train, val = (IndexedDataset(root / split) for split in SPLITS)
     return train, val

@@ -13,6 +13,7 @@ package, or from a package of a lower layer (never a sibling of its layer, never
     checkpoint                    sharded checkpoints, and a model rebuilt from one
     plan                          the planner: memory, bytes, bubbles, step time (the trainer may use it)
     train, infer, interop, run_plots
+    serve                         the continuous-batching engine and the OpenAI-compatible server
     bench                         benchmarks measure the trainer, the decoder and the importer, so
                                   they sit above them and call them directly (no hand-over)
     cli
@@ -43,6 +44,7 @@ LAYERS = [
     {"checkpoint"},
     {"plan"},
     {"train", "infer", "interop", "run_plots"},
+    {"serve"},
     {"bench"},
     {"cli"},
     {"__main__", "__init__"},

@@ -9,7 +9,7 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so that the package's `torch>=2.6` pulls nothing more.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,report,hf,data]'
+	$(PY) -m pip install -q -e '.[dev,report,hf,data,serve]'
 	touch $(VENV_STAMP)
 
 train: $(VENV_STAMP)

@@ -11,11 +11,11 @@ import signal
 import sys
 import traceback
 
-from moeforge.cli import bench, checkpoint, convert, data, evaluate, generate, plan, report, train
+from moeforge.cli import bench, checkpoint, convert, data, evaluate, generate, plan, report, serve, train
 from moeforge.errors import MoeforgeError, print_line
 from moeforge.runtime import keep_freed_memory
 
-COMMANDS = (train, generate, evaluate, bench, convert, checkpoint, data, plan, report)
+COMMANDS = (train, generate, serve, evaluate, bench, convert, checkpoint, data, plan, report)
 """the command modules, in the order `moeforge --help` lists them"""
 
 

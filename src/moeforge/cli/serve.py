@@ -1,0 +1,79 @@
+"""`moeforge serve`: an OpenAI-compatible HTTP server over a trained model (docs/serving.md).
+
+Loads the checkpoint, builds the continuous-batching engine with the limits the flags give, and
+serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics on 127.0.0.1 (another
+--host exposes it) until SIGTERM, which drains the running requests before exiting 0."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moeforge.cli.arguments import reject_extra
+from moeforge.config import ConfigError, field_docs
+
+API_KEY_ENV = "MOEFORGE_API_KEY"
+ENGINE_FLAGS = ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting")
+"""EngineConfig fields given as flags (--max-batch N ...), with its defaults and docstrings"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from moeforge.serve.requests import EngineConfig
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server over a trained model")
+    serve.add_argument("--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help=f"every route but /health answers 401 without 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    serve.add_argument("--model-name", default=None, help="the name clients use (default: the run directory's name)")
+    serve.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    serve.add_argument(
+        "--speculative", action="store_true", help=field_docs(EngineConfig)["speculative"] + " (needs an MTP model)"
+    )
+    defaults = EngineConfig()
+    for name in ENGINE_FLAGS:
+        serve.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults, name),
+            metavar="N",
+            help=f"{field_docs(EngineConfig).get(name, name.replace('_', ' '))} (default: %(default)s)",
+        )
+    serve.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    reject_extra(rest)
+    from moeforge.infer import load_model
+    from moeforge.infer.generate import generation_device
+    from moeforge.plan.memory_budget import check_checkpoint_fits
+    from moeforge.serve.app import build_app
+    from moeforge.serve.async_engine import AsyncEngine
+    from moeforge.serve.chat_template import load_chat_template
+    from moeforge.serve.engine import Engine
+    from moeforge.serve.generation import Served
+    from moeforge.serve.requests import EngineConfig
+    from moeforge.serve.server import listen, run_server
+
+    # the flags first: a mistake is reported before any checkpoint is read
+    config = EngineConfig(speculative=args.speculative, **{name: getattr(args, name) for name in ENGINE_FLAGS})
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port: got {args.port}; allowed: 0 to 65535")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    device = generation_device(args.device)
+    listen(args.host, args.port).close()  # the address is free before minutes of loading
+    check_checkpoint_fits(args.checkpoint, device, config.cache_blocks * config.block_size)  # weights + paged cache
+    loaded = load_model(args.checkpoint, device)
+    if args.speculative and loaded.model.cfg.mtp_depth < 1:
+        raise ConfigError("--speculative: the model has no MTP module (model.mtp-depth 0); train with one, e.g. --preset deepseek-v3-tiny")
+    run_dir = loaded.checkpoint.parent.parent
+    name = args.model_name or Path(run_dir).resolve().name
+    engine = AsyncEngine(Engine(loaded.model, config, loaded.tokenizer.eos_id), config.max_waiting)
+    served = Served(engine, loaded.tokenizer, name, loaded.model.cfg.max_seq_len, load_chat_template(run_dir))
+    return run_server(build_app(served, api_key), engine, name, args.host, args.port)
+

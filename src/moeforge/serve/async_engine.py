@@ -204,11 +204,9 @@ class AsyncEngine:
 
     async def drain(self, poll_s: float = 0.02) -> None:
         """Refuse new requests (`EngineUnavailable`) and return once every request in flight has
-        finished: the first half of a graceful shutdown."""
+        finished: the first half of a graceful shutdown (a paused engine drains once resumed)."""
         with self._cond:
             self._draining = True
-            self._paused = False
-            self._cond.notify()
         while self.in_flight and self._failure is None:
             await asyncio.sleep(poll_s)
 

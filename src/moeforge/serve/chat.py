@@ -37,7 +37,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     check_model(served, body.model)
     answer = _answer(served, body)
     stream = await submit(served, answer)
-    head = {"id": answer.id, "created": served.created, "model": served.model_name}
+    head = {"id": answer.id, "created": answer.created, "model": served.model_name}
     if body.stream:
         opening = [
             {**head, "object": CHUNK_OBJECT, "choices": [_chunk_choice(c.index, {"role": "assistant", "content": ""})]}

@@ -35,7 +35,7 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
     check_model(served, body.model)
     answer = _answer(served, body)
     stream = await submit(served, answer)
-    head = {"id": answer.id, "object": OBJECT, "created": served.created, "model": served.model_name}
+    head = {"id": answer.id, "object": OBJECT, "created": answer.created, "model": served.model_name}
     want_logprobs = body.logprobs is not None
     if body.stream:
 

@@ -40,6 +40,7 @@ class Served:
     """prompt + generated tokens one request may hold (the model's max_seq_len)"""
     chat_template: ChatTemplate
     created: int = field(default_factory=lambda: int(time.time()))
+    """when the server started (the model card's `created`)"""
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Answer:
     submissions: list[Submission]
     rename: dict[str, str] = field(default_factory=dict)
     """engine field -> the body's field, for errors"""
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)

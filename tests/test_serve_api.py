@@ -26,6 +26,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from moeforge.cli import main
+from moeforge.cli.serve import ENGINE_FLAGS
 from moeforge.data.tokenizer import ByteTokenizer
 from moeforge.infer import SamplingConfig, generate
 from moeforge.infer.generate import generate_batch
@@ -421,6 +423,31 @@ class Background:
         if not ok:
             raise value
         return value
+
+
+@pytest.mark.parametrize(
+    "flags, code, message",
+    [
+        (["--max-batch", "0"], 2, "--max-batch: got 0; allowed: an integer >= 1"),
+        (["--max-batch", "8", "--max-step-tokens", "4"], 2, "--max-step-tokens: got 4; allowed: at least --max-batch (8)"),
+        (["--port", "70000"], 2, "--port: got 70000; allowed: 0 to 65535"),
+        (["--device", "gpu"], 2, "--device: got 'gpu'"),
+        ([], 1, "--checkpoint: no complete checkpoint in '/nowhere'"),
+    ],
+)
+def test_serve_flags_are_one_line_errors_before_any_checkpoint_is_read(flags, code, message, capsys):
+    assert main(["serve", "--checkpoint", "/nowhere", "--port", "0", *flags]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge serve: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_serve_refuses_speculation_without_an_mtp_module_and_has_a_flag_per_engine_limit(tmp_path, model, capsys):
+    from moeforge.checkpoint import store
+
+    store.save_checkpoint(tmp_path, 1, model, None, small_config().to_dict(), {}, keep=1)
+    assert main(["serve", "--checkpoint", str(tmp_path), "--port", "0", "--speculative"]) == 2
+    assert "--speculative: the model has no MTP module" in capsys.readouterr().err
+    assert {*ENGINE_FLAGS, "speculative"} == {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 @pytest.mark.slow

@@ -267,6 +267,9 @@ def test_a_stop_string_ends_the_text_where_it_starts(server, model):
         (b'{"prompt": "' + b"x" * 200 + b'"}', 400, "prompt"),
         (b'{"prompt": [1, 256]}', 400, "prompt"),
         (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        (b'{"prompt": "x", "top_k": 257}', 400, "top_k"),
+        (b'{"prompt": ["x", "y"], "n": 33}', 400, "n"),
         (b'{"prompt": "x", "model": "other"}', 404, "model"),
     ],
 )
@@ -373,15 +376,23 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503(model)
 
 
 def test_an_engine_failure_fails_requests_with_500_instead_of_hanging(model):
-    class Failing(Engine):
-        def step(self):
-            raise RuntimeError("boom")
+    class FailingOnStep3(Engine):
+        steps = 0
 
-    with Running(model, engine=Failing(model, CONFIG, None)) as running, contextlib.redirect_stderr(sys.stdout):
+        def step(self):
+            self.steps += 1
+            if self.steps == 3:
+                raise RuntimeError("boom")
+            return super().step()
+
+    engine = FailingOnStep3(model, CONFIG, None)
+    with Running(model, engine=engine) as running, contextlib.redirect_stderr(sys.stdout):
+        client = running.client()
+        stream = client.completions.create(model=NAME, prompt="a", max_tokens=8, temperature=0, stream=True)
+        with pytest.raises(openai.APIError, match="boom"):  # the 200 was sent: an error event ends the stream
+            list(stream)
         with pytest.raises(openai.InternalServerError, match="boom"):
-            running.client().completions.create(model=NAME, prompt="a", max_tokens=4)
-        with pytest.raises(openai.InternalServerError, match="boom"):
-            running.client().completions.create(model=NAME, prompt="a", max_tokens=4, stream=True)
+            client.completions.create(model=NAME, prompt="a", max_tokens=4)
         assert httpx.get(running.url + "/health").json()["status"] == "failed"
 
 

@@ -91,7 +91,7 @@ def _answer(served: Served, body: ChatCompletionRequest) -> Answer:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     for j in range(body.n):
         request_id = f"{answer.id}-{j}"
-        answer.submissions.append((request_id, prompt, sampling_params(body, j, max_tokens, logprobs, rename=rename)))
+        answer.submissions.append((request_id, prompt, sampling_params(served, body, j, max_tokens, logprobs, rename=rename)))
         answer.choices.append(
             ChoiceState(
                 j,

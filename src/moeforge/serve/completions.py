@@ -66,7 +66,8 @@ def _answer(served: Served, body: CompletionRequest) -> Answer:
         for j in range(body.n):
             index = p * body.n + j
             echo_logprobs = body.echo and body.logprobs is not None
-            params = sampling_params(body, j, max(max_tokens, 1), body.logprobs, echo_logprobs)
+            engine_max = 1 if max_tokens == 0 else max_tokens  # scoring generates one token, dropped
+            params = sampling_params(served, body, j, engine_max, body.logprobs, echo_logprobs)
             request_id = f"{answer.id}-{index}"
             answer.submissions.append((request_id, prompt, params))
             answer.choices.append(

@@ -79,6 +79,7 @@ def end_ids(served: Served, body: GenerationFields) -> tuple[int, ...]:
 
 
 def sampling_params(
+    served: Served,
     body: GenerationFields,
     choice: int,
     max_tokens: int,
@@ -89,6 +90,9 @@ def sampling_params(
     """The engine's parameters for choice `choice` (0..n-1) of `body`: its seed is `seed + choice`, so
     that the n choices differ and each is reproducible. Ranges are checked by `SamplingParams`; a
     value out of range is a 400 naming the body's field (`rename`: engine name -> body name)."""
+    vocab = served.tokenizer.vocab_size
+    if body.top_k is not None and body.top_k > vocab:
+        raise bad_field("top_k", f"got {body.top_k}; allowed: 0 to the vocabulary size {vocab} (0 = every token)")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -117,6 +121,9 @@ def check_tokens(served: Served, tokens: Sequence[int], field_name: str) -> list
 
 async def submit(served: Served, answer: Answer) -> OutputStream:
     """Every choice into the engine at once, or an `APIError` (400 naming the field, 429, 503, 500)."""
+    limit = served.engine.max_waiting
+    if len(answer.submissions) > limit:  # a 429 would never clear
+        raise bad_field("n", f"{len(answer.submissions)} choices (prompts x n); allowed: at most --max-waiting {limit}")
     try:
         return await served.engine.submit(answer.submissions)
     except (RequestError, EngineFull, *ENGINE_ERRORS) as err:

@@ -69,8 +69,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     listen(args.host, args.port).close()  # the address is free before minutes of loading
     check_checkpoint_fits(args.checkpoint, device, config.cache_blocks * config.block_size)  # weights + paged cache
     loaded = load_model(args.checkpoint, device)
-    if args.speculative and loaded.model.cfg.mtp_depth < 1:
-        raise ConfigError("--speculative: the model has no MTP module (model.mtp-depth 0); train with one, e.g. --preset deepseek-v3-tiny")
     run_dir = loaded.checkpoint.parent.parent
     name = args.model_name or Path(run_dir).resolve().name
     engine = AsyncEngine(Engine(loaded.model, config, loaded.tokenizer.eos_id), config.max_waiting)

@@ -13,6 +13,8 @@ The caches are static, as gpt-fast's: allocated once at their full length, writt
 slot indices, and read whole under a mask, so that a decoding step has the same shapes at every
 position (what `torch.compile` and CUDA graphs need). Slots past the newest token are masked, so
 overwriting a slot is all it takes to roll a cache back (speculative decoding does).
+A paged cache (`moeforge.serve.paged_cache`, the server's) takes the same `update(slots, ...)`: it
+writes the new tokens at the rows `slots.index` of a shared pool and returns the rows `slots.read`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ class CacheSlots(NamedTuple):
     index: torch.Tensor
     """[S] int64, the cache slot of each new token (the same for every row)"""
     mask: torch.Tensor
-    """[B or 1, 1, S, max_len] bool, True where a new token's query may read a slot"""
+    """[B or 1, 1, S, max_len] bool, True where a new token's query may read a slot (a paged cache:
+    [1, 1, S, T], over the T rows of `read`)"""
+    read: torch.Tensor | None = None
+    """[T] int64, the rows of a paged cache the queries read, in order (`moeforge.serve`); None for a
+    static cache, which is read whole"""
 
 
 def cache_slots(index: torch.Tensor, max_len: int, pad: torch.Tensor | None = None) -> CacheSlots:
@@ -141,10 +147,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, n_kv_heads, S, head_dim] at slots `index` [S]; return the whole cache."""
-        self.k.index_copy_(2, index, k)
-        self.v.index_copy_(2, index, v)
+    def update(self, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_heads, S, head_dim] at `slots.index` [S]; return the whole cache."""
+        self.k.index_copy_(2, slots.index, k)
+        self.v.index_copy_(2, slots.index, v)
         return self.k, self.v
 
     def bytes_per_token(self) -> int:
@@ -189,7 +195,7 @@ class GroupedQueryAttention(nn.Module):
         if slots is None:
             out = masked_attention(q, k, v, mask, enable_gqa=gqa)
         else:
-            k, v = self.cache.update(slots.index, k, v)
+            k, v = self.cache.update(slots, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=slots.mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -206,9 +212,9 @@ class LatentCache(nn.Module):
         super().__init__()
         self.register_buffer("kv", torch.zeros(batch, max_len, width, dtype=dtype, device=device), persistent=False)
 
-    def update(self, index: torch.Tensor, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
-        """Store [B, S, width] at slots `index` [S]; return the whole cache."""
-        return self.kv.index_copy_(1, index, latent_and_rope_key)
+    def update(self, slots: CacheSlots, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
+        """Store [B, S, width] at `slots.index` [S]; return the whole cache."""
+        return self.kv.index_copy_(1, slots.index, latent_and_rope_key)
 
     def bytes_per_token(self) -> int:
         """Bytes this layer's cache holds for one token of one sequence."""
@@ -272,7 +278,7 @@ class MultiHeadLatentAttention(nn.Module):
         if slots is None:
             out = self._attend_expanded(q_nope, q_rope, latent, rope_key, mask)
         else:
-            cached = self.cache.update(slots.index, torch.cat([latent, rope_key], dim=-1))
+            cached = self.cache.update(slots, torch.cat([latent, rope_key], dim=-1))
             out = self._attend_latent(q_nope, q_rope, cached, slots.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from moeforge.config.checks import INT64
 from moeforge.errors import MoeforgeError
+from moeforge.infer.generate import SamplingConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -62,6 +63,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def sampling_config(self) -> SamplingConfig:
+        """The filtering `infer.generate.token_probabilities` applies: temperature, top-k, top-p."""
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(frozen=True)

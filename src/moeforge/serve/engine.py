@@ -1,0 +1,235 @@
+"""The serving engine: requests in, tokens out, one forward of the running batch per `step`.
+
+    engine = Engine(model, EngineConfig(), eos_id)
+    engine.add_request("a", prompt_tokens, SamplingParams(max_tokens=32))
+    while engine.has_work:
+        for output in engine.step(): ...
+
+Each step the scheduler picks the requests and their token counts (`scheduler.py`), their tokens are
+packed into one row and run through the model over the paged cache (`packed.py`), and each request
+whose fed tokens reach its newest one samples its next token with its own generator — so a seeded
+request produces the same tokens whatever else shares its batch — or, when speculating, keeps the
+drafts the model accepts (`speculation.py`). Log-probabilities are the model's log-softmax, before
+temperature and filtering: the trainer's forward gives the same numbers.
+
+Not thread-safe: one thread calls everything (`async_engine.py` owns that thread for the server).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from moeforge.infer.generate import token_probabilities
+from moeforge.model.transformer import Transformer
+from moeforge.serve.packed import Segment, packed_forward, packed_slots
+from moeforge.serve.paged_cache import BlockAllocator, attach_paged_caches, blocks_for
+from moeforge.serve.requests import (
+    EngineConfig,
+    EngineStats,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from moeforge.serve.scheduler import Scheduled, Scheduler, Sequence
+from moeforge.serve.speculation import Speculator
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig, eos_id: int | None):
+        self.model = model.eval()
+        self.config = config
+        self.eos_id = eos_id
+        self.device = model.tok_embeddings.weight.device
+        self.lookahead = model.cfg.mtp_depth if config.speculative else 0
+        if config.speculative and self.lookahead == 0:
+            raise RequestError("--speculative", "this model has model.mtp-depth=0; allowed: a model trained with MTP modules")
+        if config.max_step_tokens < config.max_batch * (1 + self.lookahead):
+            raise RequestError(
+                "--max-step-tokens",
+                f"got {config.max_step_tokens}; allowed: at least --max-batch x (1 + drafts) = "
+                f"{config.max_batch * (1 + self.lookahead)}",
+            )
+        self.allocator = BlockAllocator(config.cache_blocks)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch, config.max_step_tokens)
+        self.speculator = Speculator(model, config.block_size) if self.lookahead else None
+        self.cache_bytes_per_position = attach_paged_caches(model, config.cache_blocks, config.block_size, self.lookahead > 0)
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self._stats = EngineStats(cache_blocks_total=config.cache_blocks)
+
+    # ---- requests in and out
+
+    def add_request(self, request_id: str, prompt_tokens: list[int], params: SamplingParams) -> None:
+        """Queue a request; a one-line RequestError naming the field when it cannot be served."""
+        self._check(request_id, prompt_tokens, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        sequence = Sequence(
+            request_id,
+            self._arrivals,
+            list(prompt_tokens),
+            len(prompt_tokens),
+            params,
+            torch.Generator(device=self.device).manual_seed(seed),
+            prompt_logprobs=[None] if params.prompt_logprobs else None,
+        )
+        self._arrivals += 1
+        self.sequences[request_id] = sequence
+        self.scheduler.waiting.append(sequence)
+        self._stats.prompt_tokens += len(prompt_tokens)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (a client gone) and free its blocks now; unknown ids are ignored."""
+        sequence = self.sequences.pop(request_id, None)
+        if sequence is not None:
+            self.scheduler.finish(sequence)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        stats = self._stats
+        stats.running, stats.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        stats.cache_blocks_used, stats.preemptions = self.allocator.used, self.scheduler.preemptions
+        return stats
+
+    def _check(self, request_id: str, prompt_tokens: list[int], params: SamplingParams) -> None:
+        cfg = self.model.cfg
+        if request_id in self.sequences:
+            raise RequestError("request_id", f"{request_id!r} is already being served")
+        if not prompt_tokens:
+            raise RequestError("prompt", "got an empty prompt; allowed: at least one token")
+        if not all(isinstance(t, int) and 0 <= t < cfg.vocab_size for t in prompt_tokens):
+            raise RequestError("prompt", f"token ids must be integers in [0, {cfg.vocab_size})")
+        if len(prompt_tokens) >= cfg.max_seq_len:
+            raise RequestError(
+                "prompt", f"{len(prompt_tokens)} tokens; allowed: fewer than the context, {cfg.max_seq_len} tokens"
+            )
+        positions = len(prompt_tokens) + params.max_tokens + self.lookahead
+        if positions > cfg.max_seq_len:
+            raise RequestError(
+                "max_tokens",
+                f"got {params.max_tokens}; allowed: at most {cfg.max_seq_len - len(prompt_tokens) - self.lookahead} "
+                f"(prompt {len(prompt_tokens)} tokens, context {cfg.max_seq_len})",
+            )
+        if blocks_for(positions, self.config.block_size) > self.config.cache_blocks:
+            raise RequestError(
+                "max_tokens",
+                f"prompt + max_tokens = {positions} positions exceed the cache "
+                f"({self.config.cache_blocks} blocks of {self.config.block_size}, --cache-blocks)",
+            )
+
+    # ---- one step
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, draft (when speculating), run one packed forward, sample; the outputs of the
+        requests that produced tokens or finished."""
+        plan = self.scheduler.schedule(self.lookahead)
+        if not plan:
+            return []
+        drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
+        segments = [self._segment(item, drafts.get(item.sequence.request_id)) for item in plan]
+        tokens, positions, slots = packed_slots(segments, self.config.block_size, self.device)
+        hidden = packed_forward(self.model, tokens, positions, slots)
+        outputs, offset = [], 0
+        for item, segment in zip(plan, segments):
+            rows = hidden[offset : offset + len(segment.tokens)]
+            offset += len(segment.tokens)
+            output = self._advance(item, rows, drafts.get(item.sequence.request_id))
+            if output is not None:
+                outputs.append(output)
+        self._stats.steps += 1
+        return outputs
+
+    def _segment(self, item: Scheduled, drafted) -> Segment:
+        sequence = item.sequence
+        fed = sequence.tokens[sequence.computed : sequence.computed + item.tokens]
+        if drafted is not None:
+            fed = fed + drafted.tokens
+        return Segment(fed, sequence.computed, sequence.blocks)
+
+    def _advance(self, item: Scheduled, hidden: torch.Tensor, drafted) -> RequestOutput | None:
+        """Account for the tokens fed; when they reach the newest token, produce the next ones."""
+        sequence = item.sequence
+        start = sequence.computed
+        self._collect_prompt_logprobs(sequence, start, hidden[: item.tokens])
+        sequence.computed += item.tokens
+        if self.speculator:
+            self.speculator.record_hidden(sequence, start, hidden[: item.tokens])
+        if sequence.remaining > 0:
+            return None  # a prefill chunk that did not reach the end
+        if drafted is not None:
+            logits = self.model.output(hidden)
+            new_tokens = self.speculator.accept(sequence, drafted, logits, hidden)
+            self._stats.drafted_tokens += len(drafted.tokens)
+            self._stats.accepted_tokens += len(new_tokens) - 1
+            self._stats.verify_rounds += 1
+        else:
+            logits = self.model.output(hidden[-1:])
+            new_tokens = [self._sample(logits[0], sequence)]
+        return self._append(sequence, new_tokens, logits)
+
+    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int:
+        params = sequence.params
+        if params.greedy:
+            return int(logits.argmax())
+        probs = token_probabilities(logits[None], params.sampling_config())
+        return int(torch.multinomial(probs[0], 1, generator=sequence.generator))
+
+    def _append(self, sequence: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+        """Add new tokens (cut at a stop token or max_tokens), with the log-probabilities of
+        `logits` [len(new_tokens) or more, vocab], row j predicting new token j; finish when due."""
+        params = sequence.params
+        stops = set(params.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not params.ignore_eos else set())
+        kept, reason = [], None
+        for token in new_tokens:
+            kept.append(token)
+            if token in stops:
+                reason = "stop"
+                break
+            if sequence.generated + len(kept) >= params.max_tokens:
+                reason = "length"
+                break
+        sequence.tokens += kept
+        self._stats.generated_tokens += len(kept)
+        output = RequestOutput(sequence.request_id, kept, finish_reason=reason)
+        if params.logprobs is not None:
+            output.logprobs = token_logprobs(logits[: len(kept)], kept, params.logprobs)  # row j predicts new token j
+        if sequence.prompt_logprobs is not None and not sequence.prompt_logprobs_sent:
+            output.prompt_logprobs, sequence.prompt_logprobs_sent = sequence.prompt_logprobs, True
+        if reason is not None:
+            self.sequences.pop(sequence.request_id, None)
+            self.scheduler.finish(sequence)
+            self._stats.requests_finished += 1
+        return output
+
+    def _collect_prompt_logprobs(self, sequence: Sequence, start: int, hidden: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens these rows (positions start, ...) predict and
+        that are not yet collected: row p predicts token p + 1. A recomputation after a preemption
+        may cut its chunks elsewhere, so the rows are matched by position."""
+        collected = sequence.prompt_logprobs
+        if collected is None or sequence.prompt_logprobs_sent:
+            return
+        first = len(collected) - 1  # the position whose row predicts the next uncollected token
+        last = min(start + hidden.shape[0], sequence.prompt_len - 1)
+        if not start <= first < last:
+            return
+        targets = sequence.tokens[first + 1 : last + 1]
+        rows = hidden[first - start : last - start]
+        collected += token_logprobs(self.model.output(rows), targets, sequence.params.logprobs or 0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-softmax at its token [R, vocab] -> R entries, with the `top` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(token, value, best) for token, value, best in zip(tokens, chosen, tops)]

@@ -52,11 +52,14 @@ PROMPTS = ["The ", "def main():", "Mixture-of-Experts", "a", "hello world, this 
 
 
 class Running:
-    """A server on a free port in a thread of its own; `engine` wraps the model's `Engine`."""
+    """A server on a free port in a thread of its own, over an `Engine` of its own copy of the model
+    (the engine attaches its paged caches to the model it serves; references use another copy)."""
 
-    def __init__(self, model: Transformer, config: EngineConfig = CONFIG, api_key: str | None = KEY, engine=None):
-        self.engine = AsyncEngine(engine or Engine(model, config, None), config.max_waiting)
-        served = Served(self.engine, ByteTokenizer(), NAME, model.cfg.max_seq_len, ChatTemplate(DEFAULT_TEMPLATE, "default"))
+    def __init__(self, config: EngineConfig = CONFIG, api_key: str | None = KEY, engine: Engine | None = None):
+        engine = engine or Engine(printable_model(), config, None)
+        self.engine = AsyncEngine(engine, config.max_waiting)
+        context = engine.model.cfg.max_seq_len
+        served = Served(self.engine, ByteTokenizer(), NAME, context, ChatTemplate(DEFAULT_TEMPLATE, "default"))
         self.server = DrainingServer(server_config(build_app(served, api_key), HOST, 0), self.engine, NAME)
         sock = listen(HOST, 0)
         self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve([sock]),), daemon=True)
@@ -105,12 +108,13 @@ def printable_model() -> Transformer:
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
+    """The reference: the same weights as every server's model, never given to an engine."""
     return printable_model()
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    with Running(model) as running:
+def server():
+    with Running() as running:
         yield running
 
 
@@ -342,8 +346,8 @@ def test_metrics_are_prometheus_text(server):
     assert families["moeforge_generated_tokens"].samples[0].value >= 2
 
 
-def test_a_full_queue_answers_429_with_retry_after(model):
-    with Running(model, dataclasses.replace(CONFIG, max_waiting=1)) as running:
+def test_a_full_queue_answers_429_with_retry_after():
+    with Running(dataclasses.replace(CONFIG, max_waiting=1)) as running:
         running.engine.pause()
         first = Background(lambda: running.client().completions.create(model=NAME, prompt="a", max_tokens=4))
         wait_until(lambda: running.engine.stats().waiting == 1, "the first request to queue")
@@ -354,8 +358,8 @@ def test_a_full_queue_answers_429_with_retry_after(model):
         assert first.result().usage.completion_tokens == 4
 
 
-def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503(model):
-    with Running(model) as running:
+def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503():
+    with Running() as running:
         running.engine.pause()
         client = running.client()
         stream = Background(
@@ -375,7 +379,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503(model)
         assert not running.thread.is_alive()  # the server left by itself once drained
 
 
-def test_an_engine_failure_fails_requests_with_500_instead_of_hanging(model):
+def test_an_engine_failure_fails_requests_with_500_instead_of_hanging():
     class FailingOnStep3(Engine):
         steps = 0
 
@@ -385,8 +389,7 @@ def test_an_engine_failure_fails_requests_with_500_instead_of_hanging(model):
                 raise RuntimeError("boom")
             return super().step()
 
-    engine = FailingOnStep3(model, CONFIG, None)
-    with Running(model, engine=engine) as running, contextlib.redirect_stderr(sys.stdout):
+    with Running(engine=FailingOnStep3(printable_model(), CONFIG, None)) as running, contextlib.redirect_stderr(sys.stdout):
         client = running.client()
         stream = client.completions.create(model=NAME, prompt="a", max_tokens=8, temperature=0, stream=True)
         with pytest.raises(openai.APIError, match="boom"):  # the 200 was sent: an error event ends the stream
@@ -396,9 +399,9 @@ def test_an_engine_failure_fails_requests_with_500_instead_of_hanging(model):
         assert httpx.get(running.url + "/health").json()["status"] == "failed"
 
 
-def test_async_engine_without_http_aborts_a_request_its_consumer_leaves(model):
+def test_async_engine_without_http_aborts_a_request_its_consumer_leaves():
     async def main():
-        engine = AsyncEngine(Engine(model, CONFIG, None), CONFIG.max_waiting)
+        engine = AsyncEngine(Engine(printable_model(), CONFIG, None), CONFIG.max_waiting)
         engine.start()
         try:
             got = [o async for o in engine.generate("a", list(b"The "), SamplingParams(max_tokens=5, temperature=0))]

@@ -96,9 +96,9 @@ def wait_until(predicate, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def printable_model() -> Transformer:
+def printable_model(**overrides: str) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(small_config().model).eval()
+    model = Transformer(small_config(**overrides).model).eval()
     keep = torch.zeros(model.cfg.vocab_size)
     keep[32:127] = 4.0
     with torch.no_grad():
@@ -344,6 +344,24 @@ def test_metrics_are_prometheus_text(server):
     assert answered[("/v1/completions", "200")] >= 1
     assert families["moeforge_cache_blocks_total"].samples[0].value == CONFIG.cache_blocks
     assert families["moeforge_generated_tokens"].samples[0].value >= 2
+
+
+def metric_values(running: Running) -> dict[str, float]:
+    text = httpx.get(running.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_speculative_serving_keeps_greedy_tokens_and_reports_its_acceptance():
+    reference = printable_model(model__mtp_depth="1")
+    config = dataclasses.replace(CONFIG, speculative=True)
+    with Running(config, engine=Engine(printable_model(model__mtp_depth="1"), config, None)) as running:
+        prompt = list(b"The ")
+        answer = running.client().completions.create(model=NAME, prompt="The ", max_tokens=16, temperature=0)
+        assert_greedy_equal(reference, prompt, list(answer.choices[0].text.encode()), reference_greedy(reference, prompt, 16))
+        values = metric_values(running)
+    drafted, accepted = values["moeforge_speculative_drafted_tokens_total"], values["moeforge_speculative_accepted_tokens_total"]
+    assert drafted > 0 and 0 <= accepted <= drafted and values["moeforge_speculative_verify_rounds_total"] > 0
+    assert values["moeforge_speculative_acceptance_rate"] == pytest.approx(accepted / drafted)
 
 
 def test_a_full_queue_answers_429_with_retry_after():

@@ -38,7 +38,7 @@ from moeforge.serve.app import build_app
 from moeforge.serve.async_engine import AsyncEngine
 from moeforge.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from moeforge.serve.engine import Engine
-from moeforge.serve.generation import Served
+from moeforge.serve.generation import Served, request_capacity
 from moeforge.serve.requests import EngineConfig, SamplingParams
 from moeforge.serve.server import DrainingServer, listen, server_config
 
@@ -60,8 +60,8 @@ class Running:
     def __init__(self, config: EngineConfig = CONFIG, api_key: str | None = KEY, engine: Engine | None = None):
         engine = engine or Engine(printable_model(), config, None)
         self.engine = AsyncEngine(engine, config.max_waiting)
-        context = engine.model.cfg.max_seq_len
-        served = Served(self.engine, ByteTokenizer(), NAME, context, ChatTemplate(DEFAULT_TEMPLATE, "default"))
+        template = ChatTemplate(DEFAULT_TEMPLATE, "default")
+        served = Served(self.engine, ByteTokenizer(), NAME, request_capacity(engine), template)
         self.server = DrainingServer(server_config(build_app(served, api_key), HOST, 0), self.engine, NAME)
         sock = listen(HOST, 0)
         self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve([sock]),), daemon=True)
@@ -395,6 +395,9 @@ def test_speculative_serving_keeps_greedy_tokens_and_reports_its_acceptance():
         answer = running.client().completions.create(model=NAME, prompt="The ", max_tokens=16, temperature=0)
         assert_greedy_equal(reference, prompt, list(answer.choices[0].text.encode()), reference_greedy(reference, prompt, 16))
         values = metric_values(running)
+        # without max_tokens an answer may fill the context, less the position speculation drafts past it
+        chat = running.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}])
+        assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == reference.cfg.max_seq_len - 1
     drafted, accepted = values["moeforge_speculative_drafted_tokens_total"], values["moeforge_speculative_accepted_tokens_total"]
     assert drafted > 0 and 0 <= accepted <= drafted and values["moeforge_speculative_verify_rounds_total"] > 0
     assert values["moeforge_speculative_acceptance_rate"] == pytest.approx(accepted / drafted)

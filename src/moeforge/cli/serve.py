@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.serve.async_engine import AsyncEngine
     from moeforge.serve.chat_template import load_chat_template
     from moeforge.serve.engine import Engine
-    from moeforge.serve.generation import Served
+    from moeforge.serve.generation import Served, request_capacity
     from moeforge.serve.requests import EngineConfig
 
     # the flags first: a mistake is reported before any checkpoint is read
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     template = load_chat_template(run_dir)  # a broken template is reported before the model is loaded
     loaded = load_model(checkpoint, device)
     name = args.model_name or run_dir.resolve().name
-    engine = AsyncEngine(Engine(loaded.model, config, loaded.tokenizer.eos_id), config.max_waiting)
-    served = Served(engine, loaded.tokenizer, name, loaded.model.cfg.max_seq_len, template)
-    return run_server(build_app(served, api_key), engine, name, args.host, args.port)
+    engine = Engine(loaded.model, config, loaded.tokenizer.eos_id)
+    threaded = AsyncEngine(engine, config.max_waiting)
+    served = Served(threaded, loaded.tokenizer, name, request_capacity(engine), template)
+    return run_server(build_app(served, api_key), threaded, name, args.host, args.port)
 

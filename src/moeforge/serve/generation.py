@@ -22,6 +22,7 @@ from moeforge.serve.api_errors import APIError, api_error, bad_field
 from moeforge.serve.async_engine import AsyncEngine, EngineFailed, EngineUnavailable, OutputStream, Submission
 from moeforge.serve.chat_template import ChatTemplate
 from moeforge.serve.choice import ChoiceState, Delta
+from moeforge.serve.engine import Engine
 from moeforge.serve.protocol import GenerationFields
 from moeforge.serve.requests import EngineFull, RequestError, RequestOutput, SamplingParams
 
@@ -38,10 +39,17 @@ class Served:
     tokenizer: Tokenizer
     model_name: str
     max_context: int
-    """prompt + generated tokens one request may hold (the model's max_seq_len)"""
+    """prompt + generated tokens one request may hold (`request_capacity`)"""
     chat_template: ChatTemplate
     created: int = field(default_factory=lambda: int(time.time()))
     """when the server started (the model card's `created`)"""
+
+
+def request_capacity(engine: Engine) -> int:
+    """The most positions (prompt + generated tokens) one request may take: the model's context, or
+    the whole cache when that is smaller, less the drafts speculation verifies past the end."""
+    config = engine.config
+    return min(engine.model.cfg.max_seq_len, config.cache_blocks * config.block_size) - engine.lookahead
 
 
 @dataclass

@@ -91,8 +91,8 @@ def test_speeds_ratios_and_bandwidth_follow_the_injected_times_of_each_case(monk
     assert row["bandwidth_gb_s"] == pytest.approx({"transformers": 0.2, "eager": 0.4, "compiled": 0.8})
     assert all(tokens["identical"] for tokens in row["tokens"].values())
 
-    result = {"settings": {"new_tokens": n}, "copy_gb_s": 4.0, "cores": 2, "copy_at_threads_gb_s": 2.0, "threads": 1,
-              "models": [row]}  # fmt: skip
+    result = {"settings": {"new_tokens": n}, "copy_gb_s": 4.0, "cores": 2, "copy_at_threads_gb_s": 2.0,
+              "threads": 1, "models": [row]}  # fmt: skip
     lines = format_table(result).splitlines()
     eager = next(line for line in lines if " eager " in line)
     assert "2.00x, 2.00x (1.00-4.00)" in eager and "10.0%" in eager  # 0.4 GB/s of the copy's 4

@@ -105,6 +105,7 @@ class EngineConfig:
     cache_blocks: int = 256
     """blocks of the paged KV cache (each holds `block_size` positions of every layer)"""
     block_size: int = 16
+    """positions per cache block: a request holds ceil(positions / block_size) blocks"""
     max_step_tokens: int = 256
     """tokens one forward computes (decoding tokens first, then prefill chunks fill the rest)"""
     max_waiting: int = 64

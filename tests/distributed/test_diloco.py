@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import small_config
 from moeforge.checkpoint import load_model
@@ -191,6 +192,11 @@ def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
     )  # fragment 0 sent at 4, in flight
     saved = json.loads((tmp_path / "resumed/checkpoints/step_000004/meta.json").read_text())
     assert [e["fragment"] for e in saved["extra"]["diloco"]["pending"]] == [0]
+    # error feedback (on by default with a lossy codec): each replica's residuals under its own name
+    assert saved["extra"]["diloco"]["outer_state"] == ["momentum", "residual"]
+    keys = FileSystemReader(tmp_path / "resumed/checkpoints/step_000004").read_metadata().state_dict_metadata
+    for replica in (0, 1):
+        assert f"replica_{replica}.diloco.residual.layers.0.attention.wq.weight" in keys
     run_on_processes(2, train_replicas, 2, FP4, str(tmp_path / "resumed"), None)
     for rank in (0, 1):
         straight, resumed = rank_state(tmp_path / "straight", rank), rank_state(tmp_path / "resumed", rank)

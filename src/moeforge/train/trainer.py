@@ -200,10 +200,12 @@ class Trainer:
             return ckpt.load_checkpoint(path, self.model, None, self.mesh)
         saved_replicas = saved_diloco["replicas"] if saved_diloco is not None else 0
         self.diloco.restore_meta(saved_diloco)
+        load_inner = self.diloco.replica < saved_replicas
         replica = ckpt.ReplicaCheckpoint(
             self.diloco.replica,
             self.diloco.shared_state(with_outer_state=saved_diloco is not None),
-            load_inner=self.diloco.replica < saved_replicas,
+            load_inner=load_inner,
+            own=self.diloco.replica_state() if load_inner else {},
         )
         meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh, replica=replica)
         self.diloco.after_load(replica.load_inner)
@@ -230,7 +232,9 @@ class Trainer:
         replica = None
         if self.diloco is not None:
             extra["diloco"] = self.diloco.checkpoint_meta()
-            replica = ckpt.ReplicaCheckpoint(self.diloco.replica, self.diloco.shared_state())
+            replica = ckpt.ReplicaCheckpoint(
+                self.diloco.replica, self.diloco.shared_state(), own=self.diloco.replica_state()
+            )
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir,
             self.step,

@@ -15,6 +15,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from conftest import small_config
 from moeforge.checkpoint import load_model
 from moeforge.diloco import OuterGradientNotFinite
+from moeforge.diloco.fragments import split_into_fragments
+from moeforge.diloco.wire import WireFormat
 from moeforge.parallel.sharded_load import local_shard
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.run import read_metrics
@@ -209,6 +211,69 @@ def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
     # the last step: fragment 0, sent at step 8, lands by replacement; fragment 1 syncs once more
     last = read_metrics(tmp_path / "straight")[-1]["diloco"]
     assert [(s["fragment"], s["sent_step"], s["mixed"]) for s in last] == [(0, 8, 0.0), (1, 8, 0.0)]
+
+
+SPARSELOCO = {
+    **FP4,
+    "diloco__outer": "sparseloco",
+    "diloco__outer_lr": "1",
+    "diloco__quantize": "int2",
+    "diloco__topk_fraction": "0.05",
+    "diloco__topk_chunk": "512",
+}
+
+
+@pytest.mark.slow
+def test_sparseloco_with_top_k_resumes_mid_round_bit_exactly(tmp_path):
+    """SparseLoCo keeps no momentum and each replica's accumulator in its own tree; a resume with
+    fragment 0's exchange in flight continues bit-equal, and the bytes are the messages' sizes."""
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "straight"), None)
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "resumed"), 4)
+    saved = json.loads((tmp_path / "resumed/checkpoints/step_000004/meta.json").read_text())
+    assert saved["extra"]["diloco"]["outer_state"] == ["residual"]
+    keys = FileSystemReader(tmp_path / "resumed/checkpoints/step_000004").read_metadata().state_dict_metadata
+    assert not any(key.startswith("diloco.momentum.") for key in keys)
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "resumed"), None)
+    for rank in (0, 1):
+        straight, resumed = rank_state(tmp_path / "straight", rank), rank_state(tmp_path / "resumed", rank)
+        for name, value in straight.items():
+            assert torch.equal(resumed[name], value), f"rank {rank}: {name}"
+    # each sync's bytes are the wire format's size of each fragment (one rank per replica here)
+    model = Trainer(small_config(**without_diloco(SPARSELOCO)), tmp_path / "sizes").model
+    wire = WireFormat("int2", 32, 0.05, 512)
+    sizes = {}
+    for fragment in split_into_fragments(model, 2):
+        values = sum(p.numel() for p in fragment.params.values())
+        sizes[fragment.index] = wire.nbytes(values) + 4 * sum(b.numel() for b in fragment.biases.values())
+    records = [s for r in read_metrics(tmp_path / "straight") for s in r.get("diloco", [])]
+    assert [s["bytes_per_replica"] for s in records] == [sizes[s["fragment"]] for s in records]
+    total = read_metrics(tmp_path / "straight")[-1]["diloco_total"]
+    assert total["bytes_per_replica"] == sum(sizes[s["fragment"]] for s in records)
+    assert total["wire_format"] == "top-0.05 of 512 + int2"
+
+
+def outer_state_on_resume(rank: int, world: int, options: dict, out: str, until: int) -> None:
+    """Resume, record the residuals as loaded (zero where the checkpoint had none), train on."""
+    trainer = Trainer(small_config(world_size=world, **options), out)
+    assert trainer.resume_if_possible()
+    residual = trainer.diloco.feedback.residual
+    Path(out, f"rank{rank}.residual.json").write_text(json.dumps(max(float(r.abs().max()) for r in residual.values())))
+    trainer.fit(until)
+
+
+@pytest.mark.slow
+def test_error_feedback_and_the_outer_may_change_on_resume(tmp_path):
+    """A checkpoint without residuals resumes with zero ones; one of the Nesterov outer resumes as
+    SparseLoCo, reading its residuals and not its momentum; and back, with a zero momentum."""
+    out = str(tmp_path)
+    run_on_processes(2, train_replicas, 2, {**FP4, "diloco__error_feedback": "false"}, out, 4)
+    run_on_processes(2, outer_state_on_resume, 2, FP4, out, 6)
+    assert json.loads((tmp_path / "rank0.residual.json").read_text()) == 0.0
+    run_on_processes(2, outer_state_on_resume, 2, {**FP4, "diloco__outer": "sparseloco"}, out, 7)
+    assert json.loads((tmp_path / "rank0.residual.json").read_text()) > 0.0
+    run_on_processes(2, outer_state_on_resume, 2, FP4, out, 8)
+    meta = json.loads((tmp_path / "checkpoints/step_000008/meta.json").read_text())
+    assert meta["extra"]["diloco"]["outer_state"] == ["momentum", "residual"]
 
 
 # ----------------------------------------------------------------------------------------------

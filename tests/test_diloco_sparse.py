@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeforge.diloco.codecs import CODECS, encode, encoded_nbytes
-from moeforge.diloco.sparse import kept_per_chunk, pack_offsets
+from moeforge.diloco.sparse import kept_per_chunk, pack_offsets, unpack_offsets
 from moeforge.diloco.wire import WireFormat
 
 
@@ -57,8 +57,12 @@ def test_kept_values_travel_in_the_value_codec(codec):
     "n, fraction, chunk, codec, block, expected",
     [
         # 2 chunks of 4096 keep 82 each (0.02*4096 = 81.92), a chunk of 808 keeps 16: 180 values;
-        # offsets uint16 (360 B), int2 codes 45 B, 2 scales of 128 values (8 B)
-        (9000, 0.02, 4096, "int2", 128, 360 + 45 + 8),
+        # offsets in 12 bits (270 B), int2 codes 45 B, 2 scales of 128 values (8 B)
+        (9000, 0.02, 4096, "int2", 128, 270 + 45 + 8),
+        # chunks of 8192: 16-bit offsets; 1 chunk keeps 164, one of 808 keeps 16: 180 values
+        (9000, 0.02, 8192, "int2", 128, 360 + 45 + 8),
+        # 3 values kept from chunks of 300: 12 bits each, 4.5 bytes rounded up to 5
+        (900, 1 / 300, 300, "none", 128, 5 + 12),
         # 4 chunks of 256 keep 64: 256 offsets as uint8, fp4 128 B + 8 scales of 32
         (1024, 0.25, 256, "fp4-e3m0", 32, 256 + 128 + 32),
         # a chunk of 3 keeps 1 (0.25*3 rounds to 1): 1 offset, one fp32
@@ -74,22 +78,30 @@ def test_message_bytes_by_hand(n, fraction, chunk, codec, block, expected):
         assert wire.encode(values).shape == (expected,)
 
 
-@pytest.mark.parametrize("chunk, itemsize", [(1, 1), (256, 1), (257, 2), (65536, 2)])
-def test_offsets_take_one_byte_up_to_256_and_two_above(chunk, itemsize):
+@pytest.mark.parametrize("chunk, bits", [(1, 8), (256, 8), (257, 12), (4096, 12), (4097, 16), (65536, 16)])
+def test_offsets_take_8_bits_up_to_256_12_up_to_4096_and_16_above(chunk, bits):
     n, fraction = 3 * chunk, 0.5
     wire = WireFormat("none", 4, fraction, chunk)
     kept = 3 * kept_per_chunk(chunk, fraction)
-    assert wire.nbytes(n) == kept * (itemsize + 4)
+    assert wire.nbytes(n) == -(-kept * bits // 8) + 4 * kept
     assert encoded_nbytes(kept, "none", 4) == 4 * kept
     values = gaussian(n, 4)
     assert torch.equal(wire.decode(wire.encode(values), n).double(), topk_reference(values, fraction, chunk))
 
 
-def test_offsets_are_little_endian_uint16():
-    values = torch.zeros(600)
-    values[300 + 258] = 5.0  # chunk 1 (of 300), offset 258 = 0x0102
-    wire = WireFormat("none", 4, 1 / 300, 300)
-    assert wire.encode(values)[2:4].tolist() == [0x02, 0x01]
+@pytest.mark.parametrize("chunk, count", [(300, 1), (300, 2), (300, 7), (4096, 1000), (65536, 5)])
+def test_offsets_round_trip_every_value(chunk, count):
+    offsets = torch.randint(0, chunk, (count,), generator=torch.Generator().manual_seed(count))
+    offsets[0] = chunk - 1
+    assert torch.equal(unpack_offsets(pack_offsets(offsets, chunk), chunk, count), offsets)
+
+
+def test_offsets_bytes_by_hand():
+    # 12 bits, little-endian: 0x123 and 0xABC -> 0x23, 0xC1, 0xAB; an odd last one -> 0x56, 0x04
+    assert pack_offsets(torch.tensor([0x123, 0xABC, 0x456]), 4096).tolist() == [0x23, 0xC1, 0xAB, 0x56, 0x04]
+    big = torch.zeros(2 * 8192)
+    big[8192 + 258] = 5.0  # chunk 1 of 8192, offset 258 = 0x0102 in 16 bits
+    assert WireFormat("none", 4, 1 / 8192, 8192).encode(big)[2:4].tolist() == [0x02, 0x01]
 
 
 def test_a_chunk_holding_a_non_finite_value_sends_nan():

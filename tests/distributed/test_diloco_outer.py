@@ -1,4 +1,4 @@
-"""The outer algorithms with error feedback on a lossy wire, on 2 gloo processes, against a float64
+"""The outer algorithms with error feedback on a lossy wire, on 2 and 3 gloo processes, against a float64
 reference loop written here from the papers: DiLoCo's Nesterov outer with error feedback, and
 SparseLoCo's (Sarfi et al. 2025, Algorithm 1): per replica e = beta*e + delta, send
 Q(top-k(e)), e -= what was sent, theta -= lr * mean. The replicas' inner steps are stand-ins (seeded
@@ -103,16 +103,16 @@ def transmitted(x: torch.Tensor, options: dict) -> torch.Tensor:
 def reference(options: dict) -> tuple[dict, list[dict], list[dict]]:
     """(theta_global, residuals per replica, local parameters per replica) after STEPS steps; no
     overlap, so a landed fragment replaces the local one."""
-    h, p, lr = options["sync_every"], options["fragments"], options["outer_lr"]
+    h, p, lr, m = options["sync_every"], options["fragments"], options["outer_lr"], options["replicas"]
     sparseloco = options["outer"] == "sparseloco"
     beta, mu = (options["ef_decay"], 0.0) if sparseloco else (1.0, options["outer_momentum"])
     theta = {n: q.detach().double() for n, q in fresh_toy().named_parameters()}
     names = list(theta)
-    local = [{n: t.clone() for n, t in theta.items()} for _ in range(2)]
-    residual = [{n: torch.zeros_like(t) for n, t in theta.items()} for _ in range(2)]
+    local = [{n: t.clone() for n, t in theta.items()} for _ in range(m)]
+    residual = [{n: torch.zeros_like(t) for n, t in theta.items()} for _ in range(m)]
     momentum = {n: torch.zeros_like(t) for n, t in theta.items()}
     for step in range(1, STEPS + 1):
-        for r in range(2):
+        for r in range(m):
             for n in names:
                 local[r][n] -= inner_noise(r, step, n, theta[n].shape).double()
         for fragment in range(p):
@@ -121,18 +121,18 @@ def reference(options: dict) -> tuple[dict, list[dict], list[dict]]:
             frag = fragment_names(fragment, names)
             flat = lambda tree: torch.cat([tree[n].flatten() for n in frag])  # noqa: E731
             sent = []
-            for r in range(2):
+            for r in range(m):
                 x = beta * flat(residual[r]) + flat(theta) - flat(local[r])
                 q = transmitted(x, options)
                 unflatten(residual[r], frag, x - q)
                 sent.append(q)
-            mean = (sent[0] + sent[1]) / 2
+            mean = sum(sent) / m  # replica order, as every receiver sums
             step_dir = mean
             if mu:
                 unflatten(momentum, frag, mu * flat(momentum) + mean)
                 step_dir = mean + mu * flat(momentum)
             unflatten(theta, frag, flat(theta) - lr * step_dir)
-            for r in range(2):
+            for r in range(m):
                 unflatten(local[r], frag, flat(theta))
     return theta, residual, local
 
@@ -168,11 +168,15 @@ NESTEROV_EF = {
 }
 
 
-@pytest.mark.parametrize("options", [SPARSELOCO, NESTEROV_EF], ids=["sparseloco", "nesterov+ef"])
+@pytest.mark.parametrize(
+    "options",
+    [SPARSELOCO, NESTEROV_EF, {**SPARSELOCO, "replicas": 3}],
+    ids=["sparseloco", "nesterov+ef", "sparseloco, 3 replicas"],
+)
 def test_outer_algorithm_with_error_feedback_equals_a_float64_loop(tmp_path, options):
-    run_on_processes(2, drive_replica, options, str(tmp_path))
+    run_on_processes(options["replicas"], drive_replica, options, str(tmp_path))
     theta, residual, local = reference(options)
-    for rank in range(2):
+    for rank in range(options["replicas"]):
         state = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(state["residual"]) == set(theta)
         for name, expected in theta.items():

@@ -11,7 +11,7 @@ Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1", "int2"]
 Outer = Literal["nesterov", "sparseloco"]
 
 TOPK_CHUNK_MAX = 65536
-"""the largest top-k chunk: offsets inside a chunk travel as uint16"""
+"""the largest top-k chunk: offsets inside a chunk travel in at most 16 bits"""
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DiLoCoConfig:
     """top-k sparsification: the fraction of each chunk's outer-gradient values a replica sends (the
     largest in magnitude, with their offsets in the chunk), in the quantize format; 1 = dense"""
     topk_chunk: int = 4096
-    """values per top-k chunk (offsets travel as uint8 up to 256, uint16 above)"""
+    """values per top-k chunk (an offset travels in 8 bits up to 256, 12 up to 4096, 16 above)"""
     error_feedback: bool = True
     """keep what the wire dropped (the outer gradient minus what its message decodes to) per replica
     and fragment, and add it to the fragment's next outer gradient before encoding; one more fp32
@@ -92,7 +92,7 @@ class DiLoCoConfig:
             1 <= self.topk_chunk <= TOPK_CHUNK_MAX,
             "diloco.topk-chunk",
             self.topk_chunk,
-            f"an integer in [1, {TOPK_CHUNK_MAX}] (offsets inside a chunk travel as uint16)",
+            f"an integer in [1, {TOPK_CHUNK_MAX}] (offsets inside a chunk travel in 16 bits)",
         )
         _check(0 < self.ef_decay <= 1, "diloco.ef-decay", self.ef_decay, "a number in (0, 1]")
         _check(

@@ -27,8 +27,8 @@ from torch.distributed.tensor import DTensor
 from moeforge.diloco.exchange import Exchange, receive
 from moeforge.parallel.sharded_load import local_shard
 
-_WORLD_TOTALS = ("nbytes", "local_square", "error_square")
-"""the message figures of an exchange in flight that meta.json holds summed over every rank"""
+_REPLICA_TOTALS = ("nbytes", "local_square", "error_square")
+"""the message figures of an exchange in flight that meta.json holds summed over replica 0's ranks"""
 _PENDING_FIELDS = (
     "fragment",
     "sent_step",
@@ -42,8 +42,8 @@ _PENDING_FIELDS = (
 
 class OuterCheckpointing:
     """The checkpoint half of `StreamingDiLoCo` (outer.py), which holds the attributes used here:
-    cfg, wire, fragments, model, device, global_params, global_biases, momentum, feedback, pending,
-    bytes_per_replica, _replaced_at."""
+    cfg, wire, fragments, model, device, replica_group, global_params, global_biases, momentum,
+    feedback, pending, bytes_per_replica, _replaced_at."""
 
     _copy_backs: list[tuple[torch.Tensor, torch.Tensor]]
     """(device stand-in, host tensor) pairs of the last state handed out, copied back after a load"""
@@ -71,15 +71,16 @@ class OuterCheckpointing:
         if saved is None:
             return
         self._loading_trees = frozenset(saved.get("outer_state", ["momentum"]))  # older: momentum only
-        first = not dist.is_initialized() or dist.get_rank() == 0
+        first = self.replica_group is None or dist.get_rank(self.replica_group) == 0
         for fields in saved["pending"]:
             frag = self.fragments[fields["fragment"]]
             # this rank's shard of the fragment, whatever the saving layout's sharding was; the
-            # world's totals of the message figures on one rank, so that a landing sums them again
+            # replica's totals of the message figures on one of its ranks, so that a landing sums
+            # them again (the bytes are every replica's; the squares replica 0's)
             n_values = sum(self.global_params[name].numel() for name in frag.params)
             n_biases = sum(bias.numel() for bias in frag.biases.values())
-            totals = {key: fields[key] if first else 0 for key in _WORLD_TOTALS}
-            steps = {key: fields[key] for key in _PENDING_FIELDS if key not in _WORLD_TOTALS}
+            totals = {key: fields[key] if first else 0 for key in _REPLICA_TOTALS}
+            steps = {key: fields[key] for key in _PENDING_FIELDS if key not in _REPLICA_TOTALS}
             exchange = Exchange(**steps, **totals, n_values=n_values, n_biases=n_biases)
             exchange.mean_delta = torch.zeros(n_values, device=self.device)
             exchange.mean_biases = torch.zeros(n_biases, device=self.device)
@@ -162,14 +163,15 @@ class OuterCheckpointing:
         return state
 
     def _pending_meta(self, exchange: Exchange) -> dict[str, Any]:
-        """An exchange in flight for meta.json: its steps, and its message figures summed over every
-        rank (a collective): per-rank figures would not survive a change of sharding."""
+        """An exchange in flight for meta.json: its steps, and its message figures summed over the
+        replica's ranks (a collective inside the replica; rank 0 writes its replica's): per-rank
+        figures would not survive a change of sharding."""
         fields = {key: getattr(exchange, key) for key in _PENDING_FIELDS}
-        if dist.is_initialized():
-            totals = torch.tensor([float(fields[key]) for key in _WORLD_TOTALS], dtype=torch.float64)
+        if self.replica_group is not None:
+            totals = torch.tensor([float(fields[key]) for key in _REPLICA_TOTALS], dtype=torch.float64)
             totals = totals.to(self.device)
-            dist.all_reduce(totals)
-            fields.update({key: type(fields[key])(value) for key, value in zip(_WORLD_TOTALS, totals.tolist())})
+            dist.all_reduce(totals, group=self.replica_group)
+            fields.update({key: type(fields[key])(value) for key, value in zip(_REPLICA_TOTALS, totals.tolist())})
         return fields
 
     def _pending_state(self, exchange: Exchange, params: dict[str, nn.Parameter]) -> dict[str, Any]:

@@ -24,7 +24,10 @@ Router biases are not trained by gradients: their replicas' plain mean is taken 
 The inner optimizer's state is per replica and never exchanged.
 
 The rank (r, x) of replica r exchanges with the ranks (r', x) of the other replicas, which hold the
-same shards: one process group per position inside a replica (the mesh's "diloco" dimension).
+same shards: one process group per position inside a replica (the mesh's "diloco" dimension). That
+all-gather is the only collective between replicas: a landing agrees on its verdict (all finite?)
+and its figures over the replica's own ranks, and a stop request rides on the messages, so a
+replica waits for the others only where it needs their outer gradients.
 """
 
 from __future__ import annotations
@@ -61,11 +64,17 @@ class StreamingDiLoCo(OuterCheckpointing):
         replica: int,
         group: dist.ProcessGroup,
         device: torch.device,
+        replica_group: dist.ProcessGroup | None = None,
+        parameter_count: int | None = None,
     ):
+        """`group`: the ranks holding this rank's shards in every replica; `replica_group`: this
+        replica's ranks (None: the replica is this one rank); `parameter_count`: the replica's
+        parameters, all pipeline stages together (default: this rank's model's)."""
         self.cfg = cfg
         self.wire = WireFormat.of(cfg)
         self.replica = replica
         self.group = group
+        self.replica_group = replica_group
         self.model = model
         self.device = device
         self.fragments = split_into_fragments(model, cfg.fragments)
@@ -95,11 +104,15 @@ class StreamingDiLoCo(OuterCheckpointing):
         self.pending: dict[int, Exchange] = {}
         self.bytes_per_replica = 0
         """bytes each replica sent so far in the run (all its ranks' messages)"""
-        self.parameter_count = sum(param.numel() for frag in self.fragments for param in frag.params.values())
+        self.parameter_count = parameter_count or sum(
+            param.numel() for frag in self.fragments for param in frag.params.values()
+        )
+        """the replica's parameters: what data parallelism would all-reduce each step"""
         self._replaced_at: dict[int, int] = {}
         """fragment -> the step at which its local parameters were last replaced by theta_global"""
-        self._stop_vote: torch.Tensor | None = None
-        self._stop_work: dist.Work | None = None
+        self.stop_agreed = False
+        """a landed exchange carried a replica's stop request: every rank of every replica stops
+        after this same step"""
         self._copy_backs = []
 
     def _stored(self, shard: torch.Tensor) -> torch.Tensor:
@@ -109,12 +122,15 @@ class StreamingDiLoCo(OuterCheckpointing):
     # ------------------------------------------------------------------------------------------
     # The schedule
 
-    def after_inner_step(self, step: int) -> list[dict[str, Any]]:
-        """Land the exchanges due at inner step `step` (counted from 1), then send the fragments due;
-        one metrics record per landed exchange."""
+    def after_inner_step(self, step: int, stop_requested: bool = False) -> list[dict[str, Any]]:
+        """Land the exchanges due at inner step `step` (counted from 1), then send the fragments due,
+        each message carrying `stop_requested` (this replica's, agreed inside it); one metrics record
+        per landed exchange. Sets `stop_agreed` when a landed exchange carried a stop request: a
+        request is agreed at the landing of the first exchange sent after it, at most H/P + tau
+        steps later."""
         records = [self._land(self.pending.pop(p), mix=True) for p in self._landing_at(step)]
         for fragment in fragments_due(step, self.cfg.sync_every, self.cfg.fragments):
-            exchange = self._send(fragment, step, step + self.cfg.overlap_steps)
+            exchange = self._send(fragment, step, step + self.cfg.overlap_steps, stop_requested)
             if self.cfg.overlap_steps == 0:
                 records.append(self._land(exchange, mix=False))
             else:
@@ -142,7 +158,7 @@ class StreamingDiLoCo(OuterCheckpointing):
     # One exchange
 
     @torch.no_grad()
-    def _send(self, fragment: int, step: int, land_step: int) -> Exchange:
+    def _send(self, fragment: int, step: int, land_step: int, stop: bool = False) -> Exchange:
         frag = self.fragments[fragment]
         deltas = [
             (self.global_params[name].to(param.device) - local_shard(param).float()).reshape(-1)
@@ -162,6 +178,7 @@ class StreamingDiLoCo(OuterCheckpointing):
             torch.cat(biases) if biases else torch.zeros(0, device=device),
             self.wire,
             self.group,
+            stop,
         )
         if self.feedback is not None:
             self.feedback.keep(names, meant, transmitted)
@@ -169,21 +186,22 @@ class StreamingDiLoCo(OuterCheckpointing):
 
     @torch.no_grad()
     def _land(self, exchange: Exchange, mix: bool) -> dict[str, Any]:
-        """Receive, check, apply the outer step and merge; every rank of every replica together."""
+        """Receive, check, apply the outer step and merge. The ranks of this replica agree on the
+        verdict and sum the figures among themselves (every replica computes the same mean, so
+        every replica reaches the same verdict); no replica waits for another here."""
         receive(exchange, self.wire)
         mean_delta, mean_biases = exchange.mean_delta, exchange.mean_biases
         not_finite = (~torch.isfinite(mean_delta)).sum() + (~torch.isfinite(mean_biases)).sum()
-        totals = torch.stack(
+        figures = [exchange.local_square, exchange.error_square, float(exchange.nbytes), float(exchange.stop)]
+        totals = torch.cat(
             [
-                not_finite.double(),
-                mean_delta.double().square().sum(),
-                torch.tensor(exchange.local_square, dtype=torch.float64, device=mean_delta.device),
-                torch.tensor(exchange.error_square, dtype=torch.float64, device=mean_delta.device),
-                torch.tensor(float(exchange.nbytes), dtype=torch.float64, device=mean_delta.device),
+                torch.stack([not_finite.double(), mean_delta.double().square().sum()]),
+                torch.tensor(figures, dtype=torch.float64, device=mean_delta.device),
             ]
         )
-        dist.all_reduce(totals)  # the verdict and the figures, the same on every rank
-        not_finite, mean_square, local_square, error_square, nbytes = totals.tolist()
+        if self.replica_group is not None:
+            dist.all_reduce(totals, group=self.replica_group)
+        not_finite, mean_square, local_square, error_square, nbytes, stop = totals.tolist()
         if not_finite:
             raise OuterGradientNotFinite(
                 f"diloco: the outer gradient of fragment {exchange.fragment} sent after step "
@@ -196,14 +214,13 @@ class StreamingDiLoCo(OuterCheckpointing):
         self._merge(frag, mean_biases, alpha)
         if not mix:
             self._replaced_at[exchange.fragment] = exchange.sent_step
-        replicas = self.cfg.replicas
-        sent = int(nbytes) // replicas
-        self.bytes_per_replica += sent
+        self.stop_agreed = self.stop_agreed or stop > 0
+        self.bytes_per_replica += int(nbytes)
         return {
             "fragment": exchange.fragment,
             "sent_step": exchange.sent_step,
-            "bytes_per_replica": sent,
-            "outer_grad_norm": math.sqrt(mean_square / replicas),
+            "bytes_per_replica": int(nbytes),
+            "outer_grad_norm": math.sqrt(mean_square),
             "quant_error": math.sqrt(error_square / local_square) if local_square > 0 else 0.0,
             "wait_s": exchange.wait_s,
             "mixed": alpha,
@@ -235,29 +252,6 @@ class StreamingDiLoCo(OuterCheckpointing):
             offset += bias.numel()
             self.global_biases[name].copy_(mean)
             _blend(bias, mean, alpha)
-
-    # ------------------------------------------------------------------------------------------
-    # Agreeing to stop, without a blocking collective between replicas on every step
-
-    def agree_to_stop(self, requested: bool) -> bool:
-        """Vote this replica's stop request and return the previous step's verdict: the vote travels
-        while the next step computes, and every rank of every replica stops at the same step."""
-        verdict = False
-        if self._stop_work is not None:
-            self._stop_work.wait()
-            verdict = bool(self._stop_vote.item() > 0)
-        self._stop_vote = torch.tensor([float(requested)], device=self.device)  # NCCL: on the GPU
-        self._stop_work = dist.all_reduce(
-            self._stop_vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True
-        )
-        return verdict
-
-    def close(self) -> None:
-        """Wait for the vote in flight (every rank cast the same number)."""
-        if self._stop_work is not None:
-            self._stop_work.wait()
-            self._stop_work = None
-
 
     # ------------------------------------------------------------------------------------------
     # The bytes

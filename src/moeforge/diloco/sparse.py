@@ -7,9 +7,10 @@ shorter, L = n - C*floor(n/C)). From a chunk of L values the k(L) largest in mag
 
 so the count kept, and with it the size of every message, depends on n alone: replicas all-gather
 equal-sized messages without agreeing on sizes first. A kept value travels with its offset inside
-its chunk, as uint8 when C <= 256 and uint16 (little-endian) up to 65,536: an index costs 1 or 2
-bytes whatever n is. Offsets are sorted ascending inside each chunk; the kept values follow in the
-same order, chunk after chunk.
+its chunk, in 8 bits when C <= 256, 12 bits when C <= 4096 (SparseLoCo's chunk: two offsets in three
+bytes, the first in the low 12 bits) and 16 bits up to 65,536, little-endian: an index costs 1, 1.5
+or 2 bytes whatever n is. Offsets are sorted ascending inside each chunk; the kept values follow in
+the same order, chunk after chunk.
 
 A chunk holding a NaN or +-inf sends NaN in all its kept values, whichever were picked, so that the
 receivers' `isfinite` check sees a diverged replica (as the blocked codecs' NaN scale does).
@@ -37,14 +38,18 @@ def kept_count(n: int, fraction: float, chunk: int) -> int:
     return full * kept_per_chunk(chunk, fraction) + (kept_per_chunk(rest, fraction) if rest else 0)
 
 
-def offset_dtype(chunk: int) -> torch.dtype:
-    """The narrowest unsigned integer holding an offset in [0, chunk)."""
-    return torch.uint8 if chunk <= 256 else torch.uint16
+def offset_bits(chunk: int) -> int:
+    """Bits of one offset in [0, chunk): 8, 12 or 16."""
+    return 8 if chunk <= 256 else 12 if chunk <= 4096 else 16
+
+
+def _offset_nbytes(count: int, chunk: int) -> int:
+    return -(-count * offset_bits(chunk) // 8)
 
 
 def offsets_nbytes(n: int, fraction: float, chunk: int) -> int:
     """Bytes of the offsets of the values kept from n."""
-    return kept_count(n, fraction, chunk) * offset_dtype(chunk).itemsize
+    return _offset_nbytes(kept_count(n, fraction, chunk), chunk)
 
 
 def _top_offsets(chunks: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,20 +85,32 @@ def positions(offsets: torch.Tensor, n: int, fraction: float, chunk: int) -> tor
 
 
 def pack_offsets(offsets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(K,) int64 offsets -> their bytes, (K * itemsize,) uint8 (uint16 little-endian, as x86 and
-    ARM store it)."""
-    dtype = offset_dtype(chunk)
-    if dtype == torch.uint8:
+    """(K,) int64 offsets -> their bytes, (ceil(K * offset_bits / 8),) uint8, little-endian; in 12
+    bits, offsets 2i and 2i+1 fill bytes 3i..3i+2 (a, then b from bit 12; an odd count ends on the
+    second byte of its last pair)."""
+    bits = offset_bits(chunk)
+    if bits == 8:
         return offsets.to(torch.uint8)
-    return torch.stack([offsets & 0xFF, offsets >> 8], dim=1).flatten().to(torch.uint8)
+    if bits == 16:
+        return torch.stack([offsets & 0xFF, offsets >> 8], dim=1).flatten().to(torch.uint8)
+    pairs = torch.nn.functional.pad(offsets, (0, offsets.numel() % 2)).view(-1, 2)
+    a, b = pairs[:, 0], pairs[:, 1]
+    packed = torch.stack([a & 0xFF, (a >> 8) | ((b & 0x0F) << 4), b >> 4], dim=1).flatten()
+    return packed[: _offset_nbytes(offsets.numel(), chunk)].to(torch.uint8)
 
 
-def unpack_offsets(raw: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The inverse of `pack_offsets`: (K,) int64 offsets."""
-    if offset_dtype(chunk) == torch.uint8:
+def unpack_offsets(raw: torch.Tensor, chunk: int, count: int) -> torch.Tensor:
+    """The inverse of `pack_offsets`: (count,) int64 offsets."""
+    bits = offset_bits(chunk)
+    if bits == 8:
         return raw.long()
-    pairs = raw.view(-1, 2).long()
-    return pairs[:, 0] | (pairs[:, 1] << 8)
+    if bits == 16:
+        pairs = raw.view(-1, 2).long()
+        return pairs[:, 0] | (pairs[:, 1] << 8)
+    triples = torch.nn.functional.pad(raw.long(), (0, -raw.numel() % 3)).view(-1, 3)
+    a = triples[:, 0] | ((triples[:, 1] & 0x0F) << 8)
+    b = (triples[:, 1] >> 4) | (triples[:, 2] << 4)
+    return torch.stack([a, b], dim=1).flatten()[:count]
 
 
 def scatter(kept: torch.Tensor, where: torch.Tensor, n: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 number format (codecs.py).
 
     dense:   [ codec(x) ]                                   codecs.encoded_nbytes(n)
-    sparse:  [ offsets of the kept values | codec(kept) ]   K*(1 or 2) + codecs.encoded_nbytes(K)
+    sparse:  [ offsets of the kept values | codec(kept) ]   K*(8|12|16)/8 + codecs.encoded_nbytes(K)
 
 with K = sparse.kept_count(n): the size depends on n alone, on every replica alike. Decoding gives
 the dense (n,) fp32 vector the message stands for (zeros where top-k dropped a value), which the
@@ -69,7 +69,7 @@ class WireFormat:
             return codecs.decode(payload, n, self.codec, self.block)
         split = sparse.offsets_nbytes(n, self.topk_fraction, self.topk_chunk)
         kept = codecs.decode(payload[split:], self.values_sent(n), self.codec, self.block)
-        offsets = sparse.unpack_offsets(payload[:split], self.topk_chunk)
+        offsets = sparse.unpack_offsets(payload[:split], self.topk_chunk, self.values_sent(n))
         where = sparse.positions(offsets, n, self.topk_fraction, self.topk_chunk)
         return sparse.scatter(kept, where, n)
 

@@ -229,7 +229,7 @@ def diloco_traffic(
     wire_format = WireFormat(
         layout.diloco_quantize, layout.diloco_quantize_block, layout.diloco_topk_fraction, layout.diloco_topk_chunk
     )
-    message = diloco_message_bytes(elements, wire_format, router_biases=replica_gpus * biases)
+    message = diloco_message_bytes(elements, wire_format, router_biases=replica_gpus * biases, senders=replica_gpus)
     wire = all_gather_bytes(message, m)
     link = cluster.cross_replica_bandwidth or replica_gpus * cluster.achieved_network
     exchange = wire / link

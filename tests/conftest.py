@@ -67,3 +67,38 @@ def trainer_documents(cfg) -> list[str]:
     root = prepared_cache(dataclasses.replace(cfg, val_fraction=1e-12), progress=False)
     train = IndexedDataset(root / "train")
     return [bytes(train[i][:-1].tolist()).decode() for i in range(len(train))]
+
+
+TRAINING_THREADS = 2
+"""the trained fixtures' thread count: a long run amplifies the last-bit differences of another count
+into another model, so a figure measured on it would depend on the machine's cores"""
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A small MLA + MTP model trained briefly (150 steps of 16 x 64 bytes, ~12 s here) on the embedded
+    corpus, saved as a checkpoint, once per session (speculative decoding and the serving engine use
+    it). Fewer steps leave a model that answers every prompt with spaces, which any draft predicts."""
+    out = tmp_path_factory.mktemp("mtp_run")
+    cfg = small_config(
+        train__steps="150",
+        train__global_batch_size="16",
+        train__seq_len="64",
+        train__lr="1e-2",
+        train__checkpoint_every="1000",
+        model__attention="mla",
+        model__q_lora_rank="48",
+        model__mtp_depth="1",
+        model__moe__bias_update_rate="1e-2",
+    )
+    import torch
+
+    from moeforge.train.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        Trainer(cfg, out).fit()
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -1,6 +1,7 @@
 """`bench diloco` on 2 spawned gloo processes, a few steps of a small model: the table's structure and
 its bytes against a count made here from the codecs' documented layout and the streaming schedule."""
 
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from moeforge.bench.diloco import (
     methods,
     required_bandwidth,
     run_diloco_bench,
+    summarize,
     write_plot,
 )
 from moeforge.config import ConfigError
@@ -143,3 +145,71 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
 def test_bench_diloco_rejects_bad_settings(change, message):
     with pytest.raises(ConfigError, match=message):
         run_diloco_bench(DilocoBenchSettings(**change))
+
+
+STEP_SECONDS = {"dp": 3.0, "diloco": 2.0, "streaming-fp32": 1.0, "streaming-fp4-e3m0": 1.5}
+"""each method's step on this machine, injected; the 3rd step of every run is 10 times slower"""
+
+
+def _metrics(method, steps: int, tokens_per_step: int, parameters: int) -> list[dict]:
+    """metrics.jsonl of a run as the trainer writes it (tokens_per_s = tokens per step over that
+    step's seconds), at STEP_SECONDS; the exchanges of a DiLoCo method, every k steps and at the
+    end: 1000 bytes each, 2000 the last, each waited on for 0.25 s."""
+    records = []
+    every = method.sync_interval
+    syncs = [] if method.slug == "dp" else [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    for step in range(1, steps + 1):
+        seconds = STEP_SECONDS[method.slug] * (10 if step == 3 else 1)
+        record = {"step": step, "tokens_seen": step * tokens_per_step,
+                  "tokens_per_s": tokens_per_step / seconds, "lm_loss": 5.0 - step / 10}  # fmt: skip
+        if step % 3 == 0:
+            record["val_loss"] = 4.0 + len(method.slug) / 100
+        if step in syncs:
+            sent = 2000 if step == steps else 1000
+            record["diloco"] = [{"bytes_per_replica": sent, "quant_error": 0.0, "wait_s": 0.25}]
+        if step == steps and syncs:
+            record["diloco_total"] = {
+                "bytes_per_replica": 1000 * (len(syncs) - 1) + 2000,
+                "data_parallel_bytes_per_replica": 4 * parameters * steps,
+            }
+        records.append(record)
+    return records
+
+
+def test_the_bandwidth_columns_follow_the_injected_step_times(tmp_path):
+    """The runs' metrics are written by hand with known step times: a method's step is the median
+    of its steps (the slow 3rd one ignored), and the measured bandwidth column uses DiLoCo's inner
+    step T = 2 s (not data parallelism's 3 s, nor a mean): W = B / (tau T + k T (1 - u) / u) from
+    each method's largest exchange B, k and tau, checked here by hand."""
+    settings = dataclasses.replace(SETTINGS, steps=6, sync_every=4, eval_every=3, utilisation=0.8)
+    parameters, tokens_per_step = 1000, 128
+    for method in methods(settings):
+        (tmp_path / method.slug).mkdir()
+        lines = [json.dumps(r) for r in _metrics(method, settings.steps, tokens_per_step, parameters)]
+        (tmp_path / method.slug / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = summarize(settings, tmp_path)
+    rows = {row["method"]: row for row in result["methods"]}
+    for method in methods(settings):
+        assert rows[method.name]["median_step_s"] == pytest.approx(STEP_SECONDS[method.slug])
+    measured_at = result["config"]["bandwidth_at"]["measured"]
+    assert measured_at == {"step_s": pytest.approx(2.0), "params": parameters}
+
+    # (largest exchange B, k, tau): data parallelism 4 bytes per parameter each step; DiLoCo every
+    # H = 4 steps; Streaming DiLoCo P = 2 fragments: every 2 steps, overlapped with 1
+    b_k_tau = {
+        "data parallel": (4 * parameters, 1, 0),
+        "DiLoCo H=4": (2000, 4, 0),
+        "Streaming P=2 fp32": (2000, 2, 1),
+        "Streaming P=2 fp4-e3m0": (2000, 2, 1),
+    }
+    u, ref_scale = 0.8, settings.ref_params / parameters
+    for name, (b, k, tau) in b_k_tau.items():
+        assert rows[name]["bandwidth_gbit_s"] == pytest.approx({
+            "measured": 8e-9 * b / (tau * 2.0 + k * 2.0 * (1 - u) / u),
+            "reference": 8e-9 * b * ref_scale / (tau * 1.0 + k * 1.0 * (1 - u) / u),
+        })  # fmt: skip
+    dp_bytes = 4 * parameters * settings.steps
+    assert rows["DiLoCo H=4"]["ratio_to_dp"] == pytest.approx(dp_bytes / 3000)  # syncs at steps 4 and 6
+    assert rows["Streaming P=2 fp32"]["ratio_to_dp"] == pytest.approx(dp_bytes / 4000)  # 2, 4, 6
+    assert rows["Streaming P=2 fp32"]["wait_s"] == pytest.approx(3 * 0.25)
+    assert "T = 2.000 s (median DiLoCo inner step" in format_table(result)

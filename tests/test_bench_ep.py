@@ -4,6 +4,8 @@ import dataclasses
 import json
 
 import pytest
+import torch
+from torch.distributed import ReduceOp
 
 from moeforge.bench.ep import EpBenchSettings, format_table, run_ep_bench
 from moeforge.config import ConfigError
@@ -55,3 +57,107 @@ def test_bench_ep_tiny_on_two_processes():
 def test_bench_ep_rejects_bad_settings(change, message):
     with pytest.raises(ConfigError, match=message):
         run_ep_bench(dataclasses.replace(TINY, **change))
+
+
+class _PeerRank:
+    """`torch.distributed` as bench/ep.py uses it, with a second rank simulated at the all-reduce:
+    its seconds are this rank's times PEER_SCALE, repeat by repeat (so the slowest rank differs
+    from repeat to repeat, and a warm-up repeat that got into the rows would not broadcast)."""
+
+    ReduceOp = ReduceOp
+    PEER_SCALE = torch.tensor([4.0, 1.5, 0.375], dtype=torch.float64)
+
+    @staticmethod
+    def barrier() -> None:
+        pass
+
+    @classmethod
+    def all_reduce(cls, tensor: torch.Tensor, op=ReduceOp.SUM) -> None:
+        assert op == ReduceOp.MAX
+        peer = tensor * cls.PEER_SCALE.reshape(-1, *[1] * (tensor.dim() - 1))
+        tensor.copy_(torch.maximum(tensor, peer))
+
+
+REPEAT_FACTORS = (100.0, 1.0, 2.0, 4.0)
+"""each repeat's costs x this: one warm-up repeat (dropped), then 3 timed ones; with the peer's,
+the slowest rank per repeat is x 4, x 3, x 4: the best repeat x 3 (median 4, mean 11/3; the best of
+each rank, then the slowest: 1.5)"""
+BEST = 3.0
+
+
+class _CostedLayer:
+    """In an MoE layer's place: each phase advances the fake clock by its cost in this case, times
+    the repeat's factor (a repeat starts with the router)."""
+
+    def __init__(self, clock: list[float], costs: dict[str, float]):
+        self.clock, self.costs, self.repeat = clock, costs, -1
+
+    def spend(self, phase: str) -> None:
+        self.clock[0] += self.costs[phase] * REPEAT_FACTORS[self.repeat]
+
+    def route(self, tokens):
+        self.repeat += 1
+        self.spend("router")
+
+    def dispatch(self, tokens, routing):
+        self.spend("dispatch")
+        return None, None, None
+
+    def compute_experts(self, x_sorted, tokens_per_expert):
+        self.spend("experts")
+
+    def combine(self, expert_out, state, tokens):
+        self.spend("combine")
+
+
+def test_the_phases_and_ratios_follow_the_injected_costs_of_each_case(monkeypatch):
+    """The clock is fake: every phase of each case costs a known number of seconds (ep=2 pays more in
+    dispatch and combine), forward+backward its own; each figure must be that cost, the slowest
+    rank's in the best repeat, and vs ep=1 the ratio of the two cases' forward+backward costs."""
+    from moeforge.bench import ep as bench_ep
+
+    clock = [0.0]
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(bench_ep, "time", fake_time)
+    monkeypatch.setattr(bench_ep, "dist", _PeerRank)
+    monkeypatch.setattr(
+        bench_ep, "forward_backward_step", lambda layer, inputs: lambda: layer.spend("forward_backward")
+    )
+    costs = {
+        "ep=1": {"router": 1.0, "dispatch": 2.0, "experts": 3.0, "combine": 4.0, "forward_backward": 20.0},
+        "ep=2": {"router": 1.0, "dispatch": 5.0, "experts": 3.0, "combine": 6.0, "forward_backward": 25.0},
+    }
+    cases = {name: _CostedLayer(clock, c) for name, c in costs.items()}
+    times = bench_ep.time_cases(cases, torch.zeros(1, 4, 8), repeats=3, warmup=1, device=torch.device("cpu"))
+    figures = bench_ep.versus_ep1(times)
+    for name, c in costs.items():
+        expected = {**c, "forward": c["router"] + c["dispatch"] + c["experts"] + c["combine"]}
+        expected_ms = {phase: 1e3 * BEST * s for phase, s in expected.items()}
+        assert figures[name] == pytest.approx({**expected_ms, "vs_ep1": 20.0 / c["forward_backward"]})
+    assert figures["ep=2"]["vs_ep1"] == pytest.approx(0.8)
+
+    # the overlap case: this rank's (step, exposed, exposed forward) seconds per repeat, whole and halves
+    rows = {"whole": (10.0, 4.0, 1.5), "halves": (9.0, 1.0, 0.5)}
+    samples = {
+        name: [torch.tensor(row, dtype=torch.float64) * f for f in REPEAT_FACTORS[1:]]
+        for name, row in rows.items()
+    }
+    overlap = bench_ep.overlap_figures(samples, torch.device("cpu"))
+    keys = ("step_ms", "exposed_ms", "exposed_forward_ms")
+    assert overlap["whole"] == pytest.approx(dict(zip(keys, (30e3, 12e3, 4.5e3))))
+    assert overlap["halves"] == pytest.approx(dict(zip(keys, (27e3, 3e3, 1.5e3))))
+    assert overlap["hidden_fraction"] == pytest.approx(1 - 1.0 / 4.0)
+
+    # the table prints those ratios: vs ep=1 per case, the hidden fraction and the step halves / whole
+    result = {
+        "config": {**dataclasses.asdict(TINY.resolved()), "device": "cpu", "backend": "gloo",
+                   "threads_per_rank": 1, "timed_routing": "node-limited"},
+        "cases_ms": figures,
+        "traffic": {},
+        "node_limited_vs_unlimited": 1.0,
+        "per_rank_vs_per_expert": {},
+        "overlap": {"sequences": 8, "seq_len": 16, "blocks": 2, **overlap},
+    }  # fmt: skip
+    lines = format_table(result).splitlines()
+    assert next(line for line in lines if line.startswith("ep=2")).endswith(" 0.80")
+    assert "= 0.75; step halves/whole = 0.90" in format_table(result)

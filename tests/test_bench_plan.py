@@ -1,5 +1,6 @@
-"""`bench plan`: the measured machine as a planner cluster, and the table's structure (no timings
-are asserted: performance is what the benchmark prints, not what a test checks)."""
+"""`bench plan`: the measured machine as a planner cluster, the table's structure (no real timings
+are asserted: performance is what the benchmark prints, not what a test checks), and on a fake clock
+the measured step, the ratios and the machine's rates following injected costs."""
 
 import dataclasses
 import json
@@ -217,3 +218,107 @@ def test_bench_plan_table_structure():
 def test_bench_plan_rejects_bad_settings(change, message):
     with pytest.raises(ConfigError, match=message):
         run_plan_bench(dataclasses.replace(SMALL, **change))
+
+
+# ---- the figures follow injected costs (a fake clock, a simulated second rank) ------------------
+
+
+class _Clock:
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+OWN_STEPS = (100.0, 100.0, 1.0, 3.0, 2.0, 7.0)
+"""this rank's training steps in units of the injected cost: 2 warm-up steps, 3 timed, the profiled one"""
+PEER_SCALE = (1.0, 1.0, 4.0, 0.5, 1.25)
+"""the other rank's steps over this rank's: slowest per step 100, 100, 4, 3, 2.5: the median timed
+step is 3 (this rank's median is 2, the mean of the slowest 19/6)"""
+
+
+class _CostedTrainer:
+    """In the Trainer's place: step i advances the fake clock by OWN_STEPS[i] x `cost`."""
+
+    cost = 1.0
+
+    def __init__(self, cfg, out):
+        self.steps = 0
+
+    def train_step(self):
+        _Clock.now += OWN_STEPS[self.steps] * self.cost
+        self.steps += 1
+
+
+def _time_training_at(monkeypatch, cost: float) -> dict:
+    from moeforge.bench import plan as bench_plan
+
+    peer = iter(PEER_SCALE)
+    monkeypatch.setattr(bench_plan, "time", _Clock)
+    monkeypatch.setattr(bench_plan, "dist", type("OneRank", (), {"barrier": staticmethod(lambda: None)}))
+    monkeypatch.setattr(bench_plan, "slowest_of_ranks", lambda value, pick: pick(value, value * next(peer)))
+    monkeypatch.setattr(_CostedTrainer, "cost", cost)
+    monkeypatch.setattr(bench_plan, "Trainer", _CostedTrainer)
+    settings = dataclasses.replace(SMALL, warmup=2, steps=3)
+    return bench_plan.time_training(bench_config(settings, "tiny", LAYOUTS["single"]), settings)
+
+
+def test_the_measured_step_and_the_ratios_follow_the_injected_step_costs(monkeypatch):
+    """The slowest rank's step, median of the timed ones: 3 x the cost; planned/measured, the earlier
+    model's and the achieved FLOP/s divide by it, so they fall as the step grows, and a case is within
+    the tolerance exactly when the injected cost puts the ratio within 30%."""
+    from moeforge.bench.plan import comparison_row
+
+    cfg = bench_config(SMALL, "tiny", LAYOUTS["single"])
+    cluster = machine_cluster(MACHINE, 1)
+    plan = plan_run(cfg, cluster, 1)
+    rows = []
+    for ratio in (1.25, 0.6):  # planned / measured: within 30%, and not
+        cost = plan.step_s / ratio / 3.0
+        run = _time_training_at(monkeypatch, cost)
+        assert run["step_s"] == pytest.approx([cost * 100, cost * 100, cost * 4, cost * 3, cost * 2.5])
+        assert run["median_step_s"] == pytest.approx(3 * cost)
+        assert run["profiled_step_s"] == pytest.approx(7 * cost)  # one more step, under the profiler
+        run.update(machine=MACHINE, gemm_flops_after=80e9)
+        row = comparison_row("single", "tiny", run, plan, cluster, matmul_only_s=0.5 * plan.step_s)
+        assert row["measured_step_s"] == pytest.approx(3 * cost)
+        assert row["planned_over_measured"] == pytest.approx(ratio)
+        assert row["within_tolerance"] == (ratio == 1.25)
+        assert row["matmul_only_over_measured"] == pytest.approx(0.5 * ratio)
+        flops = plan.flops_per_token * cfg.train.global_batch_size * cfg.train.seq_len
+        assert row["achieved_flops_per_device"] == pytest.approx(flops / (3 * cost))
+        assert row["gemm_drift"] == pytest.approx(80e9 / MACHINE["gemm_flops"])
+        rows.append(row)
+    result = {
+        "config": {**dataclasses.asdict(SMALL), "cores": 2, "torch": "x", "load_average_before": [0.0] * 3,
+                   "load_average_after": [0.0] * 3},
+        "machine": {"1": MACHINE}, "rows": rows,
+    }  # fmt: skip
+    table = [line.split() for line in format_table(result).splitlines() if line.startswith("tiny ")]
+    # preset, layout, processes, measured s, planned s, planned/measured, <=30%
+    assert [cells[5:7] for cells in table] == [["1.25", "yes"], ["0.60", "no"]]
+    assert [cells[-1] for cells in table] == ["0.80", "0.80"]  # GEMM after / before
+
+
+def test_the_machines_gemm_rate_is_its_best_and_median_timed_matmul(monkeypatch):
+    """A scripted clock: after an untimed one, the matmuls take 3, 1, 2, 10 and 4 s: best 1 s, median
+    3 s (the mean would be 4); copies 2 and 0.5 s: 2 x bytes over the best."""
+    from moeforge.bench import machine_cluster as measured
+
+    durations = iter([3.0, 1.0, 2.0, 10.0, 4.0, 2.0, 0.5])
+
+    class ScriptedClock:
+        """Each timed call's start reads 0, its end the next duration."""
+
+        started = False
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.started = not cls.started
+            return 0.0 if cls.started else next(durations)
+
+    monkeypatch.setattr(measured, "time", ScriptedClock)
+    monkeypatch.setattr(measured, "dist", type("OneRank", (), {"barrier": staticmethod(lambda: None)}))
+    assert measured.gemm_flops(8, 5) == pytest.approx((2 * 8**3 / 1.0, 2 * 8**3 / 3.0))
+    assert measured.copy_bandwidth(1024, 2) == pytest.approx(2 * 1024 / 0.5)

@@ -2,8 +2,11 @@
 `--ep`: the exposed all-to-all arithmetic on made-up timestamps, and one tiny pp=2 x ep=2 run."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from moeforge.bench.pp import PpBenchSettings, run_pp_bench
 from moeforge.bench.pp_results import formula_bubble, format_table, planner_layout
@@ -208,3 +211,136 @@ def test_bench_pp_dualpipev_with_ep_on_four_processes():
     assert all(0 < f <= 1 for f in on["in_flight_under_compute"])
     table = format_table(result)
     assert "dualpipev +overlap" in table and "hidden fraction" in table and "a2a exposed" in table
+
+
+# ---- the figures follow the injected costs ---------------------------------------------------
+
+
+class _FakeClock:
+    """perf_counter for bench/pp.py: moves only when a fake action or wait says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _CostedSchedule:
+    """A one-stage schedule on a fake clock: per micro-batch a p2p wait of 1 s, F 2 s, the loss 0.5 s,
+    a wait of 1.5 s, I 3 s and W 1 s, all times the step's factor (steps counted from the first)."""
+
+    def __init__(self, clock: _FakeClock, factors: list[float]):
+        self.clock, self.factors, self.steps = clock, factors, 0
+        stage = type("Stage", (), {"stage_index": 0, "is_last": True})()
+        stage.forward_one_chunk = lambda *a, **kw: self.spend(2.0)
+        stage.backward_one_chunk = lambda *a, full_backward=True, **kw: self.spend(3.0)
+        stage.backward_weight_one_chunk = lambda *a, **kw: self.spend(1.0)
+        self._stage = stage
+
+    def spend(self, seconds: float) -> None:
+        self.clock.now += seconds * self.factors[self.steps - 1]
+
+    def _maybe_compute_loss(self, *args, **kwargs) -> None:
+        self.spend(0.5)
+
+    def step(self, *args, target=None) -> None:
+        self.steps += 1
+        for _ in range(4):
+            self.spend(1.0)
+            self._stage.forward_one_chunk()
+            self._maybe_compute_loss()
+            self.spend(1.5)
+            self._stage.backward_one_chunk(full_backward=False)
+            self._stage.backward_weight_one_chunk()
+
+
+def test_a_ranks_step_idle_share_and_chunk_times_follow_the_injected_costs(monkeypatch):
+    """measure_schedule on a fake clock and a fake pipeline: the extra step that counts the saved
+    bytes and the warm-up step cost x 50 and x 40 and are not timed; the 3 timed steps cost x 1, 2, 3
+    of 4 micro-batches of 1 + 2 + 0.5 + 1.5 + 3 + 1 = 9 s, 2.5 of them waits; the chunk times are
+    the means over the timed steps, the loss counted with the forward."""
+    from moeforge.bench import pp as bench_pp
+
+    clock = _FakeClock()
+    schedule = _CostedSchedule(clock, factors=[50.0, 40.0, 1.0, 2.0, 3.0])
+    pipe = SimpleNamespace(schedule=schedule, parameters=lambda: [], moe_stats=[], chunks=[], stages=[0])
+    timed = bench_pp.TimedPipeline(pipe, [], None)
+    bench_pp.record_actions(pipe, timed.intervals)
+    monkeypatch.setattr(bench_pp, "time", clock)
+    monkeypatch.setattr(bench_pp, "dist", SimpleNamespace(barrier=lambda: None))
+    monkeypatch.setattr(bench_pp, "timed_pipeline", lambda settings, schedule, mesh: timed)
+    figures = bench_pp.measure_schedule(tiny_settings(repeats=3, warmup=1), "1f1b")
+    assert figures["step_s"] == pytest.approx([36.0, 72.0, 108.0])
+    assert figures["idle_fraction"] == pytest.approx([10.0 / 36.0] * 3)
+    mean_factor = (1.0 + 2.0 + 3.0) / 3
+    chunk = {"forward": 2.5, "backward_input": 3.0, "backward_weight": 1.0}
+    assert figures["chunk_s"] == pytest.approx({key: s * mean_factor for key, s in chunk.items()})
+    assert figures["actions"] == ["F", "I", "W", "loss"]
+
+
+class _CostedModel(torch.nn.Module):
+    """The unpipelined baseline's model on a fake clock: a micro-batch's forward costs 0.5 s times
+    the step's factor; logits [B, S, vocab] that backward reaches."""
+
+    def __init__(self, clock: _FakeClock, factors: list[float], vocab: int):
+        super().__init__()
+        self.clock, self.factors, self.steps = clock, factors, 0
+        self.weight = torch.nn.Parameter(torch.zeros(vocab))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.steps += 1  # once per step
+        super().zero_grad(set_to_none=set_to_none)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        self.clock.now += 0.5 * self.factors[self.steps - 1]
+        logits = self.weight.expand(*x.shape, -1)
+        return SimpleNamespace(logits=logits, balance_loss=self.weight.sum() * 0)
+
+
+def test_efficiency_idle_and_formula_follow_the_injected_times_of_the_baseline_and_the_ranks(monkeypatch):
+    """The baseline alone runs on a fake clock (4 micro-batches of 0.5 s, steps x 100 (warm-up), 1, 5,
+    2: 2, 10, 4 s, median 4); the ranks' figures are injected where the processes would write them:
+    steps of rank 0 1, 3, 2 s and of rank 1 2, 1, 5 s (slowest per repeat 2, 3, 5: median 3, best 2),
+    beside the others the baseline's medians 12 and 14 s (13). Efficiency alone = 4 / pp / 3, beside
+    = 13 / pp / 3; idle per rank the median of its steps; the formula on the chunk times averaged
+    over the ranks (F = 3, B = 3: 1F1B's bubble (pp - 1)(F + B) = 6 s against 4 x 6 s of compute)."""
+    from moeforge.bench import pp as bench_pp
+
+    settings = tiny_settings(schedules=("1f1b",), repeats=3, warmup=1)
+    clock = _FakeClock()
+    vocab = settings.model_config().vocab_size
+    monkeypatch.setattr(bench_pp, "time", clock)
+    monkeypatch.setattr(bench_pp, "bench_model", lambda s: _CostedModel(clock, [100.0, 1.0, 5.0, 2.0], vocab))
+
+    def rank(step_s, idle, beside_s, forward, backward):
+        figures = {
+            "stages": [0], "step_s": step_s, "idle_fraction": idle, "actions": ["B", "F", "loss"],
+            "chunk_s": {"forward": forward, "backward_input": backward, "backward_weight": 0.0},
+            "saved_peak_bytes": 3 * 2**20, "saved_bytes_per_micro_batch": 2**20,
+        }  # fmt: skip
+        return {"beside_s": beside_s, "1f1b": figures}
+
+    ranks = [
+        rank([1.0, 3.0, 2.0], [0.1, 0.5, 0.2], [10.0, 12.0, 30.0], 2.0, 4.0),
+        rank([2.0, 1.0, 5.0], [0.3, 0.3, 0.9], [14.0, 16.0, 2.0], 4.0, 2.0),
+    ]
+
+    def processes_writing_their_figures(world, worker, settings, out, threads):
+        assert world == 2
+        Path(out).write_text(json.dumps(ranks))
+
+    monkeypatch.setattr(bench_pp, "run_on_processes", processes_writing_their_figures)
+    result = run_pp_bench(settings)
+    assert result["single_process_s"] == pytest.approx({"best": 2.0, "median": 4.0})
+    assert result["single_process_beside_s"] == pytest.approx(13.0)
+    summary = result["schedules"]["1f1b"]
+    assert summary["step_s"] == pytest.approx({"best": 2.0, "median": 3.0})
+    assert summary["efficiency"] == pytest.approx(4.0 / 2 / 3.0)
+    assert summary["efficiency_beside"] == pytest.approx(13.0 / 2 / 3.0)
+    assert summary["idle_fraction"] == pytest.approx([0.2, 0.3])
+    assert summary["chunk_s"] == pytest.approx(dict(forward=3.0, backward_input=3.0, backward_weight=0.0))
+    assert summary["formula"] == pytest.approx({"bubble_s": 6.0, "idle_fraction": 6.0 / (6.0 + 4 * 6.0)})
+    assert summary["held_micro_batches"] == pytest.approx([3.0, 3.0])
+    row = next(line for line in format_table(result).splitlines() if line.startswith("1f1b"))
+    assert row.split()[:8] == ["1f1b", "3.000", "(2.000)", "0.67", "2.17", "0.20", "0.30", "0.20"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +38,7 @@ from moeforge.serve.app import build_app
 from moeforge.serve.async_engine import AsyncEngine
 from moeforge.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from moeforge.serve.engine import Engine
-from moeforge.serve.generation import Served
+from moeforge.serve.generation import Served, request_capacity
 from moeforge.serve.requests import EngineConfig, SamplingParams
 from moeforge.serve.server import DrainingServer, listen, server_config
 
@@ -58,8 +60,8 @@ class Running:
     def __init__(self, config: EngineConfig = CONFIG, api_key: str | None = KEY, engine: Engine | None = None):
         engine = engine or Engine(printable_model(), config, None)
         self.engine = AsyncEngine(engine, config.max_waiting)
-        context = engine.model.cfg.max_seq_len
-        served = Served(self.engine, ByteTokenizer(), NAME, context, ChatTemplate(DEFAULT_TEMPLATE, "default"))
+        template = ChatTemplate(DEFAULT_TEMPLATE, "default")
+        served = Served(self.engine, ByteTokenizer(), NAME, request_capacity(engine), template)
         self.server = DrainingServer(server_config(build_app(served, api_key), HOST, 0), self.engine, NAME)
         sock = listen(HOST, 0)
         self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve([sock]),), daemon=True)
@@ -96,9 +98,9 @@ def wait_until(predicate, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def printable_model() -> Transformer:
+def printable_model(**overrides: str) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(small_config().model).eval()
+    model = Transformer(small_config(**overrides).model).eval()
     keep = torch.zeros(model.cfg.vocab_size)
     keep[32:127] = 4.0
     with torch.no_grad():
@@ -307,28 +309,6 @@ def test_the_api_key_guards_every_route_but_health(server):
     assert [m.id for m in server.client().models.list().data] == [NAME]
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
-    body = {"model": NAME, "prompt": "The ", "max_tokens": 100, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
-        server.engine.pause()
-        wait_until(lambda: server.engine.stats().running == 1, "the stream's request to run")
-        assert server.engine.stats().cache_blocks_used > 0
-    # the connection is closed with 90-odd tokens to go, and the engine does not step while paused
-    wait_until(lambda: server.engine.stats().cache_blocks_used == 0, "the aborted request's blocks to be freed")
-    assert server.engine.stats().running == 0 and server.engine.in_flight == 0
-    server.engine.resume()
-
-
-def test_a_client_that_leaves_before_a_whole_answer_frees_its_blocks(server):
-    server.engine.pause()
-    with pytest.raises(httpx.ReadTimeout):
-        server.post("/v1/completions", {"prompt": "The ", "max_tokens": 50}, timeout_s=0.5)
-    wait_until(lambda: server.engine.in_flight == 0, "the abandoned request to be aborted")
-    assert server.engine.stats().cache_blocks_used == 0 and server.engine.stats().waiting == 0
-    server.engine.resume()
-
-
 def test_metrics_are_prometheus_text(server):
     server.client().completions.create(model=NAME, prompt="a", max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
@@ -344,6 +324,83 @@ def test_metrics_are_prometheus_text(server):
     assert answered[("/v1/completions", "200")] >= 1
     assert families["moeforge_cache_blocks_total"].samples[0].value == CONFIG.cache_blocks
     assert families["moeforge_generated_tokens"].samples[0].value >= 2
+
+
+class PausingEngine(Engine):
+    """An engine that pauses its AsyncEngine right after its first step that produced tokens: a test
+    then knows its request is running and holds cache blocks, however slow the machine."""
+
+    on_tokens = None
+
+    def step(self):
+        outputs = super().step()
+        if any(o.new_tokens for o in outputs) and self.on_tokens is not None:
+            self.on_tokens()
+            self.on_tokens = None
+        return outputs
+
+
+def paused_with_a_running_request(running: Running) -> None:
+    wait_until(lambda: running.engine.stats().running == 1, "the request to run and the engine to pause")
+    assert running.engine.stats().cache_blocks_used > 0 and running.engine.in_flight == 1
+
+
+def pausing_server() -> Running:
+    engine = PausingEngine(printable_model(), CONFIG, None)
+    running = Running(engine=engine)
+    engine.on_tokens = running.engine.pause
+    return running
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks():
+    with pausing_server() as running:
+        body = {"model": NAME, "prompt": "The ", "max_tokens": 100, "temperature": 0, "stream": True}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, headers=auth) as response:
+            lines = response.iter_lines()  # held: closing this iterator would close the connection
+            next(line for line in lines if line.startswith("data: "))
+            paused_with_a_running_request(running)
+        # the connection is closed with 99 tokens to go, and the paused engine will not step again
+        wait_until(lambda: running.engine.stats().cache_blocks_used == 0, "the aborted request's blocks to be freed")
+        assert running.engine.stats().running == 0 and running.engine.in_flight == 0
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_blocks():
+    with pausing_server() as running:
+        body = json.dumps({"model": NAME, "prompt": "The ", "max_tokens": 100}).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {KEY}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection((HOST, running.server.port)) as client:
+            client.sendall(head.encode() + body)
+            paused_with_a_running_request(running)
+        wait_until(lambda: running.engine.stats().cache_blocks_used == 0, "the abandoned request's blocks to be freed")
+        assert running.engine.stats().running == 0 and running.engine.in_flight == 0
+        wait_until(lambda: metric_values(running, "moeforge_http_requests").get("499"), "the 499 to be counted")
+
+
+def metric_values(running: Running, labelled: str | None = None) -> dict[str, float]:
+    """The unlabelled samples by name, or those of the family `labelled` by their status label."""
+    text = httpx.get(running.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    if labelled is not None:
+        return {s.labels["status"]: s.value for s in samples if s.name == f"{labelled}_total"}
+    return {s.name: s.value for s in samples if not s.labels}
+
+
+def test_speculative_serving_keeps_greedy_tokens_and_reports_its_acceptance():
+    reference = printable_model(model__mtp_depth="1")
+    config = dataclasses.replace(CONFIG, speculative=True)
+    with Running(config, engine=Engine(printable_model(model__mtp_depth="1"), config, None)) as running:
+        prompt = list(b"The ")
+        answer = running.client().completions.create(model=NAME, prompt="The ", max_tokens=16, temperature=0)
+        assert_greedy_equal(reference, prompt, list(answer.choices[0].text.encode()), reference_greedy(reference, prompt, 16))
+        values = metric_values(running)
+        # without max_tokens an answer may fill the context, less the position speculation drafts past it
+        chat = running.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}])
+        assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == reference.cfg.max_seq_len - 1
+    drafted, accepted = values["moeforge_speculative_drafted_tokens_total"], values["moeforge_speculative_accepted_tokens_total"]
+    assert drafted > 0 and 0 <= accepted <= drafted and values["moeforge_speculative_verify_rounds_total"] > 0
+    assert values["moeforge_speculative_acceptance_rate"] == pytest.approx(accepted / drafted)
 
 
 def test_a_full_queue_answers_429_with_retry_after():

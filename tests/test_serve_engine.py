@@ -213,3 +213,23 @@ def test_speculation_keeps_the_sampled_distribution():
     empirical = counts / trials
     tolerance = 4 * (exact * (1 - exact) / trials).sqrt() + 1e-3  # 4 standard errors per cell
     assert ((empirical - exact).abs() <= tolerance).all(), (empirical - exact).abs().max()
+
+
+@pytest.mark.slow
+def test_batched_speculation_on_a_trained_model_accepts_most_drafts_and_stays_greedy(trained_run):
+    """The briefly trained MLA + MTP fixture: many requests at once, each greedy output equal to plain
+    decoding alone, and the batch accepting drafts as often as one request does (test_speculative)."""
+    from test_speculative import ACCEPTANCE_FLOOR, PROMPTS
+
+    from moeforge.infer import load_model
+
+    loaded = load_model(trained_run)
+    batch = [loaded.tokenizer.encode(text) for text in PROMPTS * 2]
+    expected = [generate(loaded.model, prompt, 40, GREEDY).new_tokens for prompt in batch]
+    config = EngineConfig(max_batch=6, cache_blocks=64, block_size=8, max_step_tokens=24, speculative=True)
+    engine = Engine(loaded.model, config, eos_id=None)
+    outputs = serve_all(engine, {str(i): (p, SamplingParams(max_tokens=40, temperature=0)) for i, p in enumerate(batch)})
+    assert [new_tokens(outputs[str(i)]) for i in range(len(batch))] == expected
+    stats = engine.stats()
+    assert stats.accepted_tokens / stats.drafted_tokens > ACCEPTANCE_FLOOR
+    assert stats.generated_tokens / stats.steps > 2  # more than one token per request and step, on average

@@ -6,24 +6,21 @@ import json
 
 import pytest
 import torch
-from conftest import small_config
 from test_cli import moeforge
 from test_transformer import MLA_SHAPES, tiny_model_config
 
 from moeforge.infer import SamplingConfig, generate, load_model
 from moeforge.infer.speculative import MTPDrafter, accept_greedy, accept_sampled, speculative_generate
 from moeforge.model.transformer import Transformer
-from moeforge.train.trainer import Trainer
 
 GREEDY = SamplingConfig(temperature=0)
-# Greedy acceptance of the MTP draft on the briefly trained fixture below, measured on a 2-core CPU
+# Greedy acceptance of the MTP draft on the briefly trained fixture (conftest's `trained_run`), measured on a 2-core CPU
 # (torch 2.13): 0.99 over the prompts; the same model untrained: 0.0. The fixture trains with a fixed
 # thread count: 150 steps amplify the last-bit differences of another count into another model (one
 # thread: 0.56), so the figure would otherwise depend on the machine's cores. The floor leaves room
 # for other BLAS builds and CPUs.
 ACCEPTANCE_FLOOR = 0.6
 UNTRAINED_CEILING = 0.2
-TRAINING_THREADS = 2
 
 
 def test_greedy_rule_keeps_the_agreeing_prefix_then_the_main_models_token():
@@ -102,32 +99,6 @@ def test_sampled_speculative_decoding_is_reproducible_and_needs_mtp():
         speculative_generate(random_model("gqa", mtp_depth=0), [1], 4)
     with pytest.raises(ValueError, match=r"--max-new-tokens: .* \+ 2 drafted exceed model.max-seq-len=128"):
         speculative_generate(model, [1] * 100, 27)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A small MLA + MTP model trained briefly (150 steps of 16 x 64 bytes, ~12 s here) on the embedded
-    corpus, saved as a checkpoint. Fewer steps leave a model that answers every prompt with spaces,
-    which any draft predicts."""
-    out = tmp_path_factory.mktemp("mtp_run")
-    cfg = small_config(
-        train__steps="150",
-        train__global_batch_size="16",
-        train__seq_len="64",
-        train__lr="1e-2",
-        train__checkpoint_every="1000",
-        model__attention="mla",
-        model__q_lora_rank="48",
-        model__mtp_depth="1",
-        model__moe__bias_update_rate="1e-2",
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAINING_THREADS)
-    try:
-        Trainer(cfg, out).fit()
-    finally:
-        torch.set_num_threads(threads)
-    return out
 
 
 PROMPTS = ["The ", "def f(x):\n    return ", "In Python, a list "]

@@ -150,11 +150,7 @@ def measure(settings: EpBenchSettings, device: torch.device) -> dict[str, Any]:
     x = torch.randn(1, settings.tokens, settings.dim, device=device, dtype=dtype)
 
     cases = {"ep=1": replicated, f"ep={ep}": spread}
-    times = time_cases(cases, x, settings.repeats, settings.warmup, device)
-    baseline = times["ep=1"]["forward_backward"]
-    figures = {
-        name: {**phases, "vs_ep1": baseline / phases["forward_backward"]} for name, phases in times.items()
-    }
+    figures = versus_ep1(time_cases(cases, x, settings.repeats, settings.warmup, device))
     traffic = {
         label: count_traffic(settings, settings.routing(limited), x, ep_mesh, device, dtype)
         for label, limited in (("unlimited", False), (f"node-limited M={settings.topk_nodes}", True))
@@ -199,11 +195,25 @@ def time_cases(
                 samples[name].append(torch.tensor(phases, dtype=torch.float64))
     result = {}
     for name, rows in samples.items():
-        slowest = torch.stack(rows).to(device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        best = slowest.min(dim=0).values.cpu()
+        best = slowest_rank_best_repeat(rows, device)
         result[name] = {phase: float(best[i]) * 1e3 for i, phase in enumerate(PHASES)}
     return result
+
+
+def slowest_rank_best_repeat(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """rows[repeat] [figures] of this rank -> [figures]: per repeat the slowest rank's (all-reduce
+    MAX), then per figure the best repeat."""
+    slowest = torch.stack(rows).to(device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.min(dim=0).values.cpu()
+
+
+def versus_ep1(times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`time_cases`' figures with each case's speed-up over ep=1 in forward+backward, `vs_ep1`."""
+    baseline = times["ep=1"]["forward_backward"]
+    return {
+        name: {**phases, "vs_ep1": baseline / phases["forward_backward"]} for name, phases in times.items()
+    }
 
 
 def overlap_model(settings: EpBenchSettings, routing: MoEConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -242,14 +252,20 @@ def time_overlap(
             seconds = _overlapped_step_seconds(model, tokens, parts, device)
             if repeat >= settings.warmup:
                 samples[name].append(torch.tensor(seconds, dtype=torch.float64))
-    figures = {}
+    figures = overlap_figures(samples, device)
+    return {"sequences": OVERLAP_SEQUENCES, "seq_len": seq, "blocks": OVERLAP_BLOCKS, **figures}
+
+
+def overlap_figures(samples: dict[str, list[torch.Tensor]], device: torch.device) -> dict[str, Any]:
+    """{whole, halves: {step_ms, exposed_ms, exposed_forward_ms}} from this rank's seconds per repeat
+    (`_overlapped_step_seconds`), slowest rank and best repeat, and the hidden fraction."""
+    figures: dict[str, Any] = {}
     for name, rows in samples.items():
-        slowest = torch.stack(rows).to(device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        best = slowest.min(dim=0).values.cpu() * 1e3
+        best = slowest_rank_best_repeat(rows, device) * 1e3
         figures[name] = dict(zip(("step_ms", "exposed_ms", "exposed_forward_ms"), best.tolist()))
-    hidden = 1.0 - figures["halves"]["exposed_ms"] / max(figures["whole"]["exposed_ms"], 1e-12)
-    return {"sequences": OVERLAP_SEQUENCES, "seq_len": seq, "blocks": OVERLAP_BLOCKS, **figures, "hidden_fraction": hidden}
+    exposed = figures["halves"]["exposed_ms"], figures["whole"]["exposed_ms"]
+    figures["hidden_fraction"] = 1.0 - exposed[0] / max(exposed[1], 1e-12)
+    return figures
 
 
 def _overlapped_step_seconds(model: Transformer, tokens: torch.Tensor, parts: int, device: torch.device) -> list[float]:

@@ -71,11 +71,13 @@ def _over_ranks(value: float) -> list[float]:
     return [float(v) for v in values]
 
 
-def _seconds(fn: Any, repeats: int, together: bool = False, clock: Any = time.perf_counter) -> list[float]:
+def _seconds(fn: Any, repeats: int, together: bool = False, clock: Any = None) -> list[float]:
     """Seconds of `repeats` timed calls of `fn` after an untimed one, every process starting
     together; `together`: until every process has finished (what P devices that share cores each
     reach while all of them work, not what one reaches while the others wait for the CPU);
-    `clock`: wall time, or `time.process_time` for this process's CPU time (every thread's)."""
+    `clock`: wall time (None: `time.perf_counter`, looked up at the call), or `time.process_time`
+    for this process's CPU time (every thread's)."""
+    clock = clock or time.perf_counter
     fn()
     samples = []
     for _ in range(repeats):

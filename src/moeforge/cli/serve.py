@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from moeforge.cli.arguments import reject_extra
 from moeforge.config import ConfigError, field_docs
@@ -49,16 +48,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     reject_extra(rest)
+    try:
+        from moeforge.serve.app import build_app
+        from moeforge.serve.server import listen, run_server
+    except ImportError as err:  # fastapi, uvicorn, jinja2 or prometheus_client missing
+        raise ConfigError(f"serve: needs {err.name}; allowed: pip install 'moeforge[serve]'") from None
+    from moeforge.checkpoint.discovery import resolve_checkpoint
     from moeforge.infer import load_model
     from moeforge.infer.generate import generation_device
     from moeforge.plan.memory_budget import check_checkpoint_fits
-    from moeforge.serve.app import build_app
     from moeforge.serve.async_engine import AsyncEngine
     from moeforge.serve.chat_template import load_chat_template
     from moeforge.serve.engine import Engine
-    from moeforge.serve.generation import Served
+    from moeforge.serve.generation import Served, request_capacity
     from moeforge.serve.requests import EngineConfig
-    from moeforge.serve.server import listen, run_server
 
     # the flags first: a mistake is reported before any checkpoint is read
     config = EngineConfig(speculative=args.speculative, **{name: getattr(args, name) for name in ENGINE_FLAGS})
@@ -68,10 +71,13 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     device = generation_device(args.device)
     listen(args.host, args.port).close()  # the address is free before minutes of loading
     check_checkpoint_fits(args.checkpoint, device, config.cache_blocks * config.block_size)  # weights + paged cache
-    loaded = load_model(args.checkpoint, device)
-    run_dir = loaded.checkpoint.parent.parent
-    name = args.model_name or Path(run_dir).resolve().name
-    engine = AsyncEngine(Engine(loaded.model, config, loaded.tokenizer.eos_id), config.max_waiting)
-    served = Served(engine, loaded.tokenizer, name, loaded.model.cfg.max_seq_len, load_chat_template(run_dir))
-    return run_server(build_app(served, api_key), engine, name, args.host, args.port)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    run_dir = checkpoint.parent.parent
+    template = load_chat_template(run_dir)  # a broken template is reported before the model is loaded
+    loaded = load_model(checkpoint, device)
+    name = args.model_name or run_dir.resolve().name
+    engine = Engine(loaded.model, config, loaded.tokenizer.eos_id)
+    threaded = AsyncEngine(engine, config.max_waiting)
+    served = Served(threaded, loaded.tokenizer, name, request_capacity(engine), template)
+    return run_server(build_app(served, api_key), threaded, name, args.host, args.port)
 

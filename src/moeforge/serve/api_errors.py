@@ -9,7 +9,6 @@ The message is one line that starts with the field, as moeforge's command-line e
 from __future__ import annotations
 
 import json
-import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -128,6 +127,5 @@ async def _http_error(request: Request, err: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-    """A bug: its traceback on the server's stderr, one line to the client."""
-    traceback.print_exception(err)
+    """A bug: one line to the client (Starlette re-raises it after, and uvicorn logs its traceback)."""
     return api_error(err).response()

@@ -115,7 +115,12 @@ class Gate:
             )
             await refusal.response()(scope, receive, counted)
             return
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # a bug: Starlette's outermost middleware answers 500 after this
+            if not answered:
+                self._metrics.count(path, 500)
+            raise
         if not answered:  # the handler gave up on a client that had left
             self._metrics.count(path, 499)
 

@@ -10,7 +10,7 @@ finish reason.
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from moeforge.serve.api_errors import bad_field
 from moeforge.serve.chat_template import ConversationRefused
@@ -22,7 +22,7 @@ from moeforge.serve.generation import (
     check_tokens,
     collect,
     end_ids,
-    events,
+    event_stream,
     new_id,
     sampling_params,
     submit,
@@ -55,7 +55,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
         def closing() -> list[dict]:
             return [{**head, "object": CHUNK_OBJECT, "choices": [], "usage": answer.usage()}] if body.include_usage else []
 
-        return StreamingResponse(events(answer, stream, opening, chunk, closing), media_type="text/event-stream")
+        return event_stream(answer, stream, opening, chunk, closing)
     await collect(request, answer, stream)
     choices = [
         {

@@ -10,7 +10,7 @@ generating: the engine generates one token, which is dropped (so the prompt must
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from moeforge.serve.api_errors import bad_field
 from moeforge.serve.choice import ChoiceState, Delta, TokenEntry
@@ -21,7 +21,7 @@ from moeforge.serve.generation import (
     check_tokens,
     collect,
     end_ids,
-    events,
+    event_stream,
     new_id,
     sampling_params,
     submit,
@@ -48,7 +48,7 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
         def closing() -> list[dict]:
             return [{**head, "choices": [], "usage": answer.usage()}] if body.include_usage else []
 
-        return StreamingResponse(events(answer, stream, [], chunk, closing), media_type="text/event-stream")
+        return event_stream(answer, stream, [], chunk, closing)
     await collect(request, answer, stream)
     choices = [
         _choice(c.index, c.text, completion_logprobs(c.entries) if want_logprobs else None, c.finish_reason)

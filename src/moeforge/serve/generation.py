@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from moeforge.data.tokenizer import Tokenizer
 from moeforge.serve.api_errors import APIError, api_error, bad_field
 from moeforge.serve.async_engine import AsyncEngine, EngineFailed, EngineUnavailable, OutputStream, Submission
 from moeforge.serve.chat_template import ChatTemplate
 from moeforge.serve.choice import ChoiceState, Delta
+from moeforge.serve.engine import Engine
 from moeforge.serve.protocol import GenerationFields
 from moeforge.serve.requests import EngineFull, RequestError, RequestOutput, SamplingParams
 
@@ -37,10 +39,17 @@ class Served:
     tokenizer: Tokenizer
     model_name: str
     max_context: int
-    """prompt + generated tokens one request may hold (the model's max_seq_len)"""
+    """prompt + generated tokens one request may hold (`request_capacity`)"""
     chat_template: ChatTemplate
     created: int = field(default_factory=lambda: int(time.time()))
     """when the server started (the model card's `created`)"""
+
+
+def request_capacity(engine: Engine) -> int:
+    """The most positions (prompt + generated tokens) one request may take: the model's context, or
+    the whole cache when that is smaller, less the drafts speculation verifies past the end."""
+    config = engine.config
+    return min(engine.model.cfg.max_seq_len, config.cache_blocks * config.block_size) - engine.lookahead
 
 
 @dataclass
@@ -156,11 +165,12 @@ async def collect(request: Request, answer: Answer, stream: OutputStream) -> Non
     finally:
         gone.cancel()
         if not work.done():
-            work.cancel()  # closes the stream: the engine aborts the requests
+            work.cancel()  # its stream closes: the engine aborts the requests
+            await asyncio.wait({work})
+    if work.cancelled():
+        raise APIError(499, "the client closed the connection", kind="client_closed")
     try:
         work.result()
-    except asyncio.CancelledError:
-        raise APIError(499, "the client closed the connection", kind="client_closed") from None
     except ENGINE_ERRORS as err:
         raise api_error(err) from None
 
@@ -170,15 +180,46 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def events(
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""no proxy may hold events back (X-Accel-Buffering: nginx)"""
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose requests are aborted however the response ends: done, client gone
+    (Starlette cancels the body), or cancelled before its first event (when the body generator never
+    started and so never reached its own cleanup)."""
+
+    def __init__(self, events: AsyncIterator[str], stream: OutputStream) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
+def event_stream(
+    answer: Answer,
+    stream: OutputStream,
+    opening: list[dict],
+    chunk: Callable[[ChoiceState, Delta], dict | None],
+    closing: Callable[[], list[dict]],
+) -> EventStream:
+    """The streamed answer: `opening`, a chunk per output that says something (`chunk` returns None
+    for one that does not), `closing()`, then `[DONE]`."""
+    return EventStream(_events(answer, stream, opening, chunk, closing), stream)
+
+
+async def _events(
     answer: Answer,
     stream: OutputStream,
     opening: list[dict],
     chunk: Callable[[ChoiceState, Delta], dict | None],
     closing: Callable[[], list[dict]],
 ) -> AsyncIterator[str]:
-    """Server-sent events: `opening`, a chunk per output that says something, `closing()`, then
-    `[DONE]`. An engine failure mid-stream is an error event (the 200 is already sent). A client that
+    """An engine failure mid-stream is an error event (the 200 is already sent). A client that
     disconnects cancels this generator, which closes the stream: its requests are aborted."""
     by_id = {c.request_id: c for c in answer.choices}
     try:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,20 +157,25 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server subprocess in a session of its own: started and waited for until /health answers 200
-    on entry; stopped on exit (SIGTERM, then SIGKILL of its whole process group after a timeout)."""
+    """A server subprocess in a session (and process group) of its own: started and waited for until
+    /health answers 200 on entry; stopped on exit. While it runs, a SIGTERM to the benchmark raises
+    SystemExit, so that the benchmark's own exit still stops it."""
 
     def __init__(self, case: ServerCase, env: dict[str, str], log_path: Path) -> None:
         self.case, self.env, self.log_path = case, env, log_path
         self.url = f"http://{HOST}:{case.port}"
         self.process: subprocess.Popen | None = None
+        self._previous_handler = None
+        self._stopping = False
 
     def __enter__(self) -> ServerProcess:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.case.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    self.case.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                )
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -178,6 +184,10 @@ class ServerProcess:
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.stop()
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if not self._stopping:
+            raise SystemExit(128 + signum)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -195,19 +205,31 @@ class ServerProcess:
         raise ServeBenchError(f"{self.case.name}: not serving after {START_TIMEOUT_S:.0f} s: {self.last_log_line()}")
 
     def stop(self) -> int | None:
-        """SIGTERM (moeforge drains its requests and exits 0), SIGKILL of the group after a timeout,
-        and of anything the server started that is still in its group; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+        """SIGTERM (moeforge drains its requests and exits 0); once it has exited, or after a timeout,
+        SIGKILL to whatever is left in its process group (a model process it spawned, or itself). The
+        server is reaped only after that, so that its group id cannot have passed to another process.
+        The exit code."""
+        self._stopping = True
+        try:
+            if self.process is not None and self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
+                self._exited_unreaped(STOP_TIMEOUT_S)
                 _kill_group(self.process.pid)
                 self.process.wait()
-        _kill_group(self.process.pid)  # a model process the server spawned, if it outlived its parent
-        return self.process.returncode
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+                self._previous_handler = None
+        return None if self.process is None else self.process.returncode
+
+    def _exited_unreaped(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the server to exit, leaving it unreaped; whether it did."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.1)
+        return False
 
     def last_log_line(self) -> str:
         lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
@@ -217,5 +239,5 @@ class ServerProcess:
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         pass

@@ -149,6 +149,7 @@ def test_a_model_that_cannot_hold_the_request_is_refused_before_any_server_start
         run_serve_bench(ServeBenchSettings(preset="tiny", cases=("speculative",)))
 
 
+@pytest.mark.slow  # two server subprocesses started and stopped: 11 s at load average 6, 26 s at 14
 def test_a_small_real_run_of_our_own_server():
     """2 clients, 4 requests of 8 + 6 tokens against a real `moeforge serve` subprocess, plain and
     speculative: every request completes with exactly the tokens asked, the texts agree (greedy on the

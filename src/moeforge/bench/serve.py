@@ -57,7 +57,7 @@ class ServeBenchSettings:
     """a fresh model of this preset when no checkpoint is given (default deepseek-v3-tiny)"""
     clients: int = 16
     requests: int | None = None
-    """requests per server and repeat (default: 2 per client)"""
+    """requests per server and repeat (default: 8 per client)"""
     prompt_tokens: int = 64
     output_tokens: int = 64
     repeats: int = 3
@@ -70,7 +70,7 @@ class ServeBenchSettings:
 
     @property
     def n_requests(self) -> int:
-        return self.requests if self.requests is not None else 2 * self.clients
+        return self.requests if self.requests is not None else 8 * self.clients
 
     def validate(self) -> None:
         unknown = [case for case in self.cases if case not in CASES]
@@ -91,7 +91,8 @@ class ServeBenchSettings:
 
 def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     settings.validate()
-    result: dict[str, Any] = {"settings": asdict(settings), "cores": os.cpu_count(), "versions": _versions()}
+    result: dict[str, Any] = {"settings": asdict(settings), "requests": settings.n_requests, "cores": os.cpu_count()}
+    result["versions"] = _versions()
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
         model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
         _check_fits(model, settings)
@@ -245,7 +246,7 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     loads = [load[0] for load in result["load_average"]]
     lines = [
-        f"bench serve: {s['clients']} clients, {s['requests'] or 2 * s['clients']} requests of {s['prompt_tokens']} "
+        f"bench serve: {s['clients']} clients, {result['requests']} requests of {s['prompt_tokens']} "
         f"prompt + {s['output_tokens']} output tokens (greedy, end token ignored), {s['threads']} torch thread(s) "
         f"per server, {s['repeats']} repeat(s); model: {result['model']}; load average {min(loads):.1f}-{max(loads):.1f}",
         f"{'server':<24} {'output tok/s (range)':>22} {'vs transformers':>20} {'TTFT p50/p99 ms':>17} "

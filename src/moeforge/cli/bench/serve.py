@@ -22,7 +22,7 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
     serve_bench.add_argument("--preset", help="the fresh model's preset (default: deepseek-v3-tiny, which has MTP)")
     serve_bench.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: 16)")
     serve_bench.add_argument(
-        "--requests", type=int, default=None, help="requests per server and repeat (default: 2 per client)"
+        "--requests", type=int, default=None, help="requests per server and repeat (default: 8 per client)"
     )
     serve_bench.add_argument("--prompt-tokens", type=int, default=64, help="tokens in every prompt (default: 64)")
     serve_bench.add_argument(

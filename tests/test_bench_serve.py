@@ -6,13 +6,15 @@ real run of our own server."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
+from moeforge.bench import serve as bench_serve
 from moeforge.bench.serve import ServeBenchSettings, format_table, run_serve_bench, summarize_cases
 from moeforge.bench.serve_client import fixed_length_prompts, parse_event, run_clients
 from moeforge.bench.serve_measure import RequestTrace, percentile, same_texts, summarize
-from moeforge.bench.serve_servers import byte_characters
+from moeforge.bench.serve_servers import ServerCase, byte_characters
 from moeforge.cli import main
 from moeforge.config import ConfigError
 from moeforge.data.tokenizer import ByteTokenizer
@@ -150,13 +152,23 @@ def test_a_model_that_cannot_hold_the_request_is_refused_before_any_server_start
 
 
 @pytest.mark.slow  # two server subprocesses started and stopped: 11 s at load average 6, 26 s at 14
-def test_a_small_real_run_of_our_own_server():
+def test_a_small_real_run_of_our_own_server(monkeypatch):
     """2 clients, 4 requests of 8 + 6 tokens against a real `moeforge serve` subprocess, plain and
     speculative: every request completes with exactly the tokens asked, the texts agree (greedy on the
-    same weights), speculation's figures come from /metrics, and the servers exit 0 after SIGTERM."""
-    settings = ServeBenchSettings(clients=2, requests=4, prompt_tokens=8, output_tokens=6, repeats=1,
-                                  cases=("moeforge", "speculative"))  # fmt: skip
+    same weights), speculation's figures come from /metrics, and the servers exit 0 after SIGTERM.
+    The peer is replaced by a command that fails at start: its row says why, the others still run."""
+
+    def failing_peer(model, port):
+        argv = [sys.executable, "-c", "import sys; print('no accelerate here'); sys.exit(3)"]
+        return ServerCase("transformers", argv, port)
+
+    monkeypatch.setattr(bench_serve, "transformers_case", failing_peer)
+    settings = ServeBenchSettings(clients=2, requests=4, prompt_tokens=8, output_tokens=6, repeats=1)
     result = run_serve_bench(settings)
+    assert result["skipped"] == {
+        "transformers": "failed in repeat 0: transformers: exited with code 3 before serving: no accelerate here"
+    }
+    assert set(result["runs"]) == {"moeforge", "speculative"}
     for case in ("moeforge", "speculative"):
         (run,) = result["runs"][case]
         assert (run["completed"], run["output_tokens"], run["short"], run["exit_code"]) == (4, 24, 0, 0)
@@ -165,4 +177,4 @@ def test_a_small_real_run_of_our_own_server():
     assert speculative["same_text"] == 4 and 0 <= speculative["acceptance"] <= 1
     assert 1 <= speculative["tokens_per_round"] <= 2 and result["runs"]["moeforge"][0]["acceptance"] is None
     table = format_table(result)
-    assert "moeforge --speculative" in table and "4/4" in table
+    assert "moeforge --speculative" in table and "4/4" in table and "transformers serve       skipped: failed" in table

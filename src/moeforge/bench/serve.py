@@ -107,7 +107,7 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
                 if "moeforge" in traces and case != "moeforge":
                     runs[case][-1]["same_text"] = same_texts(case_traces, traces["moeforge"])
         result["load_average"].append(os.getloadavg())
-    result["runs"] = {case: case_runs for case, case_runs in runs.items() if case not in result["skipped"]}
+    result["runs"] = {case: case_runs for case, case_runs in runs.items() if case_runs}
     result["summary"] = summarize_cases(result["runs"])
     return result
 
@@ -133,7 +133,7 @@ def _run_repeat(
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
-            result["skipped"][case] = f"failed: {err}"  # a peer outside our control: its row says why
+            result["skipped"][case] = f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
             continue
         runs[case].append({"repeat": repeat, **run})
     return traces

@@ -24,31 +24,6 @@ from moeforge.model.attention import CacheSlots, GroupedQueryAttention, MultiHea
 from moeforge.model.transformer import Transformer
 
 
-class BlockAllocator:
-    """Which of `n_blocks` blocks are free; blocks are handed out lowest first."""
-
-    def __init__(self, n_blocks: int):
-        self.total = n_blocks
-        self._free = list(range(n_blocks - 1, -1, -1))
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.total - len(self._free)
-
-    def allocate(self, count: int) -> list[int] | None:
-        """`count` free blocks, or None (and nothing taken) when fewer are free."""
-        if count > len(self._free):
-            return None
-        return [self._free.pop() for _ in range(count)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-
 def blocks_for(positions: int, block_size: int) -> int:
     """Blocks that hold `positions` positions."""
     return math.ceil(positions / block_size)

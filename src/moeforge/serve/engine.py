@@ -23,7 +23,7 @@ import torch
 
 from moeforge.infer.generate import token_probabilities
 from moeforge.model.transformer import Transformer
-from moeforge.serve.packed import Segment, packed_forward, packed_slots
+from moeforge.serve.packed import Segment, packed_forward, step_inputs
 from moeforge.serve.block_pool import BlockPool
 from moeforge.serve.paged_cache import attach_paged_caches, blocks_for
 from moeforge.serve.requests import (
@@ -136,7 +136,7 @@ class Engine:
             return []
         drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
         segments = [self._segment(item, drafts.get(item.sequence.request_id)) for item in plan]
-        tokens, positions, slots = packed_slots(segments, self.config.block_size, self.device)
+        tokens, positions, slots = step_inputs(segments, self.config.block_size, self.device)
         hidden = packed_forward(self.model, tokens, positions, slots)
         outputs, offset = [], 0
         for item, segment in zip(plan, segments):

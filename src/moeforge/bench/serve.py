@@ -96,7 +96,8 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
         model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
         _check_fits(model, settings)
-        prompts = fixed_length_prompts(model.tokenizer, settings.prompt_tokens, settings.n_requests, settings.seed)
+        # one more than the timed requests: the warm-up's own
+        prompts = fixed_length_prompts(model.tokenizer, settings.prompt_tokens, settings.n_requests + 1, settings.seed)
         result["model"] = model.description
         result["skipped"] = {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
         result["load_average"] = [os.getloadavg()]
@@ -151,11 +152,11 @@ def _run_case(
     server: ServerCase, prompts: list[str], settings: ServeBenchSettings, log_path: Path
 ) -> tuple[dict[str, Any], list[RequestTrace]]:
     """Start one server, warm it up, time the requests, stop it: the run's figures and traces."""
-    bodies = [request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts]
+    warm_up, *bodies = [request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts]
     load = os.getloadavg()
     with ServerProcess(server, server_env(settings.threads), log_path) as process:
         before = scrape_metrics(process.url) if server.moeforge_metrics else {}
-        traces = asyncio.run(timed_run(process.url, bodies, settings.clients, settings.max_seconds))
+        traces = asyncio.run(timed_run(process.url, warm_up, bodies, settings.clients, settings.max_seconds))
         after = scrape_metrics(process.url) if server.moeforge_metrics else {}
     figures = asdict(summarize(traces, settings.output_tokens))
     if figures["completed"] == 0:
@@ -174,8 +175,8 @@ def request_body(prompt: str, output_tokens: int, fields: dict) -> dict[str, Any
 
 
 def engine_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """moeforge's engine over the timed requests, from two scrapes of /metrics: forward passes,
-    tokens per forward, and speculation's acceptance (accepted / drafted) and tokens per verify round
+    """moeforge's engine over the timed requests, from two scrapes of /metrics: prompt tokens taken
+    from cached prefixes (~0: the prompts are random), forward passes, tokens per forward, speculation's acceptance (accepted / drafted) and tokens per verify round
     (each round keeps its accepted drafts and one token of its own)."""
 
     def grown(name: str) -> float:
@@ -184,6 +185,7 @@ def engine_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     steps, drafted, accepted, rounds = (grown(n) for n in ("engine_steps", "speculative_drafted_tokens",
                                                           "speculative_accepted_tokens", "speculative_verify_rounds"))  # fmt: skip
     return {
+        "prefix_hit_tokens": grown("prefix_hit_tokens"),
         "engine_steps": steps,
         "tokens_per_step": grown("generated_tokens") / steps if steps else None,
         "acceptance": accepted / drafted if drafted else None,

@@ -154,14 +154,15 @@ async def run_clients(
 
 
 async def timed_run(
-    base_url: str, bodies: list[dict], clients: int, max_seconds: float
+    base_url: str, warm_up_body: dict, bodies: list[dict], clients: int, max_seconds: float
 ) -> list[RequestTrace]:
-    """One untimed warm-up request (the first body), then every body sent by `clients` clients."""
+    """One untimed warm-up request, then every body sent by `clients` clients. The warm-up's prompt
+    is none of the timed ones, so that a server that reuses cached prompt prefixes gains nothing."""
     url = f"{base_url}/v1/completions"
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(max_seconds)) as client:
         warm_up = RequestTrace(-1, time.perf_counter())
-        await stream_request(client, url, bodies[0], warm_up, time.perf_counter)
+        await stream_request(client, url, warm_up_body, warm_up, time.perf_counter)
         if not warm_up.completed:
             raise ServeBenchError(f"the warm-up request failed: {warm_up.error or 'no text streamed'}")
 

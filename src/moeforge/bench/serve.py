@@ -176,8 +176,9 @@ def request_body(prompt: str, output_tokens: int, fields: dict) -> dict[str, Any
 
 def engine_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """moeforge's engine over the timed requests, from two scrapes of /metrics: prompt tokens taken
-    from cached prefixes (~0: the prompts are random), forward passes, tokens per forward, speculation's acceptance (accepted / drafted) and tokens per verify round
-    (each round keeps its accepted drafts and one token of its own)."""
+    from cached prefixes (~0: the prompts are random), forward passes, tokens per forward, and
+    speculation's acceptance (accepted / drafted) and tokens per verify round (each round keeps its
+    accepted drafts and one token of its own)."""
 
     def grown(name: str) -> float:
         return after.get(f"moeforge_{name}_total", 0.0) - before.get(f"moeforge_{name}_total", 0.0)

@@ -81,6 +81,8 @@ class TourStep:
     check: Callable[[Path, subprocess.CompletedProcess], None]
     extra: tuple[str, ...] = ()
     setup: Callable[[Path], None] | None = None
+    run: Callable[[list[str], Path], subprocess.CompletedProcess] | None = None
+    """how to run a command that does not end by itself (a server); None: run it to its end"""
 
 
 SHORT_TRAINING = (
@@ -142,6 +144,35 @@ def _check_generate(tmp, result):
     assert "[speculative:" in result.stderr and "checkpoint step 2]" in result.stderr
 
 
+def _serve_one_request(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Start the server, wait for its 'serving NAME on URL' line, ask it for a completion, then
+    SIGTERM it (it drains and exits 0); the completion's text is the result's stdout."""
+    import signal
+    import urllib.request
+
+    server = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"serving (\S+) on (http://\S+)", line)
+        assert match, f"no 'serving' line: {line!r}\n{server.stderr.read() if server.poll() is not None else ''}"
+        name, url = match.groups()
+        body = json.dumps({"model": name, "prompt": "The with statement", "max_tokens": 6, "temperature": 0})
+        request = urllib.request.Request(f"{url}/v1/completions", body.encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            text = json.loads(answer.read())["choices"][0]["text"]
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return subprocess.CompletedProcess(command, server.returncode, text, err)
+
+
+def _check_serve(tmp, result):
+    assert len(result.stdout) > 0  # six tokens of the byte-level model: at least one character
+
+
 def _check_convert(tmp, result):
     assert ckpt.latest_checkpoint(tmp / "runs" / "my-moe").name == "step_000000"
     model = json.loads((tmp / "runs" / "my-moe" / "config.json").read_text())["model"]
@@ -181,6 +212,7 @@ TOUR = {
     "generate --checkpoint runs/dsv3 --prompt 'The with statement' --speculative": TourStep(
         _check_generate, ("--max-new-tokens", "8")
     ),
+    "serve --checkpoint runs/dsv3 --speculative": TourStep(_check_serve, ("--port", "0"), run=_serve_one_request),
     "convert --from-hf models/my-moe --out runs/my-moe": TourStep(_check_convert, setup=_write_hf_model),
     # the search's time grows with the model's depth (2048 GPUs or 256 take as long): 8 of the 61
     # blocks plan in ~1 s instead of ~12
@@ -226,7 +258,10 @@ def test_the_tour_runs_in_order(tmp_path):
             step.setup(tmp_path)
         command = _launch(argv + list(step.extra), processes)
         env = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None  # workers share the cores
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if step.run is not None:
+            result = step.run(command, tmp_path)
+        else:
+            result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         said = f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         assert result.returncode == 0, f"`{shlex.join(command)}` exit {result.returncode}\n{said}"
         step.check(tmp_path, result)

@@ -26,6 +26,8 @@ from moeforge.train.muon import orthogonalise
 from moeforge.train.trainer import Trainer
 from test_diloco import STREAMING, rank_state, reference_replicas, train_replicas
 from test_equivalence import overrides, train_and_save_full_state
+from test_pipeline_training import assert_same_weights, losses, train_on_processes
+from test_pipeline_training import options as pipeline_options
 
 CASES = [  # (shape, sharded dim, halves, collectives expected)
     ((24, 16), 0, "rows", True),  # a dense w13 under FSDP: rows split
@@ -84,6 +86,18 @@ def test_muon_under_fsdp_and_expert_parallelism_equals_one_process(tmp_path, wor
     state = torch.load(state_path)
     for name, expected in reference.model.state_dict().items():
         torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_muon_over_pipeline_stages_equals_one_process(tmp_path):
+    """pp 2 (1F1B, an MTP module on the last stage): each rank's optimizer groups its own stage's
+    parameters, the output head and the embedding among AdamW's."""
+    opts = {**pipeline_options(), "train__optimizer": "muon"}
+    reference = Trainer(small_config(**opts), tmp_path / "single")
+    reference.fit()
+    state = train_on_processes(2, {**opts, "parallel__pp": "2", "parallel__pp_schedule": "1f1b"}, tmp_path / "pp")
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(state, reference.model.state_dict())
 
 
 def test_streaming_diloco_with_muon_inside_equals_replicas_synchronised_by_hand(tmp_path):

@@ -65,6 +65,16 @@ def test_newton_schulz_matches_float64_and_lands_in_the_quintic_band(shape):
         assert low - 1e-4 < singular.min() and singular.max() < high + 1e-4
 
 
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (128, 512)])
+def test_newton_schulz_in_bf16_lands_in_the_quintic_band_too(shape):
+    """bf16 (where the run computes in bf16): its rounding moves singular values by well under 0.01."""
+    torch.manual_seed(0)
+    g = torch.randn(*shape) * 3
+    low, high = quintic_band(2e-3)
+    singular = torch.linalg.svdvals(newton_schulz(g, dtype=torch.bfloat16).double())
+    assert low - 0.01 < singular.min() and singular.max() < high + 0.01
+
+
 def test_a_zero_update_stays_zero():
     assert torch.equal(newton_schulz(torch.zeros(2, 8, 4)), torch.zeros(2, 8, 4))
 

@@ -124,3 +124,22 @@ def test_python_dash_m_and_no_args_prints_help():
     result = subprocess.run([sys.executable, "-m", "moeforge"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "train" in result.stdout
     assert result.stderr == ""
+
+
+def test_the_diloco_line_gives_the_payload_and_past_two_replicas_the_wire():
+    from moeforge.cli.train import _exchange_line
+
+    exchange = {
+        "wire_format": "top-0.02 of 4096 + int2",
+        "bytes_per_replica": 10e6,
+        "data_parallel_bytes_per_replica": 1000e6,
+        "wire_bytes_per_replica": 20e6,
+        "data_parallel_wire_bytes_per_replica": 2 * 2 / 3 * 1000e6,
+    }
+    two = (
+        "diloco (top-0.02 of 4096 + int2): 10.0 MB sent per replica; data parallelism would have sent "
+        "1,000.0 MB for these steps (100x fewer)"
+    )
+    assert _exchange_line(exchange, 2) == two
+    three = "; on each replica's links 20.0 MB out and in by all-gather, against 1,333.3 MB by all-reduce (67x fewer)"
+    assert _exchange_line(exchange, 3) == two + three

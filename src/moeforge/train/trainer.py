@@ -141,8 +141,16 @@ class Trainer:
         self.diloco = None
         if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
             group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
-            replica = self.rank // self.replica_size
-            self.diloco = StreamingDiLoCo(self.model, cfg.diloco, replica, group, self.device)
+            replica_group = self.mesh["replica_world"].get_group() if self.mesh is not None else None
+            self.diloco = StreamingDiLoCo(
+                self.model,
+                cfg.diloco,
+                self.rank // self.replica_size,
+                group,
+                self.device,
+                replica_group,
+                self._replica_parameter_count(),
+            )
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
@@ -153,6 +161,17 @@ class Trainer:
         """the signal (SIGTERM/SIGINT) this rank received, if any"""
         self._stop_agreed = False
         """some rank received one: all ranks finish the step, save and return (decided in train_step)"""
+
+    def _replica_parameter_count(self) -> int:
+        """Parameters of the whole model, each once (a pipeline's stages summed over the pp ranks, the
+        last stage's embedding copy left out): what data parallelism would all-reduce each step."""
+        if self.mesh is None or self.cfg.parallel.pp == 1:
+            return sum(param.numel() for param in self.model.parameters())  # a DTensor's numel is global
+        assert isinstance(self.model, StageModel)
+        count = sum(param.numel() for param in self.model.norm_parameters())  # not the embedding's copy
+        total = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total, group=self.mesh["pp"].get_group())
+        return int(total.item())
 
     def _check_plan(self) -> None:
         """The planner's one-line estimate of this run (moeforge.plan), and a refusal to start a run it
@@ -200,10 +219,12 @@ class Trainer:
             return ckpt.load_checkpoint(path, self.model, None, self.mesh)
         saved_replicas = saved_diloco["replicas"] if saved_diloco is not None else 0
         self.diloco.restore_meta(saved_diloco)
+        load_inner = self.diloco.replica < saved_replicas
         replica = ckpt.ReplicaCheckpoint(
             self.diloco.replica,
             self.diloco.shared_state(with_outer_state=saved_diloco is not None),
-            load_inner=self.diloco.replica < saved_replicas,
+            load_inner=load_inner,
+            own=self.diloco.replica_state() if load_inner else {},
         )
         meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh, replica=replica)
         self.diloco.after_load(replica.load_inner)
@@ -230,7 +251,9 @@ class Trainer:
         replica = None
         if self.diloco is not None:
             extra["diloco"] = self.diloco.checkpoint_meta()
-            replica = ckpt.ReplicaCheckpoint(self.diloco.replica, self.diloco.shared_state())
+            replica = ckpt.ReplicaCheckpoint(
+                self.diloco.replica, self.diloco.shared_state(), own=self.diloco.replica_state()
+            )
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir,
             self.step,
@@ -284,8 +307,6 @@ class Trainer:
         update_expert_biases(biases, sums.load_rows(reduced)[rows], self._bias_rate())
         if self.diloco is None:
             self._stop_agreed = host.stop_requested  # every rank stops at the same step
-        else:
-            self._stop_agreed = self.diloco.agree_to_stop(host.stop_requested)  # a step later, all replicas
         metrics = {
             "loss": host.lm_loss + host.balance_loss + host.mtp_loss,
             "lm_loss": host.lm_loss,
@@ -299,11 +320,13 @@ class Trainer:
             depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
             metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
         if self.diloco is not None:
-            synced = self.diloco.after_inner_step(self.step)
+            synced = self.diloco.after_inner_step(self.step, host.stop_requested)
             if self.step == self.cfg.train.steps:
                 synced += self.diloco.finish(self.step)
             if synced:
                 metrics["diloco"] = synced
+            # a stop request rides on the exchanges: all replicas stop after the step one lands
+            self._stop_agreed = self.diloco.stop_agreed
         return metrics
 
     def _sum_over_replica(self, packed: torch.Tensor) -> torch.Tensor:
@@ -387,8 +410,6 @@ class Trainer:
             interrupted = self._stop_agreed
             if self.step != _checkpoint_step(self.last_checkpoint):
                 self.save()
-            if self.diloco is not None:
-                self.diloco.close()
             if interrupted:
                 cause = self._stop_signal or "a signal to another rank"
                 bar.write(f"{cause}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")

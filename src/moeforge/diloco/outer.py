@@ -7,7 +7,7 @@ error feedback on a lossy wire, its replica's residuals (feedback.py). When a fr
 (exchange.py), with error feedback x = beta*e + delta instead, and keeps e = x - Q(x); when the
 exchange lands (at once, or overlap-steps later) every replica applies the same outer step to the
 mean of what was sent, mean(Q) (= mean(delta) on a lossless wire). DiLoCo's outer
-(`diloco.outer nesterov`) is SGD with Nesterov momentum, beta = 1:
+(`diloco.outer nesterov`, its error feedback undecayed: beta = 1) is SGD with Nesterov momentum:
 
     m = mu*m + mean(Q);   theta_global -= lr * (mean(Q) + mu*m)
 

@@ -16,6 +16,10 @@ TRAIN_BOUNDS = {
 tokens of 8,192); 2**24 sequences leaves 1,000x room. Sequences: as long as model.max-seq-len may be
 (`MODEL_BOUNDS`). Whether a batch *fits* is the memory check's job (moeforge.plan.memory_budget)."""
 
+MAX_NS_STEPS = 100
+"""Newton-Schulz iterations allowed: 5 reach the quintic's band; 100 is 20x that (each costs three
+matmuls per matrix per step)"""
+
 
 @dataclass
 class TrainConfig:
@@ -39,14 +43,20 @@ class TrainConfig:
     """learning-rate shape after warm-up: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'"""
     decay_fraction: float = 0.2
     """for 'wsd': fraction of steps spent in the final linear decay"""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """'adamw', or 'sgd' (plain SGD with the same lr schedule; for tests and comparisons)"""
+    optimizer: Literal["adamw", "sgd", "muon"] = "adamw"
+    """'adamw'; 'muon' (Muon on the hidden matrices, AdamW on embeddings, output head, router, norms
+    and biases; docs/training.md); or 'sgd' (plain SGD with the same lr schedule; for tests and
+    comparisons)"""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to norms, biases and embeddings)"""
+    """decoupled weight decay of AdamW and Muon (not applied to norms, biases and embeddings)"""
     beta1: float = 0.9
     """AdamW beta1"""
     beta2: float = 0.95
     """AdamW beta2"""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum mu (Keller Jordan's and Moonshot's 0.95)"""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations that orthogonalise each Muon update (5 with the quintic's coefficients)"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this; 0 = off"""
     bias_update_until: float = 1.0
@@ -129,6 +139,9 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
+        _check(0 <= self.muon_momentum < 1, "train.muon-momentum", self.muon_momentum, "a number in [0, 1)")
+        steps = self.muon_ns_steps
+        _check(1 <= steps <= MAX_NS_STEPS, "train.muon-ns-steps", steps, f"an integer in [1, {MAX_NS_STEPS}]")
         _check(self.grad_clip >= 0, "train.grad-clip", self.grad_clip, "a number >= 0")
         _check(
             0 <= self.bias_update_until <= 1,

@@ -11,10 +11,17 @@ from moeforge.config import Config, config_from_dict
 
 
 def check_resume_compatible(saved: dict[str, Any], current: Config, path: Path) -> None:
-    """A run may change its training knobs on resume, never its model. Fields a saved config lacks
-    (added to moeforge after it was written) take their defaults, which keep the old behaviour."""
+    """A run may change its training knobs on resume, never its model nor its optimizer (whose state
+    it loads: AdamW's moments are no Muon momentum). Fields a saved config lacks (added to moeforge
+    after it was written) take their defaults, which keep the old behaviour."""
+    saved_cfg = config_from_dict(saved)
+    if saved_cfg.train.optimizer != current.train.optimizer:
+        raise ckpt.CheckpointError(
+            f"checkpoint {str(path)!r} was trained with another optimizer: train.optimizer was "
+            f"{saved_cfg.train.optimizer!r}, now {current.train.optimizer!r} (use a new --out)"
+        )
     now = _dotted(dataclasses.asdict(current.model), "model.")
-    was = _dotted(dataclasses.asdict(config_from_dict(saved).model), "model.")
+    was = _dotted(dataclasses.asdict(saved_cfg.model), "model.")
     differing = sorted(k for k in now if now[k] != was.get(k))
     if differing:
         key = differing[0]

@@ -1,24 +1,30 @@
-"""The inner optimizer (AdamW, or plain SGD) with sensible parameter groups, and the learning-rate
-schedules."""
+"""The inner optimizer (AdamW, Muon with AdamW, or plain SGD) with sensible parameter groups, and the
+learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from moeforge.config import TrainConfig
+from moeforge.model.mlp import SwiGLU
+from moeforge.model.moe.experts import RoutedExperts
+from moeforge.model.moe.router import Router
+from moeforge.train.muon import Halves, Muon
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors (norms, biases) and embeddings don't (the usual GPT recipe). A group
-    with no parameter (a pipeline stage of matrices only) is left out: checkpoints name each group's
-    hyper-parameters by its parameters (checkpoint/store.py), so an empty one could not be restored."""
+def parameter_groups(model: nn.Module, weight_decay: float, exclude: Collection[int] = ()) -> list[dict]:
+    """Matrices decay; vectors (norms, biases) and embeddings don't (the usual GPT recipe); parameters
+    whose id is in `exclude` are left out. A group with no parameter (a pipeline stage of matrices
+    only) is left out: checkpoints name each group's hyper-parameters by its parameters
+    (checkpoint/store.py), so an empty one could not be restored."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in exclude:
             continue
         if param.ndim < 2 or id(param) in embeddings:
             no_decay.append(param)
@@ -28,16 +34,66 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def muon_matrices(model: nn.Module) -> dict[int, Halves]:
+    """{id(parameter): how it holds its matrices} of the parameters Muon updates: the hidden matrices
+    (attention and MLA projections, dense, shared and routed experts, the MTP projections), 2-D or
+    3-D (a stack of experts). The rest take AdamW, as in Keller Jordan's and Moonshot's runs: the
+    embedding and the output head (a lookup and a classifier, not linear maps between hidden states),
+    the router (a few rows whose scale sets the gates), and the vectors (norms, biases)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
+    head = getattr(model, "output", None)
+    adamw_only = embeddings | routers | ({id(head.weight)} if isinstance(head, nn.Linear) else set())
+    fused: dict[int, Halves] = {}
+    for module in model.modules():
+        if isinstance(module, SwiGLU):
+            fused[id(module.w13.weight)] = "rows"  # [2F, D]: gate rows, then up rows
+        elif isinstance(module, RoutedExperts):
+            fused[id(module.w13)] = "columns"  # [E, D, 2F]: gate columns, then up columns
+    return {
+        id(p): fused.get(id(p), "none")
+        for p in model.parameters()
+        if p.requires_grad and p.ndim >= 2 and id(p) not in adamw_only
+    }
+
+
+def muon_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Muon groups (decay; one per way of holding matrices, `muon_matrices`), then AdamW's
+    `parameter_groups` of the rest; groups without parameters are left out."""
+    matrices = muon_matrices(model)
+    groups = []
+    for halves in ("none", "rows", "columns"):
+        params = [p for p in model.parameters() if matrices.get(id(p)) == halves]
+        groups.append({"params": params, "weight_decay": weight_decay, "algorithm": "muon", "halves": halves})
+    rest = parameter_groups(model, weight_decay, exclude=set(matrices))
+    groups += [{**group, "algorithm": "adamw"} for group in rest]
+    return [group for group in groups if group["params"]]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over `parameter_groups`; AdamW's fused kernel when every parameter is on a device
-    that has one (CPU, CUDA): one pass over each parameter's four tensors instead of torch's default
-    for CPU tensors, a for-loop of eight elementwise ops per tensor (docs/benchmarks/train.md);
-    on CUDA one kernel for all updates, no host sync."""
+    """SGD, AdamW over `parameter_groups`, or Muon with AdamW over `muon_parameter_groups`. AdamW's
+    fused kernel when every parameter is on a device that has one (CPU, CUDA): one pass over each
+    parameter's four tensors instead of torch's default for CPU tensors, a for-loop of eight
+    elementwise ops per tensor (docs/benchmarks/train.md); on CUDA one kernel for all updates, no host
+    sync. Muon's Newton-Schulz runs in bf16 where the run computes in bf16 (train/muon.py)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = has_fused_adamw(params)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        bf16 = bool(params) and cfg.computes_in_bf16(params[0].device.type)
+        return Muon(
+            muon_parameter_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+            betas=betas,
+            ns_dtype=torch.bfloat16 if bf16 else torch.float32,
+            fused_adamw=fused,
+        )
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    fused = has_fused_adamw([p for group in groups for p in group["params"]])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=1e-8, fused=fused or None)
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")

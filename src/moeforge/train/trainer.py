@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError
@@ -23,7 +22,6 @@ from moeforge.data import TokenArray, validation_batches
 from moeforge.data.blend import BlendedLoader
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import validation_document_ids
-from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.cross_entropy import summed_token_cross_entropy
 from moeforge.model.flops import training_flops_per_token
@@ -43,6 +41,7 @@ from moeforge.plan import device_peak_flops, estimate_run
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
 from moeforge.train.compatibility import check_resume_compatible
+from moeforge.train.diloco_start import start_diloco
 from moeforge.train.execution import build_execution
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.run_data import build_run_data
@@ -140,17 +139,7 @@ class Trainer:
             self.execution.sync_embedding_copy()
         self.diloco = None
         if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
-            group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
-            replica_group = self.mesh["replica_world"].get_group() if self.mesh is not None else None
-            self.diloco = StreamingDiLoCo(
-                self.model,
-                cfg.diloco,
-                self.rank // self.replica_size,
-                group,
-                self.device,
-                replica_group,
-                self._replica_parameter_count(),
-            )
+            self.diloco = start_diloco(self.model, cfg, self.mesh, self.rank // self.replica_size, self.device)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
@@ -161,17 +150,6 @@ class Trainer:
         """the signal (SIGTERM/SIGINT) this rank received, if any"""
         self._stop_agreed = False
         """some rank received one: all ranks finish the step, save and return (decided in train_step)"""
-
-    def _replica_parameter_count(self) -> int:
-        """Parameters of the whole model, each once (a pipeline's stages summed over the pp ranks, the
-        last stage's embedding copy left out): what data parallelism would all-reduce each step."""
-        if self.mesh is None or self.cfg.parallel.pp == 1:
-            return sum(param.numel() for param in self.model.parameters())  # a DTensor's numel is global
-        assert isinstance(self.model, StageModel)
-        count = sum(param.numel() for param in self.model.norm_parameters())  # not the embedding's copy
-        total = torch.tensor([count], dtype=torch.int64, device=self.device)
-        dist.all_reduce(total, group=self.mesh["pp"].get_group())
-        return int(total.item())
 
     def _check_plan(self) -> None:
         """The planner's one-line estimate of this run (moeforge.plan), and a refusal to start a run it

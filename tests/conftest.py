@@ -1,13 +1,21 @@
 """Shared helpers: a small, fast configuration of the default model; a data cache of the session's own."""
 
 import os
-import shutil
-import tempfile
 
-import pytest
+# OpenMP threads that finish a parallel region sleep instead of spinning (libgomp spins for milliseconds
+# by default). The tests run many small ops and many processes on two cores: there the spinning thread
+# takes the core from the thread with work, which made single-process tests several times slower
+# whenever anything else ran. Read when torch loads its OpenMP runtime, so set before anything imports
+# torch; processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from moeforge.config import Config, load_config
-from moeforge.data.cache import CACHE_ENV
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+from moeforge.config import Config, load_config  # noqa: E402
+from moeforge.data.cache import CACHE_ENV  # noqa: E402
 
 if not os.environ.get(CACHE_ENV):  # processes the tests spawn inherit it, and keep it
     os.environ[CACHE_ENV] = _SESSION_CACHE = tempfile.mkdtemp(prefix="moeforge-test-cache-")

@@ -66,12 +66,14 @@ def syncs_per_fragment(steps: int, h: int, fragments: int, overlap: int) -> list
 
 
 def fp32_bytes(n: int, biases: int) -> int:
-    return 4 * n + 4 * biases
+    """fp32 values, the router biases in fp32, the stop byte."""
+    return 4 * n + 4 * biases + 1
 
 
 def fp4_bytes(n: int, biases: int) -> int:
-    """Two codes per byte, one fp32 scale per block of 128, then the router biases in fp32."""
-    return math.ceil(n / 2) + 4 * math.ceil(n / BLOCK) + 4 * biases
+    """Two codes per byte, one fp32 scale per block of 128, then the router biases in fp32 and the
+    stop byte."""
+    return math.ceil(n / 2) + 4 * math.ceil(n / BLOCK) + 4 * biases + 1
 
 
 def expected_bytes(steps: int, h: int, fragments: int, overlap: int, size) -> int:

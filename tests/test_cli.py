@@ -1,26 +1,46 @@
-"""The command line, end to end in subprocesses: train, resume, SIGTERM, generate, bench, errors."""
+"""The command line, end to end in processes of its own: train, resume, SIGTERM, generate, bench, errors.
+
+Each command runs in a process forked from the fork server that imported torch and moeforge once
+(tests/forked.py), which then does what `python -m moeforge ARGS` does after its imports: a fresh
+interpreter would spend seconds of CPU importing them again for every command. Real interpreters
+start in test_python_dash_m_and_no_args_prints_help, test_sigterm_saves_a_checkpoint_and_exits_cleanly
+and tests/test_readme_commands.py (every command of the README's tour)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import SMALL
+from forked import call_in_fork
 from moeforge import checkpoint as ckpt
 from moeforge.run import read_metrics
 
 
-def moeforge(*args, check=True, **kw):
-    result = subprocess.run(
-        [sys.executable, "-m", "moeforge", *args], capture_output=True, text=True, timeout=300, **kw
-    )
+def moeforge(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """What `python -m moeforge ARGS` does after its imports, in a process forked from the warm fork
+    server (`forked.call_in_fork`): its exit code, standard output and error."""
+    with tempfile.TemporaryDirectory() as streams:
+        out, err = Path(streams, "stdout"), Path(streams, "stderr")
+        out.touch()
+        err.touch()
+        code = call_in_fork(_moeforge_main, list(args), timeout=timeout, stdout=out, stderr=err)
+        result = subprocess.CompletedProcess(["moeforge", *args], code, out.read_text(), err.read_text())
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def _moeforge_main(argv: list[str]) -> None:
+    """moeforge's `__main__`."""
+    from moeforge.cli import main
+
+    sys.exit(main(argv))
 
 
 def small_args(**extra):
@@ -100,5 +120,26 @@ def test_bench_moe_json(tmp_path):
 
 
 def test_python_dash_m_and_no_args_prints_help():
-    result = moeforge(check=False, env={**os.environ})
+    """A real interpreter: `python -m moeforge` imports and starts without a word on stderr."""
+    result = subprocess.run([sys.executable, "-m", "moeforge"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "train" in result.stdout
+    assert result.stderr == ""
+
+
+def test_the_diloco_line_gives_the_payload_and_past_two_replicas_the_wire():
+    from moeforge.cli.train import _exchange_line
+
+    exchange = {
+        "wire_format": "top-0.02 of 4096 + int2",
+        "bytes_per_replica": 10e6,
+        "data_parallel_bytes_per_replica": 1000e6,
+        "wire_bytes_per_replica": 20e6,
+        "data_parallel_wire_bytes_per_replica": 2 * 2 / 3 * 1000e6,
+    }
+    two = (
+        "diloco (top-0.02 of 4096 + int2): 10.0 MB sent per replica; data parallelism would have sent "
+        "1,000.0 MB for these steps (100x fewer)"
+    )
+    assert _exchange_line(exchange, 2) == two
+    three = "; on each replica's links 20.0 MB out and in by all-gather, against 1,333.3 MB by all-reduce (67x fewer)"
+    assert _exchange_line(exchange, 3) == two + three

@@ -28,7 +28,8 @@ CHOICES = {
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.activation-checkpoint": ("none", "experts", "block"),
-    "diloco.quantize": ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"),
+    "diloco.outer": ("nesterov", "sparseloco"),
+    "diloco.quantize": ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1", "int2"),
     "parallel.pp-schedule": ("1f1b", "interleaved-1f1b", "zbv", "dualpipev"),
 }
 """every field typed as a choice of strings, with its allowed values in order"""
@@ -90,6 +91,14 @@ def test_toml_file_overrides_preset(tmp_path):
         ({"data.val-fraction": "1"}, r"^data\.val-fraction: got 1\.0; allowed: a number in \(0, 1\)$"),
         ({"train.stepz": "1"}, r"^--train\.stepz: unknown option; allowed here: steps, global-batch-size"),
         ({"model.moe": "1"}, r"^--model\.moe: is a section"),
+        ({"diloco.topk-fraction": "0"}, r"^diloco\.topk-fraction: got 0\.0; allowed: a number in \(0, 1\]$"),
+        ({"diloco.topk-chunk": "65537"}, r"^diloco\.topk-chunk: got 65537; allowed: an integer in \[1, 65536\]"),
+        ({"diloco.ef-decay": "1.5"}, r"^diloco\.ef-decay: got 1\.5; allowed: a number in \(0, 1\]$"),
+        ({"diloco.outer": "adam"}, r"^diloco\.outer: got 'adam'; allowed: 'nesterov' \| 'sparseloco'$"),
+        (
+            {"diloco.outer": "sparseloco", "diloco.error-feedback": "false"},
+            r"^diloco\.error-feedback: got False; allowed: true with diloco\.outer 'sparseloco'",
+        ),
     ],
 )
 def test_errors_are_one_line_naming_the_field(overrides, message):

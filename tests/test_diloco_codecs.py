@@ -145,6 +145,7 @@ def test_payload_size_depends_only_on_n(codec, n, block):
         "fp8": n + 4 * blocks,
         "fp4-e3m0": (n + 1) // 2 + 4 * blocks,
         "fp4-e2m1": (n + 1) // 2 + 4 * blocks,
+        "int2": (n + 3) // 4 + 4 * blocks,
     }[codec]
     assert encoded_nbytes(n, codec, block) == expected
     for values in (torch.zeros(n), heavy_tailed(n, 0)):
@@ -168,6 +169,9 @@ def scale_bytes(scale: float) -> list[int]:
         # bf16 is the top half of fp32: 1 -> 0x3F80, -2 -> 0xC000
         ("bf16", [1.0, -2.0], [0x80, 0x3F, 0x00, 0xC0]),
         ("none", [1.0], scale_bytes(1.0)),
+        # rms of (3, -1, -1, 1) is sqrt(3): 3 -> 01, -1 -> 10, -1 -> 10, 1 -> 00 (|x| <= s: 0.5 s),
+        # packed 01 + 10<<2 + 10<<4 + 00<<6 = 0x29; then 0.25 -> 00 in a block of its own (rms 0.25)
+        ("int2", [3.0, -1.0, -1.0, 1.0, 0.25], [0x29, 0x00, *scale_bytes(3**0.5), *scale_bytes(0.25)]),
     ],
 )
 def test_byte_layout_by_hand(codec, values, expected):
@@ -226,3 +230,54 @@ def test_unknown_codec_and_bad_block_are_named():
         code_table("fp8")
     with pytest.raises(ValueError, match="expected \\(6,\\) uint8"):
         decode(torch.zeros(5, dtype=torch.uint8), 3, "fp4-e3m0", 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# int2: {-1.5, -0.5, 0.5, 1.5} times the block's rms
+
+
+def int2_reference(values: torch.Tensor, block: int) -> torch.Tensor:
+    """Each value to the nearest of +-0.5 s, +-1.5 s (s the block's rms in float64, then fp32): the
+    magnitude nearest |x| (0.5 s on a tie: argmin takes the first of equals), with x's sign unless x
+    is zero or positive. (Nearest by signed distance in float64 errs where s exceeds 2^53.)"""
+    decoded = []
+    for start in range(0, len(values), block):
+        chunk = values[start : start + block].double()
+        scale = chunk.square().mean().sqrt().float().double()
+        magnitudes = torch.tensor([0.5, 1.5], dtype=torch.float64) * scale
+        nearest = magnitudes[(chunk.abs()[:, None] - magnitudes[None, :]).abs().argmin(dim=1)]
+        decoded.append(torch.where(chunk < 0, -nearest, nearest))
+    return torch.cat(decoded).float()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n, block", [(1, 4), (7, 4), (128, 32), (333, 128), (1001, 16)])
+def test_int2_decodes_to_the_nearest_level_of_the_block_rms(seed, n, block):
+    values = heavy_tailed(n, seed)
+    assert torch.equal(round_trip(values, "int2", block), int2_reference(values, block))
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(-(2.0**100), 2.0**100, width=32), min_size=1, max_size=40), block=st.integers(1, 9))
+def test_int2_any_finite_values_decode_to_the_nearest_level(values, block):
+    values = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(round_trip(values, "int2", block), int2_reference(values, block))
+
+
+def test_int2_ties_go_toward_zero_and_zero_is_positive():
+    rms = 2.0
+    values = torch.tensor([2.0, -2.0, 2.0, -2.0])  # rms 2
+    assert round_trip(values, "int2", 4).tolist() == [1.0, -1.0, 1.0, -1.0]  # |x| = s: 0.5 s
+    values = torch.tensor([0.0, -0.0, 4.0, 0.0])  # rms 2
+    assert round_trip(values, "int2", 4).tolist() == [rms / 2, rms / 2, 3 * rms / 2, rms / 2]
+
+
+def test_int2_error_on_gaussian_values_is_the_uniform_quantisers():
+    """A step of one rms is within half a percent of the Gaussian's optimal 4-level uniform step
+    (0.9957 sigma, mean-square error 0.1189 sigma^2); the shrink <Q(x),x>/<x,x> - 1 is -11.7 %."""
+    values = torch.randn(1 << 18, generator=torch.Generator().manual_seed(0))
+    decoded = round_trip(values, "int2", 1 << 18).double()
+    mse = (decoded - values.double()).square().mean() / values.double().square().mean()
+    shrink = (decoded * values.double()).sum() / values.double().square().sum() - 1
+    assert mse.item() == pytest.approx(0.1189, abs=2e-3)
+    assert shrink.item() == pytest.approx(-0.117, abs=3e-3)

@@ -7,8 +7,6 @@ one process standing for rank r of 2048 (issue 15, item 4)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 
 from torch.distributed.device_mesh import init_device_mesh
 
+from forked import call_in_fork
 from moeforge.config import ModelConfig, MoEConfig, ParallelConfig, load_config
 from moeforge.parallel import build_mesh, parallelize
 from moeforge.parallel.spawn import run_on_processes
@@ -208,32 +207,28 @@ def test_pipeline_bytes_per_rank_equal_a_real_trainer_step(real_step):
                 assert planned == measured[f"{preset}/{schedule}/{ep}"], (preset, schedule, ep, rank)
 
 
-FAKE_RANK = r"""
-import json, sys
-import torch, torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
-from torch.distributed.device_mesh import init_device_mesh
+def fake_rank_elements(world: int, rank: int, replicate: int, ep: int, out: str) -> None:
+    """In a process of its own (the fake process group is global): deepseek-v3-671b on the meta device,
+    parallelized as rank `rank` of `world` and stepped by AdamW once; its parameter and AdamW-moment
+    elements written to `out` as JSON."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from moeforge.config import ModelConfig, MoEConfig, ParallelConfig, load_config
-from moeforge.model.transformer import Transformer
-from moeforge.parallel import build_mesh, parallelize
+    from moeforge.model.transformer import Transformer
 
-world, rank, replicate, ep = map(int, sys.argv[1:5])
-dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-cfg = load_config("deepseek-v3-671b")
-pcfg = ParallelConfig(dp_replicate=replicate, ep=ep)
-with torch.device("meta"):
-    model = Transformer(cfg.model)
-parallelize(model, build_mesh(pcfg, world, "cpu"), pcfg)
-for p in model.parameters():
-    p.grad = torch.zeros_like(p)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-optimizer.step()
-print(json.dumps({
-    "params": sum(p.to_local().numel() for p in model.parameters()),
-    "moments": sum(s[k].to_local().numel() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")),
-}))
-"""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    cfg = load_config("deepseek-v3-671b")
+    pcfg = ParallelConfig(dp_replicate=replicate, ep=ep)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    parallelize(model, build_mesh(pcfg, world, "cpu"), pcfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.step()
+    moments = [s[k].to_local().numel() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    elements = {"params": sum(p.to_local().numel() for p in model.parameters()), "moments": sum(moments)}
+    Path(out).write_text(json.dumps(elements))
 
 
 @pytest.mark.slow
@@ -241,17 +236,12 @@ print(json.dumps({
     "world, rank, replicate, ep",
     [(2048, 5, 1, 64), (2048, 2047, 8, 64)],
 )
-def test_deepseek_v3_671b_shards_on_fake_process_group(world, rank, replicate, ep):
+def test_deepseek_v3_671b_shards_on_fake_process_group(world, rank, replicate, ep, tmp_path):
     """deepseek-v3-671b on the meta device, parallelized as rank `rank` of `world` (fake backend):
     the planner's parameter and AdamW-moment elements equal the shards FSDP2 + EP produce (~10 s each)."""
-    run = subprocess.run(
-        [sys.executable, "-c", FAKE_RANK, str(world), str(rank), str(replicate), str(ep)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    real = json.loads(run.stdout.strip().splitlines()[-1])
+    out = tmp_path / "elements.json"
+    assert call_in_fork(fake_rank_elements, world, rank, replicate, ep, str(out)) == 0
+    real = json.loads(out.read_text())
     cfg = load_config("deepseek-v3-671b")
     state = sharded_state(cfg.model, Layout(dp_replicate=replicate, ep=ep).validate(world, 8), rank)
     assert (state.param_elements, 2 * state.optimizer_elements) == (real["params"], real["moments"])

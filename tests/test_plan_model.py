@@ -142,7 +142,7 @@ def test_dualpipe_holds_two_stages_of_parameters():
 
 def test_diloco_exchange_bytes():
     """Two replicas of 4 GPUs exchange each of 4 strided fragments in FP4 E3M0 (half a byte per value,
-    a 4-byte scale per 128), every rank adding the fragment's router biases in fp32."""
+    a 4-byte scale per 128), every rank adding the fragment's router biases in fp32 and a stop byte."""
     cfg = load_config("tiny")
     layout = Layout(
         diloco_replicas=2,
@@ -160,9 +160,36 @@ def test_diloco_exchange_bytes():
     largest = max(fragments, key=lambda f: sum(p.numel() for p in f.params.values()))
     values = sum(p.numel() for p in largest.params.values())
     biases = sum(b.numel() for b in largest.biases.values())
-    expected = (values + 1) // 2 + 4 * -(-values // 128) + 4 * 4 * biases
+    expected = (values + 1) // 2 + 4 * -(-values // 128) + 4 * 4 * biases + 4  # 4 ranks' stop bytes
     assert plan.diloco.bytes_per_sync == expected
     assert plan.diloco.syncs_per_step == 0.5
+
+
+def test_diloco_sparse_exchange_bytes_and_outer_state():
+    """Top-2 % of each chunk of 4096 in int2: per chunk round(0.02 * 4096) = 82 values kept, each with
+    a 12-bit offset; the kept values in int2 (a quarter byte each) with a 4-byte scale per 128."""
+    cfg = load_config("tiny")
+    options = dict(diloco_replicas=2, diloco_fragments=4, diloco_sync_every=8, diloco_quantize="int2")
+    layout = Layout(**options, diloco_topk_fraction=0.02, diloco_outer="sparseloco").validate(8, 8)
+    plan = plan_layout(cfg.model, layout, load_cluster("h100"), TrainingShape(16, 128))
+    dense = plan_layout(cfg.model, Layout(**options).validate(8, 8), load_cluster("h100"), TrainingShape(16, 128))
+    from moeforge.diloco.fragments import split_into_fragments
+    from moeforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        fragments = split_into_fragments(Transformer(cfg.model), 4)
+    largest = max(fragments, key=lambda f: sum(p.numel() for p in f.params.values()))
+    values = sum(p.numel() for p in largest.params.values())
+    biases = sum(b.numel() for b in largest.biases.values())
+    kept = values // 4096 * 82 + max(1, round(0.02 * (values % 4096)))
+    assert plan.diloco.bytes_per_sync == -(-12 * kept // 8) + (kept + 3) // 4 + 4 * -(-kept // 128) + 4 * 4 * biases + 4
+    assert dense.diloco.bytes_per_sync == (values + 3) // 4 + 4 * -(-values // 128) + 4 * 4 * biases + 4
+    # outer state: theta_global; + momentum (nesterov); + residuals (error feedback on a lossy wire)
+    assert layout.diloco_state_copies() == 2  # sparseloco: theta_global and the accumulator
+    assert Layout(**options).diloco_state_copies() == 3
+    assert Layout(**options, diloco_error_feedback=False).diloco_state_copies() == 2
+    assert Layout(diloco_replicas=2).diloco_state_copies() == 2  # fp32 wire: nothing to feed back
+    assert plan.memory.diloco_state == pytest.approx(dense.memory.diloco_state * 2 / 3)
 
 
 def run_cli(capsys, *args):

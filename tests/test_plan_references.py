@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from moeforge.config import load_config
+from moeforge.diloco.wire import WireFormat
 from moeforge.plan import Layout, TrainingShape, load_cluster, plan_layout
 from moeforge.plan.comm import all_gather_bytes, bandwidth_for_utilisation, diloco_message_bytes, ring_bytes
 
@@ -124,7 +125,7 @@ def streaming_diloco_bandwidth(params: float, fragments: int, dp_gbits: float) -
     assert bandwidth_for_utilisation(dp_bits, 1, 2 / 3 * step_s, step_s, 0.95) == pytest.approx(
         dp_gbits * 1e9
     )
-    wire = all_gather_bytes(diloco_message_bytes(int(params / fragments), "fp4-e3m0", 128), 2)
+    wire = all_gather_bytes(diloco_message_bytes(int(params / fragments), WireFormat("fp4-e3m0", 128)), 2)
     return bandwidth_for_utilisation(8 * wire, fragments / 100, 1 * step_s, step_s, 0.95) / 1e9
 
 

@@ -10,6 +10,7 @@ from test_transformer import MLA_SHAPES, tiny_model_config
 
 from moeforge.infer import SamplingConfig, generate
 from moeforge.model.transformer import Transformer
+from moeforge.serve.block_pool import BlockPool
 from moeforge.serve.engine import Engine
 from moeforge.serve.requests import EngineConfig, RequestError, SamplingParams
 
@@ -233,3 +234,51 @@ def test_batched_speculation_on_a_trained_model_accepts_most_drafts_and_stays_gr
     stats = engine.stats()
     assert stats.accepted_tokens / stats.drafted_tokens > ACCEPTANCE_FLOOR
     assert stats.generated_tokens / stats.steps > 2  # more than one token per request and step, on average
+
+
+def test_block_pool_reuses_indexed_prefixes_and_evicts_the_least_recently_released():
+    pool = BlockPool(4, block_size=2)
+    first = pool.allocate(3)
+    pool.index([1, 2, 3, 4, 5, 6], first, computed=5, digests=(digests := []))
+    assert len(digests) == 2  # blocks [1, 2] and [3, 4]; the third is not full of computed positions
+    assert pool.match([1, 2, 3, 4, 9]) == first[:2] and pool.used == 3  # held twice now
+    assert pool.match([1, 2, 3, 4]) == first[:1]  # the last token is always left to compute
+    assert pool.match([1, 9, 3, 4, 5]) == []  # a prefix, not a set of blocks
+    pool.release(first)
+    pool.release(first[:2])
+    pool.release(first[:1])
+    assert pool.used == 0 and pool.free == 4
+    assert sorted(pool.allocate(2)) == [first[2], 3]  # free blocks first, the indexed ones kept
+    assert pool.allocate(1) == [first[1]]  # then the least recently released indexed block: [3, 4]
+    assert pool.match([1, 2, 3, 4, 5]) == [first[0]]  # [1, 2] still indexed
+    pool.release([first[0]])
+    assert pool.allocate(1) == [first[0]] and pool.match([1, 2, 3]) == []  # evicted: no longer found
+
+
+def test_shared_prefixes_are_computed_once_and_give_the_same_tokens():
+    model = model_of("mla")
+    system = [(5 * j) % 47 + 1 for j in range(21)]
+    batch = [system + [i + 1, i + 2] for i in range(4)]
+    expected = [generate(model, prompt, 8, GREEDY).new_tokens for prompt in batch]
+    engine = Engine(model, EngineConfig(max_batch=4, cache_blocks=40, block_size=4, max_step_tokens=64), None)
+    first = serve_all(engine, {"0": (batch[0], SamplingParams(max_tokens=8, temperature=0))})
+    rest = serve_all(engine, {str(i): (p, SamplingParams(max_tokens=8, temperature=0)) for i, p in enumerate(batch[1:], 1)})
+    assert [new_tokens(first["0"])] + [new_tokens(rest[str(i)]) for i in range(1, 4)] == expected
+    assert engine.stats().prefix_hit_tokens == 3 * 20  # five full blocks of the shared 21 tokens each
+    off = Engine(model, EngineConfig(max_batch=4, cache_blocks=40, block_size=4, max_step_tokens=64, prefix_reuse=False), None)
+    serve_all(off, {str(i): (p, SamplingParams(max_tokens=8, temperature=0)) for i, p in enumerate(batch)})
+    assert off.stats().prefix_hit_tokens == 0
+
+
+def test_prefix_reuse_under_eviction_and_preemption_keeps_every_output():
+    """A cache too small for the batch: indexed blocks are evicted and overwritten with other requests'
+    keys while requests are preempted and resume from whatever prefix is still cached."""
+    model = model_of()
+    base = prompts(6)
+    batch = [base[i % 3] + [i + 1] for i in range(6)]  # pairs that share all but their last token
+    expected = [generate(model, prompt, 12, GREEDY).new_tokens for prompt in batch]
+    engine = Engine(model, LAYOUTS["preempted"][0], eos_id=None)
+    outputs = serve_all(engine, {str(i): (p, SamplingParams(max_tokens=12, temperature=0)) for i, p in enumerate(batch)})
+    assert [new_tokens(outputs[str(i)]) for i in range(len(batch))] == expected
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_hit_tokens > 0 and stats.cache_blocks_used == 0

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import small_config
 from moeforge.checkpoint import load_model
 from moeforge.diloco import OuterGradientNotFinite
+from moeforge.diloco.fragments import split_into_fragments
+from moeforge.diloco.wire import WireFormat
 from moeforge.parallel.sharded_load import local_shard
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.run import read_metrics
@@ -42,19 +45,22 @@ def without_diloco(options: dict) -> dict:
 # DiLoCo with H = 1, outer SGD lr 1 and plain SGD inside is data parallelism
 
 
+ONE_STEP_SGD = {
+    "train__steps": "4",
+    "train__optimizer": "sgd",
+    "train__lr": "0.5",
+    "train__grad_clip": "0",  # the norm is per replica
+    "model__moe__bias_update_rate": "0",  # the counts are per replica
+    "model__mtp_depth": "1",
+    "diloco__replicas": "2",
+    "diloco__sync_every": "1",
+    "diloco__outer_lr": "1",
+    "diloco__outer_momentum": "0",
+}
+
+
 def test_one_step_rounds_with_sgd_equal_data_parallelism(tmp_path):
-    options = {
-        "train__steps": "4",
-        "train__optimizer": "sgd",
-        "train__lr": "0.5",
-        "train__grad_clip": "0",  # the norm is per replica
-        "model__moe__bias_update_rate": "0",  # the counts are per replica
-        "model__mtp_depth": "1",
-        "diloco__replicas": "2",
-        "diloco__sync_every": "1",
-        "diloco__outer_lr": "1",
-        "diloco__outer_momentum": "0",
-    }
+    options = ONE_STEP_SGD
     run_on_processes(2, train_replicas, 2, options, str(tmp_path / "diloco"), None)
     reference = Trainer(small_config(**without_diloco(options)), tmp_path / "dp")
     reference.fit()
@@ -66,6 +72,32 @@ def test_one_step_rounds_with_sgd_equal_data_parallelism(tmp_path):
     final = load_model(tmp_path / "diloco", "cpu").model.state_dict()
     for name, expected in rank_state(tmp_path / "diloco", 0).items():
         torch.testing.assert_close(final[name], expected, rtol=0, atol=0, msg=name)
+
+
+def test_three_replicas_equal_data_parallelism_and_count_their_bytes(tmp_path):
+    """3 replicas on 3 processes, H = 1, SGD inside and outer SGD lr 1: data parallelism over 3. Each
+    sync's bytes are one message (fp32 values, fp32 router biases, the stop byte); on the wire
+    the all-gather carries 2 of them out of each replica, data parallelism's all-reduce
+    2 * 2/3 of its fp32 gradient."""
+    options = {**ONE_STEP_SGD, "train__steps": "3", "train__global_batch_size": "6", "diloco__replicas": "3"}
+    run_on_processes(3, train_replicas, 3, options, str(tmp_path / "diloco"), None)
+    reference = Trainer(small_config(**without_diloco(options)), tmp_path / "dp")
+    reference.fit()
+    for rank in range(3):
+        state = rank_state(tmp_path / "diloco", rank)
+        for name, expected in reference.model.state_dict().items():
+            # a mean over 3 rounds where one over 2 is exact: a few ulps on rows few replicas touched
+            torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    fragment = split_into_fragments(reference.model, 1)[0]
+    values = sum(p.numel() for p in fragment.params.values())
+    message = 4 * values + 4 * sum(b.numel() for b in fragment.biases.values()) + 1
+    records = read_metrics(tmp_path / "diloco")
+    assert [s["bytes_per_replica"] for r in records for s in r.get("diloco", [])] == [message] * 3
+    total = records[-1]["diloco_total"]
+    assert total["bytes_per_replica"] == 3 * message
+    assert total["wire_bytes_per_replica"] == 2 * 3 * message
+    assert total["data_parallel_bytes_per_replica"] == 3 * 4 * values
+    assert total["data_parallel_wire_bytes_per_replica"] == pytest.approx(2 * 2 / 3 * 3 * 4 * values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +223,11 @@ def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
     )  # fragment 0 sent at 4, in flight
     saved = json.loads((tmp_path / "resumed/checkpoints/step_000004/meta.json").read_text())
     assert [e["fragment"] for e in saved["extra"]["diloco"]["pending"]] == [0]
+    # error feedback (on by default with a lossy codec): each replica's residuals under its own name
+    assert saved["extra"]["diloco"]["outer_state"] == ["momentum", "residual"]
+    keys = FileSystemReader(tmp_path / "resumed/checkpoints/step_000004").read_metadata().state_dict_metadata
+    for replica in (0, 1):
+        assert f"replica_{replica}.diloco.residual.layers.0.attention.wq.weight" in keys
     run_on_processes(2, train_replicas, 2, FP4, str(tmp_path / "resumed"), None)
     for rank in (0, 1):
         straight, resumed = rank_state(tmp_path / "straight", rank), rank_state(tmp_path / "resumed", rank)
@@ -205,6 +242,70 @@ def test_resume_mid_round_with_an_exchange_in_flight_is_bit_exact(tmp_path):
     assert [(s["fragment"], s["sent_step"], s["mixed"]) for s in last] == [(0, 8, 0.0), (1, 8, 0.0)]
 
 
+SPARSELOCO = {
+    **FP4,
+    "diloco__outer": "sparseloco",
+    "diloco__outer_lr": "1",
+    "diloco__quantize": "int2",
+    "diloco__topk_fraction": "0.05",
+    "diloco__topk_chunk": "512",
+}
+
+
+@pytest.mark.slow
+def test_sparseloco_with_top_k_resumes_mid_round_bit_exactly(tmp_path):
+    """SparseLoCo keeps no momentum and each replica's accumulator in its own tree; a resume with
+    fragment 0's exchange in flight continues bit-equal, and the bytes are the messages' sizes."""
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "straight"), None)
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "resumed"), 4)
+    saved = json.loads((tmp_path / "resumed/checkpoints/step_000004/meta.json").read_text())
+    assert saved["extra"]["diloco"]["outer_state"] == ["residual"]
+    keys = FileSystemReader(tmp_path / "resumed/checkpoints/step_000004").read_metadata().state_dict_metadata
+    assert not any(key.startswith("diloco.momentum.") for key in keys)
+    run_on_processes(2, train_replicas, 2, SPARSELOCO, str(tmp_path / "resumed"), None)
+    for rank in (0, 1):
+        straight, resumed = rank_state(tmp_path / "straight", rank), rank_state(tmp_path / "resumed", rank)
+        for name, value in straight.items():
+            assert torch.equal(resumed[name], value), f"rank {rank}: {name}"
+    # each sync's bytes are the wire format's size of each fragment (one rank per replica here)
+    model = Trainer(small_config(**without_diloco(SPARSELOCO)), tmp_path / "sizes").model
+    wire = WireFormat("int2", 32, 0.05, 512)
+    sizes = {}
+    for fragment in split_into_fragments(model, 2):
+        values = sum(p.numel() for p in fragment.params.values())
+        biases = sum(b.numel() for b in fragment.biases.values())
+        sizes[fragment.index] = wire.nbytes(values) + 4 * biases + 1  # the stop flag: one byte
+    records = [s for r in read_metrics(tmp_path / "straight") for s in r.get("diloco", [])]
+    assert [s["bytes_per_replica"] for s in records] == [sizes[s["fragment"]] for s in records]
+    total = read_metrics(tmp_path / "straight")[-1]["diloco_total"]
+    assert total["bytes_per_replica"] == sum(sizes[s["fragment"]] for s in records)
+    assert total["wire_format"] == "top-0.05 of 512 + int2"
+
+
+def outer_state_on_resume(rank: int, world: int, options: dict, out: str, until: int) -> None:
+    """Resume, record the residuals as loaded (zero where the checkpoint had none), train on."""
+    trainer = Trainer(small_config(world_size=world, **options), out)
+    assert trainer.resume_if_possible()
+    residual = trainer.diloco.feedback.residual
+    Path(out, f"rank{rank}.residual.json").write_text(json.dumps(max(float(r.abs().max()) for r in residual.values())))
+    trainer.fit(until)
+
+
+@pytest.mark.slow
+def test_error_feedback_and_the_outer_may_change_on_resume(tmp_path):
+    """A checkpoint without residuals resumes with zero ones; one of the Nesterov outer resumes as
+    SparseLoCo, reading its residuals and not its momentum; and back, with a zero momentum."""
+    out = str(tmp_path)
+    run_on_processes(2, train_replicas, 2, {**FP4, "diloco__error_feedback": "false"}, out, 4)
+    run_on_processes(2, outer_state_on_resume, 2, FP4, out, 6)
+    assert json.loads((tmp_path / "rank0.residual.json").read_text()) == 0.0
+    run_on_processes(2, outer_state_on_resume, 2, {**FP4, "diloco__outer": "sparseloco"}, out, 7)
+    assert json.loads((tmp_path / "rank0.residual.json").read_text()) > 0.0
+    run_on_processes(2, outer_state_on_resume, 2, FP4, out, 8)
+    meta = json.loads((tmp_path / "checkpoints/step_000008/meta.json").read_text())
+    assert meta["extra"]["diloco"]["outer_state"] == ["momentum", "residual"]
+
+
 # ----------------------------------------------------------------------------------------------
 # A NaN in an outer gradient stops every rank, names the fragment and the step, and saves nothing
 
@@ -213,11 +314,11 @@ def poison_then_train(rank: int, world: int, options: dict, out: str, report: st
     trainer = Trainer(small_config(world_size=world, **options), out)
     original = trainer.diloco.after_inner_step
 
-    def poisoned(step: int):
+    def poisoned(step: int, stop_requested: bool):
         if rank == 1 and step == 2:
             with torch.no_grad():
                 trainer.model.layers[1].attention_norm.weight[0] = float("nan")
-        return original(step)
+        return original(step, stop_requested)
 
     trainer.diloco.after_inner_step = poisoned
     try:
@@ -291,7 +392,23 @@ def test_two_replicas_with_expert_parallelism_inside_train_and_resume_bit_exactl
     for rank in (0, 1):
         for name, value in rank_state(tmp_path / "straight", rank).items():
             assert torch.equal(rank_state(tmp_path / "straight", rank + 2)[name], value), name
-    assert read_metrics(tmp_path / "straight")[-1]["diloco_total"]["bytes_per_replica"] > 0
+    # each sync's bytes: both ranks' messages (FP4 of each rank's own shards, plus its router
+    # biases and stop byte), counted from the shards the ranks hold
+    one_process = {k: v for k, v in EP_INSIDE.items() if not k.startswith(("diloco__", "parallel__"))}
+    model = Trainer(small_config(**one_process), tmp_path / "sizes").model
+    wire = WireFormat("fp4-e3m0", 32)
+    sizes = {}
+    for fragment in split_into_fragments(model, 2):
+        sizes[fragment.index] = 0
+        for rank in (0, 1):
+            shards = rank_state(tmp_path / "straight", rank)
+            values = sum(shards[name].numel() for name in fragment.params)
+            biases = sum(shards[name].numel() for name in fragment.biases)
+            sizes[fragment.index] += wire.nbytes(values) + 4 * biases + 1
+    records = [s for r in read_metrics(tmp_path / "straight") for s in r.get("diloco", [])]
+    assert [s["bytes_per_replica"] for s in records] == [sizes[s["fragment"]] for s in records]
+    total = read_metrics(tmp_path / "straight")[-1]["diloco_total"]
+    assert total["bytes_per_replica"] == sum(s["bytes_per_replica"] for s in records)
 
 
 def signal_one_replica(rank: int, world: int, options: dict, out: str) -> None:
@@ -311,9 +428,11 @@ def signal_one_replica(rank: int, world: int, options: dict, out: str) -> None:
 
 def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tmp_path):
     run_on_processes(2, signal_one_replica, 2, {**STREAMING, "train__steps": "8"}, str(tmp_path))
-    for rank in (0, 1):  # the vote cast after step 3 travels during step 4
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [4, True]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
+    # the request is agreed inside replica 1 in step 3's all-reduce and rides on the next message,
+    # fragment 0's sent after step 4, which lands (tau = 1) after step 5 on both replicas
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [5, True]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000005"]
 
 
 def test_a_run_without_diloco_resumes_as_diloco_replicas_from_its_model(tmp_path, capfd):

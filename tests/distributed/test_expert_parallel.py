@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,13 +10,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from moeforge.parallel.spawn import free_port, run_on_processes
+from moeforge.parallel.spawn import run_on_processes
 from moeforge.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
 from moeforge.parallel import build_mesh, clip_grad_norm_, parallelize
 from moeforge.parallel.parallelize import apply_expert_parallel
-from moeforge import checkpoint as ckpt
 
 CFG = MoEConfig(dim=16, n_experts=8, top_k=2, expert_ffn_dim=8, n_shared_experts=1, n_groups=1, topk_groups=1)
 NODE_LIMITED = dataclasses.replace(CFG, top_k=3, n_groups=2, topk_groups=1)
@@ -75,27 +72,6 @@ def test_all_to_all_dispatch_equals_local(skew):
 
 def test_node_limited_routing_sends_each_token_to_at_most_m_nodes():
     run_on_processes(2, compare_with_local, 2, False, NODE_LIMITED)
-
-
-@pytest.mark.slow
-def test_torchrun_launch_writes_one_run(tmp_path):
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "moeforge", "train", "--out", str(out), "--parallel.ep", "2", "--train.steps", "3",
-        "--model.dim", "64", "--model.n-layers", "2", "--train.seq-len", "32", "--train.global-batch-size", "4",
-        "--model.moe.expert-ffn-dim", "32", "--train.progress", "false", "--train.eval-batches", "1", "--train.log-every", "1",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert ckpt.latest_checkpoint(out).name == "step_000003"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by rank 0
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def parallelize_checks_layout(rank: int) -> None:

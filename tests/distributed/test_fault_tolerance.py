@@ -19,6 +19,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from conftest import SMALL
 from moeforge.diloco.exchange import receive, start_exchange
+from moeforge.diloco.wire import WireFormat
 from moeforge.parallel.process_group import agree_on_generation, peer_failure
 from moeforge.parallel.spawn import free_port, run_on_processes
 from moeforge.run import read_metrics
@@ -172,10 +173,10 @@ def diloco_exchange_while_rank_1_stalls(rank: int) -> None:
     gloo's timeout closes the connection in the background and the next collective finds it closed."""
     if rank == 1:
         time.sleep(60)
-    exchange = start_exchange(0, 4, 5, torch.ones(64), torch.zeros(4), "none", 32, dist.group.WORLD)
+    exchange, _ = start_exchange(0, 4, 5, torch.ones(64), torch.zeros(4), WireFormat("none"), dist.group.WORLD)
     time.sleep(TIMEOUT_S * 2)  # the inner steps between the send and the landing
     with pytest.raises(RuntimeError) as first:
-        receive(exchange, "none", 32)
+        receive(exchange, WireFormat("none"))
     with pytest.raises(RuntimeError) as second:
         dist.all_reduce(torch.ones(4))
     lines = [peer_failure(err.value) for err in (first, second)]

@@ -168,3 +168,11 @@ def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     assert val_loss(tmp_path / "pp") == pytest.approx(val_loss(tmp_path / "plain"), rel=1e-5)
     assert_same_weights(pipelined, plain)
+    # what data parallelism would have sent counts both stages' parameters, each once; the pipelined
+    # replicas sent each stage's part, with one more stop byte per message, and the last stage's
+    # copy of the embedding (MTP's) as a parameter of its own: 4 more bytes per embedding value
+    plain_total, pp_total = (read_metrics(tmp_path / run)[-1]["diloco_total"] for run in ("plain", "pp"))
+    assert pp_total["data_parallel_bytes_per_replica"] == plain_total["data_parallel_bytes_per_replica"]
+    syncs = sum(len(r.get("diloco", [])) for r in read_metrics(tmp_path / "plain"))
+    copy = 4 * plain["tok_embeddings.weight"].numel() + 1
+    assert pp_total["bytes_per_replica"] == plain_total["bytes_per_replica"] + syncs * copy

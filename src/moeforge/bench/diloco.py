@@ -1,4 +1,4 @@
-"""`moeforge bench diloco`: data parallelism vs DiLoCo vs Streaming DiLoCo (fp32 and 4-bit), same
+"""`moeforge bench diloco`: data parallelism vs DiLoCo vs Streaming DiLoCo (fp32 and quantised), same
 model, same tokens, on 2 replicas of one process each.
 
 Every method trains the same initial model (same seed) on the same global batches (each of the two
@@ -6,7 +6,7 @@ ranks reads its half of every batch, as in data parallelism) for the same number
 - data parallel: `diloco.replicas 1` on 2 ranks, gradients averaged every step;
 - DiLoCo: 2 replicas that average their outer gradients every H steps, one fragment, no overlap;
 - Streaming DiLoCo: P fragments at staggered steps, each exchange overlapped with tau inner steps and
-  mixed in with alpha, in fp32 and in each 4-bit codec asked for.
+  mixed in with alpha, in fp32 and in each codec asked for (error feedback at its default).
 The runs go to OUT/<method> (the ordinary run directories, metrics.jsonl included); the table is
 read back from them: validation loss, its gap to data parallelism, the bytes each replica sent (the
 trainer's own count; data parallelism as 4 bytes x parameters x steps, its fp32 gradient per step),
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moeforge.config import Config, ConfigError, load_config
-from moeforge.diloco.codecs import FP4_MAGNITUDES
+from moeforge.diloco.codecs import CODECS
 from moeforge.parallel.process_group import init_distributed, launched_distributed
 from moeforge.parallel.spawn import run_on_processes
 from moeforge.plan.comm import bandwidth_for_utilisation
@@ -96,12 +96,11 @@ class DilocoBenchSettings:
             raise ConfigError(
                 f"--ref-params, --ref-step-s: got {self.ref_params}, {self.ref_step_s}; allowed: numbers > 0"
             )
+        lossy = [codec for codec in CODECS if codec != "none"]
         for codec in self.codecs:
-            known = codec in FP4_MAGNITUDES or codec in ("bf16", "fp8")
-            if not known or self.codecs.count(codec) > 1:
+            if codec not in lossy or self.codecs.count(codec) > 1:
                 raise ConfigError(
-                    f"--codecs: got {codec!r}; allowed: a comma-separated list of distinct bf16, fp8, "
-                    + ", ".join(FP4_MAGNITUDES)
+                    f"--codecs: got {codec!r}; allowed: a comma-separated list of distinct " + ", ".join(lossy)
                 )
         for key, _ in self.overrides:
             if key in PER_METHOD_KEYS:

@@ -103,14 +103,16 @@ class LoadStats:
 class ReplicaCheckpoint:
     """How a rank whose replica trains its own parameters (DiLoCo) saves and loads.
 
-    Its model and optimizer go under `replica_<index>.`; `shared` holds tensor trees that are the same
-    on every replica (e.g. {"model": the common parameters, "diloco": the outer state}), saved once
-    at the top level and loaded in place. `load_inner` False loads only `shared`: the checkpoint
-    holds nothing for this replica."""
+    Its model and optimizer go under `replica_<index>.`, with `own`: tensor trees of this replica's
+    alone (e.g. {"diloco": its error-feedback residuals}), loaded in place; `shared` holds tensor
+    trees that are the same on every replica (e.g. {"model": the common parameters, "diloco": the
+    outer state}), saved once at the top level and loaded in place. `load_inner` False loads only
+    `shared`: the checkpoint holds nothing for this replica."""
 
     index: int
     shared: dict[str, Any]
     load_inner: bool = True
+    own: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -141,7 +143,7 @@ def _tensor_state(
     if replica is not None:
         state = {**replica.shared, "rng": {"cpu": torch.get_rng_state()}}
         if replica.load_inner:
-            state[_replica_key(replica)] = _tensor_state(model, optimizer, options=options)
+            state[_replica_key(replica)] = {**_tensor_state(model, optimizer, options=options), **replica.own}
         return state
     if optimizer is None:
         model_sd, _ = get_state_dict(model, optimizers=[])

@@ -34,6 +34,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--speculative", action="store_true", help=field_docs(EngineConfig)["speculative"] + " (needs an MTP model)"
     )
+    serve.add_argument(
+        "--no-prefix-reuse",
+        dest="prefix_reuse",
+        action="store_false",
+        help="turn prefix reuse off; when on (the default): " + field_docs(EngineConfig)["prefix_reuse"],
+    )
     defaults = EngineConfig()
     for name in ENGINE_FLAGS:
         serve.add_argument(
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.serve.requests import EngineConfig
 
     # the flags first: a mistake is reported before any checkpoint is read
-    config = EngineConfig(speculative=args.speculative, **{name: getattr(args, name) for name in ENGINE_FLAGS})
+    config = EngineConfig(speculative=args.speculative, prefix_reuse=args.prefix_reuse, **{name: getattr(args, name) for name in ENGINE_FLAGS})
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: got {args.port}; allowed: 0 to 65535")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

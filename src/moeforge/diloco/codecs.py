@@ -25,6 +25,20 @@ count pads a zero nibble.
 
 fp8: torch.float8_e4m3fn elements, scale = block absmax / 448 (e4m3's largest finite value).
 
+int2: 2 bits, a uniform grid without zero, {-1.5, -0.5, 0.5, 1.5} times the block's root mean square
+s = sqrt(mean(x^2)). A code is `s m`: bit 1 the sign, bit 0 the magnitude (0: 0.5, 1: 1.5):
+
+    code  00    01    10    11
+    value 0.5   1.5   -0.5  -1.5     (times the scale)
+
+Why this grid: four levels and no zero use all four codes (a grid with zero, {-1, 0, 1}, wastes one);
+for Gaussian values the mean-square-optimal 4-level uniform quantiser has its step at 0.9957 sigma
+(Max 1960), so a step of one rms is within half a percent of it, and an rms scale is not dragged by
+one outlier the way absmax is. The values beyond 2 rms are clipped to 1.5 rms, and values near zero
+get +-0.5 rms: the error is large (half the step, 0.5 rms, inside the grid; unbounded outside), which
+is why int2 is meant to travel with error feedback. A value exactly between two levels (|x| = s, or
+x = 0) goes toward zero (0.5 s; +0.5 s for 0). Four codes share a byte, value 4i+j in bits 2j..2j+1.
+
 Rounding goes to the nearest representable value in linear terms (not in log terms: with e3m0,
 0.7 goes to 1/2 and 0.8 to 1). For fp4 the decision is exact and a value exactly halfway between two
 magnitudes goes to the smaller one (toward zero). fp8 divides by the scale in fp32, then uses torch's
@@ -37,6 +51,7 @@ cast, as bf16 does: nearest, half to even.
                                        (at most absmax/28 overall)
     fp4-e3m0  0.5 + 4/block            absmax/4   (half the widest gap, 1/2 to 1)
     fp4-e2m1  0.5 + 4/block            absmax/6   (half the widest gap, 4 to 6, times the scale absmax/6)
+    int2      0.25 + 4/block           rms/2 for |value| <= 2 rms; |value| - 1.5 rms beyond
 
 A block holding NaN or +-inf gets a NaN scale, so all of it decodes to NaN and the caller's
 `isfinite` check sees it. This is set outright rather than left to inf/inf and 0*inf inside the
@@ -48,13 +63,15 @@ from __future__ import annotations
 
 import torch
 
-CODECS: tuple[str, ...] = ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1")
+CODECS: tuple[str, ...] = ("none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1", "int2")
 
 FP4_MAGNITUDES: dict[str, tuple[float, ...]] = {
     "fp4-e3m0": (0.0, 2**-6, 2**-5, 2**-4, 2**-3, 2**-2, 2**-1, 1.0),
     "fp4-e2m1": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
 }
 """the magnitudes of codes 0..7 of each 4-bit format at scale 1, ascending; bit 3 is the sign"""
+INT2_LEVELS = (0.5, 1.5, -0.5, -1.5)
+"""the value of int2 codes 0..3 at scale 1 (bit 1 the sign, bit 0 the magnitude)"""
 FP8_MAX = 448.0
 """torch.finfo(torch.float8_e4m3fn).max: fp8 scales map a block's absmax onto it"""
 SCALE_BYTES = 4
@@ -69,12 +86,12 @@ def _check(codec: str, block: int) -> None:
 
 def _code_nbytes(n: int, codec: str) -> int:
     """Bytes of the element codes of n values (the part of a message before the scales)."""
-    return {"none": 4 * n, "bf16": 2 * n, "fp8": n}.get(codec, (n + 1) // 2)
+    return {"none": 4 * n, "bf16": 2 * n, "fp8": n, "int2": (n + 3) // 4}.get(codec, (n + 1) // 2)
 
 
 def _n_blocks(n: int, codec: str, block: int) -> int:
     """Scales in a message: one per block in the blocked formats, none otherwise."""
-    return -(-n // block) if codec == "fp8" or codec in FP4_MAGNITUDES else 0
+    return 0 if codec in ("none", "bf16") else -(-n // block)
 
 
 def encoded_nbytes(n: int, codec: str, block: int) -> int:
@@ -139,6 +156,32 @@ def _encode_fp4(values: torch.Tensor, codec: str, block: int) -> tuple[torch.Ten
     return _pack_nibbles(codes.flatten()[: values.numel()].to(torch.uint8)), scales
 
 
+def _encode_int2(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, scales): the scale is each block's rms over its own values (the padding of the
+    last block left out), taken in fp64 so that squares cannot overflow; |value| <= scale is the
+    smaller magnitude, and a value that is not positive gets the sign unless it is zero."""
+    blocks = _as_blocks(values, block)
+    counts = torch.full((blocks.shape[0],), block, dtype=torch.float64, device=values.device)
+    counts[-1:] = values.numel() - block * (blocks.shape[0] - 1)
+    scales = (blocks.double().square().sum(dim=1) / counts).sqrt().float()
+    scales = torch.where(blocks.isfinite().all(dim=1), scales, torch.nan)
+    large = blocks.abs() > scales[:, None]
+    codes = large.to(torch.uint8) | ((blocks < 0).to(torch.uint8) << 1)
+    codes = codes.flatten()[: values.numel()]
+    return _pack_crumbs(codes), scales
+
+
+def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) codes 0..3 -> (ceil(n/4),) bytes: code 4i+j in bits 2j..2j+1 of byte i."""
+    padded = torch.nn.functional.pad(codes, (0, -codes.numel() % 4)).view(-1, 4)
+    return padded[:, 0] | (padded[:, 1] << 2) | (padded[:, 2] << 4) | (padded[:, 3] << 6)
+
+
+def _unpack_crumbs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `_pack_crumbs`: (n,) uint8 codes."""
+    return torch.stack([(packed >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=1).flatten()[:n]
+
+
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(n,) codes 0..15 -> (ceil(n/2),) bytes: code 2i in the low nibble of byte i, 2i+1 in the high."""
     if codes.numel() % 2:
@@ -162,6 +205,8 @@ def encode(values: torch.Tensor, codec: str, block: int) -> torch.Tensor:
         return values.to(torch.bfloat16).contiguous().view(torch.uint8)
     if codec == "fp8":
         elements, scales = _encode_fp8(values, block)
+    elif codec == "int2":
+        elements, scales = _encode_int2(values, block)
     else:
         elements, scales = _encode_fp4(values, codec, block)
     return torch.cat([elements, scales.view(torch.uint8)])
@@ -190,6 +235,9 @@ def decode(payload: torch.Tensor, n: int, codec: str, block: int) -> torch.Tenso
     scales = _reinterpret(payload[code_nbytes:], torch.float32)
     if codec == "fp8":
         elements = payload[:code_nbytes].view(torch.float8_e4m3fn).float()
+    elif codec == "int2":
+        codes = _unpack_crumbs(payload[:code_nbytes], n)
+        elements = torch.tensor(INT2_LEVELS, device=payload.device)[codes.long()]
     else:
         codes = _unpack_nibbles(payload[:code_nbytes], n)
         elements = code_table(codec).to(payload.device)[codes.long()]

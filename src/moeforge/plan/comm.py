@@ -14,7 +14,8 @@ from math import comb
 import torch
 
 from moeforge.config import ModelConfig
-from moeforge.diloco.codecs import encoded_nbytes
+from moeforge.diloco.exchange import STOP_FLAG_BYTES
+from moeforge.diloco.wire import WireFormat
 from moeforge.diloco.fragments import fragment_of
 from moeforge.plan.layout import Layout
 from moeforge.plan.tensors import parameter_tensors, router_bias_tensors
@@ -103,10 +104,11 @@ def fragment_elements(cfg: ModelConfig, n_fragments: int) -> list[tuple[int, int
     return [(params, biases) for params, biases in sizes]
 
 
-def diloco_message_bytes(elements: int, codec: str, block: int, router_biases: int = 0) -> int:
-    """Bytes of a message carrying `elements` outer-gradient values (`moeforge.diloco.codecs`'
-    encoding, fp32 scales included) and `router_biases` router biases as raw fp32."""
-    return encoded_nbytes(elements, codec, block) + 4 * router_biases
+def diloco_message_bytes(elements: int, wire: WireFormat, router_biases: int = 0, senders: int = 1) -> int:
+    """Bytes `senders` ranks send carrying `elements` outer-gradient values between them
+    (`moeforge.diloco.wire`'s format: top-k offsets and fp32 scales included), `router_biases`
+    router biases as raw fp32, and each its stop byte."""
+    return wire.nbytes(elements) + 4 * router_biases + STOP_FLAG_BYTES * senders
 
 
 def all_gather_bytes(message_bytes: float, replicas: int) -> float:

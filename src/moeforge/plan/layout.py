@@ -14,6 +14,7 @@ from typing import Literal
 
 from moeforge.config import Config, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
+from moeforge.config.diloco import TOPK_CHUNK_MAX, Codec, Outer
 from moeforge.config.parallel import parse_stage_blocks
 from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.model.attention import pads_mla_values
@@ -23,7 +24,6 @@ Schedule = Literal["1f1b", "interleaved", "zbv", "dualpipe", "dualpipev"]
 DataSharding = Literal["fsdp", "zero1"]
 Recompute = Literal["none", "selective", "full"]
 ComputeDtype = Literal["bf16", "fp8", "fp32"]
-Codec = Literal["none", "bf16", "fp8", "fp4-e3m0", "fp4-e2m1"]
 Dedup = Literal["rank", "node"]
 AttentionKernel = Literal["auto", "fused", "padded", "eager"]
 
@@ -100,9 +100,23 @@ class Layout:
     diloco_quantize: Codec = "none"
     """format of the outer gradients on the wire"""
     diloco_quantize_block: int = 128
-    """values sharing one fp32 scale in the fp8/fp4 formats"""
+    """values sharing one fp32 scale in the fp8/fp4/int2 formats"""
+    diloco_topk_fraction: float = 1.0
+    """the fraction of each top-k chunk's values sent (with their offsets); 1 = dense"""
+    diloco_topk_chunk: int = 4096
+    """values per top-k chunk"""
+    diloco_outer: Outer = "nesterov"
+    """the outer optimizer: 'nesterov' keeps a momentum, 'sparseloco' none"""
+    diloco_error_feedback: bool = True
+    """residuals of error feedback kept (on a lossy wire only)"""
     diloco_global_on_cpu: bool = False
-    """theta_global and the outer momentum kept in host memory"""
+    """theta_global, the outer momentum and the residuals kept in host memory"""
+
+    def diloco_state_copies(self) -> int:
+        """fp32 copies of the parameters DiLoCo's outer loop keeps per rank: theta_global, the
+        Nesterov momentum, error feedback's residuals (when the wire is lossy)."""
+        lossy = self.diloco_quantize != "none" or self.diloco_topk_fraction < 1
+        return 1 + (self.diloco_outer == "nesterov") + (self.diloco_error_feedback and lossy)
 
     def chunks_per_rank(self) -> int:
         """Model chunks one pipeline rank runs: v for interleaved, 2 for zbv/dualpipev, 1 otherwise."""
@@ -202,6 +216,18 @@ class Layout:
             self.pp,
             f"an even number for pp-schedule={self.pp_schedule!r}",
         )
+        _check(
+            0 < self.diloco_topk_fraction <= 1,
+            "layout.diloco-topk-fraction",
+            self.diloco_topk_fraction,
+            "a number in (0, 1]",
+        )
+        _check(
+            1 <= self.diloco_topk_chunk <= TOPK_CHUNK_MAX,
+            "layout.diloco-topk-chunk",
+            self.diloco_topk_chunk,
+            f"an integer in [1, {TOPK_CHUNK_MAX}]",
+        )
         ep_nodes = self.resolved_ep_nodes(gpus_per_node)
         _check(
             self.ep % ep_nodes == 0 and self.ep // ep_nodes <= gpus_per_node,
@@ -257,6 +283,10 @@ def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> 
         diloco_overlap_steps=dil.overlap_steps,
         diloco_quantize=dil.quantize,
         diloco_quantize_block=dil.quantize_block,
+        diloco_topk_fraction=dil.topk_fraction,
+        diloco_topk_chunk=dil.topk_chunk,
+        diloco_outer=dil.outer,
+        diloco_error_feedback=dil.error_feedback,
         diloco_global_on_cpu=dil.global_on_cpu,
         routing_bytes=8.0 * cfg.model.moe.top_k,
     )

@@ -260,7 +260,7 @@ def memory_estimate(
         buffers = _buffer_bytes(cfg, layout, tokens, rows_per_token, blocks)
         diloco = 0.0
         if layout.diloco_replicas > 1 and not layout.diloco_global_on_cpu:
-            diloco = 2 * 4 * params  # theta_global and the outer momentum, fp32
+            diloco = layout.diloco_state_copies() * 4 * params  # theta_global, momentum, residuals: fp32
         estimate = MemoryEstimate(
             parameters=params * layout.param_bytes,
             gradients=params * layout.grad_bytes,

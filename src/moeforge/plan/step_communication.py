@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeforge.config import ModelConfig
+from moeforge.diloco.wire import WireFormat
 from moeforge.plan.cluster import Cluster
 from moeforge.plan.comm import (
     AllToAllRows,
@@ -225,9 +226,10 @@ def diloco_traffic(
     replica_gpus = layout.world_size() // m
     elements, biases = max(fragment_elements(cfg, p))
     # every rank sends its shard of the fragment and all of the fragment's router biases
-    message = diloco_message_bytes(
-        elements, layout.diloco_quantize, layout.diloco_quantize_block, router_biases=replica_gpus * biases
+    wire_format = WireFormat(
+        layout.diloco_quantize, layout.diloco_quantize_block, layout.diloco_topk_fraction, layout.diloco_topk_chunk
     )
+    message = diloco_message_bytes(elements, wire_format, router_biases=replica_gpus * biases, senders=replica_gpus)
     wire = all_gather_bytes(message, m)
     link = cluster.cross_replica_bandwidth or replica_gpus * cluster.achieved_network
     exchange = wire / link

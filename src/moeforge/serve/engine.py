@@ -23,8 +23,9 @@ import torch
 
 from moeforge.infer.generate import token_probabilities
 from moeforge.model.transformer import Transformer
-from moeforge.serve.packed import Segment, packed_forward, packed_slots
-from moeforge.serve.paged_cache import BlockAllocator, attach_paged_caches, blocks_for
+from moeforge.serve.packed import Segment, packed_forward, step_inputs
+from moeforge.serve.block_pool import BlockPool
+from moeforge.serve.paged_cache import attach_paged_caches, blocks_for
 from moeforge.serve.requests import (
     EngineConfig,
     EngineStats,
@@ -52,7 +53,7 @@ class Engine:
                 f"got {config.max_step_tokens}; allowed: at least --max-batch x (1 + drafts) = "
                 f"{config.max_batch * (1 + self.lookahead)}",
             )
-        self.allocator = BlockAllocator(config.cache_blocks)
+        self.allocator = BlockPool(config.cache_blocks, config.block_size)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch, config.max_step_tokens)
         self.speculator = Speculator(model, config.block_size) if self.lookahead else None
         self.cache_bytes_per_position = attach_paged_caches(model, config.cache_blocks, config.block_size, self.lookahead > 0)
@@ -74,6 +75,7 @@ class Engine:
             params,
             torch.Generator(device=self.device).manual_seed(seed),
             prompt_logprobs=[None] if params.prompt_logprobs else None,
+            reuses_prefix=self.config.prefix_reuse and not self.lookahead and not params.prompt_logprobs,
         )
         self._arrivals += 1
         self.sequences[request_id] = sequence
@@ -94,6 +96,7 @@ class Engine:
         stats = self._stats
         stats.running, stats.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         stats.cache_blocks_used, stats.preemptions = self.allocator.used, self.scheduler.preemptions
+        stats.prefix_hit_tokens = self.scheduler.prefix_hit_tokens
         return stats
 
     def _check(self, request_id: str, prompt_tokens: list[int], params: SamplingParams) -> None:
@@ -133,7 +136,7 @@ class Engine:
             return []
         drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
         segments = [self._segment(item, drafts.get(item.sequence.request_id)) for item in plan]
-        tokens, positions, slots = packed_slots(segments, self.config.block_size, self.device)
+        tokens, positions, slots = step_inputs(segments, self.config.block_size, self.device)
         hidden = packed_forward(self.model, tokens, positions, slots)
         outputs, offset = [], 0
         for item, segment in zip(plan, segments):
@@ -142,6 +145,9 @@ class Engine:
             output = self._advance(item, rows, drafts.get(item.sequence.request_id))
             if output is not None:
                 outputs.append(output)
+            if item.sequence.blocks:  # still served: its newly computed full blocks become reusable
+                sequence = item.sequence
+                self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
         self._stats.steps += 1
         return outputs
 

@@ -72,10 +72,11 @@ class _EngineCollector(Collector):
         }
         counters = {
             "requests_finished": ("requests the engine finished", stats.requests_finished),
-            "prompt_tokens": ("prompt tokens computed", stats.prompt_tokens),
+            "prompt_tokens": ("prompt tokens received", stats.prompt_tokens),
             "generated_tokens": ("tokens generated", stats.generated_tokens),
             "engine_steps": ("forward passes of the running batch", stats.steps),
             "preemptions": ("requests preempted (their cache freed, recomputed later)", stats.preemptions),
+            "prefix_hit_tokens": ("prompt tokens taken from cached blocks of earlier requests", stats.prefix_hit_tokens),
             "speculative_drafted_tokens": ("tokens drafted by the MTP modules", stats.drafted_tokens),
             "speculative_accepted_tokens": ("drafted tokens the model accepted", stats.accepted_tokens),
             "speculative_verify_rounds": ("forwards that verified drafts", stats.verify_rounds),

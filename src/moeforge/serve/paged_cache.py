@@ -24,31 +24,6 @@ from moeforge.model.attention import CacheSlots, GroupedQueryAttention, MultiHea
 from moeforge.model.transformer import Transformer
 
 
-class BlockAllocator:
-    """Which of `n_blocks` blocks are free; blocks are handed out lowest first."""
-
-    def __init__(self, n_blocks: int):
-        self.total = n_blocks
-        self._free = list(range(n_blocks - 1, -1, -1))
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.total - len(self._free)
-
-    def allocate(self, count: int) -> list[int] | None:
-        """`count` free blocks, or None (and nothing taken) when fewer are free."""
-        if count > len(self._free):
-            return None
-        return [self._free.pop() for _ in range(count)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-
 def blocks_for(positions: int, block_size: int) -> int:
     """Blocks that hold `positions` positions."""
     return math.ceil(positions / block_size)
@@ -69,11 +44,12 @@ class PagedKVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [1, n_kv_heads, S, head_dim] (the packed row) at rows `slots.index` [S]; return
-        the rows `slots.read` [T] as [1, n_kv_heads, T, head_dim] each."""
-        self.k.index_copy_(0, slots.index, k[0].transpose(0, 1))
-        self.v.index_copy_(0, slots.index, v[0].transpose(0, 1))
-        return tuple(pool.index_select(0, slots.read).transpose(0, 1).unsqueeze(0) for pool in (self.k, self.v))
+        """Store k, v [B, n_kv_heads, S, head_dim] at rows `slots.index` [B * S]; return the rows
+        `slots.read` [B, T] as [B, n_kv_heads, T, head_dim] each."""
+        heads, dim = self.k.shape[1:]
+        self.k.index_copy_(0, slots.index, k.transpose(1, 2).reshape(-1, heads, dim))
+        self.v.index_copy_(0, slots.index, v.transpose(1, 2).reshape(-1, heads, dim))
+        return tuple(_gather(pool, slots.read).transpose(1, 2) for pool in (self.k, self.v))
 
     def bytes_per_row(self) -> int:
         return 2 * self.k[0].numel() * self.k.element_size()
@@ -87,12 +63,17 @@ class PagedLatentCache(nn.Module):
         self.register_buffer("kv", torch.zeros(rows, width, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: CacheSlots, latent_and_rope_key: torch.Tensor) -> torch.Tensor:
-        """Store [1, S, width] at rows `slots.index` [S]; return the rows `slots.read` [T] as [1, T, width]."""
-        self.kv.index_copy_(0, slots.index, latent_and_rope_key[0])
-        return self.kv.index_select(0, slots.read).unsqueeze(0)
+        """Store [B, S, width] at rows `slots.index` [B * S]; return the rows `slots.read` [B, T] as [B, T, width]."""
+        self.kv.index_copy_(0, slots.index, latent_and_rope_key.reshape(-1, self.kv.shape[1]))
+        return _gather(self.kv, slots.read)
 
     def bytes_per_row(self) -> int:
         return self.kv[0].numel() * self.kv.element_size()
+
+
+def _gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pool[rows] for rows [B, T]: [B, T, *pool.shape[1:]], by `index_select` (a plain copy)."""
+    return pool.index_select(0, rows.reshape(-1)).view(*rows.shape, *pool.shape[1:])
 
 
 def attach_paged_caches(model: Transformer, n_blocks: int, block_size: int, with_mtp: bool) -> int:

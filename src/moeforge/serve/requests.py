@@ -112,6 +112,10 @@ class EngineConfig:
     """requests queued before new ones are refused (429)"""
     speculative: bool = False
     """draft with the model's MTP modules and verify every running request in one forward"""
+    prefix_reuse: bool = True
+    """a request whose prompt starts with full cache blocks another request computed takes them and
+    prefills only the rest (not with --speculative, nor for requests that ask for prompt
+    log-probabilities: both need every prompt position computed)"""
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting"):
@@ -138,6 +142,8 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    """prompt tokens taken from the cache instead of being computed (prefix reuse)"""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_rounds: int = 0

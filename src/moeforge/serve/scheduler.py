@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeforge.serve.paged_cache import BlockAllocator, blocks_for
+from moeforge.serve.block_pool import BlockPool
+from moeforge.serve.paged_cache import blocks_for
 from moeforge.serve.requests import SamplingParams, TokenLogprob
 
 
@@ -45,6 +46,10 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     drafting: object = None
     """the speculative drafter's state for this request (`moeforge.serve.speculation`)"""
+    reuses_prefix: bool = False
+    """may start from cached blocks of another request's prompt (`block_pool.py`)"""
+    digests: list[bytes] = field(default_factory=list)
+    """the prefix digests of its blocks indexed so far"""
 
     @property
     def remaining(self) -> int:
@@ -66,7 +71,7 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch: int, max_step_tokens: int):
+    def __init__(self, allocator: BlockPool, block_size: int, max_batch: int, max_step_tokens: int):
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch = max_batch
@@ -75,6 +80,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         """in arrival order"""
         self.preemptions = 0
+        self.prefix_hit_tokens = 0
 
     def schedule(self, lookahead: int = 0) -> list[Scheduled]:
         """This step's work (see the module's docstring); `lookahead` draft positions per decoding
@@ -96,9 +102,13 @@ class Scheduler:
                     budget -= chunk
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             sequence = self.waiting[0]
+            self._reuse_prefix(sequence)
+            reused = sequence.computed
             chunk = self._grow_for_chunk(sequence, min(budget, sequence.remaining))
             if not chunk:
+                self._release(sequence)
                 break
+            self.prefix_hit_tokens += reused
             self.waiting.popleft()
             bisect.insort(self.running, sequence, key=lambda s: s.arrival)
             plan.append(Scheduled(sequence, chunk))
@@ -111,8 +121,17 @@ class Scheduler:
             self.running.remove(sequence)
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
+        self._release(sequence)
+
+    def _reuse_prefix(self, sequence: Sequence) -> None:
+        """Start a request that has nothing in the cache from the blocks of its longest cached prefix."""
+        if sequence.reuses_prefix and not sequence.blocks:
+            sequence.blocks = self.allocator.match(sequence.tokens)
+            sequence.computed = len(sequence.blocks) * self.block_size
+
+    def _release(self, sequence: Sequence) -> None:
         self.allocator.release(sequence.blocks)
-        sequence.blocks = []
+        sequence.blocks, sequence.computed, sequence.digests = [], 0, []
 
     def _grow_or_preempt(self, sequence: Sequence, positions: int) -> bool:
         """Blocks for `positions` positions of `sequence`, preempting the newest running requests
@@ -145,7 +164,7 @@ class Scheduler:
     def _preempt(self, sequence: Sequence) -> None:
         """Free the blocks of `sequence` and queue it first, to be recomputed from its first token."""
         self.running.remove(sequence)
-        self.allocator.release(sequence.blocks)
-        sequence.blocks, sequence.computed, sequence.drafting = [], 0, None
+        self._release(sequence)
+        sequence.drafting = None
         self.waiting.appendleft(sequence)
         self.preemptions += 1

@@ -25,7 +25,7 @@ import torch
 from moeforge.infer.generate import token_probabilities
 from moeforge.infer.speculative import accept_greedy, accept_sampled
 from moeforge.model.transformer import Transformer
-from moeforge.serve.packed import Segment, packed_slots
+from moeforge.serve.packed import Segment, step_inputs
 from moeforge.serve.scheduler import Scheduled, Sequence
 
 
@@ -97,9 +97,10 @@ class Speculator:
             segments.append(Segment(extended[start + depth : n + depth], start, sequence.blocks))
             inputs.append(torch.stack([state.hidden[depth - 1][i] for i in range(start, n)]))
         device = model.tok_embeddings.weight.device
-        tokens, positions, slots = packed_slots(segments, self.block_size, device)
-        hidden, _ = module(torch.cat(inputs)[None], model.tok_embeddings(tokens), *model.rope_at(positions), slots)
-        hidden, offset, last_rows = hidden[0], 0, []
+        tokens, positions, slots = step_inputs(segments, self.block_size, device)
+        inputs = torch.cat(inputs).view(*tokens.shape, -1)
+        hidden, _ = module(inputs, model.tok_embeddings(tokens), *model.rope_at(positions), slots)
+        hidden, offset, last_rows = hidden.reshape(-1, hidden.shape[-1]), 0, []
         for sequence, segment in zip(sequences, segments):
             rows = hidden[offset : offset + len(segment.tokens)]
             offset += len(segment.tokens)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from moeforge import checkpoint as ckpt
 from moeforge.config import Config, ConfigError
@@ -23,7 +22,6 @@ from moeforge.data import TokenArray, validation_batches
 from moeforge.data.blend import BlendedLoader
 from moeforge.data.indexed import IndexedDataset
 from moeforge.data.loader import validation_document_ids
-from moeforge.diloco import StreamingDiLoCo
 from moeforge.errors import RunFailure, print_line
 from moeforge.model.cross_entropy import summed_token_cross_entropy
 from moeforge.model.flops import training_flops_per_token
@@ -43,6 +41,7 @@ from moeforge.plan import device_peak_flops, estimate_run
 from moeforge.run import truncate_metrics, write_run_files
 from moeforge.train.metrics import MetricsLogger, ProgressBar
 from moeforge.train.compatibility import check_resume_compatible
+from moeforge.train.diloco_start import start_diloco
 from moeforge.train.execution import build_execution
 from moeforge.train.optim import build_optimizer, build_scheduler, mtp_lambda
 from moeforge.train.run_data import build_run_data
@@ -140,9 +139,7 @@ class Trainer:
             self.execution.sync_embedding_copy()
         self.diloco = None
         if cfg.diloco.enabled:  # after any initial weights: they are the first theta_global
-            group = self.mesh["diloco"].get_group() if self.mesh is not None else dist.group.WORLD
-            replica = self.rank // self.replica_size
-            self.diloco = StreamingDiLoCo(self.model, cfg.diloco, replica, group, self.device)
+            self.diloco = start_diloco(self.model, cfg, self.mesh, self.rank // self.replica_size, self.device)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
@@ -200,10 +197,12 @@ class Trainer:
             return ckpt.load_checkpoint(path, self.model, None, self.mesh)
         saved_replicas = saved_diloco["replicas"] if saved_diloco is not None else 0
         self.diloco.restore_meta(saved_diloco)
+        load_inner = self.diloco.replica < saved_replicas
         replica = ckpt.ReplicaCheckpoint(
             self.diloco.replica,
             self.diloco.shared_state(with_outer_state=saved_diloco is not None),
-            load_inner=self.diloco.replica < saved_replicas,
+            load_inner=load_inner,
+            own=self.diloco.replica_state() if load_inner else {},
         )
         meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.mesh, replica=replica)
         self.diloco.after_load(replica.load_inner)
@@ -230,7 +229,9 @@ class Trainer:
         replica = None
         if self.diloco is not None:
             extra["diloco"] = self.diloco.checkpoint_meta()
-            replica = ckpt.ReplicaCheckpoint(self.diloco.replica, self.diloco.shared_state())
+            replica = ckpt.ReplicaCheckpoint(
+                self.diloco.replica, self.diloco.shared_state(), own=self.diloco.replica_state()
+            )
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir,
             self.step,
@@ -284,8 +285,6 @@ class Trainer:
         update_expert_biases(biases, sums.load_rows(reduced)[rows], self._bias_rate())
         if self.diloco is None:
             self._stop_agreed = host.stop_requested  # every rank stops at the same step
-        else:
-            self._stop_agreed = self.diloco.agree_to_stop(host.stop_requested)  # a step later, all replicas
         metrics = {
             "loss": host.lm_loss + host.balance_loss + host.mtp_loss,
             "lm_loss": host.lm_loss,
@@ -299,11 +298,13 @@ class Trainer:
             depths = {f"mtp/{depth}": loss for depth, loss in enumerate(host.mtp_depths, start=1)}
             metrics.update({"mtp_loss": host.mtp_loss, "mtp_lambda": mtp_weight, **depths})
         if self.diloco is not None:
-            synced = self.diloco.after_inner_step(self.step)
+            synced = self.diloco.after_inner_step(self.step, host.stop_requested)
             if self.step == self.cfg.train.steps:
                 synced += self.diloco.finish(self.step)
             if synced:
                 metrics["diloco"] = synced
+            # a stop request rides on the exchanges: all replicas stop after the step one lands
+            self._stop_agreed = self.diloco.stop_agreed
         return metrics
 
     def _sum_over_replica(self, packed: torch.Tensor) -> torch.Tensor:
@@ -387,8 +388,6 @@ class Trainer:
             interrupted = self._stop_agreed
             if self.step != _checkpoint_step(self.last_checkpoint):
                 self.save()
-            if self.diloco is not None:
-                self.diloco.close()
             if interrupted:
                 cause = self._stop_signal or "a signal to another rank"
                 bar.write(f"{cause}: saved {self.last_checkpoint} at step {self.step}; rerun to resume")

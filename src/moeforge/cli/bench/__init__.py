@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from moeforge.cli.bench import data, decode, diloco, ep, moe, plan, pp, train
+from moeforge.cli.bench import data, decode, diloco, ep, moe, plan, pp, serve, train
 
-BENCHES = (moe, ep, diloco, pp, train, plan, decode, data)
+BENCHES = (moe, ep, diloco, pp, train, plan, decode, serve, data)
 """the benchmark modules, in the order `moeforge bench --help` lists them"""
 
 

@@ -27,7 +27,7 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
     diloco.add_argument(
         "--codecs",
         default="fp4-e3m0",
-        help="comma-separated quantised Streaming DiLoCo rows besides fp32: fp4-e3m0, fp4-e2m1, fp8, bf16 "
+        help="comma-separated quantised Streaming DiLoCo rows besides fp32: fp4-e3m0, fp4-e2m1, int2, fp8, bf16 "
         "(default: fp4-e3m0)",
     )
     diloco.add_argument("--eval-every", type=int, default=50, help="steps between validations (default: 50)")

@@ -163,6 +163,7 @@ def test_a_small_real_run_of_our_own_server(monkeypatch):
         return ServerCase("transformers", argv, port)
 
     monkeypatch.setattr(bench_serve, "transformers_case", failing_peer)
+    monkeypatch.setattr(bench_serve, "_missing_peer", lambda: None)  # the stand-in needs no transformers
     settings = ServeBenchSettings(clients=2, requests=4, prompt_tokens=8, output_tokens=6, repeats=1)
     result = run_serve_bench(settings)
     assert result["skipped"] == {

@@ -24,8 +24,9 @@ def report(rank: int, out: str) -> None:
 def test_workers_see_the_callers_environment_directory_and_streams(tmp_path, monkeypatch, capfd, method):
     if method == "spawn":  # the fallback where the platform has no fork server
         monkeypatch.setattr(spawn, "start_method", lambda: "spawn")
-    (tmp_path / "before").mkdir()
-    run_on_processes(1, report, str(tmp_path / "before"))  # the fork server (if any) starts here
+    if method == "forkserver":  # the server starts here, before the caller's state below changes
+        (tmp_path / "before").mkdir()
+        run_on_processes(1, report, str(tmp_path / "before"))
     monkeypatch.setenv("MOEFORGE_SPAWN_PROBE", f"set just before the {method} call")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "extra"))

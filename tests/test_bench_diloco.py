@@ -12,14 +12,13 @@ from conftest import SMALL
 from moeforge.bench.diloco import (
     PER_METHOD_KEYS,
     DilocoBenchSettings,
-    format_table,
-    method_config,
-    methods,
-    required_bandwidth,
+    Variant,
+    parse_variant,
+    run_config,
     run_diloco_bench,
-    summarize,
-    write_plot,
+    runs,
 )
+from moeforge.bench.diloco_results import format_table, required_bandwidth, summarize, write_plot
 from moeforge.config import ConfigError
 from moeforge.model.transformer import Transformer
 
@@ -30,6 +29,8 @@ SETTINGS = DilocoBenchSettings(
     overlap_steps=1,
     eval_every=4,
     codecs=("fp4-e3m0",),
+    optimizers=("adamw",),
+    seeds=(0,),
     overrides=tuple((k, v) for k, v in SMALL.items() if k not in PER_METHOD_KEYS),
 )
 BLOCK = 128  # diloco.quantize-block's default
@@ -38,7 +39,7 @@ BLOCK = 128  # diloco.quantize-block's default
 def fragment_sizes(fragments: int) -> tuple[list[int], list[int]]:
     """(parameters, router-bias values) of each fragment: blocks dealt out strided, the embedding
     in the first fragment, everything else outside the blocks in the last."""
-    model = Transformer(method_config(SETTINGS, methods(SETTINGS)[0], 2).model)
+    model = Transformer(run_config(SETTINGS, runs(SETTINGS)[0], 2).model)
     params, biases = [0] * fragments, [0] * fragments
 
     def fragment(name: str) -> int:
@@ -106,8 +107,17 @@ def test_bench_diloco_table_and_bytes(tmp_path):
         assert [t for t, _ in row["val_curve"]] == [4 * 4 * 32, 8 * 4 * 32]
         assert len(row["train_curve"]) == SETTINGS.steps
         assert all(math.isfinite(loss) for _, loss in row["train_curve"])
+        # every exchange's bytes over the parameters it covered: fp32 32 bits and a little more
+        # (router biases, the stop byte); FP4 4 bits, a fp32 scale per 128 values
+        assert row["bits_per_param_per_sync"] == pytest.approx(8 * row["bytes_per_replica"] / row["synced_parameters"])
     assert rows["Streaming P=2 fp4-e3m0"]["mean_quant_error"] > 0
     assert rows["Streaming P=2 fp32"]["mean_quant_error"] == 0
+    assert rows["data parallel"]["bits_per_param_per_sync"] == 32
+    assert 32 < rows["Streaming P=2 fp32"]["bits_per_param_per_sync"] < 32.1
+    assert 4 + 32 / BLOCK < rows["Streaming P=2 fp4-e3m0"]["bits_per_param_per_sync"] < 4 + 32 / BLOCK + 0.1
+    # the syncs of fragment 0 and 1 cover the whole model as often as each fragment was sent
+    counts = syncs_per_fragment(8, 4, 2, 1)
+    assert rows["Streaming P=2 fp32"]["synced_parameters"] == sum(c * p for c, p in zip(counts, params))
 
     # the bandwidth columns follow the formula; data parallelism needs the most
     t = result["config"]["bandwidth_at"]["reference"]["step_s"]
@@ -137,8 +147,15 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
     ("change", "message"),
     [
         ({"steps": 0}, r"^--steps: got 0; allowed: an integer >= 1$"),
-        ({"codecs": ("fp5",)}, r"^--codecs: got 'fp5'; allowed: a comma-separated list of"),
-        ({"codecs": ("fp8", "fp8")}, r"^--codecs: got 'fp8'; allowed: a comma-separated list of distinct"),
+        ({"codecs": ("fp5",)}, r"^--codecs: got 'fp5'; allowed: a comma-separated list of distinct"),
+        ({"codecs": ("fp8", "fp8")}, r"^--codecs: got 'fp8' twice; allowed: a comma-separated list of distinct"),
+        ({"codecs": ("none",)}, r"^--codecs: got 'none'; allowed: .* \(none only after topF\)"),
+        ({"codecs": ("top1.5+int2",)}, r"^--codecs: got 'top1.5\+int2'; allowed: .*F in \(0, 1\)$"),
+        ({"codecs": ("int2+ef+ef",)}, r"^--codecs: got 'int2\+ef\+ef'; allowed:"),
+        ({"optimizers": ("adamw", "lion")}, r"^--optimizers: got 'adamw,lion'; allowed: distinct names of adamw, muon$"),
+        ({"optimizers": ()}, r"^--optimizers: got ''; allowed:"),
+        ({"seeds": (0, 0)}, r"^--seeds: got \[0, 0\]; allowed: distinct integers >= 0, at least one$"),
+        ({"overrides": (("train.optimizer", "muon"),)}, r"^--train.optimizer: set by the bench per method"),
         ({"overrides": (("train.log-every", "5"),)}, r"^--train.log-every: set by the bench per method"),
         ({"overrides": (("diloco.quantize", "fp8"),)}, r"^--diloco.quantize: set by the bench per method"),
         ({"fragments": 30}, r"diloco.fragments"),
@@ -147,6 +164,21 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
 def test_bench_diloco_rejects_bad_settings(change, message):
     with pytest.raises(ConfigError, match=message):
         run_diloco_bench(DilocoBenchSettings(**change))
+
+
+def test_variants_are_written_topk_codec_ef():
+    assert parse_variant("fp4-e3m0") == Variant("fp4-e3m0", False, 1.0)
+    assert parse_variant("int2+ef") == Variant("int2", True, 1.0)
+    assert parse_variant("top0.02+int2+ef") == Variant("int2", True, 0.02)
+    assert parse_variant("top0.1+none") == Variant("none", False, 0.1)
+    for text in ("fp4-e3m0", "int2+ef", "top0.02+int2+ef", "top0.1+none"):
+        assert parse_variant(text).label == text
+    assert parse_variant("top0.02+int2+ef").diloco == {
+        "quantize": "int2", "error-feedback": "true", "topk-fraction": "0.02"
+    }  # fmt: skip
+    slugs = [r.path for r in runs(DilocoBenchSettings(codecs=("int2+ef",), plain=False, optimizers=("adamw", "muon"), seeds=(0, 1)))]
+    assert slugs[:3] == ["adamw/seed0/dp", "adamw/seed0/streaming-fp32", "adamw/seed0/streaming-int2+ef"]
+    assert len(slugs) == 12 and slugs[-1] == "muon/seed1/streaming-int2+ef"
 
 
 STEP_SECONDS = {"dp": 3.0, "diloco": 2.0, "streaming-fp32": 1.0, "streaming-fp4-e3m0": 1.5}
@@ -168,7 +200,7 @@ def _metrics(method, steps: int, tokens_per_step: int, parameters: int) -> list[
             record["val_loss"] = 4.0 + len(method.slug) / 100
         if step in syncs:
             sent = 2000 if step == steps else 1000
-            record["diloco"] = [{"bytes_per_replica": sent, "quant_error": 0.0, "wait_s": 0.25}]
+            record["diloco"] = [{"bytes_per_replica": sent, "parameters": 250, "quant_error": 0.0, "wait_s": 0.25}]
         if step == steps and syncs:
             record["diloco_total"] = {
                 "bytes_per_replica": 1000 * (len(syncs) - 1) + 2000,
@@ -185,14 +217,14 @@ def test_the_bandwidth_columns_follow_the_injected_step_times(tmp_path):
     each method's largest exchange B, k and tau, checked here by hand."""
     settings = dataclasses.replace(SETTINGS, steps=6, sync_every=4, eval_every=3, utilisation=0.8)
     parameters, tokens_per_step = 1000, 128
-    for method in methods(settings):
-        (tmp_path / method.slug).mkdir()
-        lines = [json.dumps(r) for r in _metrics(method, settings.steps, tokens_per_step, parameters)]
-        (tmp_path / method.slug / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for run in runs(settings):
+        (tmp_path / run.path).mkdir(parents=True)
+        lines = [json.dumps(r) for r in _metrics(run.method, settings.steps, tokens_per_step, parameters)]
+        (tmp_path / run.path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     result = summarize(settings, tmp_path)
     rows = {row["method"]: row for row in result["methods"]}
-    for method in methods(settings):
-        assert rows[method.name]["median_step_s"] == pytest.approx(STEP_SECONDS[method.slug])
+    for run in runs(settings):
+        assert rows[run.method.name]["median_step_s"] == pytest.approx(STEP_SECONDS[run.method.slug])
     measured_at = result["config"]["bandwidth_at"]["measured"]
     assert measured_at == {"step_s": pytest.approx(2.0), "params": parameters}
 
@@ -215,3 +247,66 @@ def test_the_bandwidth_columns_follow_the_injected_step_times(tmp_path):
     assert rows["Streaming P=2 fp32"]["ratio_to_dp"] == pytest.approx(dp_bytes / 4000)  # 2, 4, 6
     assert rows["Streaming P=2 fp32"]["wait_s"] == pytest.approx(3 * 0.25)
     assert "T = 2.000 s (median DiLoCo inner step" in format_table(result)
+
+
+def test_statistics_over_seeds_and_the_gap_to_fp32(tmp_path):
+    """Injected runs of 2 optimizers x 2 seeds whose final validation losses are known: each run's
+    gaps to data parallelism and to fp32 Streaming DiLoCo of its own optimizer and seed, by hand,
+    and each (method, optimizer)'s median, min and max over the seeds."""
+    settings = dataclasses.replace(
+        SETTINGS, steps=6, sync_every=4, eval_every=3, plain=False, optimizers=("adamw", "muon"), seeds=(3, 5)
+    )
+    final = {"dp": 2.0, "streaming-fp32": 2.2, "streaming-fp4-e3m0": 2.3}
+
+    def loss(run):
+        return final[run.method.slug] + (0.1 if run.seed == 5 else 0.0) + (0.5 if run.optimizer == "muon" else 0.0)
+
+    for run in runs(settings):
+        records = _metrics(run.method, settings.steps, 128, 1000)
+        records[-1]["val_loss"] = loss(run)
+        (tmp_path / run.path).mkdir(parents=True)
+        (tmp_path / run.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = summarize(settings, tmp_path)
+    for row, run in zip(result["methods"], runs(settings), strict=True):
+        dp = 2.0 + (0.1 if run.seed == 5 else 0.0) + (0.5 if run.optimizer == "muon" else 0.0)
+        assert (row["optimizer"], row["seed"], row["val_loss"]) == (run.optimizer, run.seed, loss(run))
+        assert row["val_loss_gap_pct"] == pytest.approx(100 * (loss(run) - dp) / dp)
+        assert row["gap_to_fp32_pct"] == pytest.approx(100 * (loss(run) - dp - 0.2) / (dp + 0.2))
+    summary = {(row["method"], row["optimizer"]): row for row in result["over_seeds"]}
+    assert len(summary) == 6
+    fp4 = summary[("Streaming P=2 fp4-e3m0", "muon")]
+    assert fp4["seeds"] == [3, 5]
+    assert fp4["val_loss"] == {"median": pytest.approx(2.85), "min": 2.8, "max": 2.9, "values": [2.8, 2.9]}
+    gaps = [100 * 0.3 / 2.5, 100 * 0.3 / 2.6]
+    assert fp4["val_loss_gap_pct"]["min"] == pytest.approx(min(gaps))
+    assert fp4["val_loss_gap_pct"]["median"] == pytest.approx(sum(gaps) / 2)
+    table = format_table(result)
+    assert "over seeds 3, 5: median (min to max)" in table
+    assert "T = 1.000 s (median fp32 Streaming inner step" in table
+    assert write_plot(result, tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_a_grid_resumes_in_its_out_and_refuses_other_settings(tmp_path):
+    """Muon inside, top-k + int2 + error feedback, one seed, on 2 processes; run again into the same
+    --out, every run is found finished and the result is the same; other settings are refused."""
+    settings = dataclasses.replace(
+        SETTINGS, steps=4, sync_every=2, eval_every=4, plain=False, codecs=("top0.1+int2+ef",),
+        optimizers=("muon",), seeds=(1,),
+    )  # fmt: skip
+    first = run_diloco_bench(settings, tmp_path / "grid")
+    rows = {row["method"]: row for row in first["methods"]}
+    assert list(rows) == ["data parallel", "Streaming P=2 fp32", "Streaming P=2 top0.1+int2+ef"]
+    sparse = rows["Streaming P=2 top0.1+int2+ef"]
+    # a tenth of the values at 2 bits each, with their indices and scales: far below fp32's 32
+    assert sparse["bits_per_param_per_sync"] < 3
+    assert (tmp_path / "grid" / "muon" / "seed1" / "dp" / "metrics.jsonl").is_file()
+    again = run_diloco_bench(settings, tmp_path / "grid")
+    assert [(r["val_loss"], r["bytes_per_replica"]) for r in again["methods"]] == [
+        (r["val_loss"], r["bytes_per_replica"]) for r in first["methods"]
+    ]
+    with pytest.raises(ConfigError, match=r"^--out: '.*grid' holds a grid of other settings"):
+        run_diloco_bench(dataclasses.replace(settings, steps=5), tmp_path / "grid")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^--out: '.*other' is not empty and holds no bench-settings.json"):
+        run_diloco_bench(settings, tmp_path / "other")

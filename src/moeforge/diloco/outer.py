@@ -220,6 +220,7 @@ class StreamingDiLoCo(OuterCheckpointing):
             "fragment": exchange.fragment,
             "sent_step": exchange.sent_step,
             "bytes_per_replica": int(nbytes),
+            "parameters": sum(param.numel() for param in frag.params.values()),
             "outer_grad_norm": math.sqrt(mean_square),
             "quant_error": math.sqrt(error_square / local_square) if local_square > 0 else 0.0,
             "wait_s": exchange.wait_s,

@@ -8,7 +8,7 @@ import json
 import sys
 
 from moeforge.cli.arguments import comma_separated, output_dir, parse_overrides
-from moeforge.config import available_presets
+from moeforge.config import ConfigError, available_presets
 
 
 def add_parser(benches: argparse._SubParsersAction) -> None:
@@ -26,9 +26,27 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
     diloco.add_argument("--mix", type=float, default=0.5, help="alpha of Streaming DiLoCo (default: 0.5)")
     diloco.add_argument(
         "--codecs",
-        default="fp4-e3m0",
-        help="comma-separated quantised Streaming DiLoCo rows besides fp32: fp4-e3m0, fp4-e2m1, int2, fp8, bf16 "
-        "(default: fp4-e3m0)",
+        default="fp4-e3m0+ef",
+        help="comma-separated lossy Streaming DiLoCo rows besides fp32, each [topF+]CODEC[+ef]: CODEC one of "
+        "fp4-e3m0, fp4-e2m1, int2, fp8, bf16 (none after topF), topF keeps the largest fraction F of each chunk, "
+        "+ef adds error feedback; e.g. fp4-e3m0,fp4-e3m0+ef,int2+ef,top0.02+int2+ef (default: fp4-e3m0+ef)",
+    )
+    diloco.add_argument(
+        "--optimizers", default="adamw", help="comma-separated inner optimizers, every method run with each: "
+        "adamw, muon (default: adamw)"
+    )
+    diloco.add_argument(
+        "--seeds", default="0", help="comma-separated train.seed values, the whole grid run for each (default: 0)"
+    )
+    diloco.add_argument(
+        "--muon-lr",
+        type=float,
+        default=1e-2,
+        help="train.lr of the Muon runs; 0 keeps the preset's (default: 0.01, Muon's best on tiny where AdamW's "
+        "is the preset's 3e-3)",
+    )
+    diloco.add_argument(
+        "--no-plain", dest="plain", action="store_false", help="leave out plain DiLoCo (one fragment, no overlap)"
     )
     diloco.add_argument("--eval-every", type=int, default=50, help="steps between validations (default: 50)")
     diloco.add_argument(
@@ -47,7 +65,8 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from moeforge.bench.diloco import DilocoBenchSettings, format_table, run_diloco_bench, write_plot
+    from moeforge.bench.diloco import DilocoBenchSettings, run_diloco_bench
+    from moeforge.bench.diloco_results import format_table, write_plot
 
     settings = DilocoBenchSettings(
         preset=args.preset,
@@ -57,6 +76,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         overlap_steps=args.overlap_steps,
         mix=args.mix,
         codecs=comma_separated(args.codecs),
+        plain=args.plain,
+        optimizers=comma_separated(args.optimizers),
+        seeds=seeds(args.seeds),
+        muon_lr=args.muon_lr or None,
         eval_every=args.eval_every,
         utilisation=args.utilisation,
         ref_params=args.ref_params,
@@ -71,3 +94,11 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     if args.plot:
         print(f"wrote {write_plot(result, args.plot)}", file=sys.stderr)
     return 0
+
+
+def seeds(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1); a one-line --seeds error otherwise."""
+    try:
+        return tuple(int(item) for item in comma_separated(text))
+    except ValueError:
+        raise ConfigError(f"--seeds: got {text!r}; allowed: comma-separated integers >= 0") from None

@@ -34,6 +34,7 @@ from moeforge.interop import (
 from moeforge.interop.hf import weight_files
 from moeforge.model.transformer import Transformer
 from moeforge.train.trainer import Trainer
+from moeforge.serve.chat_template import load_chat_template
 
 CASES = {
     "qwen3_moe": lambda: qwen3_config(),
@@ -293,11 +294,19 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path, small_cfg):
 @pytest.mark.slow
 def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
     save_hf_model(qwen3_config(), tmp_path / "hf", dtype=torch.bfloat16)
+    chat = {"tokenizer_config.json": '{"chat_template": "{{ messages[0].content }}", "eos_token": "</s>"}',
+            "chat_template.jinja": "[{{ messages[0].role }}] {{ messages[0].content }}"}  # fmt: skip
+    for name, text in chat.items():
+        (tmp_path / "hf" / name).write_text(text)
     assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    # the chat template travels with the model, both ways: `moeforge serve` reads it from the run
+    assert {name: (tmp_path / "run" / name).read_text() for name in chat} == chat
+    assert load_chat_template(tmp_path / "run").render([{"role": "user", "content": "hi"}]) == "[user] hi"
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["new_tokens"] == 4
     assert cli_main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     assert_same_tensors(tmp_path / "hf", tmp_path / "back")  # bf16 again: the imported precision is remembered
+    assert {name: (tmp_path / "back" / name).read_text() for name in chat} == chat
     assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
 

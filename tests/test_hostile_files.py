@@ -542,6 +542,28 @@ def test_config_and_tokenizer_of_a_model_directory_symlinked_out_are_refused(hf_
         training.apply_hf_model(cfg, str(hf_dir))
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "chat_template.jinja"])
+def test_a_chat_template_file_symlinked_out_of_the_model_is_not_copied(tmp_path, name):
+    """convert copies tokenizer_config.json and chat_template.jinja beside the weights: one that
+    resolves outside the model directory is refused, and one over the size bound too."""
+    from moeforge.run import MAX_TEMPLATE_BYTES, copy_tokenizer_files
+
+    model, outside, out = tmp_path / "model", tmp_path / "outside", tmp_path / "out"
+    for directory in (model, outside, out):
+        directory.mkdir()
+    (outside / name).write_text("secret")
+    (model / name).symlink_to(outside / name)
+    with pytest.raises(PathRefused, match=f"entry '{name}': resolves to .*, outside") as raised:
+        copy_tokenizer_files(model, out)
+    one_line(raised.value)
+    (model / name).unlink()
+    with (model / name).open("wb") as stream:
+        stream.truncate(MAX_TEMPLATE_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(PathRefused, match=f"entry '{name}'"):
+        copy_tokenizer_files(model, out)
+    assert not list(out.iterdir())
+
+
 def test_a_run_config_that_is_not_json_or_not_a_file_is_one_line_in_report(tmp_path):
     from moeforge.run import CONFIG_FILE, read_run_config
 

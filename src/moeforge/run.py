@@ -33,8 +33,18 @@ TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
 MAX_TOKENIZER_BYTES = 512 << 20
 """a bound on tokenizer.json (those of 250k-token vocabularies are ~30 MB)"""
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 16 << 20
+"""a bound on tokenizer_config.json and chat_template.jinja (a few kilobytes in practice)"""
 MAX_RUN_CONFIG_BYTES = 16 << 20
 """a bound on a run's config.json (a few kilobytes)"""
+TOKENIZER_FILES = {
+    TOKENIZER_FILE: MAX_TOKENIZER_BYTES,
+    TOKENIZER_CONFIG_FILE: MAX_TEMPLATE_BYTES,
+    CHAT_TEMPLATE_FILE: MAX_TEMPLATE_BYTES,
+}
+"""the files of a model's tokenizer a run directory and a Hugging Face directory carry alike"""
 
 
 def write_run_files(run_dir: Path, cfg: Config) -> None:
@@ -80,6 +90,22 @@ def tokenizer_file(directory: Path, home: Path | None = None) -> Path | None:
         return file_inside(directory, TOKENIZER_FILE, directory, home, MAX_TOKENIZER_BYTES)
     except FileMissing:
         return None
+
+
+def copy_tokenizer_files(directory: Path, out: Path, home: Path | None = None) -> list[str]:
+    """Copy the tokenizer files `directory` has into `out`: tokenizer.json, and tokenizer_config.json
+    and chat_template.jinja, where a server finds the chat template and special tokens. Each is
+    checked as `tokenizer_file` checks tokenizer.json (inside `home`, default `directory`, and
+    bounded in size). Returns the names copied."""
+    copied = []
+    for name, max_bytes in TOKENIZER_FILES.items():
+        try:
+            source = file_inside(directory, name, directory, home, max_bytes)
+        except FileMissing:
+            continue
+        shutil.copyfile(source, out / name)
+        copied.append(name)
+    return copied
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -308,7 +309,8 @@ def _claim(settings: DilocoBenchSettings, root: Path, write: bool) -> None:
 
 
 def train_runs(rank: int, settings: DilocoBenchSettings, root: str) -> None:
-    """On each of the 2 ranks: train every run, one after the other, into root/<run.path>."""
+    """On each of the 2 ranks: train every run, one after the other, into root/<run.path>; rank 0
+    says each one's end on stderr (stdout is the table, or the --json)."""
     for run in runs(settings):
         cfg = run_config(settings, run, REPLICAS)
         result = Trainer(cfg, Path(root) / run.path).fit()
@@ -317,5 +319,6 @@ def train_runs(rank: int, settings: DilocoBenchSettings, root: str) -> None:
             print(
                 f"bench diloco: {run.method.name}, {run.optimizer}, seed {run.seed}: {result.step} steps, "
                 f"val loss {val}",
+                file=sys.stderr,
                 flush=True,
             )

@@ -1,14 +1,14 @@
 """`moeforge convert`: Hugging Face checkpoint directories <-> moeforge run directories.
 
 A converted model is a run directory like a training run's (config.json, tokenizer.json when the
-model has one, checkpoints/step_000000/ with the weights only), so `moeforge generate --checkpoint`
+model has one, and its tokenizer_config.json and chat_template.jinja, which carry the chat template
+`moeforge serve` uses; checkpoints/step_000000/ with the weights only), so `moeforge generate --checkpoint`
 and `moeforge convert --to-hf` read it like any other.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -42,9 +42,7 @@ def hf_to_checkpoint(hf_dir: Path | str, out: Path | str, progress: bool = True)
     cfg = Config(model=model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / run.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-    tokenizer = run.tokenizer_file(hf_dir, model_home(hf_dir))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / run.TOKENIZER_FILE)
+    run.copy_tokenizer_files(hf_dir, out, model_home(hf_dir))
     extra = {"hf_source": str(hf_dir.resolve()), HF_DTYPE_KEY: DTYPE_NAMES[stored_dtype(hf_dir)]}
     return ckpt.save_checkpoint(out, 0, model, None, cfg.to_dict(), extra, keep=1)
 
@@ -59,9 +57,7 @@ def checkpoint_to_hf(checkpoint: Path | str, out: Path | str, dtype: torch.dtype
         name = ckpt.read_meta(loaded.checkpoint).extra.get(HF_DTYPE_KEY, "float32")
         dtype = {v: k for k, v in DTYPE_NAMES.items()}[name]
     path = to_hf(loaded.model, out, dtype)
-    tokenizer = run.tokenizer_file(loaded.checkpoint.parent.parent)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, Path(out) / run.TOKENIZER_FILE)
+    run.copy_tokenizer_files(loaded.checkpoint.parent.parent, Path(out))
     return path
 
 

@@ -28,12 +28,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from moeforge.errors import MoeforgeError, first_line
+from moeforge.run import CHAT_TEMPLATE_FILE, MAX_TEMPLATE_BYTES, TOKENIZER_CONFIG_FILE
 from moeforge.safe_paths import FileMissing, read_inside
 
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"
-MAX_TEMPLATE_BYTES = 16 << 20
-"""a bound on tokenizer_config.json and chat_template.jinja (a few kilobytes in practice)"""
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -77,8 +74,8 @@ def load_chat_template(run_dir: Path) -> ChatTemplate:
     special = {name: _token_text(value) for name, value in config.items() if name.endswith("_token")}
     special = {name: text for name, text in special.items() if text is not None}
     try:
-        source = read_inside(run_dir, TEMPLATE_FILE, run_dir, MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
-        return ChatTemplate(source, str(run_dir / TEMPLATE_FILE), special)
+        source = read_inside(run_dir, CHAT_TEMPLATE_FILE, run_dir, MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
+        return ChatTemplate(source, str(run_dir / CHAT_TEMPLATE_FILE), special)
     except FileMissing:
         pass
     template = config.get("chat_template")

@@ -150,8 +150,9 @@ def test_required_bandwidth_hides_the_exchange_behind_overlap():
         ({"codecs": ("fp5",)}, r"^--codecs: got 'fp5'; allowed: a comma-separated list of distinct"),
         ({"codecs": ("fp8", "fp8")}, r"^--codecs: got 'fp8' twice; allowed: a comma-separated list of distinct"),
         ({"codecs": ("none",)}, r"^--codecs: got 'none'; allowed: .* \(none only after topF\)"),
-        ({"codecs": ("top1.5+int2",)}, r"^--codecs: got 'top1.5\+int2'; allowed: .*F in \(0, 1\)$"),
+        ({"codecs": ("top1.5+int2",)}, r"^--codecs: got 'top1.5\+int2'; allowed: .*F in \(0, 1\), sparseloco"),
         ({"codecs": ("int2+ef+ef",)}, r"^--codecs: got 'int2\+ef\+ef'; allowed:"),
+        ({"codecs": ("int2+sparseloco",)}, r"^--codecs: got 'int2\+sparseloco'; allowed: .*sparseloco only with ef$"),
         ({"optimizers": ("adamw", "lion")}, r"^--optimizers: got 'adamw,lion'; allowed: distinct names of adamw, muon$"),
         ({"optimizers": ()}, r"^--optimizers: got ''; allowed:"),
         ({"seeds": (0, 0)}, r"^--seeds: got \[0, 0\]; allowed: distinct integers >= 0, at least one$"),
@@ -171,7 +172,9 @@ def test_variants_are_written_topk_codec_ef():
     assert parse_variant("int2+ef") == Variant("int2", True, 1.0)
     assert parse_variant("top0.02+int2+ef") == Variant("int2", True, 0.02)
     assert parse_variant("top0.1+none") == Variant("none", False, 0.1)
-    for text in ("fp4-e3m0", "int2+ef", "top0.02+int2+ef", "top0.1+none"):
+    assert parse_variant("top0.02+int2+ef+sparseloco") == Variant("int2", True, 0.02, sparseloco=True)
+    assert parse_variant("top0.02+int2+ef+sparseloco").diloco["outer"] == "sparseloco"
+    for text in ("fp4-e3m0", "int2+ef", "top0.02+int2+ef", "top0.1+none", "top0.02+int2+ef+sparseloco"):
         assert parse_variant(text).label == text
     assert parse_variant("top0.02+int2+ef").diloco == {
         "quantize": "int2", "error-feedback": "true", "topk-fraction": "0.02"

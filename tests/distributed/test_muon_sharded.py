@@ -69,6 +69,10 @@ def muon(**parallel: str) -> dict[str, str]:
 LAYOUTS = [
     pytest.param(2, {"ep": "2"}, id="2proc-shard2-ep2"),
     pytest.param(4, {"dp_shard": "4", "ep": "2"}, id="4proc-shard4-ep2", marks=pytest.mark.slow),
+    pytest.param(
+        4, {"dp_replicate": "2", "dp_shard": "2", "ep": "2"}, id="4proc-hsdp-replicate2-shard2-ep2",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
@@ -76,7 +80,9 @@ LAYOUTS = [
 def test_muon_under_fsdp_and_expert_parallelism_equals_one_process(tmp_path, world_size, parallel):
     """2 processes: the dense weights FSDP-sharded by rows over dp_shard 2 (gathered for
     Newton-Schulz), the experts split over ep 2. 4 processes: the experts also FSDP-sharded over
-    efsdp 2 (`_StridedShard` of the expert dim: still whole experts on each rank)."""
+    efsdp 2 (`_StridedShard` of the expert dim: still whole experts on each rank). HSDP: rows split
+    over dp_shard 2 only, the two replicas each orthogonalising whole matrices of their own (the
+    replicate dim cuts no matrix, so nothing is gathered over it)."""
     reference = Trainer(small_config(**muon()), tmp_path / "single")
     reference.fit()
     reference_losses = [r["loss"] for r in read_metrics(tmp_path / "single")]

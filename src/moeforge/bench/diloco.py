@@ -46,6 +46,7 @@ SETTINGS_FILE = "bench-settings.json"
 """the settings a grid under OUT was started with: a rerun with the same ones resumes it"""
 PER_METHOD_KEYS = (
     "diloco.replicas",
+    "diloco.outer",
     "diloco.sync-every",
     "diloco.fragments",
     "diloco.overlap-steps",
@@ -63,49 +64,66 @@ PER_METHOD_KEYS = (
     "train.report",
 )
 """config fields the bench sets itself; a --section.field override may not name them"""
-VARIANT_SYNTAX = "[topF+]CODEC[+ef]"
+VARIANT_SYNTAX = "[topF+]CODEC[+ef][+sparseloco]"
+SPARSELOCO_OUTER_LR = 1.0
+"""outer lr of a +sparseloco variant: SparseLoCo's paper's"""
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A lossy Streaming DiLoCo row: `codec` on the values, top-k sparsified first when
-    `topk_fraction` < 1, with error feedback or without. Written `[topF+]CODEC[+ef]`:
-    `fp4-e3m0`, `fp4-e3m0+ef`, `int2+ef`, `top0.02+int2+ef`."""
+    `topk_fraction` < 1, with error feedback or without, under DiLoCo's Nesterov outer step or
+    SparseLoCo's (`sparseloco`: its decayed accumulator as the error feedback, outer lr 1, the
+    paper's). Written `[topF+]CODEC[+ef][+sparseloco]`: `fp4-e3m0`, `fp4-e3m0+ef`, `int2+ef`,
+    `top0.02+int2+ef`, `top0.02+int2+ef+sparseloco`."""
 
     codec: str
     error_feedback: bool = False
     topk_fraction: float = 1.0
+    sparseloco: bool = False
 
     @property
     def label(self) -> str:
         sparse = [f"top{self.topk_fraction:g}"] if self.topk_fraction < 1 else []
-        return "+".join([*sparse, self.codec, *(["ef"] if self.error_feedback else [])])
+        feedback = ["ef"] if self.error_feedback else []
+        return "+".join([*sparse, self.codec, *feedback, *(["sparseloco"] if self.sparseloco else [])])
 
     @property
     def diloco(self) -> dict[str, str]:
         """Its --diloco.* values."""
-        return {
+        values = {
             "quantize": self.codec,
             "error-feedback": str(self.error_feedback).lower(),
             "topk-fraction": repr(self.topk_fraction),
         }
+        if self.sparseloco:
+            values.update({"outer": "sparseloco", "outer-lr": repr(SPARSELOCO_OUTER_LR)})
+        return values
 
 
 def parse_variant(text: str) -> Variant:
-    """`[topF+]CODEC[+ef]` -> Variant; a one-line --codecs error otherwise."""
+    """`[topF+]CODEC[+ef][+sparseloco]` -> Variant; a one-line --codecs error otherwise."""
     parts = text.split("+")
     sparse = parts[0].startswith("top")
     fraction = _fraction(parts.pop(0)[3:]) if sparse else 1.0
-    feedback = bool(parts) and parts[-1] == "ef"
-    if feedback:
-        parts.pop()
-    if len(parts) != 1 or parts[0] not in CODECS or fraction is None or (parts[0] == "none" and not sparse):
+    sparseloco = _pop_last(parts, "sparseloco")
+    feedback = _pop_last(parts, "ef")
+    valid = len(parts) == 1 and parts[0] in CODECS and fraction is not None and (parts[0] != "none" or sparse)
+    if not valid or (sparseloco and not feedback):
         lossy = ", ".join(codec for codec in CODECS if codec != "none")
         raise ConfigError(
             f"--codecs: got {text!r}; allowed: a comma-separated list of distinct {VARIANT_SYNTAX} with CODEC "
-            f"one of {lossy} (none only after topF), F in (0, 1)"
+            f"one of {lossy} (none only after topF), F in (0, 1), sparseloco only with ef"
         )
-    return Variant(parts[0], feedback, fraction)
+    return Variant(parts[0], feedback, fraction, sparseloco)
+
+
+def _pop_last(parts: list[str], word: str) -> bool:
+    """Whether `parts` ends with `word`, removing it."""
+    if parts and parts[-1] == word:
+        parts.pop()
+        return True
+    return False
 
 
 def _fraction(text: str) -> float | None:

@@ -27,9 +27,10 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
     diloco.add_argument(
         "--codecs",
         default="fp4-e3m0+ef",
-        help="comma-separated lossy Streaming DiLoCo rows besides fp32, each [topF+]CODEC[+ef]: CODEC one of "
-        "fp4-e3m0, fp4-e2m1, int2, fp8, bf16 (none after topF), topF keeps the largest fraction F of each chunk, "
-        "+ef adds error feedback; e.g. fp4-e3m0,fp4-e3m0+ef,int2+ef,top0.02+int2+ef (default: fp4-e3m0+ef)",
+        help="comma-separated lossy Streaming DiLoCo rows besides fp32, each [topF+]CODEC[+ef][+sparseloco]: "
+        "CODEC one of fp4-e3m0, fp4-e2m1, int2, fp8, bf16 (none after topF), topF keeps the largest fraction F "
+        "of each chunk, +ef adds error feedback, +sparseloco uses SparseLoCo's outer step (outer lr 1); e.g. "
+        "fp4-e3m0,fp4-e3m0+ef,int2+ef,top0.02+int2+ef (default: fp4-e3m0+ef)",
     )
     diloco.add_argument(
         "--optimizers", default="adamw", help="comma-separated inner optimizers, every method run with each: "

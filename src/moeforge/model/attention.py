@@ -318,11 +318,17 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
             [self.nope_dim, self.v_dim], dim=1
         )
-        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)
+        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)  # [B, H, S, r + rope]
+        batch, heads, seq, width = q.shape
+        # Every head reads the same keys (one latent per position, MQA-like), so the heads become
+        # query rows of a single head: one [H*S, r + rope] x [r + rope, T] product per request,
+        # where SDPA's grouped-query path would first copy the keys and values out to every head.
+        rows = q.reshape(batch, 1, heads * seq, width)
+        row_mask = mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).reshape(mask.shape[0], 1, heads * seq, -1)
         keys = cached.unsqueeze(1)
         values = keys[..., : self.kv_lora_rank]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return out @ w_uv.transpose(1, 2)
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=row_mask, scale=self.scale)
+        return out.view(batch, heads, seq, self.kv_lora_rank) @ w_uv.transpose(1, 2)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
         self.cache = LatentCache(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype, device)

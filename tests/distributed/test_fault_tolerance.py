@@ -143,10 +143,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 
 @pytest.mark.slow
 def test_a_user_error_under_torchrun_is_one_line_per_rank(tmp_path):
+    """Rank 1 starts 3 s after rank 0 (`late_rank_one`): rank 0 finds the mistake first and waits for
+    its peer to report it too, so torchrun does not stop rank 1 before its line (it did under load)."""
     command = torchrun_train(tmp_path / "run", max_restarts=0) + ["--model.moe.top-k", "99"]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    command[command.index("moeforge")] = "late_rank_one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("moeforge train: rank ")]
     assert sorted(line.split(":")[1] for line in ours) == [" rank 0", " rank 1"], result.stderr[-3000:]

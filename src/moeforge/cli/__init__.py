@@ -54,6 +54,10 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int:
     except MoeforgeError as err:
         _ignore_sigterm()
         print_line(f"{where}error: {err}")
+        if _launched() and not _joined_process_group():  # a mistake found before joining: the peers make it too
+            from moeforge.parallel.process_group import wait_for_peers_to_report
+
+            wait_for_peers_to_report()
         return err.exit_code
     except Exception as err:
         _ignore_sigterm()

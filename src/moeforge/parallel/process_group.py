@@ -112,6 +112,29 @@ def agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout_s
     return generation
 
 
+USER_ERROR_WAIT_S = 20.0
+"""how long a rank that stops on a user error waits for its peers to report theirs"""
+
+
+def wait_for_peers_to_report(timeout_s: float = USER_ERROR_WAIT_S) -> None:
+    """Before a launched rank exits on a user error found before joining (a config mistake: every
+    rank makes it alike): count itself in the launch's store and wait, at most `timeout_s`, until
+    every rank has. torchrun SIGTERMs the other ranks as soon as one exits, so without this wait a
+    rank still importing torch would be stopped before it printed its own one line. A rank whose
+    peers never report (an error of its own) leaves after the timeout; no store to meet at, at once."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    key = f"moeforge/user_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+        reported = store.add(key, 1)
+        while reported < world_size and time.monotonic() < deadline:
+            time.sleep(10 * _POLL_S)
+            reported = store.add(key, 0)
+    except (RuntimeError, ValueError, OSError):  # no store to meet at: leave as before
+        return
+
+
 class JoinTimeout(RunFailure, TimeoutError):
     """Some ranks did not join within parallel.timeout-s: one line naming them."""
 

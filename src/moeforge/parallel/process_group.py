@@ -123,7 +123,8 @@ def wait_for_peers_to_report(timeout_s: float = USER_ERROR_WAIT_S) -> None:
     rank still importing torch would be stopped before it printed its own one line. A rank whose
     peers never report (an error of its own) leaves after the timeout; no store to meet at, at once."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    key = f"moeforge/user_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = "moeforge/user_error/{}/{}".format(*launch)
     deadline = time.monotonic() + timeout_s
     try:
         store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))

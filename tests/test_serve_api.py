@@ -68,7 +68,8 @@ class Running:
 
     def __enter__(self) -> Running:
         self.thread.start()
-        wait_until(lambda: self.server.started, "the server to start")
+        # `port` is set after uvicorn's `started` (once the listening socket is known): wait for it
+        wait_until(lambda: self.server.port is not None, "the server to listen")
         self.url = f"http://{HOST}:{self.server.port}"
         return self
 

@@ -39,6 +39,8 @@ class DrainingServer(uvicorn.Server):
         self._signalled = False
         self._drain: asyncio.Task | None = None
         self.port: int | None = None
+        """the port it listens on, set once it does: what to wait for before connecting (uvicorn's
+        `started` comes true a moment before)"""
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)

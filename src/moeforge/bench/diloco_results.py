@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from moeforge.bench import spread
 from moeforge.bench.diloco import REPLICAS, DilocoBenchSettings, Run, runs
 from moeforge.plan.comm import bandwidth_for_utilisation
 from moeforge.run import read_metrics
@@ -132,19 +133,14 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for method, optimizer in keys:
         mine = [row for row in rows if (row["method"], row["optimizer"]) == (method, optimizer)]
-        spread = {
-            key: {
-                "median": statistics.median(row[key] for row in mine),
-                "min": min(row[key] for row in mine),
-                "max": max(row[key] for row in mine),
-                "values": [row[key] for row in mine],
-            }
+        spreads = {
+            key: {**spread([row[key] for row in mine]), "values": [row[key] for row in mine]}
             for key in SEED_STATISTICS
         }
         first = mine[0]
         fixed = ("bytes_per_replica", "ratio_to_dp", "bits_per_param_per_sync", "syncs", "peak_sync_bytes")
         summary.append(
-            {"method": method, "optimizer": optimizer, "seeds": [row["seed"] for row in mine], **spread,
+            {"method": method, "optimizer": optimizer, "seeds": [row["seed"] for row in mine], **spreads,
              **{key: first[key] for key in fixed}}
         )  # fmt: skip
     return summary

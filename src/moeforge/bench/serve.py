@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from moeforge.bench.serve_client import ServeBenchError, fixed_length_prompts, scrape_metrics, timed_run
-from moeforge.bench.serve_measure import RequestTrace, same_texts, spread, summarize
+from moeforge.bench import spread
+from moeforge.bench.serve_measure import RequestTrace, same_texts, summarize
 from moeforge.bench.serve_servers import (
     ServedModel,
     ServerCase,

@@ -21,7 +21,6 @@ requests lies between the two slowest.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 
 
@@ -128,7 +127,3 @@ def same_texts(traces: list[RequestTrace], reference: list[RequestTrace]) -> int
     texts = {t.index: t.text for t in reference if t.completed}
     return sum(t.completed and texts.get(t.index) == t.text for t in traces)
 
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, min and max of a figure over the repeats."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

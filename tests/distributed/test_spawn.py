@@ -5,9 +5,11 @@ stderr (so that pytest's capture sees their lines)."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from moeforge.parallel import spawn
 from moeforge.parallel.spawn import run_on_processes
@@ -38,3 +40,20 @@ def test_workers_see_the_callers_environment_directory_and_streams(tmp_path, mon
         assert seen["cwd"] == str(tmp_path)
         assert seen["path"][0] == str(tmp_path / "extra")
         assert f"rank {rank} says hello on stderr" in err
+
+
+def rank_0_raises_then_rank_1_dies(rank: int) -> None:
+    """Rank 0 raises at once (as a peer of a dead rank does on its next collective); rank 1 dies a
+    second later without raising (a kill, a hard crash): the cause, though it ends last."""
+    if rank == 0:
+        raise RuntimeError("Connection reset by peer (stand-in)")
+    time.sleep(1)
+    os._exit(17)
+
+
+def test_a_failure_names_the_rank_that_died_not_the_peer_that_lost_it():
+    """torch's own join reported whichever failed process it saw first: under load a killed rank's
+    peer, and its 'connection reset', instead of the kill (a CI failure of the checkpoint tests)."""
+    with pytest.raises(mp.ProcessExitedException) as raised:
+        run_on_processes(2, rank_0_raises_then_rank_1_dies)
+    assert (raised.value.error_index, raised.value.exit_code) == (1, 17)

@@ -14,10 +14,14 @@ them (the output matters: a test capturing the caller's stderr must see the work
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.reduction
 import os
+import pickle
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -129,9 +133,61 @@ def run_on_processes(
     module level)."""
     method = start_method()
     caller = _CallerState.now(forked_from_server=method == "forkserver")
-    mp.start_processes(
+    context = mp.start_processes(
         _entry,
         args=(world_size, free_port(), threads, timeout_s, caller, fn, args),
         nprocs=world_size,
         start_method=method,
+        join=False,
     )
+    _join_reporting_the_cause(context, grace_s=FAILURE_GRACE_S)
+
+
+FAILURE_GRACE_S = 5.0
+"""after one process fails, how long the others may take to end by themselves before they are killed"""
+
+
+def _join_reporting_the_cause(context: mp.ProcessContext, grace_s: float) -> None:
+    """Wait for every process; when one fails, give the others `grace_s` to end by themselves (a peer
+    of a dead rank gets a connection reset at once), kill those still running, then raise as torch's
+    join does, naming the process that failed first in cause: one that died without raising (killed,
+    `os._exit`) before one that raised, which usually only lost that peer. torch's own join names
+    whichever failed process it looks at first, so under load a killed rank was reported as its
+    peer's "connection reset"."""
+    deadline = None
+    while any(process.is_alive() for process in context.processes):
+        failed = any(process.exitcode not in (None, 0) for process in context.processes)
+        if failed and deadline is None:
+            deadline = time.monotonic() + grace_s
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        multiprocessing.connection.wait([p.sentinel for p in context.processes if p.is_alive()], timeout=0.5)
+    failed = [i for i, process in enumerate(context.processes) if process.exitcode not in (None, 0)]
+    if not failed:
+        context.join()
+        return
+    raised = [i for i in failed if os.access(context.error_files[i], os.R_OK)]
+    cause = next((i for i in failed if i not in raised), failed[0])
+    for process in context.processes:  # those still running after the grace: stopped
+        if process.is_alive():
+            process.kill()
+        process.join()
+    _raise_failure(context, cause)
+
+
+def _raise_failure(context: mp.ProcessContext, index: int) -> None:
+    """torch's exception for process `index`: its traceback when it raised, else its exit."""
+    process = context.processes[index]
+    if os.access(context.error_files[index], os.R_OK):
+        with open(context.error_files[index], "rb") as stream:
+            trace = pickle.load(stream)
+        raise mp.ProcessRaisedException(
+            f"\n\n-- Process {index:d} terminated with the following error:\n{trace}", index, process.pid
+        )
+    code = process.exitcode
+    if code < 0:
+        name = signal.Signals(-code).name
+        raise mp.ProcessExitedException(
+            f"process {index:d} terminated with signal {name}", index, process.pid, code, name
+        )
+    raise mp.ProcessExitedException(f"process {index:d} terminated with exit code {code:d}", index, process.pid, code)

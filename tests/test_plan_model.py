@@ -188,7 +188,8 @@ def test_diloco_sparse_exchange_bytes_and_outer_state():
     assert layout.diloco_state_copies() == 2  # sparseloco: theta_global and the accumulator
     assert Layout(**options).diloco_state_copies() == 3
     assert Layout(**options, diloco_error_feedback=False).diloco_state_copies() == 2
-    assert Layout(diloco_replicas=2).diloco_state_copies() == 2  # fp32 wire: nothing to feed back
+    assert Layout(diloco_replicas=2, diloco_quantize="none").diloco_state_copies() == 2  # fp32: nothing to feed back
+    assert Layout(diloco_replicas=2).diloco_state_copies() == 3  # the default wire, int2, is lossy
     assert plan.memory.diloco_state == pytest.approx(dense.memory.diloco_state * 2 / 3)
 
 

@@ -56,6 +56,7 @@ ONE_STEP_SGD = {
     "diloco__sync_every": "1",
     "diloco__outer_lr": "1",
     "diloco__outer_momentum": "0",
+    "diloco__quantize": "none",  # exact: the fp32 wire (the default, int2, rounds)
 }
 
 
@@ -190,6 +191,7 @@ STREAMING = {
     "diloco__mix": "0.3",  # not 0.5: alpha and 1 - alpha must differ
     "diloco__outer_lr": "0.7",
     "diloco__outer_momentum": "0.9",
+    "diloco__quantize": "none",  # the hand-made replicas average in fp32
 }
 
 

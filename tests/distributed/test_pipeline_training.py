@@ -162,7 +162,8 @@ def test_expert_overlap_in_training_equals_no_overlap(tmp_path):
 def test_diloco_replicas_sit_outside_the_pipeline(tmp_path):
     """2 DiLoCo replicas x pp=2 (4 processes) run as 2 replicas of one process each: the replicas'
     outer steps see the same fragments whether their blocks sit on one rank or on two stages."""
-    diloco = {"diloco__replicas": "2", "diloco__sync_every": "2", "train__global_batch_size": "8"}
+    diloco = {"diloco__replicas": "2", "diloco__sync_every": "2", "train__global_batch_size": "8",
+              "diloco__quantize": "none"}  # fp32 on the wire: the byte count below is 4 per value
     plain = train_on_processes(2, {**options(), **diloco}, tmp_path / "plain")
     pipelined = train_on_processes(4, {**options(pp="2"), **diloco}, tmp_path / "pp")
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)

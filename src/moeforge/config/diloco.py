@@ -39,10 +39,11 @@ class DiLoCoConfig:
     """learning rate of the outer step (SparseLoCo's paper uses 1)"""
     outer_momentum: float = 0.9
     """Nesterov momentum of the outer SGD; 0 = plain SGD (not used by outer 'sparseloco')"""
-    quantize: Codec = "none"
+    quantize: Codec = "int2"
     """number format of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp8' (e4m3),
     'fp4-e3m0' (powers of two, Streaming DiLoCo's), 'fp4-e2m1' (OCP MX) or 'int2' (2 bits,
-    {-1.5, -0.5, 0.5, 1.5} times the block's rms); summed in fp32 after"""
+    {-1.5, -0.5, 0.5, 1.5} times the block's rms); summed in fp32 after. int2 by default: with error
+    feedback it stayed within 0.6 % of fp32 at 14x fewer bytes (docs/benchmarks/diloco.md)"""
     quantize_block: int = 128
     """values sharing one fp32 scale in the fp8/fp4/int2 formats"""
     topk_fraction: float = 1.0

@@ -14,7 +14,7 @@ from typing import Literal
 
 from moeforge.config import Config, ModelConfig, apply_mapping
 from moeforge.config.checks import _check, _check_choices
-from moeforge.config.diloco import TOPK_CHUNK_MAX, Codec, Outer
+from moeforge.config.diloco import TOPK_CHUNK_MAX, Codec, DiLoCoConfig, Outer
 from moeforge.config.parallel import parse_stage_blocks
 from moeforge.plan.block_flops import flops_per_token_by_block
 from moeforge.model.attention import pads_mla_values
@@ -97,8 +97,8 @@ class Layout:
     """streaming fragments P"""
     diloco_overlap_steps: int = 0
     """tau: inner steps a fragment's exchange overlaps"""
-    diloco_quantize: Codec = "none"
-    """format of the outer gradients on the wire"""
+    diloco_quantize: Codec = DiLoCoConfig.quantize
+    """format of the outer gradients on the wire (the trainer's default, `DiLoCoConfig.quantize`)"""
     diloco_quantize_block: int = 128
     """values sharing one fp32 scale in the fp8/fp4/int2 formats"""
     diloco_topk_fraction: float = 1.0

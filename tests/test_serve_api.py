@@ -57,12 +57,20 @@ class Running:
     """A server on a free port in a thread of its own, over an `Engine` of its own copy of the model
     (the engine attaches its paged caches to the model it serves; references use another copy)."""
 
-    def __init__(self, config: EngineConfig = CONFIG, api_key: str | None = KEY, engine: Engine | None = None):
+    def __init__(
+        self,
+        config: EngineConfig = CONFIG,
+        api_key: str | None = KEY,
+        engine: Engine | None = None,
+        drain_timeout_s: float | None = None,
+    ):
         engine = engine or Engine(printable_model(), config, None)
         self.engine = AsyncEngine(engine, config.max_waiting)
         template = ChatTemplate(DEFAULT_TEMPLATE, "default")
         served = Served(self.engine, ByteTokenizer(), NAME, request_capacity(engine), template)
-        self.server = DrainingServer(server_config(build_app(served, api_key), HOST, 0), self.engine, NAME)
+        self.server = DrainingServer(
+            server_config(build_app(served, api_key), HOST, 0), self.engine, NAME, drain_timeout_s
+        )
         sock = listen(HOST, 0)
         self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve([sock]),), daemon=True)
 
@@ -437,6 +445,24 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503():
         assert not running.thread.is_alive()  # the server left by itself once drained
 
 
+def test_a_drain_past_its_timeout_stops_without_the_requests_still_running(capsys):
+    """--drain-timeout 0.5 with a request that cannot finish (the engine is paused): the server stops
+    by itself within the timeout (forced: exit code 1), saying how many requests it cut."""
+    with Running(drain_timeout_s=0.5) as running:
+        running.engine.pause()
+        client = running.client()
+        stream = Background(
+            lambda: list(client.completions.create(model=NAME, prompt="The ", max_tokens=8, temperature=0, stream=True))
+        )
+        wait_until(lambda: running.engine.in_flight == 1, "the stream to be submitted")
+        running.server.handle_exit(signal.SIGTERM, None)
+        running.thread.join(20)
+        assert not running.thread.is_alive() and running.server.force_exit
+        assert "1 request(s) still running after --drain-timeout 0.5 s" in capsys.readouterr().err
+        with pytest.raises(openai.APIConnectionError):  # its connection was closed under it
+            stream.result()
+
+
 def test_an_engine_failure_fails_requests_with_500_instead_of_hanging():
     class FailingOnStep3(Engine):
         steps = 0
@@ -503,6 +529,7 @@ class Background:
         (["--max-batch", "0"], 2, "--max-batch: got 0; allowed: an integer >= 1"),
         (["--max-batch", "8", "--max-step-tokens", "4"], 2, "--max-step-tokens: got 4; allowed: at least --max-batch (8)"),
         (["--port", "70000"], 2, "--port: got 70000; allowed: 0 to 65535"),
+        (["--drain-timeout", "-1"], 2, "--drain-timeout: got -1.0; allowed: seconds >= 0 (0: no limit)"),
         (["--device", "gpu"], 2, "--device: got 'gpu'"),
         ([], 1, "--checkpoint: no complete checkpoint in '/nowhere'"),
     ],

@@ -7,6 +7,7 @@ serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from moeforge.cli.arguments import reject_extra
@@ -39,6 +40,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         dest="prefix_reuse",
         action="store_false",
         help="turn prefix reuse off; when on (the default): " + field_docs(EngineConfig)["prefix_reuse"],
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=0,
+        metavar="S",
+        help="after SIGTERM, wait at most S seconds for the running requests, then stop without them "
+        "(exit code 1); 0: wait as long as they take (default: 0)",
     )
     defaults = EngineConfig()
     for name in ENGINE_FLAGS:
@@ -73,6 +82,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     config = EngineConfig(speculative=args.speculative, prefix_reuse=args.prefix_reuse, **{name: getattr(args, name) for name in ENGINE_FLAGS})
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: got {args.port}; allowed: 0 to 65535")
+    if not (args.drain_timeout >= 0 and math.isfinite(args.drain_timeout)):
+        raise ConfigError(f"--drain-timeout: got {args.drain_timeout}; allowed: seconds >= 0 (0: no limit)")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     device = generation_device(args.device)
     listen(args.host, args.port).close()  # the address is free before minutes of loading
@@ -85,5 +96,5 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     engine = Engine(loaded.model, config, loaded.tokenizer.eos_id)
     threaded = AsyncEngine(engine, config.max_waiting)
     served = Served(threaded, loaded.tokenizer, name, request_capacity(engine), template)
-    return run_server(build_app(served, api_key), threaded, name, args.host, args.port)
+    return run_server(build_app(served, api_key), threaded, name, args.host, args.port, args.drain_timeout or None)
 

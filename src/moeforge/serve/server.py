@@ -32,10 +32,13 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server, drained on the first signal; prints `serving NAME on http://HOST:PORT` once
     it listens (the port it got when asked for port 0)."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(
+        self, config: uvicorn.Config, engine: AsyncEngine, model_name: str, drain_timeout_s: float | None = None
+    ) -> None:
         super().__init__(config)
         self._engine = engine
         self._model_name = model_name
+        self._drain_timeout_s = drain_timeout_s
         self._signalled = False
         self._drain: asyncio.Task | None = None
         self.port: int | None = None
@@ -62,7 +65,17 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def _drain_then_exit(self) -> None:
-        await self._engine.drain()
+        """Wait for the requests in flight, at most `drain_timeout_s`; past it, stop as a second
+        signal would (open connections closed, exit code 1), saying how many were cut."""
+        try:
+            await asyncio.wait_for(self._engine.drain(), self._drain_timeout_s)
+        except TimeoutError:
+            running = self._engine.in_flight
+            print_line(
+                f"moeforge serve: {running} request(s) still running after --drain-timeout "
+                f"{self._drain_timeout_s:g} s: stopping without them"
+            )
+            self.force_exit = True
         self.should_exit = True
 
 
@@ -80,9 +93,12 @@ def server_config(app, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
 
 
-def run_server(app, engine: AsyncEngine, model_name: str, host: str, port: int) -> int:
-    """Serve `app` on host:port until drained; the exit code (0 after a drain, 1 when forced)."""
+def run_server(
+    app, engine: AsyncEngine, model_name: str, host: str, port: int, drain_timeout_s: float | None = None
+) -> int:
+    """Serve `app` on host:port until drained; the exit code (0 after a drain, 1 when forced: a second
+    signal, or requests still running after `drain_timeout_s`)."""
     sock = listen(host, port)
-    server = DrainingServer(server_config(app, host, port), engine, model_name)
+    server = DrainingServer(server_config(app, host, port), engine, model_name, drain_timeout_s)
     server.run(sockets=[sock])
     return 1 if server.force_exit else 0

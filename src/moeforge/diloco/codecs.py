@@ -153,7 +153,7 @@ def _encode_fp4(values: torch.Tensor, codec: str, block: int) -> tuple[torch.Ten
     # searchsorted (right=False) puts a value equal to a midpoint below it: ties round toward zero.
     magnitude_codes = torch.searchsorted(boundaries, blocks.abs().contiguous())
     codes = torch.where((blocks < 0) & (magnitude_codes > 0), magnitude_codes + 8, magnitude_codes)
-    return _pack_nibbles(codes.flatten()[: values.numel()].to(torch.uint8)), scales
+    return _pack_codes(codes.flatten()[: values.numel()].to(torch.uint8), 4), scales
 
 
 def _encode_int2(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,30 +168,25 @@ def _encode_int2(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     large = blocks.abs() > scales[:, None]
     codes = large.to(torch.uint8) | ((blocks < 0).to(torch.uint8) << 1)
     codes = codes.flatten()[: values.numel()]
-    return _pack_crumbs(codes), scales
+    return _pack_codes(codes, 2), scales
 
 
-def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) codes 0..3 -> (ceil(n/4),) bytes: code 4i+j in bits 2j..2j+1 of byte i."""
-    padded = torch.nn.functional.pad(codes, (0, -codes.numel() % 4)).view(-1, 4)
-    return padded[:, 0] | (padded[:, 1] << 2) | (padded[:, 2] << 4) | (padded[:, 3] << 6)
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(n,) uint8 codes of `bits` bits (2 or 4) -> (ceil(n * bits / 8),) bytes, little-endian inside a
+    byte: with k = 8 / bits codes a byte, code k*i + j sits in bits j*bits.. of byte i (fp4: code 2i
+    in the low nibble; int2: code 4i+j in bits 2j..2j+1)."""
+    per_byte = 8 // bits
+    padded = torch.nn.functional.pad(codes, (0, -codes.numel() % per_byte)).view(-1, per_byte)
+    packed = padded[:, 0].clone()
+    for j in range(1, per_byte):
+        packed |= padded[:, j] << (bits * j)
+    return packed
 
 
-def _unpack_crumbs(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `_pack_crumbs`: (n,) uint8 codes."""
-    return torch.stack([(packed >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=1).flatten()[:n]
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) codes 0..15 -> (ceil(n/2),) bytes: code 2i in the low nibble of byte i, 2i+1 in the high."""
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    return codes[0::2] | (codes[1::2] << 4)
-
-
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `_pack_nibbles`: (n,) uint8 codes."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()[:n]
+def _unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The inverse of `_pack_codes`: (n,) uint8 codes."""
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * j)) & mask for j in range(8 // bits)], dim=1).flatten()[:n]
 
 
 def encode(values: torch.Tensor, codec: str, block: int) -> torch.Tensor:
@@ -236,9 +231,9 @@ def decode(payload: torch.Tensor, n: int, codec: str, block: int) -> torch.Tenso
     if codec == "fp8":
         elements = payload[:code_nbytes].view(torch.float8_e4m3fn).float()
     elif codec == "int2":
-        codes = _unpack_crumbs(payload[:code_nbytes], n)
+        codes = _unpack_codes(payload[:code_nbytes], n, 2)
         elements = torch.tensor(INT2_LEVELS, device=payload.device)[codes.long()]
     else:
-        codes = _unpack_nibbles(payload[:code_nbytes], n)
+        codes = _unpack_codes(payload[:code_nbytes], n, 4)
         elements = code_table(codec).to(payload.device)[codes.long()]
     return (_as_blocks(elements, block) * scales[:, None]).flatten()[:n]

@@ -14,6 +14,7 @@ from moeforge.run import read_metrics
 from moeforge.train.muon import newton_schulz, orthogonalise
 from moeforge.train.optim import build_optimizer, muon_matrices
 from moeforge.train.trainer import Trainer
+from test_train import adamw_reference_step
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 
@@ -140,11 +141,7 @@ def test_two_muon_steps_follow_the_equations():
                 theta.mul_(1 - tcfg.lr * tcfg.weight_decay).sub_(tcfg.lr * 0.2 * math.sqrt(max(rows, cols)) * direction)
                 continue
             decay = tcfg.weight_decay if param.ndim >= 2 and param is not embedding else 0.0
-            theta.mul_(1 - tcfg.lr * decay)
-            m.mul_(tcfg.beta1).add_((1 - tcfg.beta1) * g)
-            v.mul_(tcfg.beta2).add_((1 - tcfg.beta2) * g * g)
-            m_hat, v_hat = m / (1 - tcfg.beta1**step), v / (1 - tcfg.beta2**step)
-            theta.sub_(tcfg.lr * m_hat / (v_hat.sqrt() + 1e-8))
+            adamw_reference_step(theta, m, v, g, tcfg, step, decay)
         optimizer.step()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach().double(), reference[name][0], rtol=1e-5, atol=1e-6, msg=name)

@@ -424,15 +424,22 @@ def test_a_full_queue_answers_429_with_retry_after():
         assert first.result().usage.completion_tokens == 4
 
 
+def sigterm_with_a_stream_in_flight(running: Running) -> Background:
+    """Pause the engine, submit a streamed completion of 8 tokens, and send the server SIGTERM while
+    the request is in flight; the stream's client, in its own thread."""
+    running.engine.pause()
+    client = running.client()
+    stream = Background(
+        lambda: list(client.completions.create(model=NAME, prompt="The ", max_tokens=8, temperature=0, stream=True))
+    )
+    wait_until(lambda: running.engine.in_flight == 1, "the stream to be submitted")
+    running.server.handle_exit(signal.SIGTERM, None)
+    return stream
+
+
 def test_sigterm_drains_running_streams_and_refuses_new_requests_with_503():
     with Running() as running:
-        running.engine.pause()
-        client = running.client()
-        stream = Background(
-            lambda: list(client.completions.create(model=NAME, prompt="The ", max_tokens=8, temperature=0, stream=True))
-        )
-        wait_until(lambda: running.engine.in_flight == 1, "the stream to be submitted")
-        running.server.handle_exit(signal.SIGTERM, None)
+        stream = sigterm_with_a_stream_in_flight(running)
         wait_until(lambda: running.engine.draining, "the drain to start")
         refused = running.post("/v1/completions", {"prompt": "x"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
@@ -449,13 +456,7 @@ def test_a_drain_past_its_timeout_stops_without_the_requests_still_running(capsy
     """--drain-timeout 0.5 with a request that cannot finish (the engine is paused): the server stops
     by itself within the timeout (forced: exit code 1), saying how many requests it cut."""
     with Running(drain_timeout_s=0.5) as running:
-        running.engine.pause()
-        client = running.client()
-        stream = Background(
-            lambda: list(client.completions.create(model=NAME, prompt="The ", max_tokens=8, temperature=0, stream=True))
-        )
-        wait_until(lambda: running.engine.in_flight == 1, "the stream to be submitted")
-        running.server.handle_exit(signal.SIGTERM, None)
+        stream = sigterm_with_a_stream_in_flight(running)
         running.thread.join(20)
         assert not running.thread.is_alive() and running.server.force_exit
         assert "1 request(s) still running after --drain-timeout 0.5 s" in capsys.readouterr().err

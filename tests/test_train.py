@@ -168,6 +168,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def adamw_reference_step(theta, m, v, g, tcfg: TrainConfig, step: int, decay: float) -> None:
+    """One AdamW step in float64, in place (Loshchilov & Hutter: decoupled decay; Kingma & Ba:
+    bias-corrected moments, eps 1e-8): theta, m, v updated for gradient g at step `step` (from 1)."""
+    theta.mul_(1 - tcfg.lr * decay)
+    m.mul_(tcfg.beta1).add_((1 - tcfg.beta1) * g)
+    v.mul_(tcfg.beta2).add_((1 - tcfg.beta2) * g * g)
+    m_hat, v_hat = m / (1 - tcfg.beta1**step), v / (1 - tcfg.beta2**step)
+    theta.sub_(tcfg.lr * m_hat / (v_hat.sqrt() + 1e-8))
+
+
 def test_fused_adamw_follows_the_equations():
     """build_optimizer's AdamW (fused on the CPU) against AdamW written out in fp64 (Loshchilov &
     Hutter: decoupled decay; Kingma & Ba: bias-corrected moments), three steps, decay on matrices only."""
@@ -188,11 +198,7 @@ def test_fused_adamw_follows_the_equations():
             theta, m, v = reference[name]
             g = param.grad.double()
             decay = tcfg.weight_decay if param.ndim >= 2 and param is not embedding else 0.0
-            theta.mul_(1 - tcfg.lr * decay)
-            m.mul_(tcfg.beta1).add_((1 - tcfg.beta1) * g)
-            v.mul_(tcfg.beta2).add_((1 - tcfg.beta2) * g * g)
-            m_hat, v_hat = m / (1 - tcfg.beta1**step), v / (1 - tcfg.beta2**step)
-            theta.sub_(tcfg.lr * m_hat / (v_hat.sqrt() + 1e-8))
+            adamw_reference_step(theta, m, v, g, tcfg, step, decay)
         optimizer.step()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach().double(), reference[name][0], rtol=1e-5, atol=1e-6, msg=name)

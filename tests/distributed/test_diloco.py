@@ -195,14 +195,20 @@ STREAMING = {
 }
 
 
-def test_streaming_overlapped_rounds_equal_replicas_synchronised_by_hand(tmp_path):
-    steps = 9  # fragment 1 syncs after steps 2, 6; fragment 0 after 4, 8; each lands a step later
-    run_on_processes(2, train_replicas, 2, STREAMING, str(tmp_path / "diloco"), steps)
-    expected = reference_replicas(tmp_path, STREAMING, steps)
+def assert_replicas_equal_hand_synchronised(tmp_path, options: dict, steps: int) -> None:
+    """`steps` of 2 replicas trained by the trainer on 2 processes end where `reference_replicas`,
+    driven by hand in one process, ends (every replica's parameters)."""
+    run_on_processes(2, train_replicas, 2, options, str(tmp_path / "diloco"), steps)
+    expected = reference_replicas(tmp_path, options, steps)
     for rank in (0, 1):
         state = rank_state(tmp_path / "diloco", rank)
         for name, value in expected[rank].items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+
+
+def test_streaming_overlapped_rounds_equal_replicas_synchronised_by_hand(tmp_path):
+    steps = 9  # fragment 1 syncs after steps 2, 6; fragment 0 after 4, 8; each lands a step later
+    assert_replicas_equal_hand_synchronised(tmp_path, STREAMING, steps)
     synced = [
         (r["step"], s["fragment"], s["sent_step"])
         for r in read_metrics(tmp_path / "diloco")

@@ -24,7 +24,7 @@ from moeforge.parallel.whole_matrices import on_whole_matrices
 from moeforge.run import read_metrics
 from moeforge.train.muon import orthogonalise
 from moeforge.train.trainer import Trainer
-from test_diloco import STREAMING, rank_state, reference_replicas, train_replicas
+from test_diloco import STREAMING, assert_replicas_equal_hand_synchronised
 from test_equivalence import overrides, train_and_save_full_state
 from test_pipeline_training import assert_same_weights, losses, train_on_processes
 from test_pipeline_training import options as pipeline_options
@@ -109,10 +109,4 @@ def test_muon_over_pipeline_stages_equals_one_process(tmp_path):
 def test_streaming_diloco_with_muon_inside_equals_replicas_synchronised_by_hand(tmp_path):
     """Each replica's inner optimizer is Muon (MuLoCo's choice, arXiv 2505.23725); the hand-driven
     replicas build theirs with the trainer's `build_optimizer` too, so the outer loop is what is tested."""
-    options, steps = {**STREAMING, "train__optimizer": "muon"}, 5
-    run_on_processes(2, train_replicas, 2, options, str(tmp_path / "diloco"), steps)
-    expected = reference_replicas(tmp_path, options, steps)
-    for rank in (0, 1):
-        state = rank_state(tmp_path / "diloco", rank)
-        for name, value in expected[rank].items():
-            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+    assert_replicas_equal_hand_synchronised(tmp_path, {**STREAMING, "train__optimizer": "muon"}, 5)

@@ -52,13 +52,13 @@ def summarize(settings: DilocoBenchSettings, root: Path) -> dict[str, Any]:
             step_times.append(step_s)
             rows += [{"method": run.method.name, "optimizer": run.optimizer, "seed": run.seed, **figures[run.path]}
                      for run in group]  # fmt: skip
-    last_dp = read_metrics(root / runs(settings)[0].path)[-1]
+    tokens, _ = figures[runs(settings)[0].path]["train_curve"][-1]  # data parallelism's last step
     return {
         "config": {
             **dataclasses.asdict(settings),
             "replicas": REPLICAS,
             "parameters": parameters,
-            "tokens": last_dp["tokens_seen"],
+            "tokens": tokens,
             "bandwidth_at": {
                 "measured": {"step_s": statistics.median(step_times), "params": parameters},
                 "reference": {"step_s": settings.ref_step_s, "params": settings.ref_params},

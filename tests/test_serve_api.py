@@ -547,7 +547,7 @@ def test_serve_refuses_speculation_without_an_mtp_module_and_has_a_flag_per_engi
     store.save_checkpoint(tmp_path, 1, model, None, small_config().to_dict(), {}, keep=1)
     assert main(["serve", "--checkpoint", str(tmp_path), "--port", "0", "--speculative"]) == 2
     assert capsys.readouterr().err.startswith("moeforge serve: error: --speculative: ")  # the engine says why
-    assert {*ENGINE_FLAGS, "speculative", "prefix_reuse"} == {f.name for f in dataclasses.fields(EngineConfig)}
+    assert {*ENGINE_FLAGS, "speculative", "compile", "prefix_reuse"} == {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     from moeforge.serve.requests import EngineConfig
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server over a trained model")
-    serve.add_argument("--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint")
+    serve.add_argument(
+        "--checkpoint", required=True, help="a run directory (newest checkpoint) or one checkpoint"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
     serve.add_argument(
@@ -30,11 +32,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help=f"every route but /health answers 401 without 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
     )
-    serve.add_argument("--model-name", default=None, help="the name clients use (default: the run directory's name)")
+    serve.add_argument(
+        "--model-name", default=None, help="the name clients use (default: the run directory's name)"
+    )
     serve.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
     serve.add_argument(
-        "--speculative", action="store_true", help=field_docs(EngineConfig)["speculative"] + " (needs an MTP model)"
+        "--speculative",
+        action="store_true",
+        help=field_docs(EngineConfig)["speculative"] + " (needs an MTP model)",
     )
+    serve.add_argument("--compile", action="store_true", help=field_docs(EngineConfig)["compile"])
     serve.add_argument(
         "--no-prefix-reuse",
         dest="prefix_reuse",
@@ -79,7 +86,12 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from moeforge.serve.requests import EngineConfig
 
     # the flags first: a mistake is reported before any checkpoint is read
-    config = EngineConfig(speculative=args.speculative, prefix_reuse=args.prefix_reuse, **{name: getattr(args, name) for name in ENGINE_FLAGS})
+    config = EngineConfig(
+        speculative=args.speculative,
+        compile=args.compile,
+        prefix_reuse=args.prefix_reuse,
+        **{name: getattr(args, name) for name in ENGINE_FLAGS},
+    )
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: got {args.port}; allowed: 0 to 65535")
     if not (args.drain_timeout >= 0 and math.isfinite(args.drain_timeout)):
@@ -87,7 +99,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     device = generation_device(args.device)
     listen(args.host, args.port).close()  # the address is free before minutes of loading
-    check_checkpoint_fits(args.checkpoint, device, config.cache_blocks * config.block_size)  # weights + paged cache
+    check_checkpoint_fits(
+        args.checkpoint, device, config.cache_blocks * config.block_size
+    )  # weights + paged cache
     checkpoint = resolve_checkpoint(args.checkpoint)
     run_dir = checkpoint.parent.parent
     template = load_chat_template(run_dir)  # a broken template is reported before the model is loaded
@@ -96,5 +110,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     engine = Engine(loaded.model, config, loaded.tokenizer.eos_id)
     threaded = AsyncEngine(engine, config.max_waiting)
     served = Served(threaded, loaded.tokenizer, name, request_capacity(engine), template)
-    return run_server(build_app(served, api_key), threaded, name, args.host, args.port, args.drain_timeout or None)
-
+    return run_server(
+        build_app(served, api_key), threaded, name, args.host, args.port, args.drain_timeout or None
+    )

@@ -235,7 +235,9 @@ class AsyncEngine:
                 self._loop()
         except BaseException as err:  # noqa: BLE001 -- a bug in the engine: fail loudly, never hang
             traceback.print_exc()
-            self._fail_everything(EngineFailed(f"the engine stopped: {type(err).__name__}: {first_line(err)}"))
+            self._fail_everything(
+                EngineFailed(f"the engine stopped: {type(err).__name__}: {first_line(err)}")
+            )
 
     def _loop(self) -> None:
         busy = False

@@ -23,7 +23,6 @@ import torch
 
 from moeforge.infer.generate import token_probabilities
 from moeforge.model.transformer import Transformer
-from moeforge.serve.packed import Segment, packed_forward, step_inputs
 from moeforge.serve.block_pool import BlockPool
 from moeforge.serve.paged_cache import attach_paged_caches, blocks_for
 from moeforge.serve.requests import (
@@ -34,6 +33,7 @@ from moeforge.serve.requests import (
     SamplingParams,
     TokenLogprob,
 )
+from moeforge.serve.rows import Segment, StepForward, forward_segments
 from moeforge.serve.scheduler import Scheduled, Scheduler, Sequence
 from moeforge.serve.speculation import Speculator
 
@@ -46,7 +46,9 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         self.lookahead = model.cfg.mtp_depth if config.speculative else 0
         if config.speculative and self.lookahead == 0:
-            raise RequestError("--speculative", "this model has model.mtp-depth=0; allowed: a model trained with MTP modules")
+            raise RequestError(
+                "--speculative", "this model has model.mtp-depth=0; allowed: a model trained with MTP modules"
+            )
         if config.max_step_tokens < config.max_batch * (1 + self.lookahead):
             raise RequestError(
                 "--max-step-tokens",
@@ -54,9 +56,19 @@ class Engine:
                 f"{config.max_batch * (1 + self.lookahead)}",
             )
         self.allocator = BlockPool(config.cache_blocks, config.block_size)
-        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_batch, config.max_step_tokens)
-        self.speculator = Speculator(model, config.block_size) if self.lookahead else None
-        self.cache_bytes_per_position = attach_paged_caches(model, config.cache_blocks, config.block_size, self.lookahead > 0)
+        self.scheduler = Scheduler(
+            self.allocator, config.block_size, config.max_batch, config.max_step_tokens
+        )
+        self.forward = StepForward(config.compile)
+        self.scratch_block = config.cache_blocks  # one block past the pool's: where padding writes
+        self.speculator = (
+            Speculator(model, config.block_size, self.scratch_block, self.forward.min_rows)
+            if self.lookahead
+            else None
+        )
+        self.cache_bytes_per_position = attach_paged_caches(
+            model, config.cache_blocks + 1, config.block_size, self.lookahead > 0
+        )
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = 0
         self._stats = EngineStats(cache_blocks_total=config.cache_blocks)
@@ -109,7 +121,8 @@ class Engine:
             raise RequestError("prompt", f"token ids must be integers in [0, {cfg.vocab_size})")
         if len(prompt_tokens) >= cfg.max_seq_len:
             raise RequestError(
-                "prompt", f"{len(prompt_tokens)} tokens; allowed: fewer than the context, {cfg.max_seq_len} tokens"
+                "prompt",
+                f"{len(prompt_tokens)} tokens; allowed: fewer than the context, {cfg.max_seq_len} tokens",
             )
         positions = len(prompt_tokens) + params.max_tokens + self.lookahead
         if positions > cfg.max_seq_len:
@@ -129,27 +142,42 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Schedule, draft (when speculating), run one packed forward, sample; the outputs of the
+        """Schedule, draft (when speculating), run the step's forwards, sample; the outputs of the
         requests that produced tokens or finished."""
         plan = self.scheduler.schedule(self.lookahead)
         if not plan:
             return []
         drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
-        segments = [self._segment(item, drafts.get(item.sequence.request_id)) for item in plan]
-        tokens, positions, slots = step_inputs(segments, self.config.block_size, self.device)
-        hidden = packed_forward(self.model, tokens, positions, slots)
+        drafted = [drafts.get(item.sequence.request_id) for item in plan]
+        hidden = self._forward([self._segment(item, draft) for item, draft in zip(plan, drafted)])
+        producing = [i for i, item in enumerate(plan) if self._account(item, hidden[i])]
+        # one output-head product and one argmax for every request that produces: its verify rows
+        # (the newest token and its drafts) or its newest token's row
+        heads = [hidden[i] if drafted[i] is not None else hidden[i][-1:] for i in producing]
+        logits = self.model.output(torch.cat(heads)) if heads else None
+        choices = logits.argmax(dim=-1).tolist() if heads else []
         outputs, offset = [], 0
-        for item, segment in zip(plan, segments):
-            rows = hidden[offset : offset + len(segment.tokens)]
-            offset += len(segment.tokens)
-            output = self._advance(item, rows, drafts.get(item.sequence.request_id))
-            if output is not None:
-                outputs.append(output)
-            if item.sequence.blocks:  # still served: its newly computed full blocks become reusable
-                sequence = item.sequence
+        for i, rows in zip(producing, heads):
+            span = slice(offset, offset + rows.shape[0])
+            offset = span.stop
+            outputs.append(self._produce(plan[i].sequence, rows, logits[span], choices[span], drafted[i]))
+        for item in plan:
+            sequence = item.sequence
+            if sequence.blocks:  # still served: its newly computed full blocks become reusable
                 self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
         self._stats.steps += 1
         return outputs
+
+    def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Each segment's final hidden states [its tokens, dim], in order."""
+        return forward_segments(
+            segments,
+            lambda batch: self.forward(self.model, batch),
+            self.config.block_size,
+            self.scratch_block,
+            self.device,
+            self.forward.min_rows,
+        )
 
     def _segment(self, item: Scheduled, drafted) -> Segment:
         sequence = item.sequence
@@ -158,39 +186,41 @@ class Engine:
             fed = fed + drafted.tokens
         return Segment(fed, sequence.computed, sequence.blocks)
 
-    def _advance(self, item: Scheduled, hidden: torch.Tensor, drafted) -> RequestOutput | None:
-        """Account for the tokens fed; when they reach the newest token, produce the next ones."""
+    def _account(self, item: Scheduled, hidden: torch.Tensor) -> bool:
+        """Account for the tokens fed (hidden [fed, dim]); whether they reached the newest token, so
+        that the request produces its next ones (False: a prefill chunk short of the end)."""
         sequence = item.sequence
         start = sequence.computed
         self._collect_prompt_logprobs(sequence, start, hidden[: item.tokens])
         sequence.computed += item.tokens
         if self.speculator:
             self.speculator.record_hidden(sequence, start, hidden[: item.tokens])
-        if sequence.remaining > 0:
-            return None  # a prefill chunk that did not reach the end
+        return sequence.remaining == 0
+
+    def _produce(
+        self, sequence: Sequence, hidden: torch.Tensor, logits: torch.Tensor, choices: list[int], drafted
+    ) -> RequestOutput:
+        """The request's next tokens from its head rows (hidden and logits [rows, ...], `choices` their
+        argmaxes): the verify rows' accepted drafts and the model's own token, or one sampled token."""
         if drafted is not None:
-            logits = self.model.output(hidden)
-            new_tokens = self.speculator.accept(sequence, drafted, logits, hidden)
+            new_tokens = self.speculator.accept(sequence, drafted, logits, hidden, choices)
             self._stats.drafted_tokens += len(drafted.tokens)
             self._stats.accepted_tokens += len(new_tokens) - 1
             self._stats.verify_rounds += 1
+        elif sequence.params.greedy:
+            new_tokens = choices
         else:
-            logits = self.model.output(hidden[-1:])
-            new_tokens = [self._sample(logits[0], sequence)]
+            probs = token_probabilities(logits, sequence.params.sampling_config())
+            new_tokens = [int(torch.multinomial(probs[0], 1, generator=sequence.generator))]
         return self._append(sequence, new_tokens, logits)
-
-    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int:
-        params = sequence.params
-        if params.greedy:
-            return int(logits.argmax())
-        probs = token_probabilities(logits[None], params.sampling_config())
-        return int(torch.multinomial(probs[0], 1, generator=sequence.generator))
 
     def _append(self, sequence: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
         """Add new tokens (cut at a stop token or max_tokens), with the log-probabilities of
         `logits` [len(new_tokens) or more, vocab], row j predicting new token j; finish when due."""
         params = sequence.params
-        stops = set(params.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not params.ignore_eos else set())
+        stops = set(params.stop_token_ids) | (
+            {self.eos_id} if self.eos_id is not None and not params.ignore_eos else set()
+        )
         kept, reason = [], None
         for token in new_tokens:
             kept.append(token)
@@ -204,7 +234,9 @@ class Engine:
         self._stats.generated_tokens += len(kept)
         output = RequestOutput(sequence.request_id, kept, finish_reason=reason)
         if params.logprobs is not None:
-            output.logprobs = token_logprobs(logits[: len(kept)], kept, params.logprobs)  # row j predicts new token j
+            output.logprobs = token_logprobs(
+                logits[: len(kept)], kept, params.logprobs
+            )  # row j predicts new token j
         if sequence.prompt_logprobs is not None and not sequence.prompt_logprobs_sent:
             output.prompt_logprobs, sequence.prompt_logprobs_sent = sequence.prompt_logprobs, True
         if reason is not None:

@@ -77,7 +77,10 @@ def new_id(prefix: str) -> str:
 def check_model(served: Served, name: str | None) -> None:
     if name is not None and name != served.model_name:
         raise APIError(
-            404, f"model: {name!r} is not served here; allowed: {served.model_name!r}", param="model", code="model_not_found"
+            404,
+            f"model: {name!r} is not served here; allowed: {served.model_name!r}",
+            param="model",
+            code="model_not_found",
         )
 
 
@@ -101,7 +104,9 @@ def sampling_params(
     value out of range is a 400 naming the body's field (`rename`: engine name -> body name)."""
     vocab = served.tokenizer.vocab_size
     if body.top_k is not None and body.top_k > vocab:
-        raise bad_field("top_k", f"got {body.top_k}; allowed: 0 to the vocabulary size {vocab} (0 = every token)")
+        raise bad_field(
+            "top_k", f"got {body.top_k}; allowed: 0 to the vocabulary size {vocab} (0 = every token)"
+        )
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -132,14 +137,18 @@ async def submit(served: Served, answer: Answer) -> OutputStream:
     """Every choice into the engine at once, or an `APIError` (400 naming the field, 429, 503, 500)."""
     limit = served.engine.max_waiting
     if len(answer.submissions) > limit:  # a 429 would never clear
-        raise bad_field("n", f"{len(answer.submissions)} choices (prompts x n); allowed: at most --max-waiting {limit}")
+        raise bad_field(
+            "n", f"{len(answer.submissions)} choices (prompts x n); allowed: at most --max-waiting {limit}"
+        )
     try:
         return await served.engine.submit(answer.submissions)
     except (RequestError, EngineFull, *ENGINE_ERRORS) as err:
         raise api_error(err, answer.rename) from None
 
 
-def _advance(stream: OutputStream, by_id: dict[str, ChoiceState], output: RequestOutput) -> tuple[ChoiceState, Delta]:
+def _advance(
+    stream: OutputStream, by_id: dict[str, ChoiceState], output: RequestOutput
+) -> tuple[ChoiceState, Delta]:
     """`output` into its choice; a choice that reached a stop string is aborted in the engine."""
     choice = by_id[output.request_id]
     delta = choice.update(output)

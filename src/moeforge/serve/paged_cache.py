@@ -43,7 +43,9 @@ class PagedKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, n_kv_heads, S, head_dim] at rows `slots.index` [B * S]; return the rows
         `slots.read` [B, T] as [B, n_kv_heads, T, head_dim] each."""
         heads, dim = self.k.shape[1:]
@@ -86,7 +88,9 @@ def attach_paged_caches(model: Transformer, n_blocks: int, block_size: int, with
     for block in blocks:
         attention = block.attention
         if isinstance(attention, MultiHeadLatentAttention):
-            cache = PagedLatentCache(rows, attention.kv_lora_rank + attention.rope_dim, weight.dtype, weight.device)
+            cache = PagedLatentCache(
+                rows, attention.kv_lora_rank + attention.rope_dim, weight.dtype, weight.device
+            )
         elif isinstance(attention, GroupedQueryAttention):
             cache = PagedKVCache(rows, attention.n_kv_heads, attention.head_dim, weight.dtype, weight.device)
         else:

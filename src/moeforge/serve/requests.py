@@ -50,7 +50,9 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise RequestError("max_tokens", f"got {self.max_tokens}; allowed: an integer >= 1")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
-            raise RequestError("temperature", f"got {self.temperature}; allowed: a number in [0, 100] (0 = greedy)")
+            raise RequestError(
+                "temperature", f"got {self.temperature}; allowed: a number in [0, 100] (0 = greedy)"
+            )
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError("top_p", f"got {self.top_p}; allowed: a number in (0, 1]")
         if self.top_k < 0:
@@ -112,6 +114,9 @@ class EngineConfig:
     """requests queued before new ones are refused (429)"""
     speculative: bool = False
     """draft with the model's MTP modules and verify every running request in one forward"""
+    compile: bool = False
+    """run the main model's step forward through torch.compile (dynamic shapes: two graphs, compiled
+    while the server warms up); the same tokens and log-probabilities up to float rounding"""
     prefix_reuse: bool = True
     """a request whose prompt starts with full cache blocks another request computed takes them and
     prefills only the rest (not with --speculative, nor for requests that ask for prompt

@@ -1,5 +1,5 @@
 """Speculative decoding for a whole batch: the MTP modules draft D tokens for every decoding request,
-one packed forward of the main model verifies them all, and each request keeps its own number.
+one forward of the main model verifies them all, and each request keeps its own number.
 
 The rules are `moeforge.infer.speculative`'s, per request: greedy keeps a draft while it is the main
 model's argmax (the output is token for token plain greedy decoding); sampling keeps a draft d ~ q
@@ -25,7 +25,7 @@ import torch
 from moeforge.infer.generate import token_probabilities
 from moeforge.infer.speculative import accept_greedy, accept_sampled
 from moeforge.model.transformer import Transformer
-from moeforge.serve.packed import Segment, step_inputs
+from moeforge.serve.rows import RowBatch, Segment, forward_segments
 from moeforge.serve.scheduler import Scheduled, Sequence
 
 
@@ -46,10 +46,12 @@ class Drafted:
 
 
 class Speculator:
-    def __init__(self, model: Transformer, block_size: int):
+    def __init__(self, model: Transformer, block_size: int, scratch_block: int, min_rows: int = 1):
         self.model = model
         self.depth = model.cfg.mtp_depth
         self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.min_rows = min_rows
 
     def state(self, sequence: Sequence) -> DraftState:
         if sequence.drafting is None:
@@ -80,7 +82,9 @@ class Speculator:
                 drafts[sequence.request_id].append(int(torch.multinomial(q, 1, generator=sequence.generator)))
                 probs[sequence.request_id].append(q)
         return {
-            s.request_id: Drafted(drafts[s.request_id], torch.stack(probs[s.request_id]) if probs[s.request_id] else None)
+            s.request_id: Drafted(
+                drafts[s.request_id], torch.stack(probs[s.request_id]) if probs[s.request_id] else None
+            )
             for s in sequences
         }
 
@@ -96,14 +100,22 @@ class Speculator:
             start = state.first_unsettled[depth - 1]
             segments.append(Segment(extended[start + depth : n + depth], start, sequence.blocks))
             inputs.append(torch.stack([state.hidden[depth - 1][i] for i in range(start, n)]))
+
+        def forward(batch: RowBatch) -> torch.Tensor:
+            x = inputs[0].new_zeros(*batch.tokens.shape, inputs[0].shape[-1])  # h^{k-1}; zero on padding
+            for row, member in enumerate(batch.members):
+                x[row, : len(inputs[member])] = inputs[member]
+            out, _ = module(
+                x, model.tok_embeddings(batch.tokens), *model.rope_at(batch.positions), batch.slots
+            )
+            return out.reshape(-1, out.shape[-1])
+
         device = model.tok_embeddings.weight.device
-        tokens, positions, slots = step_inputs(segments, self.block_size, device)
-        inputs = torch.cat(inputs).view(*tokens.shape, -1)
-        hidden, _ = module(inputs, model.tok_embeddings(tokens), *model.rope_at(positions), slots)
-        hidden, offset, last_rows = hidden.reshape(-1, hidden.shape[-1]), 0, []
-        for sequence, segment in zip(sequences, segments):
-            rows = hidden[offset : offset + len(segment.tokens)]
-            offset += len(segment.tokens)
+        hidden = forward_segments(
+            segments, forward, self.block_size, self.scratch_block, device, self.min_rows
+        )
+        last_rows = []
+        for sequence, segment, rows in zip(sequences, segments, hidden):
             state, n = self.state(sequence), len(sequence.tokens) - 1
             if depth < self.depth:
                 for i, row in zip(range(segment.start, n), rows):
@@ -115,13 +127,20 @@ class Speculator:
             last_rows.append(rows[-1])
         return model.output(torch.stack(last_rows))
 
-    def accept(self, sequence: Sequence, drafted: Drafted, logits: torch.Tensor, hidden: torch.Tensor) -> list[int]:
+    def accept(
+        self,
+        sequence: Sequence,
+        drafted: Drafted,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        choices: list[int],
+    ) -> list[int]:
         """The round's new tokens from the verify rows (logits [D+1, vocab], h^0 [D+1, dim] of the
-        newest token and the drafts): the kept drafts then the model's own token. Moves `computed`
-        past the kept drafts and records their h^0."""
+        newest token and the drafts, `choices` the logits' argmaxes): the kept drafts then the
+        model's own token. Moves `computed` past the kept drafts and records their h^0."""
         params = sequence.params
         if params.greedy:
-            new_tokens = accept_greedy(drafted.tokens, logits.argmax(dim=-1).tolist())
+            new_tokens = accept_greedy(drafted.tokens, choices)
         else:
             target = token_probabilities(logits, params.sampling_config())
             new_tokens = accept_sampled(drafted.tokens, drafted.probs, target, sequence.generator)

@@ -1,0 +1,190 @@
+"""The forwards of an engine step: its requests as rows [B, S], grouped by how many tokens they feed.
+
+Requests of a step differ in length: a prefill chunk of dozens of tokens beside one-token decodes,
+or speculative verifies of the newest token and its drafts. Each request becomes one row that reads
+only its own context from the paged cache, and rows of similar length share one forward:
+
+- `row_groups` sorts the requests by length and starts a new group where padding every row to the
+  group's longest would add more than `PAD_SLACK` tokens: a step of decodes is one group [B, 1], a
+  prefill chunk beside them a second [1, chunk] (a prefill padded to 64 decoding rows would compute
+  64 times their tokens; a forward per request would pay a step's fixed cost per request).
+- Within a group, a row's padding tokens (past its own tokens) and padding rows (when the compiled
+  forward wants at least two) write their keys and values to the cache's scratch block, which no
+  request holds, and read nothing a real token reads: the mask [B, 1, S, T] keeps each query at or
+  before its own position, and padding comes after a row's tokens.
+
+So a token at position p reads its request's positions 0..p whatever else shares its step, and the
+outputs are the same as the request alone (tests/test_serve_engine.py). The forward itself is the
+trainer's blocks over `CacheSlots` (`rows_forward`); `StepForward` runs it eagerly or compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moeforge.infer.decode import moe_output
+from moeforge.model.attention import CacheSlots
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+
+PAD_SLACK = 64
+"""padding tokens a group of rows may add before a longer request starts a group of its own"""
+
+
+@dataclass
+class Segment:
+    """One request's tokens in a step: `tokens` at positions start, start+1, ...; its context in the
+    cache is positions 0 .. start + len(tokens) - 1 of the block table `table`."""
+
+    tokens: list[int]
+    start: int
+    table: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass
+class RowBatch:
+    """Some segments of a step as rows: `members` (indices into the step's segments, in row order),
+    tokens and positions [B, S] (B >= len(members): padding rows last) and their `CacheSlots`."""
+
+    members: list[int]
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: CacheSlots
+
+    def rows_of(self, hidden: torch.Tensor, member: int, length: int) -> torch.Tensor:
+        """The first `length` rows [length, dim] of row `member` in `hidden` [B * S, dim]."""
+        start = member * self.tokens.shape[1]
+        return hidden[start : start + length]
+
+
+def row_groups(lengths: list[int], slack: int = PAD_SLACK) -> list[list[int]]:
+    """Indices of `lengths`, longest first, grouped so that padding each group's rows to its longest
+    adds at most `slack` tokens."""
+    groups: list[list[int]] = []
+    padded = real = 0
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and padded + lengths[groups[-1][0]] - real - lengths[index] <= slack:
+            groups[-1].append(index)
+            padded, real = padded + lengths[groups[-1][0]], real + lengths[index]
+        else:
+            groups.append([index])
+            padded = real = lengths[index]
+    return groups
+
+
+def _tensor(values: list, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def row_batch(
+    segments: list[Segment],
+    members: list[int],
+    block_size: int,
+    scratch: int,
+    device: torch.device,
+    min_rows: int = 1,
+) -> RowBatch:
+    """Segments `members` as rows [B, S], S their longest, B = max(len(members), min_rows); padding
+    tokens and rows write to and read the scratch block `scratch`, hidden by the mask."""
+    chosen = [segments[m] for m in members]
+    length = max(len(s.tokens) for s in chosen)
+    chosen += [Segment([], 0, [])] * (min_rows - len(chosen))
+    context = max(max(s.end for s in chosen), 1)  # T: the longest context; padding reads within it
+    blocks = -(-context // block_size)
+    tables = _tensor(
+        [s.table[:blocks] + [scratch] * (blocks - len(s.table[:blocks])) for s in chosen], device
+    )
+    # the rows of a request's positions: table[p // block_size] * block_size + p % block_size
+    read = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(chosen), -1)
+    read = read[:, :context].contiguous()  # [B, T]
+    offsets = torch.arange(length, device=device)[None, :]
+    counts = _tensor([len(s.tokens) for s in chosen], device)[:, None]
+    real = offsets < counts  # [B, S]
+    # a padding token takes its row's last position (so its position stays within the context
+    # the model was built for) and reads what that token reads: never an empty mask row
+    positions = _tensor([s.start for s in chosen], device)[:, None] + offsets.minimum(
+        (counts - 1).clamp(min=0)
+    )
+    mask = torch.arange(context, device=device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    written = torch.where(real, read.gather(1, positions), scratch * block_size).reshape(-1)
+    tokens = _tensor([s.tokens + [0] * (length - len(s.tokens)) for s in chosen], device)
+    return RowBatch(members, tokens, positions, CacheSlots(written, mask.unsqueeze(1), read))
+
+
+def forward_segments(
+    segments: list[Segment],
+    forward: Callable[[RowBatch], torch.Tensor],
+    block_size: int,
+    scratch: int,
+    device: torch.device,
+    min_rows: int = 1,
+) -> list[torch.Tensor]:
+    """Each segment's outputs [its tokens, dim], in order: `forward(batch)` [B * S, dim] runs once per
+    group of rows (`row_groups`)."""
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(segments)
+    for group in row_groups([len(s.tokens) for s in segments]):
+        batch = row_batch(segments, group, block_size, scratch, device, min_rows)
+        out = forward(batch)
+        for row, member in enumerate(group):
+            outputs[member] = batch.rows_of(out, row, len(segments[member].tokens))
+    return outputs
+
+
+def rows_forward(
+    model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, slots: CacheSlots
+) -> torch.Tensor:
+    """The main model's final normalised hidden states [B * S, dim] of tokens [B, S] at positions
+    [B, S] (what its output head reads), writing their keys and values into the paged caches."""
+    cos, sin = model.rope_at(positions)
+    h = model.tok_embeddings(tokens)
+    for block in model.layers:
+        h = block.attend(h, cos, sin, slots)
+        h = h + ffn_output(block.ffn, block.ffn_norm(h))
+    return model.norm(h).reshape(-1, h.shape[-1])
+
+
+GATHER_EXPERTS_PER_EXPERT = 4
+"""an MoE layer gathers each token's experts (decoding's path) while the tokens choose at most this
+many experts per expert it has; above, it dispatches them to the grouped GEMM"""
+
+
+def ffn_output(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's feed-forward output for x [B, S, dim]. An MoE layer with few tokens gathers each
+    token's chosen experts (`moe_output`: static shapes, one graph when compiled); with more it
+    dispatches them to the grouped GEMM, as in training (eager even in a compiled step: its group
+    sizes are data)."""
+    if not isinstance(ffn, MoE):
+        return ffn(x)
+    if x.shape[0] * x.shape[1] * ffn.router.top_k <= GATHER_EXPERTS_PER_EXPERT * ffn.router.n_experts:
+        return moe_output(ffn, x)
+    return _dispatched_moe_output(ffn, x)
+
+
+@torch.compiler.disable
+def _dispatched_moe_output(ffn: MoE, x: torch.Tensor) -> torch.Tensor:
+    return ffn(x)[0]
+
+
+class StepForward:
+    """`rows_forward`, eager or compiled. Compiled, shapes are dynamic (batch, tokens per row,
+    context: one graph serves every step) except sizes 1, which the compiler specialises: the
+    engine pads batches to at least `min_rows` = 2 rows, so decoding steps [B, 1] and prefill or
+    verify steps [B, S > 1] make two graphs, compiled at their first call."""
+
+    def __init__(self, compile: bool):
+        self.compiled = compile
+        self.min_rows = 2 if compile else 1
+        forward: Callable = rows_forward
+        if compile:
+            forward = torch.compile(rows_forward, dynamic=True)
+        self._forward = forward
+
+    def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:
+        return self._forward(model, batch.tokens, batch.positions, batch.slots)

@@ -24,6 +24,12 @@ import torch
 from moeforge.model.attention import cache_slots
 from moeforge.model.mlp import swiglu
 from moeforge.model.moe import MoE
+from moeforge.model.moe.experts import (
+    grouped_mm_unsupported_reason,
+    grouped_swiglu,
+    group_row_align,
+    looped_swiglu,
+)
 from moeforge.model.transformer import Transformer
 
 DecodeStep = Callable[
@@ -67,6 +73,49 @@ def moe_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return moe.add_shared_output(routed, moe.shared_output(tokens)).view_as(x)
 
 
+def grouped_moe_output(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's output for many tokens x [B, S, dim] (a prefill, a large batch), [B, S, dim],
+    with static shapes so that a compiled step takes it in one graph.
+
+    The layer's own router; the N*k (token, expert) rows sorted by expert and counted into a
+    fixed-size [E] tensor (where the training dispatch's `bincount` has a data-dependent size);
+    each expert's rows through `expert_swiglu` (the grouped GEMM, an opaque call to the compiler);
+    then each token's k outputs gate-weighted and summed, in slot order (deterministic). The same
+    numbers as the layer's forward up to float rounding, without its load statistics.
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = moe.route(tokens)
+    n_tokens, top_k = routing.expert_indices.shape
+    chosen = routing.expert_indices.reshape(-1)  # assignment a = token * k + slot
+    order = torch.argsort(chosen, stable=True)  # row r of the grouped rows is assignment order[r]
+    counts = torch.zeros(moe.router.n_experts, dtype=torch.long, device=x.device).index_add_(
+        0, chosen, torch.ones_like(chosen)
+    )
+    w13, w2 = moe.experts.local_weights()
+    grouped = expert_swiglu(tokens.index_select(0, order // top_k), w13, w2, counts)  # [N*k, dim]
+    per_slot = torch.empty_like(grouped).index_copy_(0, order, grouped).view(n_tokens, top_k, -1)
+    routed = torch.bmm(routing.gates.to(x.dtype).unsqueeze(1), per_slot).squeeze(1)
+    return moe.add_shared_output(routed, moe.shared_output(tokens)).view_as(x)
+
+
+@torch.library.custom_op("moeforge::expert_swiglu", mutates_args=())
+def expert_swiglu(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """Each expert's SwiGLU on its group of the rows x [R, dim] grouped by expert, [R, dim]: the
+    grouped GEMM where torch supports the operands, else a loop over the experts. An opaque call to
+    the compiler: torch 2.13's `_grouped_mm` has no fp32 meta kernel, and the loop reads the group
+    sizes on the host."""
+    if grouped_mm_unsupported_reason(x, w13, w2) is None:
+        return grouped_swiglu(x, w13, w2, tokens_per_expert, group_row_align(x))
+    return looped_swiglu(x, w13, w2, tokens_per_expert)
+
+
+@expert_swiglu.register_fake
+def _(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w2.shape[-1])
+
+
 def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """weights[chosen], [N, k, ...]: by `index_select`, a plain copy per expert, which runs at copy
     speed on CPU where advanced indexing takes longer (eager; compiled, both fuse the same;
@@ -75,7 +124,7 @@ def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 
 def compile_mode(device: torch.device) -> str:
-    """"reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
+    """ "reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
     kernel launch costs host time; inductor's default elsewhere (CPU: generated C++ kernels)."""
     return "reduce-overhead" if device.type == "cuda" else "default"
 

@@ -94,6 +94,11 @@ class _Abort:
     request_ids: list[str]
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)
+
+
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
     if future.done():  # the submitter was cancelled meanwhile (and aborts what was added)
         return
@@ -290,6 +295,8 @@ class AsyncEngine:
             raise
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their queues: one wake-up of each event loop per step, not per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         with self._cond:
             for output in outputs:
                 route = self._routes.get(output.request_id)
@@ -297,7 +304,12 @@ class AsyncEngine:
                     continue
                 if output.finished:
                     del self._routes[output.request_id]
-                route.send(output)
+                by_loop.setdefault(route.loop, []).append((route.queue, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _publish(self) -> None:
         stats = self._engine.stats()
@@ -327,23 +339,35 @@ class OutputStream:
     def __init__(self, engine: AsyncEngine, request_ids: list[str], queue: asyncio.Queue) -> None:
         self._engine = engine
         self._queue = queue
+        self._arrived: deque[RequestOutput | BaseException] = deque()
         self._unfinished = dict.fromkeys(request_ids)
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        """The next output; the outputs of one request that queued up while the consumer was busy
+        come merged into one (one event for the client instead of several in a burst)."""
         while self._unfinished:
-            item = await self._queue.get()
+            item = await self._next_arrived()
             if isinstance(item, BaseException):
                 self._unfinished.clear()  # nothing more will come
                 raise item
             if item.request_id not in self._unfinished:  # aborted by the consumer, output already sent
                 continue
+            while not item.finished and self._arrived and _same_request(self._arrived[0], item):
+                item = merged(item, self._arrived.popleft())
             if item.finished:
                 del self._unfinished[item.request_id]
             return item
         raise StopAsyncIteration
+
+    async def _next_arrived(self) -> RequestOutput | BaseException:
+        if not self._arrived:
+            self._arrived.append(await self._queue.get())
+        while not self._queue.empty():
+            self._arrived.append(self._queue.get_nowait())
+        return self._arrived.popleft()
 
     def abort(self, request_id: str) -> None:
         """Stop one request of the group (its answer is complete, e.g. at a stop string)."""
@@ -361,6 +385,23 @@ class OutputStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_request(item: RequestOutput | BaseException, output: RequestOutput) -> bool:
+    return isinstance(item, RequestOutput) and item.request_id == output.request_id
+
+
+def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the tokens and log-probabilities of both, the
+    prompt's log-probabilities (sent once, with the first) and the second's finish reason."""
+    logprobs = None if first.logprobs is None else first.logprobs + (then.logprobs or [])
+    return RequestOutput(
+        first.request_id,
+        first.new_tokens + then.new_tokens,
+        logprobs,
+        first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs,
+        then.finish_reason,
+    )
 
 
 class _TokenRate:

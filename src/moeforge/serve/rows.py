@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeforge.infer.decode import moe_output
+from moeforge.infer.decode import grouped_moe_output, moe_output
 from moeforge.model.attention import CacheSlots
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
@@ -157,19 +157,13 @@ many experts per expert it has; above, it dispatches them to the grouped GEMM"""
 
 def ffn_output(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's feed-forward output for x [B, S, dim]. An MoE layer with few tokens gathers each
-    token's chosen experts (`moe_output`: static shapes, one graph when compiled); with more it
-    dispatches them to the grouped GEMM, as in training (eager even in a compiled step: its group
-    sizes are data)."""
+    token's chosen experts (`moe_output`); with more, it groups the tokens by expert for the grouped
+    GEMM (`grouped_moe_output`). Both keep static shapes: a compiled step is one graph."""
     if not isinstance(ffn, MoE):
         return ffn(x)
     if x.shape[0] * x.shape[1] * ffn.router.top_k <= GATHER_EXPERTS_PER_EXPERT * ffn.router.n_experts:
         return moe_output(ffn, x)
-    return _dispatched_moe_output(ffn, x)
-
-
-@torch.compiler.disable
-def _dispatched_moe_output(ffn: MoE, x: torch.Tensor) -> torch.Tensor:
-    return ffn(x)[0]
+    return grouped_moe_output(ffn, x)
 
 
 class StepForward:
@@ -183,7 +177,7 @@ class StepForward:
         self.min_rows = 2 if compile else 1
         forward: Callable = rows_forward
         if compile:
-            forward = torch.compile(rows_forward, dynamic=True)
+            forward = torch.compile(rows_forward, dynamic=True, fullgraph=True)
         self._forward = forward
 
     def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:

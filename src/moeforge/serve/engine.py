@@ -69,6 +69,9 @@ class Engine:
         self.cache_bytes_per_position = attach_paged_caches(
             model, config.cache_blocks + 1, config.block_size, self.lookahead > 0
         )
+        self.forward.warm_up(
+            model, config.block_size, self.scratch_block, config.max_batch, config.max_step_tokens
+        )
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = 0
         self._stats = EngineStats(cache_blocks_total=config.cache_blocks)
@@ -140,7 +143,7 @@ class Engine:
 
     # ---- one step
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, draft (when speculating), run the step's forwards, sample; the outputs of the
         requests that produced tokens or finished."""

@@ -167,10 +167,16 @@ def ffn_output(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class StepForward:
-    """`rows_forward`, eager or compiled. Compiled, shapes are dynamic (batch, tokens per row,
-    context: one graph serves every step) except sizes 1, which the compiler specialises: the
-    engine pads batches to at least `min_rows` = 2 rows, so decoding steps [B, 1] and prefill or
-    verify steps [B, S > 1] make two graphs, compiled at their first call."""
+    """`rows_forward`, eager or compiled.
+
+    Compiled, every size is dynamic, so that one graph serves every batch, row length and context,
+    except what the compiler specialises: sizes 0 and 1 (the engine pads batches to at least
+    `min_rows` = 2 rows; rows of one token, the decoding steps, make their own graph, and so does a
+    context of one position) and the MoE path (`ffn_output`: gathered or grouped experts).
+    `warm_up` compiles those graphs before the first request, with duck sizing off: two sizes that
+    happen to be equal when a graph is traced (a prefill's row length and its context) are not
+    assumed equal, which would recompile later.
+    """
 
     def __init__(self, compile: bool):
         self.compiled = compile
@@ -181,4 +187,25 @@ class StepForward:
         self._forward = forward
 
     def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:
-        return self._forward(model, batch.tokens, batch.positions, batch.slots)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._forward(model, batch.tokens, batch.positions, batch.slots)
+
+    def warm_up(
+        self, model: Transformer, block_size: int, scratch: int, max_batch: int, max_tokens: int
+    ) -> None:
+        """Compile every graph the steps can take (nothing when eager): rows of shapes [2, 1] (at
+        contexts of 1 and 3 positions), [max_batch, 1], [2, 2] and [2, max_tokens / 2], all in the
+        scratch block, so that no request waits for a compilation."""
+        if not self.compiled:
+            return
+        device = model.tok_embeddings.weight.device
+        long = max(min(max_tokens // 2, model.cfg.max_seq_len - 1), 2)
+        shapes = [(2, 1, 0), (2, 1, 2), (max_batch, 1, 2), (2, 2, 2), (2, long, 0)]
+        with (
+            torch.inference_mode()
+        ):  # as the engine's steps: a tensor's inference flag is part of a graph's guards
+            for rows, length, start in shapes:
+                segments = [Segment([0] * length, start, []) for _ in range(rows)]
+                self(
+                    model, row_batch(segments, list(range(rows)), block_size, scratch, device, self.min_rows)
+                )

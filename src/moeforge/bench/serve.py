@@ -48,7 +48,11 @@ from moeforge.config import ConfigError, available_presets
 CASES = ("moeforge", "speculative", "transformers")
 BASELINE = "transformers"
 DEFAULT_PRESET = "deepseek-v3-tiny"
-LABELS = {"moeforge": "moeforge", "speculative": "moeforge --speculative", "transformers": "transformers serve"}
+LABELS = {
+    "moeforge": "moeforge",
+    "speculative": "moeforge --speculative",
+    "transformers": "transformers serve",
+}
 
 
 @dataclass
@@ -68,6 +72,8 @@ class ServeBenchSettings:
     cases: tuple[str, ...] = CASES
     max_seconds: float = 600.0
     """the longest one server's timed requests may take (then they are cancelled, counted unfinished)"""
+    compile: bool = False
+    """moeforge's servers run `serve --compile` (their graphs compiled while they start, untimed)"""
 
     @property
     def n_requests(self) -> int:
@@ -78,7 +84,9 @@ class ServeBenchSettings:
         if unknown or not self.cases:
             raise ConfigError(f"--cases: got {','.join(unknown) or 'nothing'}; allowed: {', '.join(CASES)}")
         if self.checkpoint is not None and self.preset is not None:
-            raise ConfigError("--preset: a fresh model is made only without --checkpoint; give one of the two")
+            raise ConfigError(
+                "--preset: a fresh model is made only without --checkpoint; give one of the two"
+            )
         if self.preset is not None and self.preset not in available_presets():
             raise ConfigError(f"--preset: got {self.preset}; allowed: {', '.join(available_presets())}")
         for flag, value in (("--clients", self.clients), ("--requests", self.n_requests),
@@ -92,15 +100,25 @@ class ServeBenchSettings:
 
 def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     settings.validate()
-    result: dict[str, Any] = {"settings": asdict(settings), "requests": settings.n_requests, "cores": os.cpu_count()}
+    result: dict[str, Any] = {
+        "settings": asdict(settings),
+        "requests": settings.n_requests,
+        "cores": os.cpu_count(),
+    }
     result["versions"] = _versions()
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
-        model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
+        model = prepare_model(
+            settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp)
+        )
         _check_fits(model, settings)
         # one more than the timed requests: the warm-up's own
-        prompts = fixed_length_prompts(model.tokenizer, settings.prompt_tokens, settings.n_requests + 1, settings.seed)
+        prompts = fixed_length_prompts(
+            model.tokenizer, settings.prompt_tokens, settings.n_requests + 1, settings.seed
+        )
         result["model"] = model.description
-        result["skipped"] = {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
+        result["skipped"] = (
+            {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
+        )
         result["load_average"] = [os.getloadavg()]
         runs: dict[str, list[dict[str, Any]]] = {case: [] for case in settings.cases}
         for repeat in range(settings.repeats):
@@ -135,7 +153,9 @@ def _run_repeat(
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
-            result["skipped"][case] = f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
+            result["skipped"][case] = (
+                f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
+            )
             continue
         runs[case].append({"repeat": repeat, **run})
     return traces
@@ -146,14 +166,16 @@ def _server_case(case: str, model: ServedModel, settings: ServeBenchSettings) ->
     if case == BASELINE:
         return transformers_case(model, port)
     positions = settings.prompt_tokens + settings.output_tokens
-    return moeforge_case(model, port, settings.clients, positions, speculative=case == "speculative")
+    return moeforge_case(model, port, settings.clients, positions, case == "speculative", settings.compile)
 
 
 def _run_case(
     server: ServerCase, prompts: list[str], settings: ServeBenchSettings, log_path: Path
 ) -> tuple[dict[str, Any], list[RequestTrace]]:
     """Start one server, warm it up, time the requests, stop it: the run's figures and traces."""
-    warm_up, *bodies = [request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts]
+    warm_up, *bodies = [
+        request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts
+    ]
     load = os.getloadavg()
     with ServerProcess(server, server_env(settings.threads), log_path) as process:
         before = scrape_metrics(process.url) if server.moeforge_metrics else {}
@@ -233,7 +255,11 @@ def _check_fits(model: ServedModel, settings: ServeBenchSettings) -> None:
 
 def _missing_peer() -> str | None:
     """Why `transformers serve` cannot run here, or None."""
-    missing = [name for name in ("transformers", "fastapi", "uvicorn", "accelerate") if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("transformers", "fastapi", "uvicorn", "accelerate")
+        if importlib.util.find_spec(name) is None
+    ]
     return f"not installed: {', '.join(missing)} (pip install 'transformers[serving]')" if missing else None
 
 
@@ -252,7 +278,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"bench serve: {s['clients']} clients, {result['requests']} requests of {s['prompt_tokens']} "
         f"prompt + {s['output_tokens']} output tokens (greedy, end token ignored), {s['threads']} torch thread(s) "
-        f"per server, {s['repeats']} repeat(s); model: {result['model']}; load average {min(loads):.1f}-{max(loads):.1f}",
+        f"per server, {s['repeats']} repeat(s){'; moeforge compiled (serve --compile)' if s.get('compile') else ''}; "
+        f"model: {result['model']}; load average {min(loads):.1f}-{max(loads):.1f}",
         f"{'server':<24} {'output tok/s (range)':>22} {'vs transformers':>20} {'TTFT p50/p99 ms':>17} "
         f"{'ITL p50/p99 ms':>16} {'TPOT p50 ms':>11} {'accept':>7} {'tok/round':>9} {'done':>7} {'same text':>9}",
     ]

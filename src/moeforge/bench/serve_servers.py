@@ -69,7 +69,10 @@ def prepare_model(checkpoint: str | None, preset: str, seed: int, workdir: Path)
     """The given checkpoint, or a fresh `preset` model saved as one under `workdir`; exported to
     `workdir/hf` with moeforge's HF export."""
     if checkpoint is None:
-        checkpoint_path, description = _fresh_checkpoint(preset, seed, workdir / "run"), f"fresh {preset} (seed {seed})"
+        checkpoint_path, description = (
+            _fresh_checkpoint(preset, seed, workdir / "run"),
+            f"fresh {preset} (seed {seed})",
+        )
     else:
         checkpoint_path, description = ckpt.resolve_checkpoint(checkpoint), checkpoint
     cfg = config_from_dict(ckpt.read_meta(checkpoint_path).config)
@@ -78,7 +81,9 @@ def prepare_model(checkpoint: str | None, preset: str, seed: int, workdir: Path)
     if not (hf_dir / run.TOKENIZER_FILE).exists():
         write_byte_tokenizer(hf_dir)
     tokenizer = run.tokenizer_for_run(checkpoint_path.parent.parent, cfg)
-    return ServedModel(checkpoint_path, hf_dir, tokenizer, cfg.model.max_seq_len, cfg.model.mtp_depth, description)
+    return ServedModel(
+        checkpoint_path, hf_dir, tokenizer, cfg.model.max_seq_len, cfg.model.mtp_depth, description
+    )
 
 
 def _fresh_checkpoint(preset: str, seed: int, run_dir: Path) -> Path:
@@ -114,13 +119,20 @@ def write_byte_tokenizer(hf_dir: Path) -> None:
 def byte_characters() -> dict[int, str]:
     """GPT-2's byte -> printable character table, which byte-level tokenizers name tokens with: the
     printable bytes stand for themselves, the others for the characters from U+0100 on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-def moeforge_case(model: ServedModel, port: int, clients: int, positions: int, speculative: bool) -> ServerCase:
-    """`moeforge serve` with room for every client in the running batch and the cache."""
+def moeforge_case(
+    model: ServedModel, port: int, clients: int, positions: int, speculative: bool, compile: bool = False
+) -> ServerCase:
+    """`moeforge serve` with room for every client in the running batch and the cache (and its step
+    compiled with `compile`)."""
     blocks_per_request = -(-(positions + model.mtp_depth) // 16)
     argv = [
         sys.executable, "-m", "moeforge", "serve", "--checkpoint", str(model.checkpoint), "--host", HOST,
@@ -128,7 +140,8 @@ def moeforge_case(model: ServedModel, port: int, clients: int, positions: int, s
         "--max-step-tokens", str(max(256, 2 * clients)), "--cache-blocks", str(max(256, clients * blocks_per_request)),
     ]  # fmt: skip
     name = "moeforge --speculative" if speculative else "moeforge"
-    return ServerCase(name, argv + ["--speculative"] * speculative, port, {"ignore_eos": True}, moeforge_metrics=True)
+    flags = ["--speculative"] * speculative + ["--compile"] * compile
+    return ServerCase(name, argv + flags, port, {"ignore_eos": True}, moeforge_metrics=True)
 
 
 def transformers_case(model: ServedModel, port: int) -> ServerCase:
@@ -139,7 +152,9 @@ def transformers_case(model: ServedModel, port: int) -> ServerCase:
         sys.executable, "-m", "transformers.cli.transformers", "serve", str(model.hf_dir), "--continuous-batching",
         "--dtype", "float32", "--device", "cpu", "--host", HOST, "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
-    return ServerCase("transformers", argv, port, {"model": str(model.hf_dir), "generation_config": '{"eos_token_id": -1}'})
+    return ServerCase(
+        "transformers", argv, port, {"model": str(model.hf_dir), "generation_config": '{"eos_token_id": -1}'}
+    )
 
 
 def server_env(threads: int) -> dict[str, str]:
@@ -202,7 +217,9 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise ServeBenchError(f"{self.case.name}: not serving after {START_TIMEOUT_S:.0f} s: {self.last_log_line()}")
+        raise ServeBenchError(
+            f"{self.case.name}: not serving after {START_TIMEOUT_S:.0f} s: {self.last_log_line()}"
+        )
 
     def stop(self) -> int | None:
         """SIGTERM (moeforge drains its requests and exits 0); once it has exited, or after a timeout,

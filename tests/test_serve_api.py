@@ -502,6 +502,67 @@ def test_async_engine_without_http_aborts_a_request_its_consumer_leaves():
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_outputs_that_queue_while_their_consumer_is_busy_arrive_merged():
+    """A consumer that reads nothing until its request has finished gets one output: every token and
+    log-probability in order, the finish reason; the tokens are those of the engine alone."""
+    model, params = printable_model(), SamplingParams(max_tokens=6, temperature=0, logprobs=1)
+
+    async def main():
+        engine = AsyncEngine(Engine(model, CONFIG, None), CONFIG.max_waiting)
+        engine.start()
+        try:
+            with await engine.submit([("a", list(b"The "), params)]) as stream:
+                while engine.in_flight:  # the engine delivers the last output, nothing read yet
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0)  # the delivery's callback puts the outputs in the queue
+                return [output async for output in stream]
+        finally:
+            engine.stop()
+
+    got = asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(got) == 1 and got[0].finish_reason == "length"
+    alone = Engine(model, CONFIG, None)
+    alone.add_request("a", list(b"The "), params)
+    steps = [output for _ in range(6) for output in alone.step()]
+    assert got[0].new_tokens == [token for output in steps for token in output.new_tokens]
+    assert [e.token for e in got[0].logprobs] == got[0].new_tokens
+
+
+@pytest.mark.slow
+def test_an_engine_process_answers_as_the_engine_in_process_and_its_death_fails_requests_with_500(tmp_path, model):
+    """`serve --engine-process`: greedy completions equal `generate` on the same weights, a request
+    the engine refuses is the same one-line RequestError, and a killed engine process makes the next
+    request a 500 instead of a hang."""
+    from moeforge.checkpoint import store
+    from moeforge.checkpoint.discovery import resolve_checkpoint
+    from moeforge.serve.engine_process import RemoteEngine
+    from moeforge.serve.requests import RequestError
+
+    store.save_checkpoint(tmp_path / "run", 1, printable_model(), None, small_config().to_dict(), {}, keep=1)
+    remote = RemoteEngine(resolve_checkpoint(tmp_path / "run"), "cpu", CONFIG)
+    try:
+        with pytest.raises(RequestError, match="^prompt: ") as refused:
+            remote.add_request("long", [1] * 10_000, SamplingParams())
+        assert refused.value.field == "prompt"
+        with Running(engine=remote) as running:
+
+            async def complete_all() -> list[str]:
+                client = running.async_client()
+                answers = await asyncio.gather(
+                    *(client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0) for p in PROMPTS)
+                )
+                return [a.choices[0].text for a in answers]
+
+            texts = asyncio.run(complete_all())
+            expected = [bytes(reference_greedy(model, list(p.encode()), 8)).decode() for p in PROMPTS]
+            assert texts == expected
+            remote._process.kill()
+            failed = running.post("/v1/completions", {"model": NAME, "prompt": "The ", "max_tokens": 4})
+            assert failed.status_code == 500 and "engine process" in failed.json()["error"]["message"]
+    finally:
+        remote.close()
+
+
 class Background:
     """`call()` in a thread; `result()` joins it and returns or raises what it did."""
 

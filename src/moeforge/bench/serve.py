@@ -74,6 +74,8 @@ class ServeBenchSettings:
     """the longest one server's timed requests may take (then they are cancelled, counted unfinished)"""
     compile: bool = False
     """moeforge's servers run `serve --compile` (their graphs compiled while they start, untimed)"""
+    engine_process: bool = False
+    """moeforge's servers run `serve --engine-process` (the engine in a process of its own)"""
 
     @property
     def n_requests(self) -> int:
@@ -166,7 +168,8 @@ def _server_case(case: str, model: ServedModel, settings: ServeBenchSettings) ->
     if case == BASELINE:
         return transformers_case(model, port)
     positions = settings.prompt_tokens + settings.output_tokens
-    return moeforge_case(model, port, settings.clients, positions, case == "speculative", settings.compile)
+    flags = ["--compile"] * settings.compile + ["--engine-process"] * settings.engine_process
+    return moeforge_case(model, port, settings.clients, positions, case == "speculative", flags)
 
 
 def _run_case(
@@ -278,7 +281,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"bench serve: {s['clients']} clients, {result['requests']} requests of {s['prompt_tokens']} "
         f"prompt + {s['output_tokens']} output tokens (greedy, end token ignored), {s['threads']} torch thread(s) "
-        f"per server, {s['repeats']} repeat(s){'; moeforge compiled (serve --compile)' if s.get('compile') else ''}; "
+        f"per server, {s['repeats']} repeat(s); moeforge serve {_flags(s) or 'without flags'}; "
         f"model: {result['model']}; load average {min(loads):.1f}-{max(loads):.1f}",
         f"{'server':<24} {'output tok/s (range)':>22} {'vs transformers':>20} {'TTFT p50/p99 ms':>17} "
         f"{'ITL p50/p99 ms':>16} {'TPOT p50 ms':>11} {'accept':>7} {'tok/round':>9} {'done':>7} {'same text':>9}",
@@ -294,6 +297,17 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += [f"{LABELS[case]:<24} skipped: {reason}" for case, reason in result["skipped"].items()]
     return "\n".join(lines)
+
+
+def _flags(settings: dict[str, Any]) -> str:
+    return " ".join(
+        flag
+        for flag, on in (
+            ("--compile", settings.get("compile")),
+            ("--engine-process", settings.get("engine_process")),
+        )
+        if on
+    )
 
 
 def _ratio(ratio: dict[str, float] | None, case: str) -> str:

@@ -129,10 +129,14 @@ def byte_characters() -> dict[int, str]:
 
 
 def moeforge_case(
-    model: ServedModel, port: int, clients: int, positions: int, speculative: bool, compile: bool = False
+    model: ServedModel,
+    port: int,
+    clients: int,
+    positions: int,
+    speculative: bool,
+    flags: list[str] | None = None,
 ) -> ServerCase:
-    """`moeforge serve` with room for every client in the running batch and the cache (and its step
-    compiled with `compile`)."""
+    """`moeforge serve` with room for every client in the running batch and the cache, and `flags`."""
     blocks_per_request = -(-(positions + model.mtp_depth) // 16)
     argv = [
         sys.executable, "-m", "moeforge", "serve", "--checkpoint", str(model.checkpoint), "--host", HOST,
@@ -140,8 +144,8 @@ def moeforge_case(
         "--max-step-tokens", str(max(256, 2 * clients)), "--cache-blocks", str(max(256, clients * blocks_per_request)),
     ]  # fmt: skip
     name = "moeforge --speculative" if speculative else "moeforge"
-    flags = ["--speculative"] * speculative + ["--compile"] * compile
-    return ServerCase(name, argv + flags, port, {"ignore_eos": True}, moeforge_metrics=True)
+    argv += ["--speculative"] * speculative + (flags or [])
+    return ServerCase(name, argv, port, {"ignore_eos": True}, moeforge_metrics=True)
 
 
 def transformers_case(model: ServedModel, port: int) -> ServerCase:

@@ -43,6 +43,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--compile", action="store_true", help=field_docs(EngineConfig)["compile"])
     serve.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine in a process of its own, so that its forwards and the HTTP event loop "
+        "run at the same time (one more process holds the model; the server holds only the tokenizer)",
+    )
+    serve.add_argument(
         "--no-prefix-reuse",
         dest="prefix_reuse",
         action="store_false",
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     except ImportError as err:  # fastapi, uvicorn, jinja2 or prometheus_client missing
         raise ConfigError(f"serve: needs {err.name}; allowed: pip install 'moeforge[serve]'") from None
     from moeforge.checkpoint.discovery import resolve_checkpoint
+    from moeforge.checkpoint.meta import read_meta
+    from moeforge.config import config_from_dict
+    from moeforge.run import tokenizer_for_run
+    from moeforge.serve.engine_process import RemoteEngine
     from moeforge.infer import load_model
     from moeforge.infer.generate import generation_device
     from moeforge.plan.memory_budget import check_checkpoint_fits
@@ -105,11 +115,21 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     run_dir = checkpoint.parent.parent
     template = load_chat_template(run_dir)  # a broken template is reported before the model is loaded
-    loaded = load_model(checkpoint, device)
     name = args.model_name or run_dir.resolve().name
-    engine = Engine(loaded.model, config, loaded.tokenizer.eos_id)
-    threaded = AsyncEngine(engine, config.max_waiting)
-    served = Served(threaded, loaded.tokenizer, name, request_capacity(engine), template)
-    return run_server(
-        build_app(served, api_key), threaded, name, args.host, args.port, args.drain_timeout or None
-    )
+    if args.engine_process:
+        cfg = config_from_dict(read_meta(checkpoint).config)
+        tokenizer = tokenizer_for_run(run_dir, cfg)
+        engine = RemoteEngine(checkpoint, str(device), config)
+    else:
+        loaded = load_model(checkpoint, device)
+        tokenizer = loaded.tokenizer
+        engine = Engine(loaded.model, config, tokenizer.eos_id)
+    try:
+        threaded = AsyncEngine(engine, config.max_waiting)
+        served = Served(threaded, tokenizer, name, request_capacity(engine), template)
+        return run_server(
+            build_app(served, api_key), threaded, name, args.host, args.port, args.drain_timeout or None
+        )
+    finally:
+        if isinstance(engine, RemoteEngine):
+            engine.close()

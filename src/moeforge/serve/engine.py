@@ -5,8 +5,9 @@
     while engine.has_work:
         for output in engine.step(): ...
 
-Each step the scheduler picks the requests and their token counts (`scheduler.py`), their tokens are
-packed into one row and run through the model over the paged cache (`packed.py`), and each request
+Each step the scheduler picks the requests and their token counts (`scheduler.py`), their tokens run
+through the model as rows over the paged cache, one forward per group of similar lengths (`rows.py`;
+compiled with `EngineConfig.compile`), and each request
 whose fed tokens reach its newest one samples its next token with its own generator — so a seeded
 request produces the same tokens whatever else shares its batch — or, when speculating, keeps the
 drafts the model accepts (`speculation.py`). Log-probabilities are the model's log-softmax, before
@@ -69,9 +70,7 @@ class Engine:
         self.cache_bytes_per_position = attach_paged_caches(
             model, config.cache_blocks + 1, config.block_size, self.lookahead > 0
         )
-        self.forward.warm_up(
-            model, config.block_size, self.scratch_block, config.max_batch, config.max_step_tokens
-        )
+        self.forward.warm_up(model, config.block_size, self.scratch_block, config.max_batch)
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = 0
         self._stats = EngineStats(cache_blocks_total=config.cache_blocks)
@@ -102,6 +101,11 @@ class Engine:
         sequence = self.sequences.pop(request_id, None)
         if sequence is not None:
             self.scheduler.finish(sequence)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The model's context: positions one request may hold at most."""
+        return self.model.cfg.max_seq_len
 
     @property
     def has_work(self) -> bool:

@@ -23,6 +23,7 @@ from moeforge.serve.async_engine import AsyncEngine, EngineFailed, EngineUnavail
 from moeforge.serve.chat_template import ChatTemplate
 from moeforge.serve.choice import ChoiceState, Delta
 from moeforge.serve.engine import Engine
+from moeforge.serve.engine_process import RemoteEngine
 from moeforge.serve.protocol import GenerationFields
 from moeforge.serve.requests import EngineFull, RequestError, RequestOutput, SamplingParams
 
@@ -45,11 +46,11 @@ class Served:
     """when the server started (the model card's `created`)"""
 
 
-def request_capacity(engine: Engine) -> int:
+def request_capacity(engine: Engine | RemoteEngine) -> int:
     """The most positions (prompt + generated tokens) one request may take: the model's context, or
     the whole cache when that is smaller, less the drafts speculation verifies past the end."""
     config = engine.config
-    return min(engine.model.cfg.max_seq_len, config.cache_blocks * config.block_size) - engine.lookahead
+    return min(engine.max_seq_len, config.cache_blocks * config.block_size) - engine.lookahead
 
 
 @dataclass

@@ -7,10 +7,11 @@ Every layer's pool has the same rows: row `block * block_size + offset` holds po
 `table[position // block_size] * block_size + position % block_size`'s keys and values in every
 layer (the main model's and the MTP modules'), so one block table serves them all.
 
-The engine computes every request of a step in one packed row of tokens (`moeforge.serve.packed`):
-a forward writes each new token's keys and values at its row (`CacheSlots.index`) and attention reads
-the rows of every request's context, in order (`CacheSlots.read`), under a mask that keeps each token
-to its own request's earlier positions. GQA keeps keys and values, MLA only its latent and RoPE key.
+The engine computes a step's requests as rows (`moeforge.serve.rows`): a forward writes each new
+token's keys and values at its row (`CacheSlots.index`) and each request's row reads the rows of its
+own context, in order (`CacheSlots.read`), under a causal mask. The pools hold one block more than
+the engine hands out: the scratch block, where padding writes. GQA keeps keys and values, MLA only
+its latent and RoPE key.
 """
 
 from __future__ import annotations

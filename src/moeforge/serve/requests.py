@@ -20,6 +20,10 @@ class RequestError(MoeforgeError, ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+    def __reduce__(self):  # crosses the pipe from the engine process whole
+        return (RequestError, (self.field, self.message))
 
 
 class EngineFull(MoeforgeError):

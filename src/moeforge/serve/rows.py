@@ -5,7 +5,7 @@ or speculative verifies of the newest token and its drafts. Each request becomes
 only its own context from the paged cache, and rows of similar length share one forward:
 
 - `row_groups` sorts the requests by length and starts a new group where padding every row to the
-  group's longest would add more than `PAD_SLACK` tokens: a step of decodes is one group [B, 1], a
+  group's longest would add more than `PAD_SLACK` tokens and a quarter of the group: a step of decodes is one group [B, 1], a
   prefill chunk beside them a second [1, chunk] (a prefill padded to 64 decoding rows would compute
   64 times their tokens; a forward per request would pay a step's fixed cost per request).
 - Within a group, a row's padding tokens (past its own tokens) and padding rows (when the compiled
@@ -30,8 +30,9 @@ from moeforge.model.attention import CacheSlots
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
 
-PAD_SLACK = 64
-"""padding tokens a group of rows may add before a longer request starts a group of its own"""
+PAD_SLACK = 16
+"""padding tokens a group of rows may add in any case; more only while they stay within a quarter of
+the group's tokens (`row_groups`)"""
 
 
 @dataclass
@@ -66,11 +67,13 @@ class RowBatch:
 
 def row_groups(lengths: list[int], slack: int = PAD_SLACK) -> list[list[int]]:
     """Indices of `lengths`, longest first, grouped so that padding each group's rows to its longest
-    adds at most `slack` tokens."""
+    adds at most `slack` tokens or a quarter of the padded group: a decoding row does not join a
+    prefill chunk, verify rows of 1 to D+1 tokens share one forward."""
     groups: list[list[int]] = []
     padded = real = 0
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if groups and padded + lengths[groups[-1][0]] - real - lengths[index] <= slack:
+        waste = padded + lengths[groups[-1][0]] - real - lengths[index] if groups else 0
+        if groups and waste <= max(slack, (padded + lengths[groups[-1][0]]) // 4):
             groups[-1].append(index)
             padded, real = padded + lengths[groups[-1][0]], real + lengths[index]
         else:
@@ -96,7 +99,9 @@ def row_batch(
     chosen = [segments[m] for m in members]
     length = max(len(s.tokens) for s in chosen)
     chosen += [Segment([], 0, [])] * (min_rows - len(chosen))
-    context = max(max(s.end for s in chosen), 1)  # T: the longest context; padding reads within it
+    # T: the longest context (padding reads within it), at least 2: a compiled step would make a graph
+    # of its own for a context of one position
+    context = max(max(s.end for s in chosen), 2)
     blocks = -(-context // block_size)
     tables = _tensor(
         [s.table[:blocks] + [scratch] * (blocks - len(s.table[:blocks])) for s in chosen], device
@@ -171,8 +176,8 @@ class StepForward:
 
     Compiled, every size is dynamic, so that one graph serves every batch, row length and context,
     except what the compiler specialises: sizes 0 and 1 (the engine pads batches to at least
-    `min_rows` = 2 rows; rows of one token, the decoding steps, make their own graph, and so does a
-    context of one position) and the MoE path (`ffn_output`: gathered or grouped experts).
+    `min_rows` = 2 rows and contexts to at least 2 positions; rows of one token, the decoding steps,
+    make their own graph) and the MoE path (`ffn_output`: gathered or grouped experts).
     `warm_up` compiles those graphs before the first request, with duck sizing off: two sizes that
     happen to be equal when a graph is traced (a prefill's row length and its context) are not
     assumed equal, which would recompile later.
@@ -190,22 +195,27 @@ class StepForward:
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return self._forward(model, batch.tokens, batch.positions, batch.slots)
 
-    def warm_up(
-        self, model: Transformer, block_size: int, scratch: int, max_batch: int, max_tokens: int
-    ) -> None:
-        """Compile every graph the steps can take (nothing when eager): rows of shapes [2, 1] (at
-        contexts of 1 and 3 positions), [max_batch, 1], [2, 2] and [2, max_tokens / 2], all in the
-        scratch block, so that no request waits for a compilation."""
+    def warm_up(self, model: Transformer, block_size: int, scratch: int, max_batch: int) -> None:
+        """Compile every graph the steps can take (nothing when eager), on rows that only touch the
+        scratch block, so that no request waits for a compilation: rows of one token and of several,
+        each with gathered experts and, where a step can have that many tokens, grouped ones."""
         if not self.compiled:
             return
         device = model.tok_embeddings.weight.device
-        long = max(min(max_tokens // 2, model.cfg.max_seq_len - 1), 2)
-        shapes = [(2, 1, 0), (2, 1, 2), (max_batch, 1, 2), (2, 2, 2), (2, long, 0)]
-        with (
-            torch.inference_mode()
-        ):  # as the engine's steps: a tensor's inference flag is part of a graph's guards
-            for rows, length, start in shapes:
-                segments = [Segment([0] * length, start, []) for _ in range(rows)]
-                self(
-                    model, row_batch(segments, list(range(rows)), block_size, scratch, device, self.min_rows)
-                )
+        with torch.inference_mode():  # as the engine's steps: a tensor's inference flag is part of a graph's guards
+            for rows, length in warm_up_shapes(model, max_batch):
+                segments = [Segment([0] * length, 2, []) for _ in range(rows)]
+                self(model, row_batch(segments, list(range(rows)), block_size, scratch, device, self.min_rows))
+
+
+def warm_up_shapes(model: Transformer, max_batch: int) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of one step of each graph: [2, 1] and [2, 2] (gathered experts while
+    the tokens choose few), [max_batch, 1] and [2, L] with enough tokens for grouped experts."""
+    shapes = [(2, 1), (2, 2)]
+    moe = next((block.ffn for block in model.layers if isinstance(block.ffn, MoE)), None)
+    if moe is not None:
+        grouped_from = GATHER_EXPERTS_PER_EXPERT * moe.router.n_experts // moe.router.top_k + 1  # tokens
+        if max_batch >= grouped_from:
+            shapes.append((max_batch, 1))
+        shapes.append((2, min(max(2, -(-grouped_from // 2)), model.cfg.max_seq_len - 2)))
+    return shapes

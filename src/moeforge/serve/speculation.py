@@ -65,7 +65,7 @@ class Speculator:
             rows[start + offset] = hidden[offset]
 
     def draft(self, items: list[Scheduled]) -> dict[str, Drafted]:
-        """D drafts for each speculating request, one packed forward per MTP module."""
+        """D drafts for each speculating request, one forward per MTP module (and group of rows)."""
         if not items:
             return {}
         sequences = [item.sequence for item in items]

@@ -61,6 +61,11 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
         action="store_true",
         help="moeforge's servers run serve --compile (compiled while starting)",
     )
+    serve_bench.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="moeforge's servers run serve --engine-process (the engine in a process of its own)",
+    )
     serve_bench.add_argument("--json", action="store_true")
     serve_bench.set_defaults(handler=run)
 
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         cases=comma_separated(args.cases),
         max_seconds=args.max_seconds,
         compile=args.compile,
+        engine_process=args.engine_process,
     )
     result = run_serve_bench(settings)
     print(json.dumps(result) if args.json else format_table(result))

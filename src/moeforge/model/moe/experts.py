@@ -95,6 +95,8 @@ def grouped_mm_unsupported_reason(x: torch.Tensor, w13: torch.Tensor, w2: torch.
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
     dtype = compute_dtype(x)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"it takes float32, bfloat16 or float16, got {dtype}"
     per_16_bytes = 16 // dtype.itemsize
     dim, hidden = w2.shape[2], w2.shape[1]
     if dim % per_16_bytes or hidden % per_16_bytes:

@@ -113,9 +113,9 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
             settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp)
         )
         _check_fits(model, settings)
-        # one more than the timed requests: the warm-up's own
+        # the timed requests' prompts and, first, one per client for the warm-up
         prompts = fixed_length_prompts(
-            model.tokenizer, settings.prompt_tokens, settings.n_requests + 1, settings.seed
+            model.tokenizer, settings.prompt_tokens, settings.clients + settings.n_requests, settings.seed
         )
         result["model"] = model.description
         result["skipped"] = (
@@ -176,13 +176,12 @@ def _run_case(
     server: ServerCase, prompts: list[str], settings: ServeBenchSettings, log_path: Path
 ) -> tuple[dict[str, Any], list[RequestTrace]]:
     """Start one server, warm it up, time the requests, stop it: the run's figures and traces."""
-    warm_up, *bodies = [
-        request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts
-    ]
+    all_bodies = [request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts]
+    warm_ups, bodies = all_bodies[: settings.clients], all_bodies[settings.clients :]
     load = os.getloadavg()
     with ServerProcess(server, server_env(settings.threads), log_path) as process:
         before = scrape_metrics(process.url) if server.moeforge_metrics else {}
-        traces = asyncio.run(timed_run(process.url, warm_up, bodies, settings.clients, settings.max_seconds))
+        traces = asyncio.run(timed_run(process.url, warm_ups, bodies, settings.clients, settings.max_seconds))
         after = scrape_metrics(process.url) if server.moeforge_metrics else {}
     figures = asdict(summarize(traces, settings.output_tokens))
     if figures["completed"] == 0:

@@ -154,17 +154,22 @@ async def run_clients(
 
 
 async def timed_run(
-    base_url: str, warm_up_body: dict, bodies: list[dict], clients: int, max_seconds: float
+    base_url: str, warm_up_bodies: list[dict], bodies: list[dict], clients: int, max_seconds: float
 ) -> list[RequestTrace]:
-    """One untimed warm-up request, then every body sent by `clients` clients. The warm-up's prompt
-    is none of the timed ones, so that a server that reuses cached prompt prefixes gains nothing."""
+    """Untimed warm-up requests, one per client and all at once (the server's first batch, its
+    connections and whatever it sets up on first use are not timed), then every body sent by
+    `clients` clients. The warm-ups' prompts are none of the timed ones, so that a server that reuses
+    cached prompt prefixes gains nothing."""
     url = f"{base_url}/v1/completions"
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(max_seconds)) as client:
-        warm_up = RequestTrace(-1, time.perf_counter())
-        await stream_request(client, url, warm_up_body, warm_up, time.perf_counter)
-        if not warm_up.completed:
-            raise ServeBenchError(f"the warm-up request failed: {warm_up.error or 'no text streamed'}")
+        warm_ups = [RequestTrace(-1 - i, time.perf_counter()) for i in range(len(warm_up_bodies))]
+        await asyncio.gather(
+            *(stream_request(client, url, body, trace, time.perf_counter) for body, trace in zip(warm_up_bodies, warm_ups))
+        )
+        failed = next((trace for trace in warm_ups if not trace.completed), None)
+        if failed is not None:
+            raise ServeBenchError(f"a warm-up request failed: {failed.error or 'no text streamed'}")
 
         async def send(trace: RequestTrace) -> None:
             await stream_request(client, url, bodies[trace.index], trace, time.perf_counter)

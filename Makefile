@@ -27,7 +27,7 @@ bench: $(VENV_STAMP)
 	$(PY) -m moeforge bench train --preset deepseek-v3-tiny --peers
 	$(PY) -m moeforge bench decode
 	$(PY) -m moeforge bench data
-	$(PY) -m moeforge bench serve
+	$(PY) -m moeforge bench serve --compile --engine-process
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests

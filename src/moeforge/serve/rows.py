@@ -5,9 +5,10 @@ or speculative verifies of the newest token and its drafts. Each request becomes
 only its own context from the paged cache, and rows of similar length share one forward:
 
 - `row_groups` sorts the requests by length and starts a new group where padding every row to the
-  group's longest would add more than `PAD_SLACK` tokens and a quarter of the group: a step of decodes is one group [B, 1], a
-  prefill chunk beside them a second [1, chunk] (a prefill padded to 64 decoding rows would compute
-  64 times their tokens; a forward per request would pay a step's fixed cost per request).
+  group's longest would add more than `PAD_SLACK` tokens and a quarter of the group: a step of
+  decodes is one group [B, 1], a prefill chunk beside them a second [1, chunk] (one decode padded
+  to a 64-token chunk would compute 64 tokens for one; a forward per request would pay a step's
+  fixed cost per request).
 - Within a group, a row's padding tokens (past its own tokens) and padding rows (when the compiled
   forward wants at least two) write their keys and values to the cache's scratch block, which no
   request holds, and read nothing a real token reads: the mask [B, 1, S, T] keeps each query at or

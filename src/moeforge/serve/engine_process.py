@@ -83,16 +83,17 @@ class RemoteEngine:
         return self._stats
 
     def close(self) -> None:
-        """Stop the child (it exits when its pipe closes too); waits for it."""
+        """Stop the child and wait for it (killed after 30 s); the pipe is closed after it exits, so
+        that a step it was asked for ahead can still be sent."""
         try:
             self._conn.send(("stop",))
         except (BrokenPipeError, OSError):
             pass
-        self._conn.close()
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        self._conn.close()
 
     def _send(self, call: tuple) -> None:
         try:

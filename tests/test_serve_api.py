@@ -544,6 +544,15 @@ def test_an_engine_process_answers_as_the_engine_in_process_and_its_death_fails_
         with pytest.raises(RequestError, match="^prompt: ") as refused:
             remote.add_request("long", [1] * 10_000, SamplingParams())
         assert refused.value.field == "prompt"
+        # a request added while the child runs a step asked ahead, in which the last request
+        # finishes: the stale "no work" of that step's answer must not stop the stepping
+        remote.add_request("first", list(b"The "), SamplingParams(max_tokens=2, temperature=0))
+        outputs = remote.step()  # the child is asked for the next step before this returns
+        remote.add_request("second", list(b"The "), SamplingParams(max_tokens=3, temperature=0))
+        while remote.has_work:
+            outputs += remote.step()
+        finished = {o.request_id: o.finish_reason for o in outputs if o.finished}
+        assert finished == {"first": "length", "second": "length"}
         with Running(engine=remote) as running:
 
             async def complete_all() -> list[str]:

@@ -27,6 +27,10 @@ from moeforge.errors import first_line
 from moeforge.serve.requests import EngineConfig, EngineStats, RequestError, RequestOutput, SamplingParams
 
 
+STEPS_AHEAD = 1
+"""steps the child is asked for beyond the one whose outputs are being delivered"""
+
+
 class EngineProcessFailed(RuntimeError):
     """The engine process stopped (crashed, or failed on an unexpected exception)."""
 
@@ -46,34 +50,34 @@ class RemoteEngine:
         self._process.start()
         child_conn.close()
         self.config = config
+        self._stats, self._has_work = EngineStats(), False  # as of the child's answer received last
+        self._steps_outstanding = 0  # steps asked for whose answers have not arrived
+        self._early_steps: deque[dict] = deque()  # step answers that came before an awaited "added"
         ready = self._next("ready")  # the model loaded (and its step compiled): its limits
         self.max_seq_len: int = ready["max_seq_len"]
         self.lookahead: int = ready["lookahead"]
-        self._stats: EngineStats = ready["stats"]
-        self._has_work = False
-        self._step_asked = False
-        self._early_steps: deque[dict] = deque()  # step answers that came before an awaited "added"
 
     def add_request(self, request_id: str, prompt_tokens: list[int], params: SamplingParams) -> None:
         self._send(("add", request_id, prompt_tokens, params))
-        self._stats = self._next("added")["stats"]
-        self._has_work = True
+        self._next("added")
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))  # no answer: the child applies it before its next step
 
     def step(self) -> list[RequestOutput]:
-        """The next step's outputs. The child is asked for the step after it before these are
-        returned, so that it computes while they are delivered and written (a paused `AsyncEngine`
-        stops asking: at most that one step runs ahead)."""
-        if not self._step_asked:
-            self._send(("step",))
-        answer = self._next("stepped")
-        self._stats, self._has_work = answer["stats"], answer["has_work"]
-        self._step_asked = self._has_work
-        if self._step_asked:
-            self._send(("step",))
-        return answer["outputs"]
+        """The next step's outputs. While the child has work it is asked for the steps after this
+        one (`STEPS_AHEAD`) before these outputs are returned, so that it computes while they are
+        delivered and written; a paused `AsyncEngine` stops asking."""
+        if not self._early_steps and self._steps_outstanding == 0:
+            self._ask_step()
+        outputs = self._next("stepped")["outputs"]
+        while self._has_work and self._steps_outstanding < STEPS_AHEAD:
+            self._ask_step()
+        return outputs
+
+    def _ask_step(self) -> None:
+        self._send(("step",))
+        self._steps_outstanding += 1
 
     @property
     def has_work(self) -> bool:
@@ -115,6 +119,12 @@ class RemoteEngine:
                 raise EngineProcessFailed(
                     f"the engine process exited (code {self._process.exitcode})"
                 ) from None
+            if isinstance(payload, dict) and "stats" in payload:
+                # the child answers in the order it works, so the answer received last tells its
+                # state now (an answer kept for later must not overwrite it)
+                self._stats, self._has_work = payload["stats"], payload["has_work"]
+            if got == "stepped":
+                self._steps_outstanding -= 1
             if got == kind:
                 return payload
             if got == "stepped":
@@ -140,12 +150,8 @@ def _engine_main(conn: Connection, checkpoint: str, device: str, config: EngineC
         except RequestError as err:
             conn.send(("request_error", err))
             return
-        conn.send(
-            (
-                "ready",
-                {"max_seq_len": engine.max_seq_len, "lookahead": engine.lookahead, "stats": engine.stats()},
-            )
-        )
+        limits = {"max_seq_len": engine.max_seq_len, "lookahead": engine.lookahead}
+        conn.send(("ready", {**limits, "stats": engine.stats(), "has_work": engine.has_work}))
         _serve_calls(conn, engine)
     except BaseException as err:  # noqa: BLE001 -- report, never leave the parent waiting
         traceback.print_exc()
@@ -172,7 +178,7 @@ def _serve_calls(conn: Connection, engine) -> None:
             except RequestError as err:
                 conn.send(("request_error", err))
                 continue
-            conn.send(("added", {"stats": engine.stats()}))
+            conn.send(("added", {"stats": engine.stats(), "has_work": engine.has_work}))
         elif kind == "step":
             outputs = engine.step()
             conn.send(("stepped", {"outputs": outputs, "stats": engine.stats(), "has_work": engine.has_work}))

@@ -124,7 +124,7 @@ def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 
 def compile_mode(device: torch.device) -> str:
-    """ "reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
+    """"reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
     kernel launch costs host time; inductor's default elsewhere (CPU: generated C++ kernels)."""
     return "reduce-overhead" if device.type == "cuda" else "default"
 

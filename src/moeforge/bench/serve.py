@@ -77,6 +77,10 @@ class ServeBenchSettings:
     engine_process: bool = False
     """moeforge's servers run `serve --engine-process` (the engine in a process of its own)"""
 
+    def moeforge_flags(self) -> list[str]:
+        """The flags every moeforge server of the run gets (beyond its limits and --speculative)."""
+        return ["--compile"] * self.compile + ["--engine-process"] * self.engine_process
+
     @property
     def n_requests(self) -> int:
         return self.requests if self.requests is not None else 8 * self.clients
@@ -168,7 +172,7 @@ def _server_case(case: str, model: ServedModel, settings: ServeBenchSettings) ->
     if case == BASELINE:
         return transformers_case(model, port)
     positions = settings.prompt_tokens + settings.output_tokens
-    flags = ["--compile"] * settings.compile + ["--engine-process"] * settings.engine_process
+    flags = settings.moeforge_flags()
     return moeforge_case(model, port, settings.clients, positions, case == "speculative", flags)
 
 
@@ -277,10 +281,11 @@ def format_table(result: dict[str, Any]) -> str:
     over the repeats), speculation's figures, requests completed and texts equal to moeforge's."""
     s = result["settings"]
     loads = [load[0] for load in result["load_average"]]
+    flags = " ".join(ServeBenchSettings(**s).moeforge_flags())
     lines = [
         f"bench serve: {s['clients']} clients, {result['requests']} requests of {s['prompt_tokens']} "
         f"prompt + {s['output_tokens']} output tokens (greedy, end token ignored), {s['threads']} torch thread(s) "
-        f"per server, {s['repeats']} repeat(s); moeforge serve {_flags(s) or 'without flags'}; "
+        f"per server, {s['repeats']} repeat(s); moeforge serve {flags or 'without flags'}; "
         f"model: {result['model']}; load average {min(loads):.1f}-{max(loads):.1f}",
         f"{'server':<24} {'output tok/s (range)':>22} {'vs transformers':>20} {'TTFT p50/p99 ms':>17} "
         f"{'ITL p50/p99 ms':>16} {'TPOT p50 ms':>11} {'accept':>7} {'tok/round':>9} {'done':>7} {'same text':>9}",
@@ -296,17 +301,6 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += [f"{LABELS[case]:<24} skipped: {reason}" for case, reason in result["skipped"].items()]
     return "\n".join(lines)
-
-
-def _flags(settings: dict[str, Any]) -> str:
-    return " ".join(
-        flag
-        for flag, on in (
-            ("--compile", settings.get("compile")),
-            ("--engine-process", settings.get("engine_process")),
-        )
-        if on
-    )
 
 
 def _ratio(ratio: dict[str, float] | None, case: str) -> str:

@@ -28,7 +28,8 @@ import torch
 from moeforge import checkpoint as ckpt
 from moeforge import run
 from moeforge.bench.serve_client import ServeBenchError
-from moeforge.config import config_from_dict, load_config
+from moeforge.checkpoint.model_loading import load_config_and_tokenizer
+from moeforge.config import load_config
 from moeforge.data.tokenizer import Tokenizer
 from moeforge.interop.convert import checkpoint_to_hf
 from moeforge.model.transformer import Transformer
@@ -75,12 +76,11 @@ def prepare_model(checkpoint: str | None, preset: str, seed: int, workdir: Path)
         )
     else:
         checkpoint_path, description = ckpt.resolve_checkpoint(checkpoint), checkpoint
-    cfg = config_from_dict(ckpt.read_meta(checkpoint_path).config)
+    cfg, tokenizer = load_config_and_tokenizer(checkpoint_path)
     hf_dir = workdir / "hf"
     checkpoint_to_hf(checkpoint_path, hf_dir)
     if not (hf_dir / run.TOKENIZER_FILE).exists():
         write_byte_tokenizer(hf_dir)
-    tokenizer = run.tokenizer_for_run(checkpoint_path.parent.parent, cfg)
     return ServedModel(
         checkpoint_path, hf_dir, tokenizer, cfg.model.max_seq_len, cfg.model.mtp_depth, description
     )

@@ -25,6 +25,13 @@ class LoadedModel:
     step: int
 
 
+def load_config_and_tokenizer(checkpoint: Path) -> tuple[Config, Tokenizer]:
+    """A resolved checkpoint's config and its run's tokenizer, without reading the weights (a server
+    whose engine loads the model in another process)."""
+    cfg = config_from_dict(read_meta(checkpoint).config)
+    return cfg, tokenizer_for_run(checkpoint.parent.parent, cfg)
+
+
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
     """`path` is a run directory (its newest checkpoint is used) or one checkpoint directory."""
     checkpoint = resolve_checkpoint(path)

@@ -82,9 +82,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     except ImportError as err:  # fastapi, uvicorn, jinja2 or prometheus_client missing
         raise ConfigError(f"serve: needs {err.name}; allowed: pip install 'moeforge[serve]'") from None
     from moeforge.checkpoint.discovery import resolve_checkpoint
-    from moeforge.checkpoint.meta import read_meta
-    from moeforge.config import config_from_dict
-    from moeforge.run import tokenizer_for_run
+    from moeforge.checkpoint.model_loading import load_config_and_tokenizer
     from moeforge.serve.engine_process import RemoteEngine
     from moeforge.infer import load_model
     from moeforge.infer.generate import generation_device
@@ -117,8 +115,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     template = load_chat_template(run_dir)  # a broken template is reported before the model is loaded
     name = args.model_name or run_dir.resolve().name
     if args.engine_process:
-        cfg = config_from_dict(read_meta(checkpoint).config)
-        tokenizer = tokenizer_for_run(run_dir, cfg)
+        _, tokenizer = load_config_and_tokenizer(checkpoint)
         engine = RemoteEngine(checkpoint, str(device), config)
     else:
         loaded = load_model(checkpoint, device)

@@ -193,6 +193,8 @@ class StepForward:
         self._forward = forward
 
     def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:
+        if not self.compiled:
+            return self._forward(model, batch.tokens, batch.positions, batch.slots)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return self._forward(model, batch.tokens, batch.positions, batch.slots)
 

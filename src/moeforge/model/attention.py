@@ -318,21 +318,42 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
             [self.nope_dim, self.v_dim], dim=1
         )
-        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)  # [B, H, S, r + rope]
+        # per head, not through a broadcast matmul, which would copy W^UK out once per request
+        q = torch.cat([torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk), q_rope], dim=-1)  # [B, H, S, r + rope]
         batch, heads, seq, width = q.shape
         # Every head reads the same keys (one latent per position, MQA-like), so the heads become
         # query rows of a single head: one [H*S, r + rope] x [r + rope, T] product per request,
         # where SDPA's grouped-query path would first copy the keys and values out to every head.
-        rows = q.reshape(batch, 1, heads * seq, width)
-        row_mask = mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).reshape(mask.shape[0], 1, heads * seq, -1)
-        keys = cached.unsqueeze(1)
-        values = keys[..., : self.kv_lora_rank]
-        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=row_mask, scale=self.scale)
-        return out.view(batch, heads, seq, self.kv_lora_rank) @ w_uv.transpose(1, 2)
+        rows = q.reshape(batch, heads * seq, width)
+        row_mask = mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).reshape(mask.shape[0], heads * seq, -1)
+        values = cached[..., : self.kv_lora_rank]
+        if cached.device.type == "cpu":
+            out = latent_attention_cpu(rows, cached, values, row_mask, self.scale)
+        else:
+            heads_of = (rows.unsqueeze(1), cached.unsqueeze(1), values.unsqueeze(1))  # one head each
+            out = F.scaled_dot_product_attention(*heads_of, attn_mask=row_mask.unsqueeze(1), scale=self.scale)
+            out = out.squeeze(1)
+        return torch.einsum("bhsr,hvr->bhsv", out.view(batch, heads, seq, self.kv_lora_rank), w_uv)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
         self.cache = LatentCache(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype, device)
         return self.cache
+
+
+def latent_attention_cpu(
+    rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(scale * rows keys^T where `mask` allows) values, [B, R, r], for query rows [B, R, w],
+    keys [B, T, w], values [B, T, r] and mask [B or 1, R, T] (every row allows at least one key).
+
+    The CPU's SDPA takes its math path here (MLA's keys and values differ in width), and the
+    compiler lowers a masked SDPA to the same math: rows x keys^T, for which it copies the keys out
+    transposed at every step (the whole context, gathered from the paged cache). The scores are
+    computed as keys x rows^T [B, T, R] instead, which reads the keys as they lie.
+    """
+    scores = torch.bmm(keys, rows.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))
+    return torch.bmm(torch.softmax(scores, dim=1).transpose(1, 2), values)
 
 
 def pads_mla_values(device_type: str) -> bool:

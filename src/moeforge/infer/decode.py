@@ -123,22 +123,30 @@ def _rows(weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return weights.index_select(0, chosen.reshape(-1)).view(*chosen.shape, *weights.shape[1:])
 
 
-def compile_mode(device: torch.device) -> str:
-    """"reduce-overhead" on CUDA: the step is recorded once as a CUDA graph and replayed, so no
-    kernel launch costs host time; inductor's default elsewhere (CPU: generated C++ kernels)."""
-    return "reduce-overhead" if device.type == "cuda" else "default"
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
+"""inductor's options for a step compiled on the CPU: its C++ kernels called from a generated C++
+wrapper instead of Python. A small model's step calls a hundred small kernels, and calling each from
+Python is a sizeable share of the step (docs/benchmarks/serve.md); the wrapper compiles a few seconds
+longer."""
+
+
+def compile_settings(device_type: str) -> dict:
+    """`torch.compile`'s mode or options for a decoding step on this device type: on CUDA
+    "reduce-overhead", the step recorded once as a CUDA graph and replayed, so no kernel launch costs
+    host time; on the CPU `CPU_COMPILE_OPTIONS`."""
+    return {"mode": "reduce-overhead"} if device_type == "cuda" else {"options": CPU_COMPILE_OPTIONS}
 
 
 @functools.cache
-def _compiled(mode: str) -> DecodeStep:
+def _compiled(device_type: str) -> DecodeStep:
     # fullgraph: a graph break would be a host round trip inside the step; better an error.
     # dynamic=False: one specialised graph per batch size and cache length (a run has one of each).
-    return torch.compile(decode_forward, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(decode_forward, fullgraph=True, dynamic=False, **compile_settings(device_type))
 
 
 def decode_step(compile: bool, device: torch.device) -> DecodeStep:
     """`decode_forward`, or its compiled form for `device` (compiled at its first call, then cached)."""
-    return _compiled(compile_mode(device)) if compile else decode_forward
+    return _compiled(device.type) if compile else decode_forward
 
 
 def steady_state(compile: bool) -> contextlib.AbstractContextManager:

@@ -60,7 +60,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, config.block_size, config.max_batch, config.max_step_tokens
         )
-        self.forward = StepForward(config.compile)
+        self.forward = StepForward(config.compile, self.device)
         self.scratch_block = config.cache_blocks  # one block past the pool's: where padding writes
         self.speculator = (
             Speculator(model, config.block_size, self.scratch_block, self.forward.min_rows)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeforge.infer.decode import grouped_moe_output, moe_output
+from moeforge.infer.decode import CPU_COMPILE_OPTIONS, grouped_moe_output, moe_output
 from moeforge.model.attention import CacheSlots
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Transformer
@@ -181,15 +181,17 @@ class StepForward:
     make their own graph) and the MoE path (`ffn_output`: gathered or grouped experts).
     `warm_up` compiles those graphs before the first request, with duck sizing off: two sizes that
     happen to be equal when a graph is traced (a prefill's row length and its context) are not
-    assumed equal, which would recompile later.
+    assumed equal, which would recompile later. On the CPU the graphs' kernels are called from C++
+    (`CPU_COMPILE_OPTIONS`).
     """
 
-    def __init__(self, compile: bool):
+    def __init__(self, compile: bool, device: torch.device):
         self.compiled = compile
         self.min_rows = 2 if compile else 1
         forward: Callable = rows_forward
         if compile:
-            forward = torch.compile(rows_forward, dynamic=True, fullgraph=True)
+            options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
+            forward = torch.compile(rows_forward, dynamic=True, fullgraph=True, options=options)
         self._forward = forward
 
     def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:

@@ -14,7 +14,8 @@ from test_moe_layer import config, make_layer
 from moeforge.infer.decode import grouped_moe_output, moe_output
 from moeforge.serve.engine import Engine
 from moeforge.serve.requests import EngineConfig, SamplingParams
-from moeforge.serve.rows import PAD_SLACK, Segment, row_batch, row_groups
+from moeforge.serve.paged_cache import attach_paged_caches
+from moeforge.serve.rows import PAD_SLACK, Row, Segment, forward_segments, group_rows, row_batch, row_groups, rows_forward
 
 
 @settings(max_examples=200, deadline=None)
@@ -41,7 +42,8 @@ def test_row_batch_reads_and_writes_what_a_loop_over_tokens_gives():
     token writes after it."""
     block, scratch = 4, 9
     segments = [Segment([5, 6, 7], 5, [3, 1]), Segment([8], 2, [0]), Segment([9, 9], 0, [2])]
-    batch = row_batch(segments, [0, 1, 2], block, scratch, torch.device("cpu"), min_rows=4)
+    whole = [Row(i, 0, len(s.tokens)) for i, s in enumerate(segments)]
+    batch = row_batch(segments, whole, block, scratch, torch.device("cpu"), min_rows=4)
     positions, slots = batch.positions, batch.slots
     rows, length = batch.tokens.shape
     assert (rows, length) == (4, 3) and slots.read.shape == (4, 8)  # context: the longest end, 8
@@ -58,6 +60,36 @@ def test_row_batch_reads_and_writes_what_a_loop_over_tokens_gives():
             else:
                 assert written[r, j] // block == scratch
                 assert len(visible) >= 1  # never an empty mask row (NaNs)
+
+
+def test_a_lone_prefill_chunk_is_split_over_rows_and_a_lone_decode_is_not():
+    segments = [Segment(list(range(7)), 3, [0, 1, 2]), Segment([5], 9, [3, 4, 5])]
+    assert group_rows(segments, [0], 2) == [Row(0, 0, 4), Row(0, 4, 7)]
+    assert group_rows(segments, [1], 2) == [Row(1, 0, 1)]
+    assert group_rows(segments, [0, 1], 2) == [Row(0, 0, 7), Row(1, 0, 1)]
+    assert group_rows(segments, [0], 1) == [Row(0, 0, 7)]
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_a_prefill_chunk_split_over_two_rows_computes_what_one_row_computes(attention):
+    """The second row reads the keys and values the first writes in the same forward."""
+    model = model_of(attention)
+    block, scratch = 4, 8
+    attach_paged_caches(model, scratch + 1, block, with_mtp=False)
+    segment = Segment([3, 1, 4, 1, 5, 9, 2, 6, 5], 0, [2, 0, 5])
+    shapes = []
+
+    def forward(batch):
+        shapes.append(tuple(batch.tokens.shape))
+        return rows_forward(model, batch.tokens, batch.positions, batch.slots)
+
+    with torch.no_grad():
+        (whole,) = forward_segments([segment], forward, block, scratch, torch.device("cpu"), min_rows=1)
+        (split,) = forward_segments([segment], forward, block, scratch, torch.device("cpu"), min_rows=2)
+        reference = model(torch.tensor([segment.tokens])).hidden
+    assert shapes == [(1, 9), (2, 5)]
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole, reference[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

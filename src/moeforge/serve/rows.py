@@ -9,6 +9,8 @@ only its own context from the paged cache, and rows of similar length share one 
   decodes is one group [B, 1], a prefill chunk beside them a second [1, chunk] (one decode padded
   to a 64-token chunk would compute 64 tokens for one; a forward per request would pay a step's
   fixed cost per request).
+- A prefill chunk alone in its group is split over two rows of consecutive tokens (`group_rows`)
+  where the compiled forward, which wants at least two rows, would compute a padding row as long.
 - Within a group, a row's padding tokens (past its own tokens) and padding rows (when the compiled
   forward wants at least two) write their keys and values to the cache's scratch block, which no
   request holds, and read nothing a real token reads: the mask [B, 1, S, T] keeps each query at or
@@ -49,21 +51,35 @@ class Segment:
     def end(self) -> int:
         return self.start + len(self.tokens)
 
+    def piece(self, start: int, stop: int) -> Segment:
+        """Its tokens start..stop-1, at their positions."""
+        return Segment(self.tokens[start:stop], self.start + start, self.table)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a forward: tokens start..stop-1 of the step's segment `member` (a whole segment,
+    or a piece of a prefill chunk split over several rows: `group_rows`)."""
+
+    member: int
+    start: int
+    stop: int
+
 
 @dataclass
 class RowBatch:
-    """Some segments of a step as rows: `members` (indices into the step's segments, in row order),
-    tokens and positions [B, S] (B >= len(members): padding rows last) and their `CacheSlots`."""
+    """Some segments of a step as rows: `rows` (in row order), tokens and positions [B, S] (B >=
+    len(rows): padding rows last) and their `CacheSlots`."""
 
-    members: list[int]
+    rows: list[Row]
     tokens: torch.Tensor
     positions: torch.Tensor
     slots: CacheSlots
 
-    def rows_of(self, hidden: torch.Tensor, member: int, length: int) -> torch.Tensor:
-        """The first `length` rows [length, dim] of row `member` in `hidden` [B * S, dim]."""
-        start = member * self.tokens.shape[1]
-        return hidden[start : start + length]
+    def rows_of(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """Row `index`'s outputs in `hidden` [B * S, dim]: [its tokens, dim]."""
+        start = index * self.tokens.shape[1]
+        return hidden[start : start + self.rows[index].stop - self.rows[index].start]
 
 
 def row_groups(lengths: list[int], slack: int = PAD_SLACK) -> list[list[int]]:
@@ -83,21 +99,35 @@ def row_groups(lengths: list[int], slack: int = PAD_SLACK) -> list[list[int]]:
     return groups
 
 
+def group_rows(segments: list[Segment], group: list[int], min_rows: int) -> list[Row]:
+    """The rows of a group of segments (`row_groups`): one per segment, except that a segment alone in
+    its group with several tokens (a prefill chunk) is split into up to `min_rows` rows of
+    consecutive tokens, where a compiled forward would otherwise compute padding rows as long as it.
+    A later piece reads the keys and values the earlier ones write: every attention layer writes the
+    forward's tokens into the cache before any row reads its context."""
+    if len(group) >= min_rows or len(segments[group[0]].tokens) == 1:
+        return [Row(member, 0, len(segments[member].tokens)) for member in group]
+    (member,) = group
+    length = len(segments[member].tokens)
+    size = -(-length // min_rows)
+    return [Row(member, start, min(start + size, length)) for start in range(0, length, size)]
+
+
 def _tensor(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def row_batch(
     segments: list[Segment],
-    members: list[int],
+    rows: list[Row],
     block_size: int,
     scratch: int,
     device: torch.device,
     min_rows: int = 1,
 ) -> RowBatch:
-    """Segments `members` as rows [B, S], S their longest, B = max(len(members), min_rows); padding
-    tokens and rows write to and read the scratch block `scratch`, hidden by the mask."""
-    chosen = [segments[m] for m in members]
+    """`rows` of `segments` as [B, S], S their longest, B = max(len(rows), min_rows); padding tokens
+    and rows write to and read the scratch block `scratch`, hidden by the mask."""
+    chosen = [segments[row.member].piece(row.start, row.stop) for row in rows]
     length = max(len(s.tokens) for s in chosen)
     chosen += [Segment([], 0, [])] * (min_rows - len(chosen))
     # T: the longest context (padding reads within it), at least 2: a compiled step would make a graph
@@ -121,7 +151,7 @@ def row_batch(
     mask = torch.arange(context, device=device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
     written = torch.where(real, read.gather(1, positions), scratch * block_size).reshape(-1)
     tokens = _tensor([s.tokens + [0] * (length - len(s.tokens)) for s in chosen], device)
-    return RowBatch(members, tokens, positions, CacheSlots(written, mask.unsqueeze(1), read))
+    return RowBatch(rows, tokens, positions, CacheSlots(written, mask.unsqueeze(1), read))
 
 
 def forward_segments(
@@ -133,14 +163,14 @@ def forward_segments(
     min_rows: int = 1,
 ) -> list[torch.Tensor]:
     """Each segment's outputs [its tokens, dim], in order: `forward(batch)` [B * S, dim] runs once per
-    group of rows (`row_groups`)."""
-    outputs: list[torch.Tensor] = [torch.empty(0)] * len(segments)
+    group of segments (`row_groups`), each as rows (`group_rows`)."""
+    pieces: list[list[torch.Tensor]] = [[] for _ in segments]
     for group in row_groups([len(s.tokens) for s in segments]):
-        batch = row_batch(segments, group, block_size, scratch, device, min_rows)
+        batch = row_batch(segments, group_rows(segments, group, min_rows), block_size, scratch, device, min_rows)
         out = forward(batch)
-        for row, member in enumerate(group):
-            outputs[member] = batch.rows_of(out, row, len(segments[member].tokens))
-    return outputs
+        for index, row in enumerate(batch.rows):
+            pieces[row.member].append(batch.rows_of(out, index))
+    return [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in pieces]
 
 
 def rows_forward(
@@ -210,7 +240,8 @@ class StepForward:
         with torch.inference_mode():  # as the engine's steps: a tensor's inference flag is part of a graph's guards
             for rows, length in warm_up_shapes(model, max_batch):
                 segments = [Segment([0] * length, 2, []) for _ in range(rows)]
-                self(model, row_batch(segments, list(range(rows)), block_size, scratch, device, self.min_rows))
+                whole = [Row(i, 0, length) for i in range(rows)]
+                self(model, row_batch(segments, whole, block_size, scratch, device, self.min_rows))
 
 
 def warm_up_shapes(model: Transformer, max_batch: int) -> list[tuple[int, int]]:

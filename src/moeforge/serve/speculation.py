@@ -103,8 +103,8 @@ class Speculator:
 
         def forward(batch: RowBatch) -> torch.Tensor:
             x = inputs[0].new_zeros(*batch.tokens.shape, inputs[0].shape[-1])  # h^{k-1}; zero on padding
-            for row, member in enumerate(batch.members):
-                x[row, : len(inputs[member])] = inputs[member]
+            for index, row in enumerate(batch.rows):
+                x[index, : row.stop - row.start] = inputs[row.member][row.start : row.stop]
             out, _ = module(
                 x, model.tok_embeddings(batch.tokens), *model.rope_at(batch.positions), batch.slots
             )

@@ -15,7 +15,16 @@ from moeforge.infer.decode import grouped_moe_output, moe_output
 from moeforge.serve.engine import Engine
 from moeforge.serve.requests import EngineConfig, SamplingParams
 from moeforge.serve.paged_cache import attach_paged_caches
-from moeforge.serve.rows import PAD_SLACK, Row, Segment, forward_segments, group_rows, row_batch, row_groups, rows_forward
+from moeforge.serve.rows import (
+    PAD_SLACK,
+    Row,
+    Segment,
+    StepForward,
+    forward_segments,
+    group_rows,
+    row_batch,
+    row_groups,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,7 +90,7 @@ def test_a_prefill_chunk_split_over_two_rows_computes_what_one_row_computes(atte
 
     def forward(batch):
         shapes.append(tuple(batch.tokens.shape))
-        return rows_forward(model, batch.tokens, batch.positions, batch.slots)
+        return StepForward(compile=False, device=torch.device("cpu"))(model, batch)
 
     with torch.no_grad():
         (whole,) = forward_segments([segment], forward, block, scratch, torch.device("cpu"), min_rows=1)

@@ -23,6 +23,7 @@ trainer's blocks over `CacheSlots` (`rows_forward`); `StepForward` runs it eager
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,12 +70,23 @@ class Row:
 @dataclass
 class RowBatch:
     """Some segments of a step as rows: `rows` (in row order), tokens and positions [B, S] (B >=
-    len(rows): padding rows last) and their `CacheSlots`."""
+    len(rows): padding rows last), the rows' block tables [B, blocks] and real token counts [B, 1],
+    and the context T each row reads. `slots` derives the `CacheSlots` from them; the compiled
+    forward derives them inside its graph (`rows_forward`), where that arithmetic fuses with the
+    kernels that read them instead of running as a dozen small operations before each forward."""
 
     rows: list[Row]
     tokens: torch.Tensor
     positions: torch.Tensor
-    slots: CacheSlots
+    tables: torch.Tensor
+    counts: torch.Tensor
+    context: int
+    block_size: int
+    scratch: int
+
+    @property
+    def slots(self) -> CacheSlots:
+        return row_slots(self.positions, self.tables, self.counts, self.context, self.block_size, self.scratch)
 
     def rows_of(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """Row `index`'s outputs in `hidden` [B * S, dim]: [its tokens, dim]."""
@@ -126,32 +138,42 @@ def row_batch(
     min_rows: int = 1,
 ) -> RowBatch:
     """`rows` of `segments` as [B, S], S their longest, B = max(len(rows), min_rows); padding tokens
-    and rows write to and read the scratch block `scratch`, hidden by the mask."""
+    and rows write to and read the scratch block `scratch`, hidden by the mask (`row_slots`)."""
     chosen = [segments[row.member].piece(row.start, row.stop) for row in rows]
     length = max(len(s.tokens) for s in chosen)
     chosen += [Segment([], 0, [])] * (min_rows - len(chosen))
     # T: the longest context (padding reads within it), at least 2: a compiled step would make a graph
     # of its own for a context of one position
     context = max(max(s.end for s in chosen), 2)
-    blocks = -(-context // block_size)
-    tables = _tensor(
-        [s.table[:blocks] + [scratch] * (blocks - len(s.table[:blocks])) for s in chosen], device
+    blocks = max(-(-context // block_size), 2)  # tables of one block would make a graph of their own too
+    tables = [s.table[:blocks] + [scratch] * (blocks - len(s.table[:blocks])) for s in chosen]
+    # a padding token takes its row's last position (so its position stays within the context the
+    # model was built for) and reads what that token reads: never an empty mask row
+    positions = [[s.start + min(j, max(len(s.tokens) - 1, 0)) for j in range(length)] for s in chosen]
+    tokens = [s.tokens + [0] * (length - len(s.tokens)) for s in chosen]
+    counts = [[len(s.tokens)] for s in chosen]
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return RowBatch(
+        rows, as_tensor(tokens), as_tensor(positions), as_tensor(tables), as_tensor(counts), context, block_size, scratch
     )
+
+
+def row_slots(
+    positions: torch.Tensor, tables: torch.Tensor, counts: torch.Tensor, context: int, block_size: int, scratch: int
+) -> CacheSlots:
+    """Where rows of tokens at `positions` [B, S] write and what they read, for block tables [B, blocks]
+    and real token counts [B, 1]: each row reads its table's first `context` positions, in order,
+    each token those up to its own position; its real tokens write at their positions, padding
+    tokens at the scratch block."""
+    batch, length = positions.shape
     # the rows of a request's positions: table[p // block_size] * block_size + p % block_size
-    read = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(chosen), -1)
-    read = read[:, :context].contiguous()  # [B, T]
-    offsets = torch.arange(length, device=device)[None, :]
-    counts = _tensor([len(s.tokens) for s in chosen], device)[:, None]
-    real = offsets < counts  # [B, S]
-    # a padding token takes its row's last position (so its position stays within the context
-    # the model was built for) and reads what that token reads: never an empty mask row
-    positions = _tensor([s.start for s in chosen], device)[:, None] + offsets.minimum(
-        (counts - 1).clamp(min=0)
-    )
-    mask = torch.arange(context, device=device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    context_positions = torch.arange(context, device=tables.device)
+    in_table = (context_positions // block_size)[None, :].expand(batch, -1)
+    read = tables.gather(1, in_table) * block_size + context_positions % block_size  # [B, T]
+    mask = torch.arange(context, device=tables.device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    real = torch.arange(length, device=tables.device)[None, :] < counts  # [B, S]
     written = torch.where(real, read.gather(1, positions), scratch * block_size).reshape(-1)
-    tokens = _tensor([s.tokens + [0] * (length - len(s.tokens)) for s in chosen], device)
-    return RowBatch(rows, tokens, positions, CacheSlots(written, mask.unsqueeze(1), read))
+    return CacheSlots(written, mask.unsqueeze(1), read)
 
 
 def forward_segments(
@@ -174,10 +196,19 @@ def forward_segments(
 
 
 def rows_forward(
-    model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, slots: CacheSlots
+    model: Transformer,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    tables: torch.Tensor,
+    counts: torch.Tensor,
+    context: int,
+    block_size: int,
+    scratch: int,
 ) -> torch.Tensor:
-    """The main model's final normalised hidden states [B * S, dim] of tokens [B, S] at positions
-    [B, S] (what its output head reads), writing their keys and values into the paged caches."""
+    """The main model's final normalised hidden states [B * S, dim] of the rows of a `RowBatch` (its
+    fields, tokens [B, S] first), what its output head reads, writing their keys and values into the
+    paged caches."""
+    slots = row_slots(positions, tables, counts, context, block_size, scratch)
     cos, sin = model.rope_at(positions)
     h = model.tok_embeddings(tokens)
     for block in model.layers:
@@ -225,10 +256,11 @@ class StepForward:
         self._forward = forward
 
     def __call__(self, model: Transformer, batch: RowBatch) -> torch.Tensor:
+        inputs = (batch.tokens, batch.positions, batch.tables, batch.counts, batch.context, batch.block_size, batch.scratch)
         if not self.compiled:
-            return self._forward(model, batch.tokens, batch.positions, batch.slots)
+            return self._forward(model, *inputs)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._forward(model, batch.tokens, batch.positions, batch.slots)
+            return self._forward(model, *inputs)
 
     def warm_up(self, model: Transformer, block_size: int, scratch: int, max_batch: int) -> None:
         """Compile every graph the steps can take (nothing when eager), on rows that only touch the

@@ -27,9 +27,10 @@ from moeforge.serve.paged_cache import blocks_for
 from moeforge.serve.requests import SamplingParams, TokenLogprob
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One request as the engine tracks it."""
+    """One request as the engine tracks it (compared by identity: the scheduler looks requests up in
+    its lists at every step)."""
 
     request_id: str
     arrival: int

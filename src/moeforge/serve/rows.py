@@ -23,7 +23,6 @@ trainer's blocks over `CacheSlots` (`rows_forward`); `StepForward` runs it eager
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,10 +151,8 @@ def row_batch(
     positions = [[s.start + min(j, max(len(s.tokens) - 1, 0)) for j in range(length)] for s in chosen]
     tokens = [s.tokens + [0] * (length - len(s.tokens)) for s in chosen]
     counts = [[len(s.tokens)] for s in chosen]
-    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return RowBatch(
-        rows, as_tensor(tokens), as_tensor(positions), as_tensor(tables), as_tensor(counts), context, block_size, scratch
-    )
+    tensors = [_tensor(values, device) for values in (tokens, positions, tables, counts)]
+    return RowBatch(rows, *tensors, context, block_size, scratch)
 
 
 def row_slots(

@@ -167,7 +167,7 @@ def row_slots(
     context_positions = torch.arange(context, device=tables.device)
     in_table = (context_positions // block_size)[None, :].expand(batch, -1)
     read = tables.gather(1, in_table) * block_size + context_positions % block_size  # [B, T]
-    mask = torch.arange(context, device=tables.device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    mask = context_positions[None, None, :] <= positions[:, :, None]  # [B, S, T]
     real = torch.arange(length, device=tables.device)[None, :] < counts  # [B, S]
     written = torch.where(real, read.gather(1, positions), scratch * block_size).reshape(-1)
     return CacheSlots(written, mask.unsqueeze(1), read)

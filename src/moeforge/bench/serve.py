@@ -48,11 +48,7 @@ from moeforge.config import ConfigError, available_presets
 CASES = ("moeforge", "speculative", "transformers")
 BASELINE = "transformers"
 DEFAULT_PRESET = "deepseek-v3-tiny"
-LABELS = {
-    "moeforge": "moeforge",
-    "speculative": "moeforge --speculative",
-    "transformers": "transformers serve",
-}
+LABELS = {"moeforge": "moeforge", "speculative": "moeforge --speculative", "transformers": "transformers serve"}
 
 
 @dataclass
@@ -90,9 +86,7 @@ class ServeBenchSettings:
         if unknown or not self.cases:
             raise ConfigError(f"--cases: got {','.join(unknown) or 'nothing'}; allowed: {', '.join(CASES)}")
         if self.checkpoint is not None and self.preset is not None:
-            raise ConfigError(
-                "--preset: a fresh model is made only without --checkpoint; give one of the two"
-            )
+            raise ConfigError("--preset: a fresh model is made only without --checkpoint; give one of the two")
         if self.preset is not None and self.preset not in available_presets():
             raise ConfigError(f"--preset: got {self.preset}; allowed: {', '.join(available_presets())}")
         for flag, value in (("--clients", self.clients), ("--requests", self.n_requests),
@@ -106,25 +100,17 @@ class ServeBenchSettings:
 
 def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     settings.validate()
-    result: dict[str, Any] = {
-        "settings": asdict(settings),
-        "requests": settings.n_requests,
-        "cores": os.cpu_count(),
-    }
+    result: dict[str, Any] = {"settings": asdict(settings), "requests": settings.n_requests, "cores": os.cpu_count()}
     result["versions"] = _versions()
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
-        model = prepare_model(
-            settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp)
-        )
+        model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
         _check_fits(model, settings)
         # the timed requests' prompts and, first, one per client for the warm-up
         prompts = fixed_length_prompts(
             model.tokenizer, settings.prompt_tokens, settings.clients + settings.n_requests, settings.seed
         )
         result["model"] = model.description
-        result["skipped"] = (
-            {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
-        )
+        result["skipped"] = {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
         result["load_average"] = [os.getloadavg()]
         runs: dict[str, list[dict[str, Any]]] = {case: [] for case in settings.cases}
         for repeat in range(settings.repeats):
@@ -159,9 +145,7 @@ def _run_repeat(
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
-            result["skipped"][case] = (
-                f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
-            )
+            result["skipped"][case] = f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
             continue
         runs[case].append({"repeat": repeat, **run})
     return traces
@@ -261,11 +245,7 @@ def _check_fits(model: ServedModel, settings: ServeBenchSettings) -> None:
 
 def _missing_peer() -> str | None:
     """Why `transformers serve` cannot run here, or None."""
-    missing = [
-        name
-        for name in ("transformers", "fastapi", "uvicorn", "accelerate")
-        if importlib.util.find_spec(name) is None
-    ]
+    missing = [name for name in ("transformers", "fastapi", "uvicorn", "accelerate") if importlib.util.find_spec(name) is None]
     return f"not installed: {', '.join(missing)} (pip install 'transformers[serving]')" if missing else None
 
 

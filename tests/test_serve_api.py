@@ -465,16 +465,16 @@ def test_a_drain_past_its_timeout_stops_without_the_requests_still_running(capsy
 
 
 def test_an_engine_failure_fails_requests_with_500_instead_of_hanging():
-    class FailingOnStep3(Engine):
+    class FailingOnStep2(Engine):
         steps = 0
 
         def step(self):
             self.steps += 1
-            if self.steps == 3:
+            if self.steps == 2:  # after the step that prefilled and gave the first token
                 raise RuntimeError("boom")
             return super().step()
 
-    with Running(engine=FailingOnStep3(printable_model(), CONFIG, None)) as running, contextlib.redirect_stderr(sys.stdout):
+    with Running(engine=FailingOnStep2(printable_model(), CONFIG, None)) as running, contextlib.redirect_stderr(sys.stdout):
         client = running.client()
         stream = client.completions.create(model=NAME, prompt="a", max_tokens=8, temperature=0, stream=True)
         with pytest.raises(openai.APIError, match="boom"):  # the 200 was sent: an error event ends the stream

@@ -130,6 +130,7 @@ def test_a_compiled_engine_serves_the_eager_engines_tokens_and_compiles_only_whi
     graphs = counters["stats"]["unique_graphs"]
     compiled = serve_all(compiled_engine, requests)
     assert counters["stats"]["unique_graphs"] == graphs  # warm_up compiled every graph the steps took
+    assert max(len(output.new_tokens) for outputs in compiled.values() for output in outputs) > 1  # bursts ran
     for request_id in requests:
         assert new_tokens(compiled[request_id]) == new_tokens(eager[request_id])
         got = [entry.logprob for output in compiled[request_id] for entry in output.logprobs]

@@ -14,7 +14,7 @@ from moeforge.cli.arguments import reject_extra
 from moeforge.config import ConfigError, field_docs
 
 API_KEY_ENV = "MOEFORGE_API_KEY"
-ENGINE_FLAGS = ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting")
+ENGINE_FLAGS = ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting", "decode_steps")
 """EngineConfig fields given as flags (--max-batch N ...), with its defaults and docstrings"""
 
 

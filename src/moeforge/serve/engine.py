@@ -10,7 +10,9 @@ through the model as rows over the paged cache, one forward per group of similar
 compiled with `EngineConfig.compile`), and each request
 whose fed tokens reach its newest one samples its next token with its own generator — so a seeded
 request produces the same tokens whatever else shares its batch — or, when speculating, keeps the
-drafts the model accepts (`speculation.py`). Log-probabilities are the model's log-softmax, before
+drafts the model accepts (`speculation.py`). While every running request decodes and no waiting one
+could join, a step runs several forwards, each feeding back the tokens the last chose
+(`decode_burst.py`). Log-probabilities are the model's log-softmax, before
 temperature and filtering: the trainer's forward gives the same numbers.
 
 Not thread-safe: one thread calls everything (`async_engine.py` owns that thread for the server).
@@ -25,6 +27,7 @@ import torch
 from moeforge.infer.generate import token_probabilities
 from moeforge.model.transformer import Transformer
 from moeforge.serve.block_pool import BlockPool
+from moeforge.serve.decode_burst import burst_rows, run_burst
 from moeforge.serve.paged_cache import attach_paged_caches, blocks_for
 from moeforge.serve.requests import (
     EngineConfig,
@@ -154,6 +157,9 @@ class Engine:
         plan = self.scheduler.schedule(self.lookahead)
         if not plan:
             return []
+        burst = self._burst_lengths(plan)
+        if burst is not None:
+            return self._decode_burst([item.sequence for item in plan], burst)
         drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
         drafted = [drafts.get(item.sequence.request_id) for item in plan]
         hidden = self._forward([self._segment(item, draft) for item, draft in zip(plan, drafted)])
@@ -173,6 +179,53 @@ class Engine:
             if sequence.blocks:  # still served: its newly computed full blocks become reusable
                 self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
         self._stats.steps += 1
+        return outputs
+
+    def _burst_lengths(self, plan: list[Scheduled]) -> list[int] | None:
+        """The forwards each request of a step of decodes feeds in a burst (`decode_burst.py`), or
+        None for a single step: when speculating, while a request prefills or a waiting one could
+        join, or when the cache lacks blocks for the burst (single steps preempt; bursts do not)."""
+        steps = self.config.decode_steps
+        scheduler = self.scheduler
+        if steps == 1 or self.lookahead or any(item.sequence.remaining != 1 for item in plan):
+            return None
+        if len(plan) < len(scheduler.running) or (scheduler.waiting and len(scheduler.running) < self.config.max_batch):
+            return None
+        lengths = [min(steps, s.params.max_tokens - s.generated) for s in (item.sequence for item in plan)]
+        if max(lengths) == 1:
+            return None
+        for item, length in zip(plan, lengths):
+            if not scheduler.reserve(item.sequence, len(item.sequence.tokens) + length - 1):
+                return None
+        return lengths
+
+    def _decode_burst(self, sequences: list[Sequence], lengths: list[int]) -> list[RequestOutput]:
+        """Up to `decode_steps` forwards of decoding requests, each request's chosen tokens fed back
+        (`decode_burst.py`); request r feeds lengths[r] tokens and produces as many (fewer when a
+        stop token comes first)."""
+        segments = [Segment([s.tokens[-1]], s.computed, s.blocks) for s in sequences]
+        rows = burst_rows(
+            segments, lengths, self.config.block_size, self.scratch_block, self.device, self.forward.min_rows
+        )
+        sampled = [r for r, s in enumerate(sequences) if not s.params.greedy]
+
+        def choose(index: int, logits: torch.Tensor) -> torch.Tensor:
+            chosen = logits.argmax(dim=-1)
+            for r in sampled:
+                if index < lengths[r]:
+                    chosen[r] = self._sample(sequences[r], logits[r : r + 1])
+            return chosen
+
+        logits, chosen = run_burst(rows, lambda batch: self.forward(self.model, batch), self.model.output, choose)
+        tokens = torch.stack(chosen, dim=1).tolist()  # [B, forwards]
+        outputs = []
+        for r, (sequence, length) in enumerate(zip(sequences, lengths)):
+            sequence.computed += length
+            rows_logits = torch.stack([step[r] for step in logits[:length]])
+            outputs.append(self._append(sequence, tokens[r][:length], rows_logits))
+            if sequence.blocks:
+                self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
+        self._stats.steps += rows.length
         return outputs
 
     def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
@@ -217,9 +270,15 @@ class Engine:
         elif sequence.params.greedy:
             new_tokens = choices
         else:
-            probs = token_probabilities(logits, sequence.params.sampling_config())
-            new_tokens = [int(torch.multinomial(probs[0], 1, generator=sequence.generator))]
+            new_tokens = [self._sample(sequence, logits)]
         return self._append(sequence, new_tokens, logits)
+
+    @staticmethod
+    def _sample(sequence: Sequence, logits: torch.Tensor) -> int:
+        """A token drawn from the request's filtered distribution of logits [1, vocab], with its
+        own generator."""
+        probs = token_probabilities(logits, sequence.params.sampling_config())
+        return int(torch.multinomial(probs[0], 1, generator=sequence.generator))
 
     def _append(self, sequence: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
         """Add new tokens (cut at a stop token or max_tokens), with the log-probabilities of

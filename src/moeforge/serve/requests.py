@@ -116,6 +116,10 @@ class EngineConfig:
     """tokens one forward computes (decoding tokens first, then prefill chunks fill the rest)"""
     max_waiting: int = 64
     """requests queued before new ones are refused (429)"""
+    decode_steps: int = 4
+    """forwards one engine step runs while every running request is decoding and no waiting request
+    could join, each feeding the tokens the last chose (1: one forward per step); fewer scheduling
+    and output rounds per token, and a new request waits at most this many forwards to join"""
     speculative: bool = False
     """draft with the model's MTP modules and verify every running request in one forward"""
     compile: bool = False
@@ -127,7 +131,7 @@ class EngineConfig:
     log-probabilities: both need every prompt position computed)"""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting"):
+        for name in ("max_batch", "cache_blocks", "block_size", "max_step_tokens", "max_waiting", "decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RequestError(f"--{name.replace('_', '-')}", f"got {value!r}; allowed: an integer >= 1")

@@ -135,15 +135,18 @@ def row_batch(
     scratch: int,
     device: torch.device,
     min_rows: int = 1,
+    min_context: int = 2,
 ) -> RowBatch:
     """`rows` of `segments` as [B, S], S their longest, B = max(len(rows), min_rows); padding tokens
-    and rows write to and read the scratch block `scratch`, hidden by the mask (`row_slots`)."""
+    and rows write to and read the scratch block `scratch`, hidden by the mask (`row_slots`). The
+    tables hold the blocks of at least `min_context` positions (a decoding burst's later forwards
+    read further: `decode_burst.py`)."""
     chosen = [segments[row.member].piece(row.start, row.stop) for row in rows]
     length = max(len(s.tokens) for s in chosen)
     chosen += [Segment([], 0, [])] * (min_rows - len(chosen))
     # T: the longest context (padding reads within it), at least 2: a compiled step would make a graph
     # of its own for a context of one position
-    context = max(max(s.end for s in chosen), 2)
+    context = max(max(s.end for s in chosen), min_context, 2)
     blocks = max(-(-context // block_size), 2)  # tables of one block would make a graph of their own too
     tables = [s.table[:blocks] + [scratch] * (blocks - len(s.table[:blocks])) for s in chosen]
     # a padding token takes its row's last position (so its position stays within the context the

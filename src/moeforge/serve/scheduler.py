@@ -144,6 +144,10 @@ class Scheduler:
                 return False
         return True
 
+    def reserve(self, sequence: Sequence, positions: int) -> bool:
+        """Blocks for `positions` positions of `sequence` when the cache has them free (no preemption)."""
+        return self._grow(sequence, positions)
+
     def _grow_for_chunk(self, sequence: Sequence, chunk: int) -> int:
         """The largest part of a `chunk`-token prefill the free blocks allow (its blocks taken)."""
         held = len(sequence.blocks) * self.block_size - sequence.computed

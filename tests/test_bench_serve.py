@@ -151,7 +151,7 @@ def test_a_model_that_cannot_hold_the_request_is_refused_before_any_server_start
         run_serve_bench(ServeBenchSettings(preset="tiny", cases=("speculative",)))
 
 
-@pytest.mark.slow  # two server subprocesses started and stopped: 11 s at load average 6, 26 s at 14
+@pytest.mark.slow  # two server subprocesses started, timed twice each and stopped: 11 s at load average 6, 26 s at 14
 def test_a_small_real_run_of_our_own_server(monkeypatch):
     """2 clients, 4 requests of 8 + 6 tokens against a real `moeforge serve` subprocess, plain and
     speculative: every request completes with exactly the tokens asked, the texts agree (greedy on the
@@ -164,18 +164,19 @@ def test_a_small_real_run_of_our_own_server(monkeypatch):
 
     monkeypatch.setattr(bench_serve, "transformers_case", failing_peer)
     monkeypatch.setattr(bench_serve, "_missing_peer", lambda: None)  # the stand-in needs no transformers
-    settings = ServeBenchSettings(clients=2, requests=4, prompt_tokens=8, output_tokens=6, repeats=1)
+    settings = ServeBenchSettings(clients=2, requests=4, prompt_tokens=8, output_tokens=6, repeats=2)
     result = run_serve_bench(settings)
     assert result["skipped"] == {
-        "transformers": "failed in repeat 0: transformers: exited with code 3 before serving: no accelerate here"
+        "transformers": "failed to start: transformers: exited with code 3 before serving: no accelerate here"
     }
-    assert set(result["runs"]) == {"moeforge", "speculative"}
+    assert set(result["runs"]) == {"moeforge", "speculative"} and result["exit_codes"] == {"moeforge": 0, "speculative": 0}
     for case in ("moeforge", "speculative"):
-        (run,) = result["runs"][case]
-        assert (run["completed"], run["output_tokens"], run["short"], run["exit_code"]) == (4, 24, 0, 0)
-        assert run["prompt_tokens"] == [8] and run["tokens_per_s"] > 0 and run["ttft_ms"]["p50"] > 0
+        assert [run["repeat"] for run in result["runs"][case]] == [0, 1]  # one server, up for both repeats
+        for run in result["runs"][case]:
+            assert (run["completed"], run["output_tokens"], run["short"]) == (4, 24, 0)
+            assert run["prompt_tokens"] == [8] and run["tokens_per_s"] > 0 and run["ttft_ms"]["p50"] > 0
     speculative = result["runs"]["speculative"][0]
     assert speculative["same_text"] == 4 and 0 <= speculative["acceptance"] <= 1
     assert 1 <= speculative["tokens_per_round"] <= 2 and result["runs"]["moeforge"][0]["acceptance"] is None
     table = format_table(result)
-    assert "moeforge --speculative" in table and "4/4" in table and "transformers serve       skipped: failed" in table
+    assert "moeforge --speculative" in table and "8/8" in table and "transformers serve       skipped: failed" in table

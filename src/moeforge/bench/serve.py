@@ -8,18 +8,22 @@ default: it has an MTP module to draft with), exported with moeforge's HF export
 `--prompt-tokens` tokens and asks for `--output-tokens` tokens, greedy, with the end token ignored on
 both sides; output tokens are counted as the servers return them (their closing usage chunk).
 
-In each repeat every server runs alone: started as a subprocess with the same torch thread count,
-warmed up with one request, loaded by the clients, stopped; the order of the servers rotates from
-one repeat to the next so that background load does not always fall on the same one. Throughput
-ratios to transformers are paired within a repeat; the table gives their median and range over the
-repeats. Speculation's acceptance rate and tokens per verify round come from moeforge's /metrics,
-read before and after the timed requests. With greedy decoding of the same weights every server
-should return the same text for a prompt: the table counts the texts equal to plain moeforge's.
+Every server is started once, as a subprocess with the same torch thread count, and stays up while
+the others are timed (an idle server takes under 1 % of a core). In each repeat the servers are timed
+one after another, each alone under load: warmed up with one request per client, then loaded by the
+clients with prompts no earlier repeat sent (so no server gains from cached prefixes); the order
+rotates from one repeat to the next so that background load does not always fall on the same one.
+Throughput ratios to transformers are paired within a repeat, seconds apart; the table gives their
+median and range over the repeats. Speculation's acceptance rate and tokens per verify round come
+from moeforge's /metrics, read before and after the timed requests. With greedy decoding of the same
+weights every server should return the same text for a prompt: the table counts the texts equal to
+plain moeforge's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -105,43 +109,65 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
         model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
         _check_fits(model, settings)
-        # the timed requests' prompts and, first, one per client for the warm-up
-        prompts = fixed_length_prompts(
-            model.tokenizer, settings.prompt_tokens, settings.clients + settings.n_requests, settings.seed
-        )
+        # one prompt per client for the warm-ups, then each repeat's timed requests' own
+        count = settings.clients + settings.repeats * settings.n_requests
+        prompts = fixed_length_prompts(model.tokenizer, settings.prompt_tokens, count, settings.seed)
         result["model"] = model.description
         result["skipped"] = {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
         result["load_average"] = [os.getloadavg()]
         runs: dict[str, list[dict[str, Any]]] = {case: [] for case in settings.cases}
-        for repeat in range(settings.repeats):
-            traces = _run_repeat(repeat, model, prompts, settings, runs, result, Path(tmp))
-            for case, case_traces in traces.items():
-                if "moeforge" in traces and case != "moeforge":
-                    runs[case][-1]["same_text"] = same_texts(case_traces, traces["moeforge"])
+        with contextlib.ExitStack() as running:
+            servers = _start_servers(model, settings, result, Path(tmp), running)
+            for repeat in range(settings.repeats):
+                traces = _run_repeat(repeat, servers, prompts, settings, runs, result)
+                for case, case_traces in traces.items():
+                    if "moeforge" in traces and case != "moeforge":
+                        runs[case][-1]["same_text"] = same_texts(case_traces, traces["moeforge"])
+        result["exit_codes"] = {case: server.process.returncode for case, server in servers.items()}
         result["load_average"].append(os.getloadavg())
     result["runs"] = {case: case_runs for case, case_runs in runs.items() if case_runs}
     result["summary"] = summarize_cases(result["runs"])
     return result
 
 
+def _start_servers(
+    model: ServedModel, settings: ServeBenchSettings, result: dict[str, Any], workdir: Path, stack: contextlib.ExitStack
+) -> dict[str, ServerProcess]:
+    """Every case's server, started one after another (each compiles and loads alone) and left
+    running in `stack`; transformers, outside our control, is skipped with the reason it failed."""
+    servers = {}
+    for case in settings.cases:
+        if case in result["skipped"]:
+            continue
+        server = _server_case(case, model, settings)
+        result.setdefault("commands", {})[case] = server.argv
+        try:
+            servers[case] = stack.enter_context(ServerProcess(server, server_env(settings.threads), workdir / f"{case}.log"))
+        except ServeBenchError as err:
+            if case != BASELINE:
+                raise
+            result["skipped"][case] = f"failed to start: {err}"
+    return servers
+
+
 def _run_repeat(
     repeat: int,
-    model: ServedModel,
+    servers: dict[str, ServerProcess],
     prompts: list[str],
     settings: ServeBenchSettings,
     runs: dict[str, list[dict[str, Any]]],
     result: dict[str, Any],
-    workdir: Path,
 ) -> dict[str, list[RequestTrace]]:
-    """Each server once, in an order rotated by the repeat; the traces of those that ran."""
-    active = [case for case in settings.cases if case not in result["skipped"]]
+    """Each running server timed once, in an order rotated by the repeat, on this repeat's prompts
+    (after the warm-ups' own); the traces of those that ran."""
+    active = [case for case in servers if case not in result["skipped"]]
     shift = repeat % max(len(active), 1)
+    first = settings.clients + repeat * settings.n_requests
+    timed = prompts[: settings.clients] + prompts[first : first + settings.n_requests]
     traces = {}
     for case in active[shift:] + active[:shift]:
-        server = _server_case(case, model, settings)
-        result.setdefault("commands", {})[case] = server.argv
         try:
-            run, traces[case] = _run_case(server, prompts, settings, workdir / f"{case}-{repeat}.log")
+            run, traces[case] = _run_case(servers[case], timed, settings)
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
@@ -161,21 +187,21 @@ def _server_case(case: str, model: ServedModel, settings: ServeBenchSettings) ->
 
 
 def _run_case(
-    server: ServerCase, prompts: list[str], settings: ServeBenchSettings, log_path: Path
+    process: ServerProcess, prompts: list[str], settings: ServeBenchSettings
 ) -> tuple[dict[str, Any], list[RequestTrace]]:
-    """Start one server, warm it up, time the requests, stop it: the run's figures and traces."""
+    """Warm a running server up and time its requests: the run's figures and traces."""
+    server = process.case
     all_bodies = [request_body(prompt, settings.output_tokens, server.request_fields) for prompt in prompts]
     warm_ups, bodies = all_bodies[: settings.clients], all_bodies[settings.clients :]
     load = os.getloadavg()
-    with ServerProcess(server, server_env(settings.threads), log_path) as process:
-        before = scrape_metrics(process.url) if server.moeforge_metrics else {}
-        traces = asyncio.run(timed_run(process.url, warm_ups, bodies, settings.clients, settings.max_seconds))
-        after = scrape_metrics(process.url) if server.moeforge_metrics else {}
+    before = scrape_metrics(process.url) if server.moeforge_metrics else {}
+    traces = asyncio.run(timed_run(process.url, warm_ups, bodies, settings.clients, settings.max_seconds))
+    after = scrape_metrics(process.url) if server.moeforge_metrics else {}
     figures = asdict(summarize(traces, settings.output_tokens))
     if figures["completed"] == 0:
         raise ServeBenchError(f"{server.name}: no request completed: {figures['first_error']}")
     engine = engine_figures(before, after) if server.moeforge_metrics else {}
-    return {**figures, **engine, "load_average": load, "exit_code": process.process.returncode}, traces
+    return {**figures, **engine, "load_average": load}, traces
 
 
 def request_body(prompt: str, output_tokens: int, fields: dict) -> dict[str, Any]:

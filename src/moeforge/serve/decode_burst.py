@@ -31,29 +31,29 @@ from moeforge.serve.rows import Row, RowBatch, Segment, row_batch
 @dataclass
 class BurstRows:
     """The rows of a burst over decoding requests: request r feeds its newest token at position
-    `starts[r]` and then `live[r]` - 1 tokens it chooses (its `max_tokens` may allow fewer than the
+    `starts[r]` and then `forwards[r]` - 1 tokens it chooses (its `max_tokens` may allow fewer than the
     burst's length); after that its row is padding, writing to the scratch block."""
 
     batch: RowBatch
     """the first forward's rows; its tables already hold the blocks of the burst's last position"""
     starts: list[int]
-    live: list[int]
+    forwards: list[int]
 
     @property
     def length(self) -> int:
         """Forwards in the burst."""
-        return max(self.live)
+        return max(self.forwards)
 
     def step(self, index: int, tokens: torch.Tensor) -> RowBatch:
         """The rows of forward `index`, feeding `tokens` [B] (those chosen by forward index - 1;
         at 0 the requests' newest tokens, already in `batch`)."""
         # a row past its last forward stays at its last position, its token a padding one
-        positions = [start + min(index, n - 1) for start, n in zip(self.starts, self.live)]
+        positions = [start + min(index, n - 1) for start, n in zip(self.starts, self.forwards)]
         context = max(max(positions) + 1, 2)
         if index == 0:
             return dataclasses.replace(self.batch, context=context)
         padding = self.batch.tokens.shape[0] - len(self.starts)
-        fed = [index < n for n in self.live] + [False] * padding
+        fed = [index < n for n in self.forwards] + [False] * padding
         device = self.batch.tokens.device
         return dataclasses.replace(
             self.batch,
@@ -65,14 +65,14 @@ class BurstRows:
 
 
 def burst_rows(
-    segments: list[Segment], live: list[int], block_size: int, scratch: int, device: torch.device, min_rows: int
+    segments: list[Segment], forwards: list[int], block_size: int, scratch: int, device: torch.device, min_rows: int
 ) -> BurstRows:
     """The rows of a burst over one-token `segments` (each request's newest token, its block table
-    holding every position the burst feeds it), `live[r]` forwards feeding request r."""
-    last = max(s.start + n for s, n in zip(segments, live))
+    holding every position the burst feeds it), `forwards[r]` of them feeding request r."""
+    last = max(s.start + n for s, n in zip(segments, forwards))
     rows = [Row(i, 0, 1) for i in range(len(segments))]
     batch = row_batch(segments, rows, block_size, scratch, device, min_rows, min_context=last)
-    return BurstRows(batch, [s.start for s in segments], live)
+    return BurstRows(batch, [s.start for s in segments], forwards)
 
 
 def run_burst(

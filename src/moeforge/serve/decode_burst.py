@@ -11,7 +11,7 @@ join, and its tokens reach a streaming client in groups.
 
 The tokens are the ones single steps would choose: each forward is the same rows forward over the
 same cache, and each request's next token is chosen from its own row's logits by the same rule
-(`choose_next`: argmax, or a draw from its own generator), one token per forward. A request whose
+(the argmax, or a draw from its own generator: `Engine._sample`), one token per forward. A request whose
 stop token comes mid-burst has computed a few positions past it in its own blocks, which it frees
 as it finishes; one that reaches `max_tokens` mid-burst stops feeding (its later rows are padding:
 `BurstRows`), so no request's positions pass what it was admitted for.

@@ -157,7 +157,7 @@ class Engine:
         plan = self.scheduler.schedule(self.lookahead)
         if not plan:
             return []
-        burst = self._burst_lengths(plan)
+        burst = self._reserve_burst(plan)
         if burst is not None:
             return self._decode_burst([item.sequence for item in plan], burst)
         drafts = self.speculator.draft([s for s in plan if s.speculate]) if self.speculator else {}
@@ -181,10 +181,11 @@ class Engine:
         self._stats.steps += 1
         return outputs
 
-    def _burst_lengths(self, plan: list[Scheduled]) -> list[int] | None:
-        """The forwards each request of a step of decodes feeds in a burst (`decode_burst.py`), or
-        None for a single step: when speculating, while a request prefills or a waiting one could
-        join, or when the cache lacks blocks for the burst (single steps preempt; bursts do not)."""
+    def _reserve_burst(self, plan: list[Scheduled]) -> list[int] | None:
+        """The forwards each request of a step of decodes feeds in a burst (`decode_burst.py`), their
+        blocks taken; or None for a single step: when speculating, while a request prefills or a
+        waiting one could join, or when the cache lacks blocks for the burst (single steps preempt;
+        bursts do not)."""
         steps = self.config.decode_steps
         scheduler = self.scheduler
         if steps == 1 or self.lookahead or any(item.sequence.remaining != 1 for item in plan):
@@ -218,11 +219,11 @@ class Engine:
 
         logits, chosen = run_burst(rows, lambda batch: self.forward(self.model, batch), self.model.output, choose)
         tokens = torch.stack(chosen, dim=1).tolist()  # [B, forwards]
+        per_request = torch.stack(logits, dim=1)  # [B, forwards, vocab]
         outputs = []
         for r, (sequence, length) in enumerate(zip(sequences, lengths)):
             sequence.computed += length
-            rows_logits = torch.stack([step[r] for step in logits[:length]])
-            outputs.append(self._append(sequence, tokens[r][:length], rows_logits))
+            outputs.append(self._append(sequence, tokens[r][:length], per_request[r, :length]))
             if sequence.blocks:
                 self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
         self._stats.steps += rows.length

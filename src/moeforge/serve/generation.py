@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -22,10 +23,8 @@ from moeforge.serve.api_errors import APIError, api_error, bad_field
 from moeforge.serve.async_engine import AsyncEngine, EngineFailed, EngineUnavailable, OutputStream, Submission
 from moeforge.serve.chat_template import ChatTemplate
 from moeforge.serve.choice import ChoiceState, Delta
-from moeforge.serve.engine import Engine
-from moeforge.serve.engine_process import RemoteEngine
 from moeforge.serve.protocol import GenerationFields
-from moeforge.serve.requests import EngineFull, RequestError, RequestOutput, SamplingParams
+from moeforge.serve.requests import EngineConfig, EngineFull, RequestError, RequestOutput, SamplingParams
 
 DONE = "data: [DONE]\n\n"
 ENGINE_ERRORS = (EngineFailed, EngineUnavailable)
@@ -46,7 +45,19 @@ class Served:
     """when the server started (the model card's `created`)"""
 
 
-def request_capacity(engine: Engine | RemoteEngine) -> int:
+class EngineLimits(Protocol):
+    """What `request_capacity` reads of an engine (`Engine`, or `RemoteEngine` in front of one)."""
+
+    config: EngineConfig
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    @property
+    def lookahead(self) -> int: ...
+
+
+def request_capacity(engine: EngineLimits) -> int:
     """The most positions (prompt + generated tokens) one request may take: the model's context, or
     the whole cache when that is smaller, less the drafts speculation verifies past the end."""
     config = engine.config

@@ -12,7 +12,8 @@ from moeforge import checkpoint as ckpt
 from moeforge.model.transformer import Transformer
 from moeforge.run import read_metrics
 from moeforge.train.muon import newton_schulz, orthogonalise
-from moeforge.train.optim import build_optimizer, muon_matrices
+from moeforge.model.hidden_matrices import hidden_matrices
+from moeforge.train.optim import build_optimizer
 from moeforge.train.trainer import Trainer
 from test_train import adamw_reference_step
 
@@ -98,7 +99,7 @@ def test_each_expert_is_orthogonalised_alone(halves):
 
 def test_the_grouping_gives_muon_the_hidden_matrices_only():
     model = Transformer(small_config(model__mtp_depth="1").model)
-    matrices = muon_matrices(model)
+    matrices = hidden_matrices(model)
     names = {name: matrices.get(id(p)) for name, p in model.named_parameters()}
     adamw = sorted(name for name, halves in names.items() if halves is None)
     assert all(name.endswith("norm.weight") for name in adamw if "norm" in name)
@@ -123,7 +124,7 @@ def test_two_muon_steps_follow_the_equations():
     tcfg, mu = cfg.train, cfg.train.muon_momentum
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, tcfg)
-    matrices, embedding = muon_matrices(model), model.tok_embeddings.weight
+    matrices, embedding = hidden_matrices(model), model.tok_embeddings.weight
     reference = {n: [p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
                      torch.zeros_like(p, dtype=torch.float64)] for n, p in model.named_parameters()}
     torch.manual_seed(1)

@@ -244,7 +244,29 @@ def test_deepseek_v3_671b_shards_on_fake_process_group(world, rank, replicate, e
     real = json.loads(out.read_text())
     cfg = load_config("deepseek-v3-671b")
     state = sharded_state(cfg.model, Layout(dp_replicate=replicate, ep=ep).validate(world, 8), rank)
-    assert (state.param_elements, 2 * state.optimizer_elements) == (real["params"], real["moments"])
+    assert (state.param_elements, state.moment_elements) == (real["params"], real["moments"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "sgd"])
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-tiny"])
+def test_the_planned_optimizer_state_is_the_trainers(preset, optimizer):
+    """The planner's optimizer moments for the run's `train.optimizer` equal the state the trainer's
+    optimizer (`train.optim.build_optimizer`) holds after a step: AdamW's two moments per element,
+    Muon's one momentum per element of the hidden matrices and AdamW's two for the rest, none for SGD."""
+    from moeforge.model.transformer import Transformer
+    from moeforge.train.optim import build_optimizer
+
+    cfg = load_config(preset, overrides={"train.optimizer": optimizer})
+    model = Transformer(cfg.model)
+    optimizer_ = build_optimizer(model, cfg.train)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_.step()
+    held = sum(t.numel() for state in optimizer_.state.values() for key, t in state.items() if key != "step")
+    layout = layout_from_config(cfg).validate(1, 8)
+    state = sharded_state(cfg.model, layout, 0)
+    assert layout.optimizer == optimizer and state.moment_elements == held
+    assert sharded_bytes(cfg.model, layout, 0)["optimizer"] == 4 * held  # fp32 moments, no master copy
 
 
 @pytest.mark.parametrize("rows, parts", [(7, 3), (8, 4), (3, 8), (129280, 2048), (1, 5)])

@@ -26,6 +26,7 @@ Recompute = Literal["none", "selective", "full"]
 ComputeDtype = Literal["bf16", "fp8", "fp32"]
 Dedup = Literal["rank", "node"]
 AttentionKernel = Literal["auto", "fused", "padded", "eager"]
+Optimizer = Literal["adamw", "muon", "sgd"]
 
 
 @dataclass
@@ -81,7 +82,11 @@ class Layout:
     master_bytes: int = 0
     """bytes per parameter of an optimizer-held master copy (e.g. 4 with BF16 parameters); 0 = none"""
     moment_bytes: int = 4
-    """bytes per element of each AdamW moment (two of them)"""
+    """bytes per element of each optimizer moment (AdamW's two, Muon's momentum)"""
+    optimizer: Optimizer = "adamw"
+    """the trainer's optimizer (`train.optimizer`), for its state: 'adamw' two moments per element,
+    'muon' one momentum per element of the hidden matrices and AdamW's two for the rest, 'sgd' none
+    (the step time's optimizer term is AdamW's elementwise pass in every case)"""
     dispatch_bytes: float = 2.0
     """bytes per element of a token sent to its experts (2 = BF16, ~1.03 = FP8 with its scales)"""
     combine_bytes: float = 2.0
@@ -277,6 +282,7 @@ def layout_from_config(cfg: Config, overrides: dict[str, str] | None = None) -> 
         ep=par.ep,
         ep_nodes=par.ep_nodes if par.ep_nodes > 1 else 0,
         micro_batch_size=cfg.train.micro_batch_size or 1,
+        optimizer=cfg.train.optimizer,
         diloco_replicas=dil.replicas,
         diloco_sync_every=dil.sync_every,
         diloco_fragments=dil.fragments,

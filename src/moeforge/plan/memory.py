@@ -85,14 +85,33 @@ def optimizer_elements(tensor: ParamTensor, layout: Layout, pos: RankPosition) -
     return chunk_rows(held, sharers, index)
 
 
+MOMENTS = {"adamw": 2, "sgd": 0}
+"""moments the optimizer keeps per element (Muon: `moments_per_element`)"""
+
+
+def moments_per_element(tensor: ParamTensor, optimizer: str) -> int:
+    """Optimizer moments per element of `tensor`: AdamW's exp_avg and exp_avg_sq, Muon's momentum
+    buffer for a hidden matrix (AdamW's two for the rest), none for plain SGD."""
+    if optimizer == "muon":
+        return 1 if tensor.is_hidden_matrix else MOMENTS["adamw"]
+    return MOMENTS[optimizer]
+
+
 @dataclass(frozen=True)
 class ShardedState:
     """Elements of parameters and optimizer state one rank holds."""
 
     param_elements: int
     optimizer_elements: int
+    """elements whose optimizer state this rank keeps (a master copy of each where there is one)"""
+    moment_elements: int
+    """optimizer moments over those elements: `moments_per_element` of each"""
     param_tensors: int
     """parameter tensors (each has one AdamW `step` scalar, kept on the host)"""
+
+    def optimizer_bytes(self, layout: Layout) -> int:
+        """Bytes of the optimizer's state: the master copy and the moments."""
+        return self.optimizer_elements * layout.master_bytes + self.moment_elements * layout.moment_bytes
 
 
 def sharded_state(cfg: ModelConfig, layout: Layout, rank: int) -> ShardedState:
@@ -101,17 +120,14 @@ def sharded_state(cfg: ModelConfig, layout: Layout, rank: int) -> ShardedState:
     pos = rank_position(layout, rank)
     blocks = set(blocks_of_rank(layout, cfg, pos.pp_rank))
     mine = [t for t in parameter_tensors(cfg) if t.block in blocks]
-    params = sum(local_elements(t, layout, pos) for t in mine)
-    optimizer = sum(optimizer_elements(t, layout, pos) for t in mine)
-    tensors = len(mine)
     copy = embedding_copy(cfg, layout, pos.pp_rank)
-    if copy:
-        embedding = next(t for t in parameter_tensors(cfg) if t.block == -1)
-        params += local_elements(embedding, layout, pos)
-        if copy == "updated":
-            optimizer += optimizer_elements(embedding, layout, pos)
-            tensors += 1
-    return ShardedState(params, optimizer, tensors)
+    embedding = next(t for t in parameter_tensors(cfg) if t.block == -1)
+    held = mine + [embedding] * bool(copy)  # the copy's parameter
+    updated = mine + [embedding] * (copy == "updated")  # its optimizer state
+    params = sum(local_elements(t, layout, pos) for t in held)
+    optimizer = [optimizer_elements(t, layout, pos) for t in updated]
+    moments = sum(n * moments_per_element(t, layout.optimizer) for t, n in zip(updated, optimizer))
+    return ShardedState(params, sum(optimizer), moments, len(updated))
 
 
 def embedding_copy(cfg: ModelConfig, layout: Layout, pp_rank: int) -> str:
@@ -264,7 +280,7 @@ def memory_estimate(
         estimate = MemoryEstimate(
             parameters=params * layout.param_bytes,
             gradients=params * layout.grad_bytes,
-            optimizer=state.optimizer_elements * (layout.master_bytes + 2 * layout.moment_bytes),
+            optimizer=state.optimizer_bytes(layout),
             activations=activations,
             communication_buffers=buffers,
             diloco_state=diloco,

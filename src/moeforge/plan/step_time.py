@@ -366,5 +366,5 @@ def sharded_bytes(cfg: ModelConfig, layout: Layout, rank: int) -> dict[str, floa
     return {
         "parameters": state.param_elements * layout.param_bytes,
         "gradients": state.param_elements * layout.grad_bytes,
-        "optimizer": state.optimizer_elements * (layout.master_bytes + 2 * layout.moment_bytes),
+        "optimizer": state.optimizer_bytes(layout),
     }

@@ -12,6 +12,7 @@ import torch
 
 from moeforge.config import ModelConfig
 from moeforge.diloco.fragments import ROUTER_BIAS_SUFFIX
+from moeforge.model.hidden_matrices import hidden_matrices
 from moeforge.model.transformer import Transformer
 
 EXPERT_TENSORS = ("experts.w13", "experts.w2")
@@ -25,6 +26,8 @@ class ParamTensor:
     block: int
     """the transformer block holding it; -1 = embedding; n_layers = final norm, head and MTP modules"""
     is_expert: bool
+    is_hidden_matrix: bool = False
+    """a matrix Muon updates (`model.hidden_matrices`): one momentum where AdamW keeps two moments"""
 
     @property
     def numel(self) -> int:
@@ -38,8 +41,11 @@ def parameter_tensors(cfg: ModelConfig) -> tuple[ParamTensor, ...]:
     if key not in _BUILT:
         with torch.device("meta"):
             model = Transformer(cfg)
+        matrices = hidden_matrices(model)
         _BUILT[key] = tuple(
-            ParamTensor(name, tuple(p.shape), _block_of(name, cfg.n_layers), name.endswith(EXPERT_TENSORS))
+            ParamTensor(
+                name, tuple(p.shape), _block_of(name, cfg.n_layers), name.endswith(EXPERT_TENSORS), id(p) in matrices
+            )
             for name, p in model.named_parameters()
         )
         _BIASES[key] = tuple(

@@ -28,7 +28,7 @@ compare with float64.
 Matrices: a 3-D expert weight [E, A, B] is E matrices, each orthogonalised on its own (batched);
 a fused gate/up projection (`w13`) is two, its halves orthogonalised apart (`halves`). A sharded
 DTensor is orthogonalised on whole matrices (`moeforge.parallel.whole_matrices`). Which parameters
-take Muon and which AdamW: `moeforge.train.optim.muon_parameter_groups`.
+take Muon and which AdamW: `moeforge.model.hidden_matrices` (`train.optim.muon_parameter_groups`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch.optim.adamw import adamw
 
+from moeforge.model.hidden_matrices import Halves
 from moeforge.parallel.whole_matrices import on_whole_matrices
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -49,10 +49,6 @@ NS_EPS = 1e-7
 """the smallest Frobenius norm the iteration divides by (a zero update stays zero)"""
 RMS_MATCH = 0.2
 """Moonshot's factor: the update's RMS 0.2, about AdamW's"""
-
-Halves = Literal["none", "rows", "columns"]
-"""How a parameter holds its matrices: as they are, or two fused ones stacked along its rows
-(dense `w13.weight` [2F, D]: gate rows, then up rows) or its columns (experts' `w13` [E, D, 2F])."""
 
 
 def newton_schulz(matrices: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:

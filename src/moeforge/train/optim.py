@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from moeforge.config import TrainConfig
-from moeforge.model.mlp import SwiGLU
-from moeforge.model.moe.experts import RoutedExperts
-from moeforge.model.moe.router import Router
-from moeforge.train.muon import Halves, Muon
+from moeforge.model.hidden_matrices import hidden_matrices
+from moeforge.train.muon import Muon
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, exclude: Collection[int] = ()) -> list[dict]:
@@ -34,33 +32,11 @@ def parameter_groups(model: nn.Module, weight_decay: float, exclude: Collection[
     return [group for group in groups if group["params"]]
 
 
-def muon_matrices(model: nn.Module) -> dict[int, Halves]:
-    """{id(parameter): how it holds its matrices} of the parameters Muon updates: the hidden matrices
-    (attention and MLA projections, dense, shared and routed experts, the MTP projections), 2-D or
-    3-D (a stack of experts). The rest take AdamW, as in Keller Jordan's and Moonshot's runs: the
-    embedding and the output head (a lookup and a classifier, not linear maps between hidden states),
-    the router (a few rows whose scale sets the gates), and the vectors (norms, biases)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
-    head = getattr(model, "output", None)
-    adamw_only = embeddings | routers | ({id(head.weight)} if isinstance(head, nn.Linear) else set())
-    fused: dict[int, Halves] = {}
-    for module in model.modules():
-        if isinstance(module, SwiGLU):
-            fused[id(module.w13.weight)] = "rows"  # [2F, D]: gate rows, then up rows
-        elif isinstance(module, RoutedExperts):
-            fused[id(module.w13)] = "columns"  # [E, D, 2F]: gate columns, then up columns
-    return {
-        id(p): fused.get(id(p), "none")
-        for p in model.parameters()
-        if p.requires_grad and p.ndim >= 2 and id(p) not in adamw_only
-    }
-
-
 def muon_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Muon groups (decay; one per way of holding matrices, `muon_matrices`), then AdamW's
-    `parameter_groups` of the rest; groups without parameters are left out."""
-    matrices = muon_matrices(model)
+    """Muon groups over the hidden matrices (`model.hidden_matrices`; decay; one group per way of
+    holding matrices), then AdamW's `parameter_groups` of the rest; groups without parameters are
+    left out."""
+    matrices = hidden_matrices(model)
     groups = []
     for halves in ("none", "rows", "columns"):
         params = [p for p in model.parameters() if matrices.get(id(p)) == halves]

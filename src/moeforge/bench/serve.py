@@ -52,7 +52,11 @@ from moeforge.config import ConfigError, available_presets
 CASES = ("moeforge", "speculative", "transformers")
 BASELINE = "transformers"
 DEFAULT_PRESET = "deepseek-v3-tiny"
-LABELS = {"moeforge": "moeforge", "speculative": "moeforge --speculative", "transformers": "transformers serve"}
+LABELS = {
+    "moeforge": "moeforge",
+    "speculative": "moeforge --speculative",
+    "transformers": "transformers serve",
+}
 
 
 @dataclass
@@ -90,7 +94,9 @@ class ServeBenchSettings:
         if unknown or not self.cases:
             raise ConfigError(f"--cases: got {','.join(unknown) or 'nothing'}; allowed: {', '.join(CASES)}")
         if self.checkpoint is not None and self.preset is not None:
-            raise ConfigError("--preset: a fresh model is made only without --checkpoint; give one of the two")
+            raise ConfigError(
+                "--preset: a fresh model is made only without --checkpoint; give one of the two"
+            )
         if self.preset is not None and self.preset not in available_presets():
             raise ConfigError(f"--preset: got {self.preset}; allowed: {', '.join(available_presets())}")
         for flag, value in (("--clients", self.clients), ("--requests", self.n_requests),
@@ -104,16 +110,24 @@ class ServeBenchSettings:
 
 def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
     settings.validate()
-    result: dict[str, Any] = {"settings": asdict(settings), "requests": settings.n_requests, "cores": os.cpu_count()}
+    result: dict[str, Any] = {
+        "settings": asdict(settings),
+        "requests": settings.n_requests,
+        "cores": os.cpu_count(),
+    }
     result["versions"] = _versions()
     with tempfile.TemporaryDirectory(prefix="moeforge-bench-serve-") as tmp:
-        model = prepare_model(settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp))
+        model = prepare_model(
+            settings.checkpoint, settings.preset or DEFAULT_PRESET, settings.seed, Path(tmp)
+        )
         _check_fits(model, settings)
         # one prompt per client for the warm-ups, then each repeat's timed requests' own
         count = settings.clients + settings.repeats * settings.n_requests
         prompts = fixed_length_prompts(model.tokenizer, settings.prompt_tokens, count, settings.seed)
         result["model"] = model.description
-        result["skipped"] = {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
+        result["skipped"] = (
+            {BASELINE: reason} if BASELINE in settings.cases and (reason := _missing_peer()) else {}
+        )
         result["load_average"] = [os.getloadavg()]
         runs: dict[str, list[dict[str, Any]]] = {case: [] for case in settings.cases}
         with contextlib.ExitStack() as running:
@@ -142,7 +156,8 @@ def _start_servers(
         server = _server_case(case, model, settings)
         result.setdefault("commands", {})[case] = server.argv
         try:
-            servers[case] = stack.enter_context(ServerProcess(server, server_env(settings.threads), workdir / f"{case}.log"))
+            process = ServerProcess(server, server_env(settings.threads), workdir / f"{case}.log")
+            servers[case] = stack.enter_context(process)
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
@@ -171,7 +186,9 @@ def _run_repeat(
         except ServeBenchError as err:
             if case != BASELINE:
                 raise
-            result["skipped"][case] = f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
+            result["skipped"][case] = (
+                f"failed in repeat {repeat}: {err}"  # a peer outside our control: its row says why
+            )
             continue
         runs[case].append({"repeat": repeat, **run})
     return traces
@@ -271,7 +288,11 @@ def _check_fits(model: ServedModel, settings: ServeBenchSettings) -> None:
 
 def _missing_peer() -> str | None:
     """Why `transformers serve` cannot run here, or None."""
-    missing = [name for name in ("transformers", "fastapi", "uvicorn", "accelerate") if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("transformers", "fastapi", "uvicorn", "accelerate")
+        if importlib.util.find_spec(name) is None
+    ]
     return f"not installed: {', '.join(missing)} (pip install 'transformers[serving]')" if missing else None
 
 

@@ -70,7 +70,10 @@ def prepare_model(checkpoint: str | None, preset: str, seed: int, workdir: Path)
     """The given checkpoint, or a fresh `preset` model saved as one under `workdir`; exported to
     `workdir/hf` with moeforge's HF export."""
     if checkpoint is None:
-        checkpoint_path, description = _fresh_checkpoint(preset, seed, workdir / "run"), f"fresh {preset} (seed {seed})"
+        checkpoint_path, description = (
+            _fresh_checkpoint(preset, seed, workdir / "run"),
+            f"fresh {preset} (seed {seed})",
+        )
     else:
         checkpoint_path, description = ckpt.resolve_checkpoint(checkpoint), checkpoint
     cfg, tokenizer = load_config_and_tokenizer(checkpoint_path)
@@ -78,7 +81,9 @@ def prepare_model(checkpoint: str | None, preset: str, seed: int, workdir: Path)
     checkpoint_to_hf(checkpoint_path, hf_dir)
     if not (hf_dir / run.TOKENIZER_FILE).exists():
         write_byte_tokenizer(hf_dir)
-    return ServedModel(checkpoint_path, hf_dir, tokenizer, cfg.model.max_seq_len, cfg.model.mtp_depth, description)
+    return ServedModel(
+        checkpoint_path, hf_dir, tokenizer, cfg.model.max_seq_len, cfg.model.mtp_depth, description
+    )
 
 
 def _fresh_checkpoint(preset: str, seed: int, run_dir: Path) -> Path:
@@ -114,13 +119,22 @@ def write_byte_tokenizer(hf_dir: Path) -> None:
 def byte_characters() -> dict[int, str]:
     """GPT-2's byte -> printable character table, which byte-level tokenizers name tokens with: the
     printable bytes stand for themselves, the others for the characters from U+0100 on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def moeforge_case(
-    model: ServedModel, port: int, clients: int, positions: int, speculative: bool, flags: list[str] | None = None
+    model: ServedModel,
+    port: int,
+    clients: int,
+    positions: int,
+    speculative: bool,
+    flags: list[str] | None = None,
 ) -> ServerCase:
     """`moeforge serve` with room for every client in the running batch and the cache, and `flags`."""
     blocks_per_request = -(-(positions + model.mtp_depth) // 16)
@@ -142,7 +156,9 @@ def transformers_case(model: ServedModel, port: int) -> ServerCase:
         sys.executable, "-m", "transformers.cli.transformers", "serve", str(model.hf_dir), "--continuous-batching",
         "--dtype", "float32", "--device", "cpu", "--host", HOST, "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
-    return ServerCase("transformers", argv, port, {"model": str(model.hf_dir), "generation_config": '{"eos_token_id": -1}'})
+    return ServerCase(
+        "transformers", argv, port, {"model": str(model.hf_dir), "generation_config": '{"eos_token_id": -1}'}
+    )
 
 
 def server_env(threads: int) -> dict[str, str]:
@@ -205,7 +221,9 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise ServeBenchError(f"{self.case.name}: not serving after {START_TIMEOUT_S:.0f} s: {self.last_log_line()}")
+        raise ServeBenchError(
+            f"{self.case.name}: not serving after {START_TIMEOUT_S:.0f} s: {self.last_log_line()}"
+        )
 
     def stop(self) -> int | None:
         """SIGTERM (moeforge drains its requests and exits 0); once it has exited, or after a timeout,

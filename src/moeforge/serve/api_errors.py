@@ -64,9 +64,7 @@ def api_error(err: BaseException, rename: dict[str, str] | None = None) -> APIEr
         field = (rename or {}).get(err.field, err.field)
         return bad_field(field, str(err).split(": ", 1)[-1])
     if isinstance(err, EngineFull):
-        return APIError(
-            429, str(err), kind="rate_limit_error", code="queue_full", retry_after_s=RETRY_AFTER_FULL_S
-        )
+        return APIError(429, str(err), kind="rate_limit_error", code="queue_full", retry_after_s=RETRY_AFTER_FULL_S)
     if isinstance(err, EngineUnavailable):
         return APIError(
             503, str(err), kind="service_unavailable", code="draining", retry_after_s=RETRY_AFTER_DRAINING_S

@@ -111,9 +111,7 @@ class Gate:
 
         if self._key is not None and path not in OPEN_PATHS and not self._authorized(scope):
             refusal = APIError(
-                401,
-                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
+                401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
             await refusal.response()(scope, receive, counted)
             return

@@ -100,3 +100,4 @@ class BlockPool:
                 self._block_of[digest] = block
                 self._digest_of[block] = digest
         digests += new
+

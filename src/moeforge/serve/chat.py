@@ -40,11 +40,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     head = {"id": answer.id, "created": answer.created, "model": served.model_name}
     if body.stream:
         opening = [
-            {
-                **head,
-                "object": CHUNK_OBJECT,
-                "choices": [_chunk_choice(c.index, {"role": "assistant", "content": ""})],
-            }
+            {**head, "object": CHUNK_OBJECT, "choices": [_chunk_choice(c.index, {"role": "assistant", "content": ""})]}
             for c in answer.choices
         ]
 
@@ -57,11 +53,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
             return {**head, "object": CHUNK_OBJECT, "choices": choices}
 
         def closing() -> list[dict]:
-            return (
-                [{**head, "object": CHUNK_OBJECT, "choices": [], "usage": answer.usage()}]
-                if body.include_usage
-                else []
-            )
+            return [{**head, "object": CHUNK_OBJECT, "choices": [], "usage": answer.usage()}] if body.include_usage else []
 
         return event_stream(answer, stream, opening, chunk, closing)
     await collect(request, answer, stream)
@@ -80,9 +72,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
 def _answer(served: Served, body: ChatCompletionRequest) -> Answer:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_field("top_logprobs", "given without logprobs; allowed: with logprobs: true")
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
-    ]
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     try:
         text = served.chat_template.render(messages)
     except ConversationRefused as err:
@@ -94,17 +84,14 @@ def _answer(served: Served, body: ChatCompletionRequest) -> Answer:
         max_tokens = served.max_context - len(prompt)
         if max_tokens < 1:
             raise bad_field(
-                "messages",
-                f"the conversation is {len(prompt)} tokens; allowed: fewer than the context ({served.max_context})",
+                "messages", f"the conversation is {len(prompt)} tokens; allowed: fewer than the context ({served.max_context})"
             )
     rename = {"max_tokens": max_field, "logprobs": "top_logprobs", "prompt": "messages"}
     answer = Answer(new_id("chatcmpl"), [], [prompt], [], rename)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     for j in range(body.n):
         request_id = f"{answer.id}-{j}"
-        answer.submissions.append(
-            (request_id, prompt, sampling_params(served, body, j, max_tokens, logprobs, rename=rename))
-        )
+        answer.submissions.append((request_id, prompt, sampling_params(served, body, j, max_tokens, logprobs, rename=rename)))
         answer.choices.append(
             ChoiceState(
                 j,
@@ -119,9 +106,7 @@ def _answer(served: Served, body: ChatCompletionRequest) -> Answer:
     return answer
 
 
-def _chunk_choice(
-    index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None
-) -> dict:
+def _chunk_choice(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

@@ -57,9 +57,7 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateError as err:
-            raise ChatTemplateError(
-                f"{self.origin}: chat_template does not compile: {first_line(err)}"
-            ) from None
+            raise ChatTemplateError(f"{self.origin}: chat_template does not compile: {first_line(err)}") from None
 
     def render(self, messages: list[dict[str, str]]) -> str:
         try:
@@ -67,9 +65,7 @@ class ChatTemplate:
         except ConversationRefused:
             raise
         except jinja2.TemplateError as err:  # a template that fails on this conversation
-            raise ConversationRefused(
-                f"the chat template ({self.origin}) failed: {first_line(err)}"
-            ) from None
+            raise ConversationRefused(f"the chat template ({self.origin}) failed: {first_line(err)}") from None
 
 
 def load_chat_template(run_dir: Path) -> ChatTemplate:
@@ -78,9 +74,7 @@ def load_chat_template(run_dir: Path) -> ChatTemplate:
     special = {name: _token_text(value) for name, value in config.items() if name.endswith("_token")}
     special = {name: text for name, text in special.items() if text is not None}
     try:
-        source = read_inside(run_dir, CHAT_TEMPLATE_FILE, run_dir, MAX_TEMPLATE_BYTES).decode(
-            "utf-8", errors="replace"
-        )
+        source = read_inside(run_dir, CHAT_TEMPLATE_FILE, run_dir, MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
         return ChatTemplate(source, str(run_dir / CHAT_TEMPLATE_FILE), special)
     except FileMissing:
         pass
@@ -101,13 +95,9 @@ def _tokenizer_config(run_dir: Path) -> dict:
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as err:
-        raise ChatTemplateError(
-            f"{run_dir / TOKENIZER_CONFIG_FILE}: not valid JSON ({first_line(err)})"
-        ) from None
+        raise ChatTemplateError(f"{run_dir / TOKENIZER_CONFIG_FILE}: not valid JSON ({first_line(err)})") from None
     if not isinstance(config, dict):
-        raise ChatTemplateError(
-            f"{run_dir / TOKENIZER_CONFIG_FILE}: a JSON {type(config).__name__}, not an object"
-        )
+        raise ChatTemplateError(f"{run_dir / TOKENIZER_CONFIG_FILE}: a JSON {type(config).__name__}, not an object")
     return config
 
 
@@ -119,21 +109,15 @@ def _token_text(value: object) -> str | None:
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
-def _tojson(
-    value: object, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
-) -> str:
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_exception(message: str) -> None:

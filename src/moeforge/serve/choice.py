@@ -70,9 +70,7 @@ class ChoiceState:
         self._stop, self._end_ids, self._echo = tuple(stop), frozenset(end_ids), echo
         self._logprobs, self._keep_generated = logprobs, keep_generated
         self._decoder = IncrementalDecoder(tokenizer, prompt_tokens)
-        self._prompt_text, self._prompt_offsets = (
-            decode_with_offsets(tokenizer, prompt_tokens) if echo else ("", [])
-        )
+        self._prompt_text, self._prompt_offsets = decode_with_offsets(tokenizer, prompt_tokens) if echo else ("", [])
         self._base = len(self._prompt_text)
         self.text = ""
         """the text released so far (the echoed prompt first)"""
@@ -107,9 +105,7 @@ class ChoiceState:
                 return self._finish(delta, "stop", cut - (len(self.text) - self._base), stop_string=True)
         if output.finished:
             self._held += self._decoder.flush()
-            return self._finish(
-                delta, output.finish_reason if self._keep_generated else "length", len(self._held)
-            )
+            return self._finish(delta, output.finish_reason if self._keep_generated else "length", len(self._held))
         self._release(delta, len(self._held) - self._stop_prefix_len())
         return delta
 
@@ -122,19 +118,13 @@ class ChoiceState:
         delta.text = self._prompt_text
         if self._logprobs:
             given = output.prompt_logprobs or [None] * len(self.prompt_tokens)
-            entries = [
-                self._entry(t, lp, o) for t, lp, o in zip(self.prompt_tokens, given, self._prompt_offsets)
-            ]
+            entries = [self._entry(t, lp, o) for t, lp, o in zip(self.prompt_tokens, given, self._prompt_offsets)]
             self.entries += entries
             delta.entries += entries
 
     def _entry(self, token: int, lp: TokenLogprob | None, offset: int) -> TokenEntry:
         tok = self._tokenizer
-        top = (
-            tuple((token_text(tok, t), token_bytes(tok, t), max(v, MIN_LOGPROB)) for t, v in lp.top)
-            if lp
-            else ()
-        )
+        top = tuple((token_text(tok, t), token_bytes(tok, t), max(v, MIN_LOGPROB)) for t, v in lp.top) if lp else ()
         value = None if lp is None else max(lp.logprob, MIN_LOGPROB)
         return TokenEntry(token_text(tok, token), token_bytes(tok, token), value, top, offset)
 

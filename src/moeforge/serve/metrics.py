@@ -63,10 +63,7 @@ class _EngineCollector(Collector):
             "running_requests": ("requests in the running batch", stats.running),
             "cache_blocks_used": ("KV cache blocks held by requests", stats.cache_blocks_used),
             "cache_blocks_total": ("KV cache blocks in all", stats.cache_blocks_total),
-            "tokens_per_second": (
-                "generated tokens per second over the last 10 s",
-                self._engine.tokens_per_s(),
-            ),
+            "tokens_per_second": ("generated tokens per second over the last 10 s", self._engine.tokens_per_s()),
             "speculative_acceptance_rate": (
                 "accepted / drafted speculative tokens since start (0 before any draft)",
                 stats.accepted_tokens / stats.drafted_tokens if stats.drafted_tokens else 0.0,
@@ -79,10 +76,7 @@ class _EngineCollector(Collector):
             "generated_tokens": ("tokens generated", stats.generated_tokens),
             "engine_steps": ("forward passes of the running batch", stats.steps),
             "preemptions": ("requests preempted (their cache freed, recomputed later)", stats.preemptions),
-            "prefix_hit_tokens": (
-                "prompt tokens taken from cached blocks of earlier requests",
-                stats.prefix_hit_tokens,
-            ),
+            "prefix_hit_tokens": ("prompt tokens taken from cached blocks of earlier requests", stats.prefix_hit_tokens),
             "speculative_drafted_tokens": ("tokens drafted by the MTP modules", stats.drafted_tokens),
             "speculative_accepted_tokens": ("drafted tokens the model accepted", stats.accepted_tokens),
             "speculative_verify_rounds": ("forwards that verified drafts", stats.verify_rounds),

@@ -33,11 +33,7 @@ class DrainingServer(uvicorn.Server):
     it listens (the port it got when asked for port 0)."""
 
     def __init__(
-        self,
-        config: uvicorn.Config,
-        engine: AsyncEngine,
-        model_name: str,
-        drain_timeout_s: float | None = None,
+        self, config: uvicorn.Config, engine: AsyncEngine, model_name: str, drain_timeout_s: float | None = None
     ) -> None:
         super().__init__(config)
         self._engine = engine

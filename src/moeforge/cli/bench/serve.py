@@ -17,22 +17,34 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
         "clients over loopback (needs moeforge[serve,bench])",
     )
     serve_bench.add_argument(
-        "--checkpoint", help="a run directory (newest checkpoint) or one checkpoint (default: a fresh --preset model)"
+        "--checkpoint",
+        help="a run directory (newest checkpoint) or one checkpoint (default: a fresh --preset model)",
     )
-    serve_bench.add_argument("--preset", help="the fresh model's preset (default: deepseek-v3-tiny, which has MTP)")
-    serve_bench.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: 16)")
+    serve_bench.add_argument(
+        "--preset", help="the fresh model's preset (default: deepseek-v3-tiny, which has MTP)"
+    )
+    serve_bench.add_argument(
+        "--clients", type=int, default=16, help="concurrent streaming clients (default: 16)"
+    )
     serve_bench.add_argument(
         "--requests", type=int, default=None, help="requests per server and repeat (default: 8 per client)"
     )
-    serve_bench.add_argument("--prompt-tokens", type=int, default=64, help="tokens in every prompt (default: 64)")
     serve_bench.add_argument(
-        "--output-tokens", type=int, default=64, help="tokens every request generates, end token ignored (default: 64)"
+        "--prompt-tokens", type=int, default=64, help="tokens in every prompt (default: 64)"
+    )
+    serve_bench.add_argument(
+        "--output-tokens",
+        type=int,
+        default=64,
+        help="tokens every request generates, end token ignored (default: 64)",
     )
     serve_bench.add_argument("--repeats", type=int, default=3, help="timed runs of each server (default: 3)")
     serve_bench.add_argument(
         "--threads", type=int, default=1, help="torch threads of every server, the same for each (default: 1)"
     )
-    serve_bench.add_argument("--seed", type=int, default=0, help="seeds the prompts and a fresh model (default: 0)")
+    serve_bench.add_argument(
+        "--seed", type=int, default=0, help="seeds the prompts and a fresh model (default: 0)"
+    )
     serve_bench.add_argument(
         "--cases",
         default="moeforge,speculative,transformers",

@@ -175,9 +175,7 @@ class Engine:
             offset = span.stop
             outputs.append(self._produce(plan[i].sequence, rows, logits[span], choices[span], drafted[i]))
         for item in plan:
-            sequence = item.sequence
-            if sequence.blocks:  # still served: its newly computed full blocks become reusable
-                self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
+            self._index_computed_blocks(item.sequence)
         self._stats.steps += 1
         return outputs
 
@@ -224,10 +222,15 @@ class Engine:
         for r, (sequence, length) in enumerate(zip(sequences, lengths)):
             sequence.computed += length
             outputs.append(self._append(sequence, tokens[r][:length], per_request[r, :length]))
-            if sequence.blocks:
-                self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
+            self._index_computed_blocks(sequence)
         self._stats.steps += rows.length
         return outputs
+
+    def _index_computed_blocks(self, sequence: Sequence) -> None:
+        """A request still served after a step: its newly computed full blocks become reusable
+        prefixes (`BlockPool.index`); a finished one has released its blocks."""
+        if sequence.blocks:
+            self.allocator.index(sequence.tokens, sequence.blocks, sequence.computed, sequence.digests)
 
     def _forward(self, segments: list[Segment]) -> list[torch.Tensor]:
         """Each segment's final hidden states [its tokens, dim], in order."""
